@@ -1,0 +1,274 @@
+//! One connection's life: sniff HTTP/1 vs HTTP/2, serve, and when the
+//! generation drains, either hand the connection to the successor at its
+//! next request boundary (HTTP/1.1), or close it politely.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use baton::{HandoffConn, Phase, Stream};
+use bytes::Bytes;
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::watch;
+
+use crate::count::Counted;
+use crate::io::ConnIo;
+use crate::{ConnInfo, Shared};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+type PhaseFuture = Pin<Box<dyn Future<Output = watch::Receiver<Phase>> + Send>>;
+
+/// A future that resolves at the next phase change.
+fn next_phase_change(mut rx: watch::Receiver<Phase>) -> PhaseFuture {
+    Box::pin(async move {
+        if rx.changed().await.is_err() {
+            // The generation is gone; never wake again.
+            std::future::pending::<()>().await;
+        }
+        rx
+    })
+}
+
+enum Sniffed {
+    H1,
+    H2,
+    /// Draining caught the connection before its first complete request
+    /// line: hand it over (or close it) as it is.
+    Idle,
+    Closed,
+}
+
+/// How an HTTP/1 connection ended on our side.
+enum H1End {
+    /// hyper finished (client closed, error, keep-alive off, or upgrade).
+    Finished,
+    /// Idle at a request boundary while a successor takes connections.
+    Detach,
+}
+
+/// Serve one connection until it ends or moves to the successor.
+pub(crate) async fn serve<S, B>(
+    shared: Arc<Shared<S>>,
+    stream: Stream,
+    prefix: Vec<u8>,
+    info: ConnInfo,
+) where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut io = ConnIo::new(stream, Bytes::from(prefix), shared.baton.tracker().token());
+    let mut phase = shared.baton.drain_signal();
+    loop {
+        match sniff(&mut io, &mut phase, &shared).await {
+            Sniffed::Closed => return,
+            Sniffed::H2 => {
+                serve_h2(&shared, io, &info).await;
+                return;
+            }
+            Sniffed::Idle => match detach(&shared, io, Bytes::new(), &info).await {
+                Some(back) => io = back,
+                None => return,
+            },
+            Sniffed::H1 => match serve_h1(&shared, io, &info).await {
+                Some(back) => io = back,
+                None => return,
+            },
+        }
+    }
+}
+
+/// Read until we know the protocol. A drain that finds the connection
+/// without a complete first line makes it `Idle`.
+async fn sniff<S>(io: &mut ConnIo, phase: &mut baton::DrainSignal, shared: &Shared<S>) -> Sniffed {
+    loop {
+        let r = io.replay();
+        if r.len() >= H2_PREFACE.len() {
+            return if r.starts_with(H2_PREFACE) {
+                Sniffed::H2
+            } else {
+                Sniffed::H1
+            };
+        }
+        if !r.is_empty() && !H2_PREFACE.starts_with(r) {
+            return Sniffed::H1;
+        }
+        if phase.is_draining() {
+            match phase.phase() {
+                Phase::Handover if shared.baton.handoff_open() => return Sniffed::Idle,
+                Phase::ShuttingDown | Phase::Done if r.is_empty() => return Sniffed::Closed,
+                _ => {}
+            }
+        }
+        let drain_armed = !phase.is_draining();
+        tokio::select! {
+            n = io.fill() => match n {
+                Ok(0) | Err(_) => return Sniffed::Closed,
+                Ok(_) => {}
+            },
+            () = phase.wait(), if drain_armed => {}
+        }
+    }
+}
+
+/// Hand the connection to the successor; on refusal, get it back.
+async fn detach<S>(
+    shared: &Shared<S>,
+    io: ConnIo,
+    read_buf: Bytes,
+    info: &ConnInfo,
+) -> Option<ConnIo> {
+    let (stream, prefix) = io.into_parts(read_buf);
+    let conn = HandoffConn {
+        stream,
+        prefix,
+        listener: info.listener.clone(),
+    };
+    match shared.baton.hand_over(conn).await {
+        Ok(()) => None,
+        Err(back) => Some(ConnIo::new(
+            back.stream,
+            Bytes::from(back.prefix),
+            shared.baton.tracker().token(),
+        )),
+    }
+}
+
+async fn serve_h2<S, B>(shared: &Shared<S>, io: ConnIo, info: &ConnInfo)
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let svc = Counted {
+        inner: shared.service.clone(),
+        conn: Arc::new(AtomicUsize::new(0)),
+        global: Arc::clone(&shared.in_flight),
+        info: info.clone(),
+    };
+    let conn = http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(io), svc);
+    let mut conn = std::pin::pin!(conn);
+    let mut drain = shared.baton.drain_signal();
+    let mut goaway_sent = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+                }
+                return;
+            }
+            () = drain.wait(), if !goaway_sent => {
+                // Two-phase GOAWAY (h2 does it: GOAWAY(max) + PING, then the
+                // final GOAWAY); open streams finish.
+                conn.as_mut().graceful_shutdown();
+                goaway_sent = true;
+            }
+        }
+    }
+}
+
+/// Serve HTTP/1.x. Returns the connection back if it was detached for a
+/// handoff that was refused (serve it again here).
+async fn serve_h1<S, B>(shared: &Shared<S>, io: ConnIo, info: &ConnInfo) -> Option<ConnIo>
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let svc = Counted {
+        inner: shared.service.clone(),
+        conn: Arc::clone(&in_flight),
+        global: Arc::clone(&shared.in_flight),
+        info: info.clone(),
+    };
+    let flags = io.flags();
+    let mut conn = shared
+        .h1
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    let rx = shared.baton.phase_watch();
+    let mut phase_fut = next_phase_change(rx.clone());
+    let mut closing = false;
+    let end = std::future::poll_fn(|cx: &mut Context<'_>| {
+        loop {
+            match Pin::new(&mut conn).poll(cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(H1End::Finished),
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(error = %e, "HTTP/1 connection ended with an error");
+                    return Poll::Ready(H1End::Finished);
+                }
+                Poll::Pending => {}
+            }
+            // hyper is waiting. Decide in this same poll, so nothing can
+            // slip in between the check and the action.
+            let phase = *rx.borrow();
+            if phase.is_draining() && !closing {
+                let busy = in_flight.load(Ordering::SeqCst) > 0;
+                let handoff = phase == Phase::Handover && shared.baton.handoff_open();
+                if handoff {
+                    if !busy {
+                        // Idle at a request boundary only if hyper flushed
+                        // everything and is blocked reading the next request.
+                        if flags.waiting_for_client() {
+                            return Poll::Ready(H1End::Detach);
+                        }
+                    }
+                    // Busy: hand over after this response. Never
+                    // graceful_shutdown here: that would add Connection: close.
+                } else if busy || phase == Phase::ShuttingDown || phase == Phase::Done {
+                    // No successor takes connections: finish politely. With
+                    // a request in flight hyper answers it with
+                    // `Connection: close`; an idle one is closed now (stop).
+                    // Idle connections during a handover without handoff
+                    // wait for their next request and get Connection: close.
+                    Pin::new(&mut conn).graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
+            }
+            match phase_fut.as_mut().poll(cx) {
+                Poll::Ready(rx2) => {
+                    phase_fut = next_phase_change(rx2);
+                    continue;
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    match end {
+        H1End::Finished => None,
+        H1End::Detach => {
+            let parts = conn.into_parts()?;
+            let io = parts.io.into_inner();
+            detach(shared, io, parts.read_buf, info).await
+        }
+    }
+}

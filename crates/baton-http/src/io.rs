@@ -1,0 +1,159 @@
+//! The connection I/O wrapper hyper sees.
+//!
+//! It does three things hyper cannot tell us:
+//! * replays bytes read earlier (a handed-over connection's prefix, or the
+//!   bytes read to sniff the HTTP/2 preface) before reading the socket;
+//! * records whether hyper's write buffer is known to be flushed (`dirty`):
+//!   set on every write attempt, cleared when `poll_flush` succeeds — hyper
+//!   only flushes the socket after its own buffer is empty;
+//! * records whether hyper's latest read found nothing (`read_blocked`):
+//!   the connection is waiting for the client.
+//!
+//! It also holds a task-tracker token, so an upgraded connection (WebSocket)
+//! keeps the draining generation alive until it closes.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use baton::Stream;
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+/// What the connection task needs to see while hyper owns the I/O.
+#[derive(Debug, Default)]
+pub(crate) struct IoFlags {
+    dirty: AtomicBool,
+    read_blocked: AtomicBool,
+}
+
+impl IoFlags {
+    /// hyper flushed everything it wrote and its last read found nothing:
+    /// it is waiting for the client.
+    pub(crate) fn waiting_for_client(&self) -> bool {
+        !self.dirty.load(Ordering::Relaxed) && self.read_blocked.load(Ordering::Relaxed)
+    }
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub(crate) struct ConnIo {
+    stream: Stream,
+    replay: BytesMut,
+    flags: Arc<IoFlags>,
+    _token: TaskTrackerToken,
+}
+
+impl ConnIo {
+    pub(crate) fn new(stream: Stream, prefix: Bytes, token: TaskTrackerToken) -> Self {
+        ConnIo {
+            stream,
+            replay: BytesMut::from(&prefix[..]),
+            flags: Arc::new(IoFlags::default()),
+            _token: token,
+        }
+    }
+
+    /// The flags, to read while hyper owns this I/O.
+    pub(crate) fn flags(&self) -> Arc<IoFlags> {
+        Arc::clone(&self.flags)
+    }
+
+    /// Bytes waiting to be replayed.
+    pub(crate) fn replay(&self) -> &[u8] {
+        &self.replay
+    }
+
+    /// Read more from the socket into the replay buffer (for sniffing).
+    /// Returns the number of bytes read (0 = EOF).
+    pub(crate) async fn fill(&mut self) -> io::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        let n = self.stream.read(&mut buf).await?;
+        self.replay.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+
+    /// Take the socket and every byte read but not consumed: `before` (what
+    /// hyper had buffered) followed by whatever was never replayed.
+    pub(crate) fn into_parts(self, before: Bytes) -> (Stream, Vec<u8>) {
+        let mut prefix = Vec::with_capacity(before.len() + self.replay.len());
+        prefix.extend_from_slice(&before);
+        prefix.extend_from_slice(&self.replay);
+        (self.stream, prefix)
+    }
+}
+
+impl AsyncRead for ConnIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay[..n]);
+            this.replay.advance(n);
+            this.flags.read_blocked.store(false, Ordering::Relaxed);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Pending => {
+                this.flags.read_blocked.store(true, Ordering::Relaxed);
+                Poll::Pending
+            }
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.flags.read_blocked.store(false, Ordering::Relaxed);
+                }
+                Poll::Ready(r)
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ConnIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.flags.dirty.store(true, Ordering::Relaxed);
+        this.flags.read_blocked.store(false, Ordering::Relaxed);
+        Pin::new(&mut this.stream).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.flags.dirty.store(true, Ordering::Relaxed);
+        this.flags.read_blocked.store(false, Ordering::Relaxed);
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_flush(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            this.flags.dirty.store(false, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}

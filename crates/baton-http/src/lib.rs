@@ -1,0 +1,206 @@
+//! # baton-http — serve HTTP across upgrades without dropping a request
+//!
+//! A hyper 1 serving loop for [`baton`]: HTTP/1.1 and HTTP/2 (prior
+//! knowledge) on the same listener, and when the generation drains:
+//!
+//! * **idle HTTP/1.1 keep-alive connections move to the new generation** at
+//!   their next request boundary — the socket plus any bytes of the next
+//!   request already read. The client keeps its TCP connection; its next
+//!   response comes from the new version. No `Connection: close`, no reset.
+//! * connections busy with a request finish it here, then move;
+//! * HTTP/2 connections get a two-phase GOAWAY and finish their streams;
+//! * upgraded connections (WebSocket) stay here until they close or the
+//!   drain deadline passes;
+//! * with no successor taking connections (a plain stop, or a successor
+//!   that does not use baton-http), in-flight responses carry
+//!   `Connection: close`.
+//!
+//! ```no_run
+//! use std::convert::Infallible;
+//! use baton::{Baton, Config};
+//! use http_body_util::Full;
+//! use hyper::{Request, Response, body::{Bytes, Incoming}, service::service_fn};
+//!
+//! # async fn run() -> Result<(), baton::Error> {
+//! let baton = Baton::start(Config::default()).await?;
+//! let svc = service_fn(|_req: Request<Incoming>| async {
+//!     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("hello\n"))))
+//! });
+//! let server = baton_http::Server::new(&baton, svc); // before ready()
+//! server.serve(baton.listen("http", &"127.0.0.1:8080".parse()?)?);
+//! baton.ready().await?;
+//! baton.done().await;
+//! # Ok(()) }
+//! ```
+//!
+//! An axum `Router` is served through
+//! `hyper_util::service::TowerToHyperService::new(router)` (see the README
+//! and `examples/axum.rs`).
+//!
+//! ## How "idle" is decided
+//!
+//! hyper cannot say whether a connection is between requests, and
+//! `graceful_shutdown` on a busy connection adds `Connection: close`. So a
+//! service wrapper counts requests in flight (from the call until hyper
+//! drops the response body), the I/O wrapper records whether hyper's writes
+//! are flushed and whether its last read found nothing, and the connection
+//! task checks all three right after hyper returned `Pending`, in the same
+//! poll, before detaching with `into_parts()`.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod conn;
+mod count;
+mod io;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use baton::{Baton, Listener, StreamAddr};
+use hyper::server::conn::http1;
+
+pub use hyper_util::service::TowerToHyperService;
+
+/// Facts about the connection a request arrived on, in the request's
+/// extensions.
+///
+/// ```
+/// # fn f(req: &http::Request<()>) {
+/// if let Some(info) = req.extensions().get::<baton_http::ConnInfo>() {
+///     println!("{} via {} (handed over: {})", info.peer_string(), info.listener, info.handed_over);
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: Option<StreamAddr>,
+    /// The listener it arrived on.
+    pub listener: String,
+    /// It was accepted by a previous generation and handed to this one.
+    pub handed_over: bool,
+}
+
+impl ConnInfo {
+    /// The peer address as a string (`-` if unknown).
+    pub fn peer_string(&self) -> String {
+        self.peer
+            .as_ref()
+            .map_or_else(|| "-".into(), ToString::to_string)
+    }
+}
+
+pub(crate) struct Shared<S> {
+    pub(crate) baton: Baton,
+    pub(crate) service: S,
+    pub(crate) h1: http1::Builder,
+    pub(crate) in_flight: Arc<AtomicUsize>,
+}
+
+/// Serves a hyper service on baton listeners and on connections handed
+/// over by the previous generation. Cheap to clone.
+pub struct Server<S> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S> Clone for Server<S> {
+    fn clone(&self) -> Self {
+        Server {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for Server<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").finish_non_exhaustive()
+    }
+}
+
+impl<S, B> Server<S>
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Create the server. Call it **before** [`Baton::ready`]: it takes the
+    /// stream of handed-over connections, which tells the old generation
+    /// that this one accepts them. Must run inside a tokio runtime.
+    pub fn new(baton: &Baton, service: S) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.keep_alive(true);
+        let shared = Arc::new(Shared {
+            baton: baton.clone(),
+            service,
+            h1,
+            in_flight: baton.requests_in_flight(),
+        });
+        if let Some(mut incoming) = baton.take_incoming() {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                while let Some(c) = incoming.recv().await {
+                    let info = ConnInfo {
+                        peer: c.stream.peer_addr().ok(),
+                        listener: c.listener.clone(),
+                        handed_over: true,
+                    };
+                    let _ = c.stream.set_nodelay(true);
+                    let shared2 = Arc::clone(&shared);
+                    shared
+                        .baton
+                        .tracker()
+                        .spawn(conn::serve(shared2, c.stream, c.prefix, info));
+                }
+            });
+        }
+        Server { shared }
+    }
+
+    /// Accept and serve connections on `listener` (in a background task)
+    /// while this generation serves.
+    pub fn serve(&self, listener: Listener) {
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            let name = listener.name().to_owned();
+            let mut last_error_log = None::<tokio::time::Instant>;
+            while let Some(res) = listener.accept().await {
+                match res {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let info = ConnInfo {
+                            peer: Some(peer),
+                            listener: name.clone(),
+                            handed_over: false,
+                        };
+                        let shared2 = Arc::clone(&shared);
+                        shared.baton.tracker().spawn(conn::serve(
+                            shared2,
+                            stream,
+                            Vec::new(),
+                            info,
+                        ));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: log at most once a second, back
+                        // off a little, keep going.
+                        let now = tokio::time::Instant::now();
+                        if last_error_log.is_none_or(|t| now - t > Duration::from_secs(1)) {
+                            tracing::warn!(listener = %name, error = %e, "accept failed");
+                            last_error_log = Some(now);
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        });
+    }
+}

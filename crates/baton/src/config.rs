@@ -1,0 +1,309 @@
+//! Configuration as types: every knob has a named default.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// Default time a new generation has to report ready.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time an old generation has to finish its connections.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time the new generation has to acknowledge a batch of connections.
+pub const DEFAULT_HANDOFF_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `listen()` backlog for sockets baton binds.
+pub const DEFAULT_BACKLOG: i32 = 1024;
+/// Default cap on imported state (protects the new generation).
+pub const DEFAULT_STATE_LIMIT: u64 = 1 << 30;
+/// Name of the listener used when none is given.
+pub const DEFAULT_LISTENER_NAME: &str = "http";
+
+/// How a baton generation behaves. Build with [`Config::default`] and set
+/// what you need.
+///
+/// ```
+/// use std::time::Duration;
+/// let mut cfg = baton::Config::default();
+/// cfg.ready_timeout = Duration::from_secs(10);
+/// cfg.pid_file = Some("/run/myapp.pid".into());
+/// assert_eq!(cfg.drain_timeout, baton::DEFAULT_DRAIN_TIMEOUT);
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// Time the new generation has, from spawn, to report `Ready`.
+    pub ready_timeout: Duration,
+    /// Time the old generation has, after promotion, to finish (or hand over)
+    /// its connections before it exits anyway.
+    pub drain_timeout: Duration,
+    /// Time the new generation has to acknowledge a batch of handed-over
+    /// connections; past it the new generation is considered hung and the
+    /// upgrade is rolled back.
+    pub handoff_ack_timeout: Duration,
+    /// Pid file, rewritten atomically by the serving generation.
+    pub pid_file: Option<PathBuf>,
+    /// Control socket path (`baton upgrade --control PATH`); `None` = no
+    /// control socket.
+    pub control_socket: Option<PathBuf>,
+    /// Version string of the application (reported in `Hello` and status).
+    pub app_version: String,
+    /// `listen()` backlog for sockets baton binds.
+    pub backlog: i32,
+    /// Upgrade on `SIGUSR2`.
+    pub upgrade_on_sigusr2: bool,
+    /// The executable to start at upgrade. Default: argv\[0\] made absolute
+    /// at start-up (not symlink-resolved, so a swapped `current -> release`
+    /// symlink upgrades to the new release).
+    pub executable: Option<PathBuf>,
+    /// Largest state the new generation will import.
+    pub state_limit: u64,
+    /// Send systemd notifications when `NOTIFY_SOCKET` is set.
+    pub systemd_notify: bool,
+    /// Called in a new generation at each point of the handoff (fault
+    /// injection in tests; tracing in production).
+    pub handoff_hook: Option<HandoffHook>,
+}
+
+/// A point in a new generation's side of the handoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoffPoint {
+    /// Just started, before talking to the old generation.
+    Started,
+    /// The listening sockets arrived.
+    ListenersReceived,
+    /// The state arrived (only if the app imports state).
+    StateReceived,
+    /// `Ready` was sent; `Promote` not yet received.
+    ReadySent,
+    /// Promoted: this generation serves.
+    Promoted,
+}
+
+impl HandoffPoint {
+    /// Parse `started`, `listeners`, `state`, `ready`, `promoted`.
+    pub fn from_name(s: &str) -> Option<Self> {
+        Some(match s {
+            "started" => HandoffPoint::Started,
+            "listeners" => HandoffPoint::ListenersReceived,
+            "state" => HandoffPoint::StateReceived,
+            "ready" => HandoffPoint::ReadySent,
+            "promoted" => HandoffPoint::Promoted,
+            _ => return None,
+        })
+    }
+}
+
+/// A callback run at each [`HandoffPoint`].
+#[derive(Clone)]
+pub struct HandoffHook(pub std::sync::Arc<dyn Fn(HandoffPoint) + Send + Sync>);
+
+impl fmt::Debug for HandoffHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HandoffHook(..)")
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            handoff_ack_timeout: DEFAULT_HANDOFF_ACK_TIMEOUT,
+            pid_file: None,
+            control_socket: None,
+            app_version: String::from("unknown"),
+            backlog: DEFAULT_BACKLOG,
+            upgrade_on_sigusr2: true,
+            executable: None,
+            state_limit: DEFAULT_STATE_LIMIT,
+            systemd_notify: true,
+            handoff_hook: None,
+        }
+    }
+}
+
+/// Where to listen: a TCP address or a Unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `127.0.0.1:8080`, `[::1]:8080`, `0.0.0.0:80`.
+    Tcp(SocketAddr),
+    /// `unix:/run/app.sock`.
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(Error::Config(
+                    "unix: needs a path, e.g. unix:/run/app.sock".into(),
+                ));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
+            Error::Config(format!(
+                "'{s}' is not an address: use IP:PORT (127.0.0.1:8080, [::1]:8080) or unix:/path"
+            ))
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A named listener: `NAME=ADDR`, or just `ADDR` (named `http`).
+///
+/// ```
+/// let s: baton::ListenSpec = "admin=unix:/run/admin.sock".parse().unwrap();
+/// assert_eq!(s.name, "admin");
+/// let s: baton::ListenSpec = "127.0.0.1:8080".parse().unwrap();
+/// assert_eq!(s.name, "http");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    /// The name (`LISTEN_FDNAMES` entry, handoff key).
+    pub name: String,
+    /// The address.
+    pub addr: ListenAddr,
+}
+
+/// Check a listener name: 1–64 of `[A-Za-z0-9_.-]` (no `:`, which separates
+/// `LISTEN_FDNAMES`), and not starting with the reserved `baton.` prefix.
+///
+/// # Errors
+/// [`Error::Config`] saying which rule was broken.
+pub fn validate_listener_name(name: &str) -> Result<(), Error> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(Error::Config(format!(
+            "listener name '{name}' must be 1 to 64 characters"
+        )));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        return Err(Error::Config(format!(
+            "listener name '{name}' may only contain letters, digits, '_', '-' and '.'"
+        )));
+    }
+    if name.starts_with("baton.") {
+        return Err(Error::Config(format!(
+            "listener name '{name}': the 'baton.' prefix is reserved"
+        )));
+    }
+    Ok(())
+}
+
+impl FromStr for ListenSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        // A name never contains ':' or '[' or '/', so the first '=' before any
+        // of those separates NAME from ADDR.
+        let (name, addr) = match s.split_once('=') {
+            Some((n, a)) if !n.contains([':', '[', '/']) => (n.to_owned(), a),
+            _ => (DEFAULT_LISTENER_NAME.to_owned(), s),
+        };
+        validate_listener_name(&name)?;
+        Ok(ListenSpec {
+            name,
+            addr: addr.parse()?,
+        })
+    }
+}
+
+impl fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.name, self.addr)
+    }
+}
+
+/// Parse a duration: `250ms`, `2s`, `1.5s`, `3m`, `1h`, or bare seconds
+/// (`30`).
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(baton::parse_duration("250ms").unwrap(), Duration::from_millis(250));
+/// assert_eq!(baton::parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+/// assert_eq!(baton::parse_duration("2m").unwrap(), Duration::from_secs(120));
+/// assert!(baton::parse_duration("soon").is_err());
+/// ```
+///
+/// # Errors
+/// [`Error::Config`] with the accepted forms.
+pub fn parse_duration(s: &str) -> Result<Duration, Error> {
+    let t = s.trim();
+    let bad = || {
+        Error::Config(format!(
+            "'{s}' is not a duration: use e.g. 500ms, 2s, 1.5s, 3m, 1h"
+        ))
+    };
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| bad())?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        "us" | "µs" => 0.000_001,
+        _ => return Err(bad()),
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || !(0.0..=365.0 * 86400.0).contains(&secs) {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_specs() {
+        let s: ListenSpec = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(s.name, "http");
+        assert_eq!(s.addr, ListenAddr::Tcp("127.0.0.1:8080".parse().unwrap()));
+        let s: ListenSpec = "api=[::1]:9000".parse().unwrap();
+        assert_eq!(s.name, "api");
+        let s: ListenSpec = "unix:/tmp/a=b.sock".parse().unwrap();
+        assert_eq!(s.name, "http");
+        assert_eq!(s.addr, ListenAddr::Unix("/tmp/a=b.sock".into()));
+        let s: ListenSpec = "adm=unix:/tmp/x.sock".parse().unwrap();
+        assert_eq!(s.name, "adm");
+        assert!("bad name=127.0.0.1:1".parse::<ListenSpec>().is_err());
+        assert!("baton.x=127.0.0.1:1".parse::<ListenSpec>().is_err());
+        assert!("localhost:80".parse::<ListenSpec>().is_err());
+        assert!("unix:".parse::<ListenSpec>().is_err());
+        assert_eq!(
+            "api=[::1]:9000".parse::<ListenSpec>().unwrap().to_string(),
+            "api=[::1]:9000"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1 parsec").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("1e9h").is_err());
+    }
+}

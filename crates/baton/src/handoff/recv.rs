@@ -1,0 +1,260 @@
+//! The new generation's side of a handoff (mirror: `send.rs`).
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::channel::Channel;
+use crate::error::Error;
+use crate::handoff::HandoffConn;
+use crate::listeners::Stream;
+use crate::protocol::{BlobData, Hello, ListenerMeta, Msg, ReadyInfo};
+use crate::sys;
+
+/// How long the new side waits for the old side's first messages.
+pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The new side of the handoff channel.
+#[derive(Debug)]
+pub(crate) struct NewSide {
+    chan: Arc<Channel>,
+    /// The old generation's hello.
+    pub(crate) peer: Hello,
+}
+
+/// How waiting for `Promote` ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Promotion {
+    /// Promoted: serve.
+    Promoted,
+    /// The old generation vanished before promoting us: we serve anyway
+    /// (nobody else holds the listeners).
+    PredecessorGone,
+}
+
+impl NewSide {
+    /// Exchange hellos and receive the listeners.
+    pub(crate) async fn connect(
+        fd: OwnedFd,
+        me: impl FnOnce(&Hello) -> Hello,
+    ) -> Result<(NewSide, Vec<(ListenerMeta, OwnedFd)>), Error> {
+        let chan = Arc::new(Channel::new(fd)?);
+        let first = tokio::time::timeout(HELLO_TIMEOUT, chan.recv())
+            .await
+            .map_err(|_| {
+                Error::Protocol("the previous generation sent no Hello within 10 s".into())
+            })??;
+        let peer = match first {
+            Some((Msg::Hello(h), _)) => h,
+            Some((other, _)) => {
+                return Err(Error::Protocol(format!(
+                    "expected Hello, got {}",
+                    other.name()
+                )));
+            }
+            None => {
+                return Err(Error::PeerGone(
+                    "the previous generation closed the handoff channel before Hello".into(),
+                ));
+            }
+        };
+        chan.send(&Msg::Hello(me(&peer)), &[]).await?;
+        let listeners = match tokio::time::timeout(HELLO_TIMEOUT, chan.recv())
+            .await
+            .map_err(|_| {
+                Error::Protocol("the previous generation sent no Listeners within 10 s".into())
+            })?? {
+            Some((Msg::Listeners(metas), fds)) => metas.into_iter().zip(fds).collect(),
+            Some((other, _)) => {
+                return Err(Error::Protocol(format!(
+                    "expected Listeners, got {}",
+                    other.name()
+                )));
+            }
+            None => {
+                return Err(Error::PeerGone(
+                    "the previous generation closed the handoff channel before Listeners".into(),
+                ));
+            }
+        };
+        Ok((NewSide { chan, peer }, listeners))
+    }
+
+    /// Ask for the state and read it (memfds checked against `limit`).
+    pub(crate) async fn want_state(&self, limit: u64) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        self.chan.send(&Msg::WantState, &[]).await?;
+        let (metas, fds) = match self.chan.recv().await? {
+            Some((Msg::State(m), fds)) => (m, fds),
+            Some((other, _)) => {
+                return Err(Error::Protocol(format!(
+                    "expected State, got {}",
+                    other.name()
+                )));
+            }
+            None => {
+                return Err(Error::PeerGone(
+                    "the previous generation went away before sending state".into(),
+                ));
+            }
+        };
+        let mut fds = fds.into_iter();
+        let mut out = Vec::with_capacity(metas.len());
+        let mut total: u64 = 0;
+        for m in metas {
+            let bytes = match m.data {
+                BlobData::Inline(b) => b,
+                BlobData::Memfd { len } => {
+                    let fd = fds.next().ok_or_else(|| {
+                        Error::Protocol("State message is missing a memfd".into())
+                    })?;
+                    sys::read_sealed_memfd(fd, len, limit.saturating_sub(total))
+                        .map_err(|e| Error::State(format!("state '{}': {e}", m.name)))?
+                }
+            };
+            total += bytes.len() as u64;
+            if total > limit {
+                return Err(Error::State(format!(
+                    "state of {total} bytes exceeds the {limit}-byte limit (Config::state_limit)"
+                )));
+            }
+            out.push((m.name, bytes));
+        }
+        Ok(out)
+    }
+
+    /// Say `Ready` and wait for `Promote`.
+    pub(crate) async fn ready(
+        &self,
+        info: ReadyInfo,
+        limit: Duration,
+        sent: impl FnOnce(),
+    ) -> Result<Promotion, Error> {
+        self.chan
+            .send(&Msg::Ready(info), &[])
+            .await
+            .or_else(|e| match e {
+                Error::PeerGone(_) => Ok(()),
+                e => Err(e),
+            })?;
+        sent();
+        match tokio::time::timeout(limit, self.chan.recv()).await {
+            Err(_) => Err(Error::Protocol(format!(
+                "the previous generation did not promote us within {limit:?}"
+            ))),
+            Ok(Ok(Some((Msg::Promote, _)))) => Ok(Promotion::Promoted),
+            Ok(Ok(Some((other, _)))) => Err(Error::Protocol(format!(
+                "expected Promote, got {}",
+                other.name()
+            ))),
+            Ok(Ok(None)) => Ok(Promotion::PredecessorGone),
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
+    /// Report a start-up failure; the old side rolls back.
+    pub(crate) async fn fail(&self, reason: &str) {
+        let reason: String = reason.chars().take(4000).collect();
+        let _ = self.chan.send(&Msg::Failed { reason }, &[]).await;
+    }
+
+    /// After promotion: receive handed-over connections until the old side
+    /// exits. Each batch is acknowledged once its fds are ours.
+    pub(crate) async fn receive_connections(
+        self,
+        deliver: Option<mpsc::UnboundedSender<HandoffConn>>,
+        received: Arc<AtomicU64>,
+    ) {
+        loop {
+            let (msg, fds, truncated) = match self.chan.recv_detail().await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    tracing::debug!(
+                        pid = self.peer.pid,
+                        "previous generation closed the handoff channel"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "handoff channel error after promotion; no more connections will be taken");
+                    return;
+                }
+            };
+            let Msg::Conns { batch, conns } = msg else {
+                tracing::error!(msg = msg.name(), "unexpected message after promotion");
+                return;
+            };
+            if truncated {
+                // The kernel could not install every fd (our RLIMIT_NOFILE):
+                // refuse the whole batch so the old side keeps serving it.
+                tracing::error!(
+                    batch,
+                    arrived = fds.len(),
+                    wanted = conns.len(),
+                    "connection batch truncated by the kernel (fd limit); refusing it"
+                );
+                drop(fds);
+                let _ = self
+                    .chan
+                    .send(
+                        &Msg::ConnsNack {
+                            batch,
+                            reason: "fd limit reached in the new generation (MSG_CTRUNC)".into(),
+                        },
+                        &[],
+                    )
+                    .await;
+                continue;
+            }
+            let Some(deliver) = deliver.as_ref() else {
+                let _ = self
+                    .chan
+                    .send(
+                        &Msg::ConnsNack {
+                            batch,
+                            reason: "this generation does not take connections".into(),
+                        },
+                        &[],
+                    )
+                    .await;
+                continue;
+            };
+            let mut ready = Vec::with_capacity(conns.len());
+            let mut bad = None;
+            for (meta, fd) in conns.into_iter().zip(fds) {
+                match Stream::from_owned_fd(fd) {
+                    Ok(stream) => ready.push(HandoffConn {
+                        stream,
+                        prefix: meta.prefix,
+                        listener: meta.listener,
+                    }),
+                    Err(e) => {
+                        bad = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            if let Some(reason) = bad {
+                // Refuse the whole batch: the old side keeps every connection
+                // of it, so none is served twice. Our copies close on drop.
+                drop(ready);
+                let _ = self.chan.send(&Msg::ConnsNack { batch, reason }, &[]).await;
+                continue;
+            }
+            let n = ready.len() as u64;
+            if self.chan.send(&Msg::ConnsAck { batch }, &[]).await.is_err() {
+                // The old side is gone; these connections are ours now anyway
+                // (its copies closed with it), so serve them.
+                tracing::warn!("could not acknowledge a connection batch; serving it anyway");
+            }
+            received.fetch_add(n, Ordering::Relaxed);
+            for c in ready {
+                if deliver.send(c).is_err() {
+                    tracing::warn!("connection receiver dropped; closing a handed-over connection");
+                }
+            }
+        }
+    }
+}

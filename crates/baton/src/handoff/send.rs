@@ -1,0 +1,247 @@
+//! The old generation's side of a handoff (mirror: `recv.rs`).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use crate::channel::Channel;
+use crate::error::Error;
+use crate::handoff::{HandoffConn, INLINE_STATE_BUDGET};
+use crate::protocol::{
+    BlobData, BlobMeta, ConnMeta, Hello, ListenerMeta, MAX_CONN_PREFIX, MAX_FRAME, MAX_INLINE_BLOB,
+    Msg, PROTOCOL_VERSION, ReadyInfo,
+};
+use crate::sys::{self, SCM_MAX_FD};
+
+/// Produces the state blobs when the new side asks for them.
+pub(crate) trait StateSource: Send + Sync {
+    /// Snapshot every registered exporter: `(name, bytes)`.
+    fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>, Error>;
+    /// Called when the new side asks for state, before the snapshot (the
+    /// exact mode quiesces here).
+    fn before_snapshot(&self) -> impl std::future::Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// What happened during the handshake, for the report.
+#[derive(Debug, Default)]
+pub(crate) struct HandshakeLog {
+    pub(crate) state_bytes: u64,
+    pub(crate) state_snapshot: Option<std::time::Duration>,
+}
+
+/// The old side of one handoff channel.
+#[derive(Debug)]
+pub(crate) struct OldSide {
+    chan: Channel,
+    /// The new side's hello, once received.
+    pub(crate) peer: Option<Hello>,
+}
+
+/// A connection batch in flight: sent, not yet acknowledged.
+#[derive(Debug)]
+pub(crate) struct SentBatch<R> {
+    pub(crate) id: u32,
+    /// The old side's copies and who to tell; kept open until the ack.
+    pub(crate) items: Vec<(HandoffConn, R)>,
+}
+
+impl OldSide {
+    pub(crate) fn new(chan: Channel) -> Self {
+        OldSide { chan, peer: None }
+    }
+
+    /// Hello both ways, the listeners, state on request; returns when the
+    /// new side says `Ready`. `Failed` and anything out of order are errors.
+    pub(crate) async fn handshake(
+        &mut self,
+        me: Hello,
+        listeners: &[(ListenerMeta, Arc<OwnedFd>)],
+        state: &impl StateSource,
+        log: &mut HandshakeLog,
+    ) -> Result<ReadyInfo, Error> {
+        self.chan.send(&Msg::Hello(me), &[]).await?;
+        match self.recv_expect("Hello").await? {
+            (Msg::Hello(h), _) => {
+                tracing::debug!(pid = h.pid, version = %h.app_version, "new generation said hello");
+                self.peer = Some(h);
+            }
+            (other, _) => return Err(unexpected("Hello", &other)),
+        }
+        let metas: Vec<ListenerMeta> = listeners.iter().map(|(m, _)| m.clone()).collect();
+        let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
+        self.chan.send(&Msg::Listeners(metas), &fds).await?;
+        let mut state_sent = false;
+        loop {
+            match self.recv_expect("Ready").await? {
+                (Msg::WantState, _) if !state_sent => {
+                    state.before_snapshot().await;
+                    let t = std::time::Instant::now();
+                    let blobs = state.snapshot()?;
+                    log.state_snapshot = Some(t.elapsed());
+                    log.state_bytes = blobs.iter().map(|(_, b)| b.len() as u64).sum();
+                    self.send_state(blobs).await?;
+                    state_sent = true;
+                }
+                (Msg::Ready(info), _) => return Ok(info),
+                (Msg::Failed { reason }, _) => {
+                    return Err(Error::Failed(format!(
+                        "the new generation reported a failure: {reason}"
+                    )));
+                }
+                (other, _) => return Err(unexpected("Ready, Failed or WantState", &other)),
+            }
+        }
+    }
+
+    async fn send_state(&self, blobs: Vec<(String, Vec<u8>)>) -> Result<(), Error> {
+        let total: usize = blobs.iter().map(|(_, b)| b.len()).sum();
+        let mut metas = Vec::with_capacity(blobs.len());
+        let mut memfds: Vec<OwnedFd> = Vec::new();
+        for (name, bytes) in blobs {
+            if total <= INLINE_STATE_BUDGET && bytes.len() <= MAX_INLINE_BLOB {
+                metas.push(BlobMeta {
+                    name,
+                    data: BlobData::Inline(bytes),
+                });
+            } else {
+                let fd = sys::sealed_memfd(&format!("baton-state-{name}"), &bytes)
+                    .map_err(|e| Error::io("writing state to a memfd", e))?;
+                metas.push(BlobMeta {
+                    name,
+                    data: BlobData::Memfd {
+                        len: bytes.len() as u64,
+                    },
+                });
+                memfds.push(fd);
+            }
+        }
+        let fds: Vec<BorrowedFd<'_>> = memfds.iter().map(AsFd::as_fd).collect();
+        self.chan.send(&Msg::State(metas), &fds).await
+    }
+
+    /// The commit point.
+    pub(crate) async fn promote(&self) -> Result<(), Error> {
+        self.chan.send(&Msg::Promote, &[]).await
+    }
+
+    /// Send a batch of connections. The caller keeps `items` (and so the old
+    /// side's copies) until the acknowledgement.
+    pub(crate) async fn send_batch<R>(
+        &self,
+        id: u32,
+        items: Vec<(HandoffConn, R)>,
+    ) -> Result<SentBatch<R>, (Error, Vec<(HandoffConn, R)>)> {
+        // Take the fds out of tokio for sending; they are re-wrapped if the
+        // batch comes back.
+        let mut metas = Vec::with_capacity(items.len());
+        let mut owned: Vec<(OwnedFd, Vec<u8>, String, R)> = Vec::with_capacity(items.len());
+        let mut failed = Vec::new();
+        for (c, r) in items {
+            let HandoffConn {
+                stream,
+                prefix,
+                listener,
+            } = c;
+            match stream.into_owned_fd() {
+                Ok(fd) => {
+                    metas.push(ConnMeta {
+                        listener: listener.clone(),
+                        prefix: prefix.clone(),
+                    });
+                    owned.push((fd, prefix, listener, r));
+                }
+                Err(e) => {
+                    // Deregistering failed: the socket is unusable here; it is
+                    // dropped (closed) and counted by the caller as closed.
+                    tracing::warn!(error = %e, "could not detach a connection for handoff");
+                    failed.push(r);
+                }
+            }
+        }
+        drop(failed);
+        let fds: Vec<BorrowedFd<'_>> = owned.iter().map(|(fd, ..)| fd.as_fd()).collect();
+        let res = if metas.is_empty() {
+            Ok(())
+        } else {
+            self.chan
+                .send(
+                    &Msg::Conns {
+                        batch: id,
+                        conns: metas,
+                    },
+                    &fds,
+                )
+                .await
+        };
+        drop(fds);
+        let rewrap = |owned: Vec<(OwnedFd, Vec<u8>, String, R)>| -> Vec<(HandoffConn, R)> {
+            owned
+                .into_iter()
+                .filter_map(|(fd, prefix, listener, r)| {
+                    match crate::listeners::Stream::from_owned_fd(fd) {
+                        Ok(stream) => Some((
+                            HandoffConn {
+                                stream,
+                                prefix,
+                                listener,
+                            },
+                            r,
+                        )),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not re-register a connection");
+                            None
+                        }
+                    }
+                })
+                .collect()
+        };
+        match res {
+            Ok(()) => Ok(SentBatch {
+                id,
+                items: rewrap(owned),
+            }),
+            Err(e) => Err((e, rewrap(owned))),
+        }
+    }
+
+    /// Next message from the new side (acks); `None` at EOF.
+    pub(crate) async fn recv(&self) -> Result<Option<Msg>, Error> {
+        Ok(self.chan.recv().await?.map(|(m, _fds)| m))
+    }
+
+    async fn recv_expect(&self, what: &str) -> Result<(Msg, Vec<OwnedFd>), Error> {
+        self.chan.recv().await?.ok_or_else(|| {
+            Error::PeerGone(format!(
+                "the new generation closed the handoff channel while we waited for {what} (it exited or crashed)"
+            ))
+        })
+    }
+}
+
+fn unexpected(wanted: &str, got: &Msg) -> Error {
+    Error::Protocol(format!("expected {wanted}, got {}", got.name()))
+}
+
+/// Our hello.
+pub(crate) fn hello(app_version: &str, generation: u64) -> Hello {
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        app_version: app_version.chars().take(200).collect(),
+        generation,
+        pid: sys::getpid(),
+    }
+}
+
+/// Whether one more connection with `prefix_len` bytes fits a batch that
+/// already has `count` entries and `bytes` of prefixes.
+pub(crate) fn fits_batch(
+    count: usize,
+    bytes: usize,
+    listener_len: usize,
+    prefix_len: usize,
+) -> bool {
+    // Per entry: the prefix, the listener name, and a few bytes of varints.
+    let entry = prefix_len + listener_len + 8;
+    count < SCM_MAX_FD && bytes + entry + 64 < MAX_FRAME && prefix_len <= MAX_CONN_PREFIX
+}

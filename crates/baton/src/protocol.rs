@@ -1,0 +1,593 @@
+//! The handoff protocol between two generations: versioned messages and
+//! their framing. Pure data; no I/O (see `channel.rs` for the transport).
+//!
+//! One message is one `SOCK_SEQPACKET` datagram:
+//!
+//! ```text
+//! +--------+---------+-----------------------+
+//! | "BTN"  | version | postcard(Msg)         |   fds (SCM_RIGHTS) alongside
+//! | 3 bytes| u8      | <= MAX_FRAME - 4      |
+//! +--------+---------+-----------------------+
+//! ```
+//!
+//! The conversation (old → new unless marked ←):
+//!
+//! ```text
+//! Hello            ⇄  both ways; protocol versions must match
+//! Listeners           every listening socket, one fd each, in order
+//! WantState        ←  (optional) the new side asks for state as late as possible
+//! State               named blobs, inline or as sealed memfds (one fd each)
+//! Ready | Failed   ←  the new side is ready (or not, with a reason)
+//! Promote             the commit point: only now does the new side accept
+//! Conns               idle connections, ≤ 253 fds per batch
+//! ConnsAck | ConnsNack ← per batch; the old side closes its copies on Ack
+//! ```
+//!
+//! Every length is bounded; a decoded message is validated against the
+//! number of fds that arrived with it before anything acts on it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::sys::SCM_MAX_FD;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Frame magic.
+const MAGIC: &[u8; 3] = b"BTN";
+/// Largest datagram either side sends or accepts (fits the default Unix
+/// socket buffer).
+pub const MAX_FRAME: usize = 160 * 1024;
+/// Longest name (listener, blob) or version string.
+pub const MAX_NAME: usize = 256;
+/// Longest human-readable reason.
+pub const MAX_REASON: usize = 4096;
+/// Most listeners one generation may hand over.
+pub const MAX_LISTENERS: usize = 64;
+/// Most state blobs.
+pub const MAX_BLOBS: usize = 64;
+/// Largest inline state blob; larger state travels in a memfd.
+pub const MAX_INLINE_BLOB: usize = 64 * 1024;
+/// Largest already-read prefix that travels with one handed-over connection.
+pub const MAX_CONN_PREFIX: usize = 16 * 1024;
+
+/// A handoff message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    /// First message in each direction.
+    Hello(Hello),
+    /// The listening sockets, one fd per entry, in order.
+    Listeners(Vec<ListenerMeta>),
+    /// New → old: send the state now.
+    WantState,
+    /// Old → new: the exported state.
+    State(Vec<BlobMeta>),
+    /// New → old: ready to serve; waiting for `Promote`.
+    Ready(ReadyInfo),
+    /// New → old: start-up failed; the old side rolls back.
+    Failed {
+        /// Why, in words for an operator.
+        reason: String,
+    },
+    /// Old → new: start accepting; the old side stops.
+    Promote,
+    /// Old → new: a batch of idle connections, one fd each, in order.
+    Conns {
+        /// Batch number, echoed in the acknowledgement.
+        batch: u32,
+        /// One entry per fd.
+        conns: Vec<ConnMeta>,
+    },
+    /// New → old: the batch arrived whole; the old side may close its copies.
+    ConnsAck {
+        /// The batch acknowledged.
+        batch: u32,
+    },
+    /// New → old: the batch could not be taken (e.g. fd limit); the old side
+    /// keeps serving those connections itself.
+    ConnsNack {
+        /// The batch refused.
+        batch: u32,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Who is speaking.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub protocol: u8,
+    /// The application's version string.
+    pub app_version: String,
+    /// The sender's generation number.
+    pub generation: u64,
+    /// The sender's pid.
+    pub pid: u32,
+}
+
+/// Kind of a listening socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ListenerKind {
+    /// TCP over IPv4 or IPv6.
+    Tcp,
+    /// Unix stream socket.
+    Unix,
+}
+
+/// One listener in a `Listeners` message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerMeta {
+    /// The listener's name.
+    pub name: String,
+    /// Its kind (checked against the fd on receipt).
+    pub kind: ListenerKind,
+}
+
+/// How a state blob travels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobData {
+    /// The bytes, in the message.
+    Inline(Vec<u8>),
+    /// In a sealed memfd (one fd) of this many bytes.
+    Memfd {
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+/// One named piece of exported state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobMeta {
+    /// Name the exporter registered.
+    pub name: String,
+    /// The data.
+    pub data: BlobData,
+}
+
+/// What the new side says with `Ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyInfo {
+    /// The new side will take idle connections (`Conns`).
+    pub accepts_conns: bool,
+}
+
+/// One connection in a `Conns` batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnMeta {
+    /// The listener it was accepted on.
+    pub listener: String,
+    /// Bytes already read from it but not yet processed (the start of the
+    /// next request); the new side replays them first.
+    pub prefix: Vec<u8>,
+}
+
+/// Why a frame was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Not a baton frame.
+    #[error("not a baton handoff frame (bad magic)")]
+    BadMagic,
+    /// The peer speaks another protocol version.
+    #[error("peer speaks handoff protocol v{peer}, this build speaks v{ours}")]
+    Version {
+        /// Peer's version.
+        peer: u8,
+        /// Ours.
+        ours: u8,
+    },
+    /// The frame is larger than [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// postcard could not decode it.
+    #[error("malformed message: {0}")]
+    Decode(String),
+    /// A field is out of bounds, or the fd count does not match.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+/// Encode a message into one frame.
+///
+/// # Errors
+/// [`FrameError::TooLarge`] if it would not fit in one datagram.
+pub fn encode(msg: &Msg) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(MAGIC);
+    out.push(PROTOCOL_VERSION);
+    let out = postcard::to_extend(msg, out).map_err(|e| FrameError::Decode(e.to_string()))?;
+    if out.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(out.len()));
+    }
+    Ok(out)
+}
+
+/// Decode and validate one frame that arrived with `nfds` fds.
+///
+/// # Errors
+/// Any [`FrameError`]; the caller must treat it as a protocol failure (roll
+/// back), never panic.
+pub fn decode(frame: &[u8], nfds: usize) -> Result<Msg, FrameError> {
+    if frame.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(frame.len()));
+    }
+    if frame.len() < 4 || &frame[..3] != MAGIC {
+        return Err(FrameError::BadMagic);
+    }
+    if frame[3] != PROTOCOL_VERSION {
+        return Err(FrameError::Version {
+            peer: frame[3],
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    let (msg, rest): (Msg, &[u8]) =
+        postcard::take_from_bytes(&frame[4..]).map_err(|e| FrameError::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(FrameError::Invalid(format!(
+            "{} trailing bytes after message",
+            rest.len()
+        )));
+    }
+    validate(&msg, nfds)?;
+    Ok(msg)
+}
+
+/// Decode and validate a frame whose fds were truncated by the kernel: every
+/// bound is checked except the fd count.
+///
+/// # Errors
+/// Any [`FrameError`].
+pub fn decode_ignoring_fds(frame: &[u8]) -> Result<Msg, FrameError> {
+    let probe = decode(frame, 0);
+    match probe {
+        Err(FrameError::Invalid(_)) => {}
+        other => return other,
+    }
+    // Decode again with the count the message itself expects.
+    let (msg, _): (Msg, &[u8]) =
+        postcard::take_from_bytes(&frame[4..]).map_err(|e| FrameError::Decode(e.to_string()))?;
+    let n = fds_expected(&msg);
+    decode(frame, n)
+}
+
+/// How many fds must accompany `msg`.
+pub fn fds_expected(msg: &Msg) -> usize {
+    match msg {
+        Msg::Listeners(l) => l.len(),
+        Msg::State(blobs) => blobs
+            .iter()
+            .filter(|b| matches!(b.data, BlobData::Memfd { .. }))
+            .count(),
+        Msg::Conns { conns, .. } => conns.len(),
+        _ => 0,
+    }
+}
+
+fn check_name(what: &str, s: &str) -> Result<(), FrameError> {
+    if s.is_empty() || s.len() > MAX_NAME {
+        return Err(FrameError::Invalid(format!(
+            "{what} must be 1..={MAX_NAME} bytes, got {}",
+            s.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_reason(s: &str) -> Result<(), FrameError> {
+    if s.len() > MAX_REASON {
+        return Err(FrameError::Invalid(format!(
+            "reason of {} bytes exceeds {MAX_REASON}",
+            s.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Check every bound of a decoded message, and its fd count.
+///
+/// # Errors
+/// [`FrameError::Invalid`] naming the first violated bound.
+pub fn validate(msg: &Msg, nfds: usize) -> Result<(), FrameError> {
+    match msg {
+        Msg::Hello(h) => {
+            if h.app_version.len() > MAX_NAME {
+                return Err(FrameError::Invalid("app version string too long".into()));
+            }
+            if h.protocol != PROTOCOL_VERSION {
+                return Err(FrameError::Version {
+                    peer: h.protocol,
+                    ours: PROTOCOL_VERSION,
+                });
+            }
+        }
+        Msg::Listeners(l) => {
+            if l.len() > MAX_LISTENERS {
+                return Err(FrameError::Invalid(format!(
+                    "{} listeners (at most {MAX_LISTENERS})",
+                    l.len()
+                )));
+            }
+            for m in l {
+                check_name("listener name", &m.name)?;
+            }
+            let mut names: Vec<&str> = l.iter().map(|m| m.name.as_str()).collect();
+            names.sort_unstable();
+            if names.windows(2).any(|w| w[0] == w[1]) {
+                return Err(FrameError::Invalid("duplicate listener name".into()));
+            }
+        }
+        Msg::State(blobs) => {
+            if blobs.len() > MAX_BLOBS {
+                return Err(FrameError::Invalid(format!(
+                    "{} state blobs (at most {MAX_BLOBS})",
+                    blobs.len()
+                )));
+            }
+            for b in blobs {
+                check_name("state blob name", &b.name)?;
+                if let BlobData::Inline(v) = &b.data
+                    && v.len() > MAX_INLINE_BLOB
+                {
+                    return Err(FrameError::Invalid(format!(
+                        "inline state blob '{}' of {} bytes exceeds {MAX_INLINE_BLOB}",
+                        b.name,
+                        v.len()
+                    )));
+                }
+            }
+        }
+        Msg::Failed { reason } | Msg::ConnsNack { reason, .. } => check_reason(reason)?,
+        Msg::Conns { conns, .. } => {
+            if conns.is_empty() || conns.len() > SCM_MAX_FD {
+                return Err(FrameError::Invalid(format!(
+                    "connection batch of {} (1..={SCM_MAX_FD})",
+                    conns.len()
+                )));
+            }
+            for c in conns {
+                check_name("listener name", &c.listener)?;
+                if c.prefix.len() > MAX_CONN_PREFIX {
+                    return Err(FrameError::Invalid(format!(
+                        "connection prefix of {} bytes exceeds {MAX_CONN_PREFIX}",
+                        c.prefix.len()
+                    )));
+                }
+            }
+        }
+        Msg::WantState | Msg::Ready(_) | Msg::Promote | Msg::ConnsAck { .. } => {}
+    }
+    let want = fds_expected(msg);
+    if want != nfds {
+        return Err(FrameError::Invalid(format!(
+            "{} message came with {nfds} fds, expected {want}",
+            msg.name()
+        )));
+    }
+    Ok(())
+}
+
+impl Msg {
+    /// A short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello(_) => "Hello",
+            Msg::Listeners(_) => "Listeners",
+            Msg::WantState => "WantState",
+            Msg::State(_) => "State",
+            Msg::Ready(_) => "Ready",
+            Msg::Failed { .. } => "Failed",
+            Msg::Promote => "Promote",
+            Msg::Conns { .. } => "Conns",
+            Msg::ConnsAck { .. } => "ConnsAck",
+            Msg::ConnsNack { .. } => "ConnsNack",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hello() -> Msg {
+        Msg::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            app_version: "1.2.3".into(),
+            generation: 7,
+            pid: 42,
+        })
+    }
+
+    #[test]
+    fn roundtrip_every_message() {
+        let msgs = vec![
+            (hello(), 0),
+            (
+                Msg::Listeners(vec![
+                    ListenerMeta {
+                        name: "http".into(),
+                        kind: ListenerKind::Tcp,
+                    },
+                    ListenerMeta {
+                        name: "admin".into(),
+                        kind: ListenerKind::Unix,
+                    },
+                ]),
+                2,
+            ),
+            (Msg::WantState, 0),
+            (
+                Msg::State(vec![
+                    BlobMeta {
+                        name: "app".into(),
+                        data: BlobData::Inline(vec![1, 2, 3]),
+                    },
+                    BlobMeta {
+                        name: "big".into(),
+                        data: BlobData::Memfd { len: 1 << 30 },
+                    },
+                ]),
+                1,
+            ),
+            (
+                Msg::Ready(ReadyInfo {
+                    accepts_conns: true,
+                }),
+                0,
+            ),
+            (
+                Msg::Failed {
+                    reason: "config broken".into(),
+                },
+                0,
+            ),
+            (Msg::Promote, 0),
+            (
+                Msg::Conns {
+                    batch: 3,
+                    conns: vec![ConnMeta {
+                        listener: "http".into(),
+                        prefix: b"GET / HT".to_vec(),
+                    }],
+                },
+                1,
+            ),
+            (Msg::ConnsAck { batch: 3 }, 0),
+            (
+                Msg::ConnsNack {
+                    batch: 4,
+                    reason: "EMFILE".into(),
+                },
+                0,
+            ),
+        ];
+        for (m, n) in msgs {
+            let f = encode(&m).unwrap();
+            assert_eq!(decode(&f, n).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn fd_count_must_match() {
+        let m = Msg::Listeners(vec![ListenerMeta {
+            name: "http".into(),
+            kind: ListenerKind::Tcp,
+        }]);
+        let f = encode(&m).unwrap();
+        assert!(matches!(decode(&f, 0), Err(FrameError::Invalid(_))));
+        assert!(matches!(decode(&f, 2), Err(FrameError::Invalid(_))));
+        assert!(decode(&f, 1).is_ok());
+        // A message that carries no fds must not come with any.
+        assert!(matches!(
+            decode(&encode(&Msg::Promote).unwrap(), 1),
+            Err(FrameError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn bad_magic_version_and_trailing_bytes() {
+        let mut f = encode(&Msg::Promote).unwrap();
+        f[0] = b'X';
+        assert_eq!(decode(&f, 0), Err(FrameError::BadMagic));
+        let mut f = encode(&Msg::Promote).unwrap();
+        f[3] = 99;
+        assert!(matches!(
+            decode(&f, 0),
+            Err(FrameError::Version { peer: 99, .. })
+        ));
+        let mut f = encode(&Msg::Promote).unwrap();
+        f.push(0);
+        assert!(matches!(decode(&f, 0), Err(FrameError::Invalid(_))));
+        assert_eq!(decode(b"BT", 0), Err(FrameError::BadMagic));
+    }
+
+    #[test]
+    fn bounds_are_enforced() {
+        let long = "x".repeat(MAX_NAME + 1);
+        let m = Msg::Listeners(vec![ListenerMeta {
+            name: long,
+            kind: ListenerKind::Tcp,
+        }]);
+        assert!(matches!(
+            decode(&encode(&m).unwrap(), 1),
+            Err(FrameError::Invalid(_))
+        ));
+        let dup = Msg::Listeners(vec![
+            ListenerMeta {
+                name: "a".into(),
+                kind: ListenerKind::Tcp,
+            },
+            ListenerMeta {
+                name: "a".into(),
+                kind: ListenerKind::Tcp,
+            },
+        ]);
+        assert!(matches!(
+            decode(&encode(&dup).unwrap(), 2),
+            Err(FrameError::Invalid(_))
+        ));
+        let empty = Msg::Conns {
+            batch: 1,
+            conns: vec![],
+        };
+        assert!(matches!(
+            decode(&encode(&empty).unwrap(), 0),
+            Err(FrameError::Invalid(_))
+        ));
+        let big_prefix = Msg::Conns {
+            batch: 1,
+            conns: vec![ConnMeta {
+                listener: "http".into(),
+                prefix: vec![0; MAX_CONN_PREFIX + 1],
+            }],
+        };
+        assert!(matches!(
+            decode(&encode(&big_prefix).unwrap(), 1),
+            Err(FrameError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_full_batch_of_maximal_prefixes_is_refused_at_encode() {
+        let conns = (0..SCM_MAX_FD)
+            .map(|_| ConnMeta {
+                listener: "http".into(),
+                prefix: vec![b'a'; MAX_CONN_PREFIX],
+            })
+            .collect();
+        assert!(matches!(
+            encode(&Msg::Conns { batch: 1, conns }),
+            Err(FrameError::TooLarge(_))
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+        /// The decoder never panics, whatever the bytes and fd count.
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512), nfds in 0usize..300) {
+            let _ = decode(&bytes, nfds);
+        }
+
+        /// Valid headers followed by garbage never panic either (exercises the
+        /// postcard path rather than the magic check).
+        #[test]
+        fn decoder_never_panics_past_header(body in proptest::collection::vec(any::<u8>(), 0..512), nfds in 0usize..300) {
+            let mut f = b"BTN".to_vec();
+            f.push(PROTOCOL_VERSION);
+            f.extend(body);
+            let _ = decode(&f, nfds);
+        }
+
+        /// Mutating one byte of a valid frame is either rejected or decodes
+        /// to a message that passes validation.
+        #[test]
+        fn single_byte_mutations(idx in 0usize..64, val in any::<u8>()) {
+            let m = Msg::Conns { batch: 9, conns: vec![ConnMeta { listener: "http".into(), prefix: b"GET /x HTTP/1.1\r\n".to_vec() }] };
+            let mut f = encode(&m).unwrap();
+            let i = idx % f.len();
+            f[i] = val;
+            if let Ok(d) = decode(&f, 1) { prop_assert!(validate(&d, 1).is_ok()); }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Starting the next generation: the one test seam for process effects.
+
+use std::ffi::OsString;
+use std::fmt::Debug;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::ExitStatus;
+
+use crate::sys;
+
+/// What to start.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct SpawnSpec {
+    /// Path of the executable.
+    pub program: PathBuf,
+    /// argv\[0\] (defaults to `program`).
+    pub arg0: Option<OsString>,
+    /// argv\[1..\].
+    pub args: Vec<OsString>,
+    /// Environment variables to remove (inherited otherwise).
+    pub env_remove: Vec<OsString>,
+    /// Environment variables to set.
+    pub env_set: Vec<(OsString, OsString)>,
+    /// Fds to place in the child at fixed numbers (not `CLOEXEC` there).
+    pub fds: Vec<(OwnedFd, RawFd)>,
+    /// `oom_score_adj` for the child (the newcomer goes first under memory
+    /// pressure during the overlap).
+    pub oom_score_adj: Option<i32>,
+}
+
+impl SpawnSpec {
+    /// A spec for `program` with nothing else set.
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        SpawnSpec {
+            program: program.into(),
+            ..SpawnSpec::default()
+        }
+    }
+}
+
+/// A future returned by [`ChildProcess::wait`].
+pub type WaitFuture<'a> = Pin<Box<dyn Future<Output = io::Result<ExitStatus>> + Send + 'a>>;
+
+/// A started child.
+pub trait ChildProcess: Send + Sync + Debug {
+    /// Its pid.
+    fn pid(&self) -> u32;
+    /// Send `SIGKILL`.
+    ///
+    /// # Errors
+    /// The OS error (ESRCH once it is reaped).
+    fn kill(&mut self) -> io::Result<()>;
+    /// Wait for it to exit (and reap it).
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    fn wait(&mut self) -> WaitFuture<'_>;
+    /// Reap it if it exited.
+    ///
+    /// # Errors
+    /// The OS error.
+    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>>;
+}
+
+/// Starts processes.
+pub trait Spawner: Send + Sync + Debug {
+    /// Start `spec`.
+    ///
+    /// # Errors
+    /// The OS error from fork/exec (e.g. ENOENT, EACCES, ENOEXEC).
+    fn spawn(&self, spec: SpawnSpec) -> io::Result<Box<dyn ChildProcess>>;
+}
+
+/// The real spawner: fork + exec via tokio.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsSpawner;
+
+#[derive(Debug)]
+struct OsChild {
+    pid: u32,
+    child: tokio::process::Child,
+}
+
+impl ChildProcess for OsChild {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn kill(&mut self) -> io::Result<()> {
+        self.child.start_kill()
+    }
+
+    fn wait(&mut self) -> WaitFuture<'_> {
+        Box::pin(self.child.wait())
+    }
+
+    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
+    }
+}
+
+impl Spawner for OsSpawner {
+    fn spawn(&self, spec: SpawnSpec) -> io::Result<Box<dyn ChildProcess>> {
+        let mut cmd = tokio::process::Command::new(&spec.program);
+        if let Some(a0) = &spec.arg0 {
+            cmd.arg0(a0);
+        }
+        cmd.args(&spec.args);
+        for k in &spec.env_remove {
+            cmd.env_remove(k);
+        }
+        for (k, v) in &spec.env_set {
+            cmd.env(k, v);
+        }
+        cmd.kill_on_drop(false);
+        // Move every source fd above every target number first, so placing
+        // one never clobbers another's source.
+        let top = spec.fds.iter().map(|(_, t)| *t).max().unwrap_or(2) + 1;
+        let mut placements = Vec::with_capacity(spec.fds.len());
+        for (fd, target) in spec.fds {
+            let src = sys::dup_at_least(fd.as_fd(), top.max(10))?;
+            placements.push(sys::FdPlacement { src, target });
+        }
+        sys::place_fds_before_exec(&mut cmd, placements);
+        let child = cmd.spawn()?;
+        let pid = child
+            .id()
+            .ok_or_else(|| io::Error::other("child exited before its pid was read"))?;
+        if let Some(adj) = spec.oom_score_adj {
+            // Best effort: a container may forbid it.
+            if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), adj.to_string()) {
+                tracing::debug!(pid, error = %e, "could not set oom_score_adj");
+            }
+        }
+        Ok(Box::new(OsChild { pid, child }))
+    }
+}
+
+/// Work out, once at start-up, which file to exec at upgrade: argv\[0\] made
+/// absolute (searched in `PATH` if it has no `/`), **not** symlink-resolved,
+/// so that swapping `current -> releases/N` upgrades to the new release.
+/// Falls back to `/proc/self/exe` (minus a `" (deleted)"` suffix).
+pub fn resolve_executable(argv0: Option<&std::ffi::OsStr>) -> io::Result<PathBuf> {
+    if let Some(a0) = argv0 {
+        let p = Path::new(a0);
+        if a0.as_encoded_bytes().contains(&b'/') {
+            let abs = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                std::env::current_dir()?.join(p)
+            };
+            // Drop `.` components lexically (never resolving symlinks).
+            let abs: PathBuf = abs
+                .components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect();
+            if abs.exists() {
+                return Ok(abs);
+            }
+        } else if let Some(path) = std::env::var_os("PATH") {
+            for dir in std::env::split_paths(&path) {
+                let cand = dir.join(p);
+                if is_executable(&cand) {
+                    return Ok(if cand.is_absolute() {
+                        cand
+                    } else {
+                        std::env::current_dir()?.join(cand)
+                    });
+                }
+            }
+        }
+    }
+    let exe = std::fs::read_link("/proc/self/exe")?;
+    let s = exe.to_string_lossy();
+    Ok(match s.strip_suffix(" (deleted)") {
+        Some(stripped) => PathBuf::from(stripped),
+        None => exe,
+    })
+}
+
+/// Whether `path` is a regular file with an execute bit.
+pub fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}

@@ -1,0 +1,672 @@
+//! The single owner of upgrade state.
+//!
+//! One task receives every request (`SIGUSR2`, control socket, library
+//! call) with its own reply channel. It runs at most one upgrade at a time —
+//! a second request gets "in progress" at once — and answers status while an
+//! upgrade runs. "One upgrade at a time" is the structure, not a flag.
+//!
+//! This module makes no system calls: processes go through the
+//! [`Spawner`](crate::Spawner), bytes through `handoff::send`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::channel::Channel;
+use crate::control::{
+    Command, Event, Failure, FailureKind, LastUpgrade, UpgradeOptions, UpgradeReport,
+};
+use crate::drain::Phase;
+use crate::error::Error;
+use crate::generation::{
+    ENV_HANDOFF_FD, ENV_PARENT_PID, HANDOFF_FD, HandoffReq, Inner, lock, unix_ms,
+};
+use crate::handoff::send::{HandshakeLog, OldSide, SentBatch, StateSource, fits_batch, hello};
+use crate::protocol::Msg;
+use crate::spawn::{ChildProcess, SpawnSpec};
+use crate::sys;
+
+/// How long a killed child may take to be reaped before we give up waiting.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the old generation waits for control replies to be written
+/// before it exits.
+const CONTROL_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+type UpgradeFuture = Pin<Box<dyn Future<Output = Result<UpgradeReport, Error>> + Send>>;
+
+struct Running {
+    fut: UpgradeFuture,
+    reply: oneshot::Sender<Result<UpgradeReport, Failure>>,
+    started: Instant,
+}
+
+async fn poll_running(r: &mut Option<Running>) -> Result<UpgradeReport, Error> {
+    match r {
+        Some(r) => r.fut.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The owner task.
+pub(crate) async fn owner(inner: Arc<Inner>, mut rx: mpsc::Receiver<Command>) {
+    let mut running: Option<Running> = None;
+    let mut pending_stops: Vec<oneshot::Sender<Result<(), Failure>>> = Vec::new();
+    loop {
+        tokio::select! {
+            cmd = rx.recv() => {
+                let Some(cmd) = cmd else { break };
+                match cmd {
+                    Command::Status { reply } => {
+                        let _ = reply.send(inner.status_report(running.is_some()));
+                    }
+                    Command::Upgrade { opts, events, reply } => {
+                        if let Some(r) = &running {
+                            tracing::warn!("upgrade requested while one is running; ignored");
+                            let _ = reply.send(Err(Failure {
+                                kind: FailureKind::InProgress,
+                                message: format!(
+                                    "an upgrade has been running for {} ms; wait for it to finish",
+                                    r.started.elapsed().as_millis()
+                                ),
+                            }));
+                            continue;
+                        }
+                        if let Err(e) = upgrade_allowed(&inner) {
+                            tracing::warn!(reason = %e, "upgrade not started");
+                            if matches!(e, Error::Refused(_)) {
+                                record(&inner, &Err(&e));
+                            }
+                            let _ = reply.send(Err(Failure::from(&e)));
+                            continue;
+                        }
+                        let fut = Box::pin(run_upgrade(Arc::clone(&inner), opts, events));
+                        running = Some(Running { fut, reply, started: Instant::now() });
+                    }
+                    Command::Stop { reply } => {
+                        if running.is_some() {
+                            tracing::info!("stop requested during an upgrade: stopping once it ends");
+                            pending_stops.push(reply);
+                        } else {
+                            begin_shutdown(&inner);
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                }
+            }
+            res = poll_running(&mut running) => {
+                let Some(r) = running.take() else { continue };
+                record(&inner, &res.as_ref());
+                let succeeded = res.is_ok();
+                let _ = r.reply.send(res.map_err(|e| Failure::from(&e)));
+                if succeeded {
+                    finish(&inner).await;
+                    for s in pending_stops.drain(..) {
+                        let _ = s.send(Ok(()));
+                    }
+                } else if !pending_stops.is_empty() {
+                    begin_shutdown(&inner);
+                    for s in pending_stops.drain(..) {
+                        let _ = s.send(Ok(()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn record(inner: &Inner, res: &Result<&UpgradeReport, &Error>) {
+    let (result, reason, report) = match res {
+        Ok(r) => {
+            inner
+                .counters
+                .upgrades_succeeded
+                .fetch_add(1, Ordering::Relaxed);
+            ("success", None, Some((*r).clone()))
+        }
+        Err(Error::Refused(m)) => {
+            inner
+                .counters
+                .upgrades_refused
+                .fetch_add(1, Ordering::Relaxed);
+            ("refused", Some(m.clone()), None)
+        }
+        Err(e) => {
+            inner
+                .counters
+                .upgrades_failed
+                .fetch_add(1, Ordering::Relaxed);
+            ("failed", Some(e.to_string()), None)
+        }
+    };
+    *lock(&inner.last_upgrade) = Some(LastUpgrade {
+        result: result.into(),
+        reason,
+        at_unix_ms: unix_ms(),
+        report,
+    });
+}
+
+fn upgrade_allowed(inner: &Inner) -> Result<(), Error> {
+    let phase = inner.life.phase();
+    if phase != Phase::Serving {
+        return Err(Error::Refused(format!(
+            "this generation is not serving (phase: {})",
+            phase.as_str()
+        )));
+    }
+    if *inner.predecessor_alive.borrow() {
+        return Err(Error::InProgress(format!(
+            "the previous generation (pid {}) is still draining; wait for it to exit",
+            inner.predecessor_pid.unwrap_or(0)
+        )));
+    }
+    Ok(())
+}
+
+/// Graceful stop without a successor.
+fn begin_shutdown(inner: &Arc<Inner>) {
+    if matches!(inner.life.phase(), Phase::ShuttingDown | Phase::Done) {
+        return;
+    }
+    tracing::info!(
+        generation = inner.generation,
+        pid = inner.pid,
+        "stopping: draining connections"
+    );
+    inner.notify(&["STOPPING=1".into(), inner.status_line("stopping")]);
+    inner.life.set(Phase::ShuttingDown);
+    let inner = Arc::clone(inner);
+    tokio::spawn(async move {
+        let t = Instant::now();
+        let left = inner.life.wait_drained(inner.config.drain_timeout).await;
+        if left > 0 {
+            inner
+                .counters
+                .conns_closed_at_deadline
+                .fetch_add(left as u64, Ordering::Relaxed);
+            tracing::warn!(
+                connections = left,
+                "drain timeout: closing connections still open"
+            );
+        }
+        tracing::info!(after_ms = t.elapsed().as_millis() as u64, "stopped");
+        finish(&inner).await;
+    });
+}
+
+/// Let control replies go out, then mark the generation done (the app
+/// exits).
+async fn finish(inner: &Inner) {
+    inner.control_tasks.close();
+    let _ = tokio::time::timeout(CONTROL_FLUSH_TIMEOUT, inner.control_tasks.wait()).await;
+    inner.life.set(Phase::Done);
+}
+
+struct Exporters<'a>(&'a Inner);
+
+impl StateSource for Exporters<'_> {
+    fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        let list = lock(&self.0.exporters).clone();
+        let mut out = Vec::with_capacity(list.len());
+        for (name, f) in list {
+            let bytes = f().map_err(|e| Error::State(format!("exporting '{name}': {e}")))?;
+            out.push((name, bytes));
+        }
+        Ok(out)
+    }
+}
+
+fn emit(events: &mpsc::UnboundedSender<Event>, e: Event) {
+    let _ = events.send(e);
+}
+
+fn describe_exit(st: &std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match st {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("exit code {c}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => s.to_string(),
+        },
+        Err(e) => format!("unknown status ({e})"),
+    }
+}
+
+/// Kill a child that will not become the next generation, and reap it.
+async fn abort_child(child: &mut Box<dyn ChildProcess>) -> String {
+    // If it already exited on its own, its real status is what we report.
+    if let Ok(Some(st)) = child.try_wait() {
+        return describe_exit(&Ok(st));
+    }
+    let _ = child.kill();
+    match tokio::time::timeout(REAP_TIMEOUT, child.wait()).await {
+        Ok(st) => describe_exit(&st),
+        Err(_) => format!(
+            "pid {} did not die within {REAP_TIMEOUT:?} of SIGKILL",
+            child.pid()
+        ),
+    }
+}
+
+/// One upgrade, old side: spawn, hand over, promote, drain.
+async fn run_upgrade(
+    inner: Arc<Inner>,
+    opts: UpgradeOptions,
+    events: mpsc::UnboundedSender<Event>,
+) -> Result<UpgradeReport, Error> {
+    let t0 = Instant::now();
+    let next_gen = inner.generation + 1;
+    let mut plan = inner.exec.clone();
+    if let Some(cmd) = &opts.command {
+        let Some((first, rest)) = cmd.split_first() else {
+            return Err(Error::Refused("the new command line is empty".into()));
+        };
+        plan.program = first.into();
+        plan.arg0 = first.into();
+        plan.args = rest.iter().map(Into::into).collect();
+    }
+    crate::admission::preflight(&plan.program, opts.expect_sha256.as_deref())?;
+    tracing::info!(generation = inner.generation, next = next_gen, program = %plan.program.display(), "upgrade: starting the next generation");
+    inner.notify(&[
+        "RELOADING=1".into(),
+        format!("MONOTONIC_USEC={}", crate::notify::monotonic_usec()),
+        inner.status_line("upgrading"),
+    ]);
+
+    let (ours, theirs) =
+        sys::seqpacket_pair().map_err(|e| Error::io("creating the handoff channel", e))?;
+    let mut spec = SpawnSpec::new(plan.program.clone());
+    spec.arg0 = Some(plan.arg0.clone());
+    spec.args = plan.args.clone();
+    spec.env_remove = [
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+        ENV_HANDOFF_FD,
+        ENV_PARENT_PID,
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    spec.env_set = vec![
+        (ENV_HANDOFF_FD.into(), HANDOFF_FD.to_string().into()),
+        (ENV_PARENT_PID.into(), inner.pid.to_string().into()),
+    ];
+    spec.fds = vec![(theirs, HANDOFF_FD)];
+    let mut child = match inner.spawner.spawn(spec) {
+        Ok(c) => c,
+        Err(e) => {
+            let err = Error::Failed(format!("could not start {}: {e}", plan.program.display()));
+            rollback_notify(&inner, &err);
+            return Err(err);
+        }
+    };
+    let new_pid = child.pid();
+    let spawned_at = Instant::now();
+    tracing::info!(pid = new_pid, generation = next_gen, "upgrade: spawned");
+    emit(
+        &events,
+        Event::Spawned {
+            pid: new_pid,
+            generation: next_gen,
+        },
+    );
+
+    let chan = match Channel::new(ours) {
+        Ok(c) => c,
+        Err(e) => {
+            abort_child(&mut child).await;
+            return Err(e);
+        }
+    };
+    let mut old = OldSide::new(chan);
+    let listeners = inner.registry.handoff_set();
+    let mut log = HandshakeLog::default();
+    let ready_timeout = inner.config.ready_timeout;
+    let handshake = {
+        let source = Exporters(&inner);
+        let me = hello(&inner.config.app_version, inner.generation);
+        let hs = old.handshake(me, &listeners, &source, &mut log);
+        tokio::select! {
+            r = tokio::time::timeout(ready_timeout, hs) => match r {
+                Ok(r) => r,
+                Err(_) => Err(Error::Failed(format!(
+                    "the new generation (pid {new_pid}) was not ready within {ready_timeout:?} (ready timeout)"
+                ))),
+            },
+            st = child.wait() => Err(Error::Failed(format!(
+                "the new generation (pid {new_pid}) exited before it was ready ({})",
+                describe_exit(&st)
+            ))),
+        }
+    };
+    let info = match handshake {
+        Ok(info) => info,
+        Err(e) => {
+            let status = abort_child(&mut child).await;
+            let err = match e {
+                Error::Failed(m) => Error::Failed(format!("{m}; child {status}")),
+                Error::PeerGone(m) => Error::Failed(format!("{m}; child {status}")),
+                other => Error::Failed(format!("{other}; child pid {new_pid} {status}")),
+            };
+            tracing::warn!(pid = new_pid, reason = %err, "upgrade failed before promotion; still serving");
+            rollback_notify(&inner, &err);
+            return Err(err);
+        }
+    };
+    let ready_ms = spawned_at.elapsed().as_millis() as u64;
+    tracing::info!(pid = new_pid, ready_ms, "upgrade: new generation ready");
+    emit(
+        &events,
+        Event::Ready {
+            pid: new_pid,
+            after_ms: ready_ms,
+        },
+    );
+
+    // The commit point.
+    if let Err(e) = old.promote().await {
+        let status = abort_child(&mut child).await;
+        let err = Error::Failed(format!(
+            "could not promote pid {new_pid}: {e}; child {status}"
+        ));
+        rollback_notify(&inner, &err);
+        return Err(err);
+    }
+    let promoted_at = Instant::now();
+    // Open the handoff queue before announcing the handover: connection
+    // tasks decide what to do when they see the phase change.
+    let handoff_rx = if info.accepts_conns {
+        let (tx, rx) = mpsc::channel(8192);
+        *lock(&inner.handoff_tx) = Some(tx);
+        Some(rx)
+    } else {
+        None
+    };
+    inner.life.set(Phase::Handover);
+    *lock(&inner.successor_pid) = Some(new_pid);
+    tracing::info!(
+        pid = new_pid,
+        generation = next_gen,
+        "upgrade: promoted; draining"
+    );
+    emit(&events, Event::Promoted { pid: new_pid });
+    notify_main_pid(&inner, new_pid, next_gen).await;
+
+    let end = drain(&inner, &old, &mut child, handoff_rx).await;
+    *lock(&inner.handoff_tx) = None;
+    let drain_ms = promoted_at.elapsed().as_millis() as u64;
+    match end {
+        DrainEnd::Drained {
+            handed_over,
+            closed,
+        } => {
+            inner
+                .counters
+                .conns_handed_over
+                .fetch_add(handed_over, Ordering::Relaxed);
+            inner
+                .counters
+                .conns_closed_at_deadline
+                .fetch_add(closed, Ordering::Relaxed);
+            tracing::info!(
+                drain_ms,
+                handed_over,
+                closed_at_deadline = closed,
+                "upgrade: drained; this generation exits"
+            );
+            emit(
+                &events,
+                Event::Drained {
+                    after_ms: drain_ms,
+                    handed_over,
+                    closed,
+                },
+            );
+            Ok(UpgradeReport {
+                from_generation: inner.generation,
+                to_generation: next_gen,
+                old_pid: inner.pid,
+                new_pid,
+                ready_ms,
+                drain_ms,
+                total_ms: t0.elapsed().as_millis() as u64,
+                handed_over,
+                closed_at_deadline: closed,
+            })
+        }
+        DrainEnd::SuccessorFailed { why, lost } => {
+            inner.counters.conns_lost.fetch_add(lost, Ordering::Relaxed);
+            *lock(&inner.successor_pid) = None;
+            inner.life.set(Phase::Serving);
+            if let Some(p) = &inner.config.pid_file {
+                inner.write_pid_file(p);
+            }
+            let err = Error::Failed(format!(
+                "the new generation (pid {new_pid}) {why} after promotion; this generation (pid {}) resumed serving{}",
+                inner.pid,
+                if lost > 0 {
+                    format!("; {lost} connections handed to it were lost")
+                } else {
+                    String::new()
+                }
+            ));
+            tracing::error!(reason = %err, "upgrade rolled back");
+            inner.notify(&[
+                format!("MAINPID={}", inner.pid),
+                "READY=1".into(),
+                format!(
+                    "STATUS=generation {} (pid {}) serving; last upgrade rolled back: {why}",
+                    inner.generation, inner.pid
+                ),
+            ]);
+            Err(err)
+        }
+    }
+}
+
+fn rollback_notify(inner: &Inner, err: &Error) {
+    inner.notify(&[
+        "READY=1".into(),
+        format!(
+            "STATUS=generation {} (pid {}) serving; last upgrade failed: {err}",
+            inner.generation, inner.pid
+        ),
+    ]);
+}
+
+/// Under systemd: the old main pid names the new one and waits until systemd
+/// has processed that, before it may exit.
+async fn notify_main_pid(inner: &Arc<Inner>, new_pid: u32, next_gen: u64) {
+    if inner.notifier.is_none() {
+        return;
+    }
+    inner.notify(&[
+        format!("MAINPID={new_pid}"),
+        "READY=1".into(),
+        format!("STATUS=generation {next_gen} (pid {new_pid}) serving; last upgrade succeeded"),
+    ]);
+    let inner2 = Arc::clone(inner);
+    let res = tokio::task::spawn_blocking(move || {
+        inner2
+            .notifier
+            .as_ref()
+            .map(|n| n.barrier(Duration::from_secs(5)))
+    })
+    .await;
+    if let Ok(Some(Err(e))) = res {
+        tracing::warn!(error = %e, "BARRIER=1 after MAINPID= failed");
+    }
+}
+
+enum DrainEnd {
+    Drained { handed_over: u64, closed: u64 },
+    SuccessorFailed { why: String, lost: u64 },
+}
+
+type Reply = oneshot::Sender<Result<(), crate::handoff::HandoffConn>>;
+
+async fn next_req(
+    carry: &mut Option<HandoffReq>,
+    rx: &mut Option<mpsc::Receiver<HandoffReq>>,
+) -> Option<HandoffReq> {
+    if let Some(c) = carry.take() {
+        return Some(c);
+    }
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn ack_deadline(p: &Option<(SentBatch<Reply>, tokio::time::Instant)>) {
+    match p {
+        Some((_, at)) => tokio::time::sleep_until(*at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Give every queued connection back to its task and close the queue.
+fn close_handoff(
+    inner: &Inner,
+    rx: &mut Option<mpsc::Receiver<HandoffReq>>,
+    carry: &mut Option<HandoffReq>,
+) {
+    *lock(&inner.handoff_tx) = None;
+    if let Some((c, reply)) = carry.take() {
+        let _ = reply.send(Err(c));
+    }
+    if let Some(mut r) = rx.take() {
+        r.close();
+        while let Ok((c, reply)) = r.try_recv() {
+            let _ = reply.send(Err(c));
+        }
+    }
+}
+
+/// After promotion: hand idle connections over in acknowledged batches,
+/// watch the successor, wait for our connections to finish.
+async fn drain(
+    inner: &Inner,
+    old: &OldSide,
+    child: &mut Box<dyn ChildProcess>,
+    mut handoff_rx: Option<mpsc::Receiver<HandoffReq>>,
+) -> DrainEnd {
+    let deadline = tokio::time::Instant::now() + inner.config.drain_timeout;
+    let ack_timeout = inner.config.handoff_ack_timeout;
+    let mut pending: Option<(SentBatch<Reply>, tokio::time::Instant)> = None;
+    let mut next_batch: u32 = 1;
+    let mut handed_over: u64 = 0;
+    let mut lost_unacked: u64 = 0;
+    let mut chan_open = true;
+    let mut carry: Option<HandoffReq> = None;
+    let tracker = inner.life.tracker().clone();
+    loop {
+        tokio::select! {
+            biased;
+            st = child.wait() => {
+                let unacked = pending.take().map_or(0, |(b, _)| b.items.len() as u64);
+                close_handoff(inner, &mut handoff_rx, &mut carry);
+                return DrainEnd::SuccessorFailed {
+                    why: format!("died ({})", describe_exit(&st)),
+                    lost: handed_over + unacked + lost_unacked,
+                };
+            }
+            msg = old.recv(), if chan_open => {
+                match msg {
+                    Ok(Some(Msg::ConnsAck { batch })) if pending.as_ref().is_some_and(|(b, _)| b.id == batch) => {
+                        if let Some((b, _)) = pending.take() {
+                            handed_over += b.items.len() as u64;
+                            for (conn, reply) in b.items {
+                                drop(conn); // our copy; the successor has its own
+                                let _ = reply.send(Ok(()));
+                            }
+                        }
+                    }
+                    Ok(Some(Msg::ConnsNack { batch, reason })) if pending.as_ref().is_some_and(|(b, _)| b.id == batch) => {
+                        tracing::warn!(%reason, "the new generation refused a connection batch; serving those connections here");
+                        if let Some((b, _)) = pending.take() {
+                            for (conn, reply) in b.items {
+                                let _ = reply.send(Err(conn));
+                            }
+                        }
+                        close_handoff(inner, &mut handoff_rx, &mut carry);
+                    }
+                    other => {
+                        // EOF with the child alive, a protocol error, or an
+                        // unexpected message: stop handing over. A batch in
+                        // flight is in an unknown state: close it and count.
+                        match other {
+                            Ok(None) => tracing::warn!("the new generation closed the handoff channel; no more connections are handed over"),
+                            Ok(Some(m)) => tracing::warn!(msg = m.name(), "unexpected message from the new generation; no more connections are handed over"),
+                            Err(e) => tracing::warn!(error = %e, "handoff channel error; no more connections are handed over"),
+                        }
+                        chan_open = false;
+                        if let Some((b, _)) = pending.take() {
+                            lost_unacked += b.items.len() as u64;
+                        }
+                        close_handoff(inner, &mut handoff_rx, &mut carry);
+                    }
+                }
+            }
+            req = next_req(&mut carry, &mut handoff_rx), if pending.is_none() && chan_open => {
+                let Some(first) = req else {
+                    handoff_rx = None;
+                    continue;
+                };
+                let mut bytes = first.0.prefix.len() + first.0.listener.len() + 8;
+                let mut items = vec![first];
+                if let Some(rx) = handoff_rx.as_mut() {
+                    while let Ok(more) = rx.try_recv() {
+                        if !fits_batch(items.len(), bytes, more.0.listener.len(), more.0.prefix.len()) {
+                            carry = Some(more);
+                            break;
+                        }
+                        bytes += more.0.prefix.len() + more.0.listener.len() + 8;
+                        items.push(more);
+                    }
+                }
+                let id = next_batch;
+                next_batch = next_batch.wrapping_add(1);
+                match old.send_batch(id, items).await {
+                    Ok(sent) => pending = Some((sent, tokio::time::Instant::now() + ack_timeout)),
+                    Err((e, back)) => {
+                        tracing::warn!(error = %e, "could not send a connection batch; serving those connections here");
+                        for (c, r) in back {
+                            let _ = r.send(Err(c));
+                        }
+                        chan_open = false;
+                        close_handoff(inner, &mut handoff_rx, &mut carry);
+                    }
+                }
+            }
+            () = ack_deadline(&pending) => {
+                // The successor holds the listeners but does not answer: it is
+                // hung. Kill it and resume.
+                let unacked = pending.take().map_or(0, |(b, _)| b.items.len() as u64);
+                let status = abort_child(child).await;
+                close_handoff(inner, &mut handoff_rx, &mut carry);
+                return DrainEnd::SuccessorFailed {
+                    why: format!("did not acknowledge handed-over connections within {ack_timeout:?} and was killed ({status})"),
+                    lost: handed_over + unacked + lost_unacked,
+                };
+            }
+            () = tracker.wait(), if pending.is_none() => {
+                close_handoff(inner, &mut handoff_rx, &mut carry);
+                return DrainEnd::Drained { handed_over, closed: lost_unacked };
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                let left = tracker.len() as u64;
+                if left > 0 {
+                    tracing::warn!(connections = left, "drain timeout reached; closing the connections still open");
+                }
+                close_handoff(inner, &mut handoff_rx, &mut carry);
+                return DrainEnd::Drained { handed_over, closed: left + lost_unacked };
+            }
+        }
+    }
+}
