@@ -70,28 +70,37 @@ pub(crate) async fn serve<S, B>(
 {
     let mut io = ConnIo::new(stream, Bytes::from(prefix), shared.baton.tracker().token());
     let mut phase = shared.baton.drain_signal();
+    // After a refused handoff this connection finishes here (it is not
+    // offered again, which could loop).
+    let mut may_hand_over = true;
     loop {
-        match sniff(&mut io, &mut phase, &shared).await {
+        let back = match sniff(&mut io, &mut phase, &shared, may_hand_over).await {
             Sniffed::Closed => return,
             Sniffed::H2 => {
                 serve_h2(&shared, io, &info).await;
                 return;
             }
-            Sniffed::Idle => match detach(&shared, io, Bytes::new(), &info).await {
-                Some(back) => io = back,
-                None => return,
-            },
-            Sniffed::H1 => match serve_h1(&shared, io, &info).await {
-                Some(back) => io = back,
-                None => return,
-            },
+            Sniffed::Idle => detach(&shared, io, Bytes::new(), &info).await,
+            Sniffed::H1 => serve_h1(&shared, io, &info, may_hand_over).await,
+        };
+        match back {
+            Some(back) => {
+                io = back;
+                may_hand_over = false;
+            }
+            None => return,
         }
     }
 }
 
 /// Read until we know the protocol. A drain that finds the connection
 /// without a complete first line makes it `Idle`.
-async fn sniff<S>(io: &mut ConnIo, phase: &mut baton::DrainSignal, shared: &Shared<S>) -> Sniffed {
+async fn sniff<S>(
+    io: &mut ConnIo,
+    phase: &mut baton::DrainSignal,
+    shared: &Shared<S>,
+    may_hand_over: bool,
+) -> Sniffed {
     loop {
         let r = io.replay();
         if r.len() >= H2_PREFACE.len() {
@@ -106,7 +115,9 @@ async fn sniff<S>(io: &mut ConnIo, phase: &mut baton::DrainSignal, shared: &Shar
         }
         if phase.is_draining() {
             match phase.phase() {
-                Phase::Handover if shared.baton.handoff_open() => return Sniffed::Idle,
+                Phase::Handover if may_hand_over && shared.baton.handoff_open() => {
+                    return Sniffed::Idle;
+                }
                 Phase::ShuttingDown | Phase::Done if r.is_empty() => return Sniffed::Closed,
                 _ => {}
             }
@@ -137,11 +148,14 @@ async fn detach<S>(
     };
     match shared.baton.hand_over(conn).await {
         Ok(()) => None,
-        Err(back) => Some(ConnIo::new(
-            back.stream,
-            Bytes::from(back.prefix),
-            shared.baton.tracker().token(),
-        )),
+        Err(back) => {
+            tracing::debug!(peer = %info.peer_string(), "handoff refused; serving the connection here");
+            Some(ConnIo::new(
+                back.stream,
+                Bytes::from(back.prefix),
+                shared.baton.tracker().token(),
+            ))
+        }
     }
 }
 
@@ -188,7 +202,12 @@ where
 
 /// Serve HTTP/1.x. Returns the connection back if it was detached for a
 /// handoff that was refused (serve it again here).
-async fn serve_h1<S, B>(shared: &Shared<S>, io: ConnIo, info: &ConnInfo) -> Option<ConnIo>
+async fn serve_h1<S, B>(
+    shared: &Shared<S>,
+    io: ConnIo,
+    info: &ConnInfo,
+    may_hand_over: bool,
+) -> Option<ConnIo>
 where
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
         + Clone
@@ -231,7 +250,8 @@ where
             let phase = *rx.borrow();
             if phase.is_draining() && !closing {
                 let busy = in_flight.load(Ordering::SeqCst) > 0;
-                let handoff = phase == Phase::Handover && shared.baton.handoff_open();
+                let handoff =
+                    may_hand_over && phase == Phase::Handover && shared.baton.handoff_open();
                 if handoff {
                     if !busy {
                         // Idle at a request boundary only if hyper flushed

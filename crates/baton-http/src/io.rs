@@ -125,7 +125,6 @@ impl AsyncWrite for ConnIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.flags.dirty.store(true, Ordering::Relaxed);
-        this.flags.read_blocked.store(false, Ordering::Relaxed);
         Pin::new(&mut this.stream).poll_write(cx, data)
     }
 
@@ -136,7 +135,6 @@ impl AsyncWrite for ConnIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.flags.dirty.store(true, Ordering::Relaxed);
-        this.flags.read_blocked.store(false, Ordering::Relaxed);
         Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
     }
 

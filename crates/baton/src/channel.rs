@@ -74,6 +74,28 @@ impl Channel {
         }
     }
 
+    /// Receive a message already queued, without waiting (the reactor's
+    /// readiness cache is bypassed). `Ok(None)`: nothing queued, or EOF.
+    pub(crate) fn try_recv_now(&self) -> Result<Option<Msg>, Error> {
+        let mut buf = vec![0u8; MAX_FRAME + 1];
+        match sys::recv_with_fds(self.fd.get_ref().as_fd(), &mut buf) {
+            Ok(got) if got.len == 0 && got.fds.is_empty() => Ok(None),
+            Ok(got) if got.truncated || got.fds_truncated => {
+                Err(Error::Protocol("truncated frame".into()))
+            }
+            Ok(got) => protocol::decode(&buf[..got.len], got.fds.len())
+                .map(Some)
+                .map_err(|e| Error::Protocol(e.to_string())),
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::ConnectionReset =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(Error::io("receiving on the handoff channel", e)),
+        }
+    }
+
     /// Like [`recv`](Self::recv), but a message whose fds the kernel
     /// truncated (`MSG_CTRUNC`) is returned with `true` instead of failing,
     /// so the receiver can refuse exactly that message. Its fd count is not

@@ -78,7 +78,8 @@ pub enum HandoffPoint {
     StateReceived,
     /// `Ready` was sent; `Promote` not yet received.
     ReadySent,
-    /// Promoted: this generation serves.
+    /// Promoted: this generation serves, confirmed it to the old one and
+    /// wrote the pid file.
     Promoted,
 }
 

@@ -180,6 +180,8 @@ pub struct Counters {
     pub conns_handed_over: u64,
     /// Idle connections received from the predecessor.
     pub conns_received: u64,
+    /// Bytes of already-read requests that came with them (replayed first).
+    pub conns_received_prefix_bytes: u64,
     /// Connections closed because the drain deadline passed.
     pub conns_closed_at_deadline: u64,
     /// Connections handed to a successor that then died.

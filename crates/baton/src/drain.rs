@@ -1,9 +1,11 @@
 //! A generation's lifecycle: the phase everyone watches, and the tracker of
 //! connection tasks the drain waits for.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::task::TaskTracker;
 
 /// Where this generation is in its life.
@@ -45,11 +47,65 @@ impl Phase {
     }
 }
 
+/// Counts listeners whose accept loop is active (has seen `Serving` and not
+/// yet seen it end). The drain waits for this to reach zero before it trusts
+/// an empty tracker: a connection accepted just as the phase changed is
+/// spawned on the tracker before its accept loop comes back to see the new
+/// phase, so "no active acceptor and empty tracker" means no connection can
+/// still appear.
+#[derive(Debug, Default)]
+pub(crate) struct Acceptors {
+    active: AtomicUsize,
+    quiet: Notify,
+}
+
+impl Acceptors {
+    pub(crate) fn activate(&self) {
+        self.active.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn deactivate(&self) {
+        if self.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.quiet.notify_waiters();
+        }
+    }
+
+    /// Wait until no accept loop is active, or `limit` passed (an app that
+    /// stopped calling `accept` must not block the drain).
+    pub(crate) async fn quiet(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.quiet.notified();
+            if self.active.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::debug!(
+                    active = self.active.load(Ordering::SeqCst),
+                    "accept loops did not all pause in time; draining anyway"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// What a [`Listener`](crate::Listener) needs to gate its accepts.
+#[derive(Debug, Clone)]
+pub(crate) struct AcceptGate {
+    pub(crate) phase: watch::Receiver<Phase>,
+    pub(crate) acceptors: Arc<Acceptors>,
+}
+
+/// How long the drain waits for accept loops to notice a phase change.
+pub(crate) const ACCEPTORS_QUIET_LIMIT: Duration = Duration::from_secs(2);
+
 /// Phase broadcast + connection tracker.
 #[derive(Debug)]
 pub(crate) struct Lifecycle {
     phase: watch::Sender<Phase>,
     tracker: TaskTracker,
+    acceptors: Arc<Acceptors>,
 }
 
 impl Lifecycle {
@@ -57,6 +113,7 @@ impl Lifecycle {
         Lifecycle {
             phase: watch::Sender::new(Phase::Starting),
             tracker: TaskTracker::new(),
+            acceptors: Arc::new(Acceptors::default()),
         }
     }
 
@@ -88,11 +145,25 @@ impl Lifecycle {
         &self.tracker
     }
 
+    pub(crate) fn gate(&self) -> AcceptGate {
+        AcceptGate {
+            phase: self.phase.subscribe(),
+            acceptors: Arc::clone(&self.acceptors),
+        }
+    }
+
+    /// Resolves when no accept loop can add a connection any more and every
+    /// tracked connection task has finished.
+    pub(crate) async fn drained(&self) {
+        self.acceptors.quiet(ACCEPTORS_QUIET_LIMIT).await;
+        self.tracker.wait().await;
+    }
+
     /// Wait until every tracked connection task finished, or `limit` passed.
     /// Returns how many were still running at the deadline.
     pub(crate) async fn wait_drained(&self, limit: Duration) -> usize {
         self.tracker.close();
-        match tokio::time::timeout(limit, self.tracker.wait()).await {
+        match tokio::time::timeout(limit, self.drained()).await {
             Ok(()) => 0,
             Err(_) => self.tracker.len(),
         }

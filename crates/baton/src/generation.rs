@@ -61,6 +61,7 @@ pub(crate) struct AtomicCounters {
     pub(crate) upgrades_refused: AtomicU64,
     pub(crate) conns_handed_over: AtomicU64,
     pub(crate) conns_received: Arc<AtomicU64>,
+    pub(crate) conns_received_prefix_bytes: Arc<AtomicU64>,
     pub(crate) conns_closed_at_deadline: AtomicU64,
     pub(crate) conns_lost: AtomicU64,
 }
@@ -281,7 +282,7 @@ impl Baton {
             &ListenAddr::Unix(path.to_path_buf()),
             Some(0o600),
         )?;
-        let listener = Listener::new(CONTROL_LISTENER, kind, fd, self.inner.life.subscribe())?;
+        let listener = Listener::new(CONTROL_LISTENER, kind, fd, self.inner.life.gate())?;
         tracing::debug!(path = %path.display(), origin = origin.as_str(), "control socket");
         let tx = self.inner.cmd_tx.clone();
         let tasks = self.inner.control_tasks.clone();
@@ -334,7 +335,7 @@ impl Baton {
     pub fn listen(&self, name: &str, addr: &ListenAddr) -> Result<Listener, Error> {
         crate::config::validate_listener_name(name)?;
         let (kind, fd, _) = self.inner.registry.take_or_bind(name, addr, None)?;
-        Listener::new(name, kind, fd, self.inner.life.subscribe())
+        Listener::new(name, kind, fd, self.inner.life.gate())
     }
 
     /// Describe the listeners (name, address, origin).
@@ -379,6 +380,7 @@ impl Baton {
                         "the previous generation vanished before promoting us; serving anyway"
                     );
                 } else {
+                    side.confirm_serving().await;
                     tracing::info!(
                         generation = inner.generation,
                         pid = inner.pid,
@@ -386,14 +388,17 @@ impl Baton {
                         "promoted: serving"
                     );
                 }
-                hook(&inner.config, crate::config::HandoffPoint::Promoted);
                 self.write_pid_file();
+                hook(&inner.config, crate::config::HandoffPoint::Promoted);
                 let deliver = if accepts_conns {
                     lock(&inner.incoming_tx).take()
                 } else {
                     None
                 };
-                let received = Arc::clone(&inner.counters.conns_received);
+                let received = (
+                    Arc::clone(&inner.counters.conns_received),
+                    Arc::clone(&inner.counters.conns_received_prefix_bytes),
+                );
                 let alive = inner.predecessor_alive.clone();
                 tokio::spawn(async move {
                     side.receive_connections(deliver, received).await;
@@ -528,6 +533,11 @@ impl Baton {
     /// # Cancel safety
     /// Not cancel safe: dropping the future may close the connection.
     pub async fn hand_over(&self, conn: HandoffConn) -> Result<(), HandoffConn> {
+        if conn.prefix.len() > crate::protocol::MAX_CONN_PREFIX
+            || conn.listener.len() > crate::protocol::MAX_NAME
+        {
+            return Err(conn);
+        }
         let tx = lock(&self.inner.handoff_tx).clone();
         let Some(tx) = tx else { return Err(conn) };
         let (rtx, rrx) = oneshot::channel();
@@ -652,6 +662,7 @@ impl Inner {
             upgrades_refused: c.upgrades_refused.load(Ordering::Relaxed),
             conns_handed_over: c.conns_handed_over.load(Ordering::Relaxed),
             conns_received: c.conns_received.load(Ordering::Relaxed),
+            conns_received_prefix_bytes: c.conns_received_prefix_bytes.load(Ordering::Relaxed),
             conns_closed_at_deadline: c.conns_closed_at_deadline.load(Ordering::Relaxed),
             conns_lost: c.conns_lost.load(Ordering::Relaxed),
             restarts: 0,

@@ -20,10 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::watch;
 
 use crate::config::ListenAddr;
-use crate::drain::Phase;
+use crate::drain::{AcceptGate, Phase};
 use crate::error::Error;
 use crate::protocol::{ListenerKind, ListenerMeta};
 use crate::sys;
@@ -391,7 +390,14 @@ enum ListenerIo {
 pub struct Listener {
     name: String,
     io: ListenerIo,
-    phase: watch::Receiver<Phase>,
+    gate: AcceptGate,
+    active: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.set_active(false);
+    }
 }
 
 /// A local or peer address of a stream.
@@ -418,7 +424,7 @@ impl Listener {
         name: &str,
         kind: ListenerKind,
         fd: OwnedFd,
-        phase: watch::Receiver<Phase>,
+        gate: AcceptGate,
     ) -> Result<Self, Error> {
         sys::set_nonblocking(fd.as_fd(), true).map_err(|e| Error::listener(name, e.to_string()))?;
         let io = match kind {
@@ -434,8 +440,20 @@ impl Listener {
         Ok(Listener {
             name: name.to_owned(),
             io,
-            phase,
+            gate,
+            active: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    fn set_active(&self, on: bool) {
+        use std::sync::atomic::Ordering;
+        if self.active.swap(on, Ordering::SeqCst) != on {
+            if on {
+                self.gate.acceptors.activate();
+            } else {
+                self.gate.acceptors.deactivate();
+            }
+        }
     }
 
     /// The listener's name.
@@ -465,9 +483,10 @@ impl Listener {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn accept(&self) -> Option<io::Result<(Stream, StreamAddr)>> {
-        let mut rx = self.phase.clone();
+        let mut rx = self.gate.phase.clone();
         loop {
             let phase = *rx.borrow_and_update();
+            self.set_active(phase == Phase::Serving);
             match phase {
                 Phase::Serving => {
                     tokio::select! {

@@ -19,6 +19,7 @@
 //! State               named blobs, inline or as sealed memfds (one fd each)
 //! Ready | Failed   ←  the new side is ready (or not, with a reason)
 //! Promote             the commit point: only now does the new side accept
+//! Serving          ←  the new side accepts now (the old side may finish)
 //! Conns               idle connections, ≤ 253 fds per batch
 //! ConnsAck | ConnsNack ← per batch; the old side closes its copies on Ack
 //! ```
@@ -70,6 +71,10 @@ pub enum Msg {
     },
     /// Old → new: start accepting; the old side stops.
     Promote,
+    /// New → old: promoted and accepting. Until this arrives the old side
+    /// does not finish its drain, so a successor that dies or hangs right
+    /// after `Ready` is always rolled back.
+    Serving,
     /// Old → new: a batch of idle connections, one fd each, in order.
     Conns {
         /// Batch number, echoed in the acknowledgement.
@@ -353,7 +358,7 @@ pub fn validate(msg: &Msg, nfds: usize) -> Result<(), FrameError> {
                 }
             }
         }
-        Msg::WantState | Msg::Ready(_) | Msg::Promote | Msg::ConnsAck { .. } => {}
+        Msg::WantState | Msg::Ready(_) | Msg::Promote | Msg::Serving | Msg::ConnsAck { .. } => {}
     }
     let want = fds_expected(msg);
     if want != nfds {
@@ -376,6 +381,7 @@ impl Msg {
             Msg::Ready(_) => "Ready",
             Msg::Failed { .. } => "Failed",
             Msg::Promote => "Promote",
+            Msg::Serving => "Serving",
             Msg::Conns { .. } => "Conns",
             Msg::ConnsAck { .. } => "ConnsAck",
             Msg::ConnsNack { .. } => "ConnsNack",
@@ -441,6 +447,7 @@ mod tests {
                 0,
             ),
             (Msg::Promote, 0),
+            (Msg::Serving, 0),
             (
                 Msg::Conns {
                     batch: 3,

@@ -530,6 +530,30 @@ async fn ack_deadline(p: &Option<(SentBatch<Reply>, tokio::time::Instant)>) {
     }
 }
 
+/// The successor died with a batch in flight. If it never acknowledged it,
+/// it never used those connections: serve them here again (resume serving
+/// first, so their tasks see `Serving`). Returns how many were lost.
+fn resume_unacked(
+    inner: &Inner,
+    old: &OldSide,
+    pending: Option<(SentBatch<Reply>, tokio::time::Instant)>,
+) -> u64 {
+    *lock(&inner.handoff_tx) = None;
+    inner.life.set(Phase::Serving);
+    let Some((b, _)) = pending else { return 0 };
+    if old.batch_was_acked(b.id) {
+        return b.items.len() as u64;
+    }
+    tracing::info!(
+        connections = b.items.len(),
+        "taking back a connection batch the dead successor never acknowledged"
+    );
+    for (conn, reply) in b.items {
+        let _ = reply.send(Err(conn));
+    }
+    0
+}
+
 /// Give every queued connection back to its task and close the queue.
 fn close_handoff(
     inner: &Inner,
@@ -564,20 +588,25 @@ async fn drain(
     let mut lost_unacked: u64 = 0;
     let mut chan_open = true;
     let mut carry: Option<HandoffReq> = None;
+    // The drain cannot finish before the successor confirmed it accepts.
+    let mut confirmed = false;
+    let confirm_deadline = tokio::time::Instant::now() + ack_timeout;
     let tracker = inner.life.tracker().clone();
     loop {
         tokio::select! {
             biased;
             st = child.wait() => {
-                let unacked = pending.take().map_or(0, |(b, _)| b.items.len() as u64);
+                let why = format!("died ({})", describe_exit(&st));
+                let lost = handed_over + lost_unacked + resume_unacked(inner, old, pending.take());
                 close_handoff(inner, &mut handoff_rx, &mut carry);
-                return DrainEnd::SuccessorFailed {
-                    why: format!("died ({})", describe_exit(&st)),
-                    lost: handed_over + unacked + lost_unacked,
-                };
+                return DrainEnd::SuccessorFailed { why, lost };
             }
             msg = old.recv(), if chan_open => {
                 match msg {
+                    Ok(Some(Msg::Serving)) if !confirmed => {
+                        confirmed = true;
+                        tracing::debug!(pid = child.pid(), "the new generation confirmed it serves");
+                    }
                     Ok(Some(Msg::ConnsAck { batch })) if pending.as_ref().is_some_and(|(b, _)| b.id == batch) => {
                         if let Some((b, _)) = pending.take() {
                             handed_over += b.items.len() as u64;
@@ -607,7 +636,15 @@ async fn drain(
                         }
                         chan_open = false;
                         if let Some((b, _)) = pending.take() {
-                            lost_unacked += b.items.len() as u64;
+                            // Unacknowledged means never used over there (the
+                            // new side acknowledges before it touches them).
+                            if old.batch_was_acked(b.id) {
+                                lost_unacked += b.items.len() as u64;
+                            } else {
+                                for (conn, reply) in b.items {
+                                    let _ = reply.send(Err(conn));
+                                }
+                            }
                         }
                         close_handoff(inner, &mut handoff_rx, &mut carry);
                     }
@@ -647,15 +684,20 @@ async fn drain(
             () = ack_deadline(&pending) => {
                 // The successor holds the listeners but does not answer: it is
                 // hung. Kill it and resume.
-                let unacked = pending.take().map_or(0, |(b, _)| b.items.len() as u64);
                 let status = abort_child(child).await;
+                let why = format!("did not acknowledge handed-over connections within {ack_timeout:?} and was killed ({status})");
+                let lost = handed_over + lost_unacked + resume_unacked(inner, old, pending.take());
                 close_handoff(inner, &mut handoff_rx, &mut carry);
-                return DrainEnd::SuccessorFailed {
-                    why: format!("did not acknowledge handed-over connections within {ack_timeout:?} and was killed ({status})"),
-                    lost: handed_over + unacked + lost_unacked,
-                };
+                return DrainEnd::SuccessorFailed { why, lost };
             }
-            () = tracker.wait(), if pending.is_none() => {
+            () = tokio::time::sleep_until(confirm_deadline), if !confirmed => {
+                let status = abort_child(child).await;
+                let why = format!("did not confirm it serves within {ack_timeout:?} of promotion and was killed ({status})");
+                let lost = handed_over + lost_unacked + resume_unacked(inner, old, pending.take());
+                close_handoff(inner, &mut handoff_rx, &mut carry);
+                return DrainEnd::SuccessorFailed { why, lost };
+            }
+            () = inner.life.drained(), if pending.is_none() && confirmed => {
                 close_handoff(inner, &mut handoff_rx, &mut carry);
                 return DrainEnd::Drained { handed_over, closed: lost_unacked };
             }

@@ -154,6 +154,13 @@ impl NewSide {
         }
     }
 
+    /// Tell the old side we accept now.
+    pub(crate) async fn confirm_serving(&self) {
+        if let Err(e) = self.chan.send(&Msg::Serving, &[]).await {
+            tracing::debug!(error = %e, "could not confirm serving to the previous generation");
+        }
+    }
+
     /// Report a start-up failure; the old side rolls back.
     pub(crate) async fn fail(&self, reason: &str) {
         let reason: String = reason.chars().take(4000).collect();
@@ -165,7 +172,7 @@ impl NewSide {
     pub(crate) async fn receive_connections(
         self,
         deliver: Option<mpsc::UnboundedSender<HandoffConn>>,
-        received: Arc<AtomicU64>,
+        (received, prefix_bytes): (Arc<AtomicU64>, Arc<AtomicU64>),
     ) {
         loop {
             let (msg, fds, truncated) = match self.chan.recv_detail().await {
@@ -244,12 +251,20 @@ impl NewSide {
                 continue;
             }
             let n = ready.len() as u64;
+            let bytes: u64 = ready.iter().map(|c| c.prefix.len() as u64).sum();
             if self.chan.send(&Msg::ConnsAck { batch }, &[]).await.is_err() {
                 // The old side is gone; these connections are ours now anyway
                 // (its copies closed with it), so serve them.
                 tracing::warn!("could not acknowledge a connection batch; serving it anyway");
             }
             received.fetch_add(n, Ordering::Relaxed);
+            prefix_bytes.fetch_add(bytes, Ordering::Relaxed);
+            tracing::debug!(
+                batch,
+                connections = n,
+                prefix_bytes = bytes,
+                "received idle connections"
+            );
             for c in ready {
                 if deliver.send(c).is_err() {
                     tracing::warn!("connection receiver dropped; closing a handed-over connection");

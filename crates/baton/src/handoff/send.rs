@@ -210,6 +210,19 @@ impl OldSide {
         Ok(self.chan.recv().await?.map(|(m, _fds)| m))
     }
 
+    /// After the new side died: was batch `id` acknowledged (the ack may
+    /// still be queued)? The new side acknowledges *before* it touches a
+    /// connection, so an unacknowledged batch was never used over there and
+    /// the old side can safely serve it again.
+    pub(crate) fn batch_was_acked(&self, id: u32) -> bool {
+        while let Ok(Some(m)) = self.chan.try_recv_now() {
+            if matches!(m, Msg::ConnsAck { batch } if batch == id) {
+                return true;
+            }
+        }
+        false
+    }
+
     async fn recv_expect(&self, what: &str) -> Result<(Msg, Vec<OwnedFd>), Error> {
         self.chan.recv().await?.ok_or_else(|| {
             Error::PeerGone(format!(

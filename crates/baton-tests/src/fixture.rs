@@ -1,0 +1,100 @@
+//! The fixture server: the demo, plus faults read from a file.
+//!
+//! `BATON_FIXTURE_FAULT_FILE=PATH` names a file that each generation reads
+//! (and deletes) at start. So a test arms a fault *for the next generation
+//! only*: write the file, trigger the upgrade. Faults, one per line:
+//!
+//! * `exit-at-start` — exit 3 before doing anything.
+//! * `never-ready` — set up, then never report ready.
+//! * `fail-ready:REASON` — report `Failed{REASON}` and exit 1.
+//! * `slow-start:MS` — sleep MS before reporting ready.
+//! * `exit-at:POINT` — exit 4 at a handoff point (`started`, `listeners`,
+//!   `state`, `ready`, `promoted`).
+//! * `stop-at:POINT` — SIGSTOP itself at that point (the test then kills it).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton::{HandoffHook, HandoffPoint};
+
+/// Read and consume the fault file, if any.
+fn take_faults() -> Vec<String> {
+    let Some(path) = std::env::var_os("BATON_FIXTURE_FAULT_FILE") else {
+        return Vec::new();
+    };
+    // Rename first so exactly one process gets the faults.
+    let claimed =
+        std::path::PathBuf::from(format!("{}.{}", path.to_string_lossy(), std::process::id()));
+    if std::fs::rename(&path, &claimed).is_err() {
+        return Vec::new();
+    }
+    let text = std::fs::read_to_string(&claimed).unwrap_or_default();
+    let _ = std::fs::remove_file(&claimed);
+    text.lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Run the fixture with `version` as its version string.
+pub fn main(version: &str) -> ExitCode {
+    let faults = take_faults();
+    let mut custom = baton_demo::Custom {
+        version: Some(version.to_owned()),
+        ..baton_demo::Custom::default()
+    };
+    let mut hooks: Vec<(HandoffPoint, bool)> = Vec::new();
+    for f in &faults {
+        eprintln!("fixture pid {}: fault armed: {f}", std::process::id());
+        let (name, arg) = f.split_once(':').unwrap_or((f.as_str(), ""));
+        match name {
+            "exit-at-start" => return ExitCode::from(3),
+            "never-ready" => {
+                custom.before_ready = Some(Box::new(|_| {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(3600));
+                    }
+                }));
+            }
+            "fail-ready" => {
+                let reason = arg.to_owned();
+                custom.before_ready = Some(Box::new(move |_| Err(reason)));
+            }
+            "slow-start" => {
+                let ms: u64 = arg.parse().unwrap_or(1000);
+                custom.before_ready = Some(Box::new(move |_| {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    Ok(())
+                }));
+            }
+            "exit-at" | "stop-at" => match HandoffPoint::from_name(arg) {
+                Some(p) => hooks.push((p, name == "stop-at")),
+                None => eprintln!("fixture: unknown handoff point {arg}"),
+            },
+            other => eprintln!("fixture: unknown fault {other}"),
+        }
+    }
+    if !hooks.is_empty() {
+        custom.handoff_hook = Some(HandoffHook(Arc::new(move |point| {
+            for (p, stop) in &hooks {
+                if *p == point {
+                    if *stop {
+                        eprintln!(
+                            "fixture pid {}: stopping myself at {point:?}",
+                            std::process::id()
+                        );
+                        let _ = rustix::process::kill_process(
+                            rustix::process::getpid(),
+                            rustix::process::Signal::STOP,
+                        );
+                    } else {
+                        eprintln!("fixture pid {}: exiting at {point:?}", std::process::id());
+                        std::process::exit(4);
+                    }
+                }
+            }
+        })));
+    }
+    baton_demo::main_with(custom)
+}

@@ -1,0 +1,74 @@
+//! Looking at processes through /proc.
+
+use std::path::Path;
+
+/// The state letter of a process (`R`, `S`, `T`, `Z`...), if it exists.
+pub fn state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.trim_start().chars().next()
+}
+
+/// Alive = exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    matches!(state(pid), Some(c) if c != 'Z' && c != 'X')
+}
+
+/// Parent pid.
+pub fn ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Every pid on the machine.
+pub fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Children of `pid` (any state, zombies included).
+pub fn children(pid: u32) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|p| ppid(*p) == Some(pid))
+        .collect()
+}
+
+/// Live processes whose executable lives under `dir`.
+pub fn processes_with_exe_prefix(dir: &Path) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|exe| exe.starts_with(dir))
+                && alive(*p)
+        })
+        .collect()
+}
+
+/// Send a signal (errors ignored: the process may be gone).
+pub fn signal(pid: u32, sig: rustix::process::Signal) {
+    let _ = baton::sys::kill(pid, sig);
+}
+
+/// Number of open fds of a process.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Resident set size in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
