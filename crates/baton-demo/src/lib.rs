@@ -3,17 +3,19 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton::{Baton, Config, HandoffHook, ListenSpec};
+use baton::{Baton, Config, HandoffHook, ListenSpec, Schema, StateMode};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
 
 /// The version string: `BATON_DEMO_VERSION` at build time, else the crate
 /// version. Build twice with different values to watch an upgrade switch
@@ -22,6 +24,38 @@ pub const VERSION: &str = match option_env!("BATON_DEMO_VERSION") {
     Some(v) => v,
     None => env!("CARGO_PKG_VERSION"),
 };
+
+/// Largest `PUT /kv/{key}` value.
+const MAX_KV_VALUE: usize = 1 << 20;
+/// Most keys in the cache.
+const MAX_KV_KEYS: usize = 100_000;
+/// Name of the demo's exported state.
+pub const STATE_NAME: &str = "demo";
+/// The demo's state type name.
+pub const STATE_TYPE: &str = "baton-demo.State";
+
+/// Schema v1 of the demo's state: the counter and the cache.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct StateV1 {
+    /// `POST /counter` count.
+    pub counter: u64,
+    /// `PUT /kv/{key}` cache.
+    #[serde(with = "baton::state::map_as_bytes")]
+    pub kv: BTreeMap<String, Vec<u8>>,
+}
+
+/// Schema v2 (used by test fixtures): v1 plus the number of migrations it
+/// went through.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct StateV2 {
+    /// `POST /counter` count.
+    pub counter: u64,
+    /// `PUT /kv/{key}` cache.
+    #[serde(with = "baton::state::map_as_bytes")]
+    pub kv: BTreeMap<String, Vec<u8>>,
+    /// Migrations from v1 this state went through.
+    pub migrated_from_v1: u64,
+}
 
 /// Largest `POST /echo` body.
 const MAX_ECHO: usize = 16 << 20;
@@ -48,7 +82,8 @@ pub enum LogFormat {
         is started, receives the listening sockets and the idle keep-alive connections, and the old \
         process drains and exits. If the new one fails, the old one keeps serving.\n\n\
         Endpoints: GET / (hello, version, generation, pid), GET /version (JSON), GET /slow?ms=N, \
-        POST /echo, GET /health.",
+        POST /echo, GET /health, POST|GET /counter, PUT|GET|DELETE /kv/{key}, GET /state. \
+        The counter and the key-value cache are carried across upgrades.",
     after_help = "Examples:\n  baton-demo --listen 127.0.0.1:8080 --pid-file demo.pid\n  \
         baton-demo --listen http=[::1]:8080 --listen admin=unix:/tmp/demo.sock --control /tmp/demo/ctl.sock"
 )]
@@ -76,9 +111,26 @@ pub struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value = "human")]
     pub log_format: LogFormat,
+    /// State snapshot mode: `live` (keep serving until promotion; writes
+    /// after the snapshot are lost) or `exact` (pause at the snapshot; none
+    /// lost).
+    #[arg(long, value_enum, default_value = "live")]
+    pub state_mode: StateModeArg,
+    /// Largest state (bytes) this generation accepts from its predecessor.
+    #[arg(long, value_name = "BYTES", default_value_t = baton::DEFAULT_STATE_LIMIT)]
+    pub state_limit: u64,
     /// Log filter, e.g. `info`, `debug`, `baton=debug,info`.
     #[arg(long, value_name = "FILTER", default_value = "info", env = "BATON_LOG")]
     pub log: String,
+}
+
+/// `--state-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateModeArg {
+    /// Keep serving until promotion.
+    Live,
+    /// Pause at the snapshot.
+    Exact,
 }
 
 fn parse_listen(s: &str) -> Result<ListenSpec, String> {
@@ -122,9 +174,16 @@ pub struct Custom {
     pub before_ready: Option<Box<dyn FnOnce(&Baton) -> Result<(), String> + Send>>,
     /// Answer some requests differently (e.g. inject errors); `None` falls
     /// through to the demo's routes.
-    #[allow(clippy::type_complexity)]
-    pub intercept:
-        Option<Arc<dyn Fn(&Request<Incoming>) -> Option<Response<Full<Bytes>>> + Send + Sync>>,
+    pub intercept: Option<Intercept>,
+    /// State schema version to write and read (default 1; 2 migrates from
+    /// 1; anything else reads only itself).
+    pub state_schema: Option<u32>,
+    /// Export garbage instead of the state (fault injection).
+    pub export_garbage: bool,
+    /// Put this many filler bytes in the cache at start (large-state tests).
+    pub state_fill: Option<usize>,
+    /// Override `--state-limit`.
+    pub state_limit: Option<u64>,
 }
 
 impl std::fmt::Debug for Custom {
@@ -139,6 +198,7 @@ struct App {
     version: String,
     generation: u64,
     pid: u32,
+    state: Arc<Mutex<StateV2>>,
     intercept: Option<Intercept>,
 }
 
@@ -180,6 +240,11 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
     config.control_socket = args.control.clone();
     config.app_version = version.clone();
     config.handoff_hook = custom.handoff_hook.take();
+    config.state_limit = custom.state_limit.unwrap_or(args.state_limit);
+    config.state_mode = match args.state_mode {
+        StateModeArg::Live => StateMode::Live,
+        StateModeArg::Exact => StateMode::Exact,
+    };
     let baton = Baton::start(config).await?;
 
     let specs = if args.listen.is_empty() {
@@ -198,10 +263,29 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
         }
     }
 
+    // Everything that does not depend on state is ready: now import it (the
+    // old generation snapshots as late as possible).
+    let schema_version = custom.state_schema.unwrap_or(1);
+    let state = match import_state(&baton, schema_version).await {
+        Ok(s) => s,
+        Err(e) => {
+            baton.fail(&e.to_string()).await;
+            return Err(e.into());
+        }
+    };
+    let mut state = state.unwrap_or_default();
+    if let Some(n) = custom.state_fill {
+        state.kv.insert("__filler".into(), vec![0x5a; n]);
+    }
+    tracing::info!(counter = state.counter, keys = state.kv.len(), "state");
+    let state = Arc::new(Mutex::new(state));
+    export_state(&baton, &state, schema_version, custom.export_garbage);
+
     let app = Arc::new(App {
         version,
         generation: baton.generation(),
         pid: std::process::id(),
+        state,
         intercept: custom.intercept.take(),
     });
     let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&app), req));
@@ -227,6 +311,67 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn lock_state(m: &Mutex<StateV2>) -> std::sync::MutexGuard<'_, StateV2> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn import_state(baton: &Baton, version: u32) -> Result<Option<StateV2>, baton::Error> {
+    let schema = Schema::new(STATE_TYPE, version);
+    match version {
+        1 => Ok(baton
+            .import_state::<StateV1>(STATE_NAME, schema)
+            .await?
+            .map(|v1| StateV2 {
+                counter: v1.counter,
+                kv: v1.kv,
+                migrated_from_v1: 0,
+            })),
+        2 => {
+            let migrate = |old: u32, payload: &[u8]| -> Result<StateV2, String> {
+                if old != 1 {
+                    return Err(format!("no migration from v{old}"));
+                }
+                let v1: StateV1 = postcard_decode(payload)?;
+                Ok(StateV2 {
+                    counter: v1.counter,
+                    kv: v1.kv,
+                    migrated_from_v1: 1,
+                })
+            };
+            baton
+                .import_state_with(STATE_NAME, schema, Some(migrate))
+                .await
+        }
+        _ => baton.import_state::<StateV2>(STATE_NAME, schema).await,
+    }
+}
+
+fn postcard_decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+    // The demo does not depend on postcard directly: baton's envelope
+    // helpers decode a payload of the given schema.
+    baton::state::decode_payload(b).map_err(|e| e.to_string())
+}
+
+fn export_state(baton: &Baton, state: &Arc<Mutex<StateV2>>, version: u32, garbage: bool) {
+    if garbage {
+        baton.export_raw(STATE_NAME, || Ok(b"\x07this is not an envelope".to_vec()));
+        return;
+    }
+    let schema = Schema::new(STATE_TYPE, version);
+    let st = Arc::clone(state);
+    if version == 1 {
+        baton.export_state(STATE_NAME, schema, move || {
+            let s = lock_state(&st);
+            StateV1 {
+                counter: s.counter,
+                kv: s.kv.clone(),
+            }
+        });
+    } else {
+        baton.export_state(STATE_NAME, schema, move || lock_state(&st).clone());
+    }
+}
+
 fn install_stop_signals(baton: &Baton) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
@@ -240,6 +385,42 @@ fn install_stop_signals(baton: &Baton) -> anyhow::Result<()> {
         b.shutdown().await;
     });
     Ok(())
+}
+
+async fn kv(
+    app: &App,
+    method: Method,
+    key: String,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if key.is_empty() || key.len() > 256 {
+        return text(StatusCode::BAD_REQUEST, "key must be 1 to 256 bytes\n");
+    }
+    match method {
+        Method::GET => match lock_state(&app.state).kv.get(&key) {
+            Some(v) => Response::new(Full::new(Bytes::from(v.clone()))),
+            None => text(StatusCode::NOT_FOUND, "no such key\n"),
+        },
+        Method::PUT => match Limited::new(req.into_body(), MAX_KV_VALUE).collect().await {
+            Ok(b) => {
+                let mut s = lock_state(&app.state);
+                if s.kv.len() >= MAX_KV_KEYS && !s.kv.contains_key(&key) {
+                    return text(StatusCode::INSUFFICIENT_STORAGE, "the cache is full\n");
+                }
+                s.kv.insert(key, b.to_bytes().to_vec());
+                text(StatusCode::OK, "stored\n")
+            }
+            Err(e) => text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("cannot read the value: {e}\n"),
+            ),
+        },
+        Method::DELETE => match lock_state(&app.state).kv.remove(&key) {
+            Some(_) => text(StatusCode::OK, "deleted\n"),
+            None => text(StatusCode::NOT_FOUND, "no such key\n"),
+        },
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -295,6 +476,31 @@ async fn handle(
             r
         }
         (&Method::GET, "/health") => text(StatusCode::OK, "ok\n"),
+        (&Method::POST, "/counter") => {
+            let v = {
+                let mut s = lock_state(&app.state);
+                s.counter += 1;
+                s.counter
+            };
+            text(StatusCode::OK, format!("{v}\n"))
+        }
+        (&Method::GET, "/counter") => text(
+            StatusCode::OK,
+            format!("{}\n", lock_state(&app.state).counter),
+        ),
+        (&Method::GET, "/state") => {
+            let s = lock_state(&app.state);
+            let body = serde_json::json!({
+                "counter": s.counter,
+                "keys": s.kv.len(),
+                "migrated_from_v1": s.migrated_from_v1,
+                "generation": app.generation,
+            });
+            text(StatusCode::OK, format!("{body}\n"))
+        }
+        (method, path) if path.starts_with("/kv/") => {
+            kv(&app, method.clone(), path[4..].to_owned(), req).await
+        }
         (&Method::GET, "/slow") => {
             let ms = query_u64(&req, "ms").unwrap_or(1000).min(MAX_SLOW_MS);
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -320,7 +526,7 @@ async fn handle(
                 format!("cannot read the body: {e}\n"),
             ),
         },
-        (_, "/" | "/version" | "/health" | "/slow" | "/echo") => {
+        (_, "/" | "/version" | "/health" | "/slow" | "/echo" | "/counter" | "/state") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),

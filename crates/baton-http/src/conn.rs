@@ -68,7 +68,12 @@ pub(crate) async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut io = ConnIo::new(stream, Bytes::from(prefix), shared.baton.tracker().token());
+    let mut io = ConnIo::new(
+        stream,
+        Bytes::from(prefix),
+        shared.baton.tracker().token(),
+        shared.baton.phase_watch(),
+    );
     let mut phase = shared.baton.drain_signal();
     // After a refused handoff this connection finishes here (it is not
     // offered again, which could loop).
@@ -122,13 +127,18 @@ async fn sniff<S>(
                 _ => {}
             }
         }
-        let drain_armed = !phase.is_draining();
+        if io.reads_held() {
+            // Exact state snapshot: read nothing new until it resolves.
+            phase.changed().await;
+            continue;
+        }
         tokio::select! {
             n = io.fill() => match n {
                 Ok(0) | Err(_) => return Sniffed::Closed,
                 Ok(_) => {}
             },
-            () = phase.wait(), if drain_armed => {}
+            // Re-evaluate at every phase change (drain, rollback, snapshot).
+            () = phase.changed() => {}
         }
     }
 }
@@ -154,6 +164,7 @@ async fn detach<S>(
                 back.stream,
                 Bytes::from(back.prefix),
                 shared.baton.tracker().token(),
+                shared.baton.phase_watch(),
             ))
         }
     }
@@ -183,6 +194,12 @@ where
     let mut drain = shared.baton.drain_signal();
     let mut goaway_sent = false;
     loop {
+        if drain.is_draining() && !goaway_sent {
+            // Two-phase GOAWAY (h2 does it: GOAWAY(max) + PING, then the
+            // final GOAWAY); open streams finish.
+            conn.as_mut().graceful_shutdown();
+            goaway_sent = true;
+        }
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
@@ -190,12 +207,9 @@ where
                 }
                 return;
             }
-            () = drain.wait(), if !goaway_sent => {
-                // Two-phase GOAWAY (h2 does it: GOAWAY(max) + PING, then the
-                // final GOAWAY); open streams finish.
-                conn.as_mut().graceful_shutdown();
-                goaway_sent = true;
-            }
+            // Any phase change: start the GOAWAY, or resume reads after an
+            // exact snapshot (hyper must be polled again to read).
+            () = drain.changed() => {}
         }
     }
 }
@@ -235,8 +249,26 @@ where
     let rx = shared.baton.phase_watch();
     let mut phase_fut = next_phase_change(rx.clone());
     let mut closing = false;
+    // Idle at a request boundary: hyper flushed everything, has no request
+    // in flight and is blocked reading the next one (its last read found
+    // nothing, or reads are held for an exact snapshot).
+    let idle_for_handoff = |phase: Phase| {
+        may_hand_over
+            && phase == Phase::Handover
+            && shared.baton.handoff_open()
+            && in_flight.load(Ordering::SeqCst) == 0
+            && flags.waiting_for_client()
+    };
+    let mut polled_once = false;
     let end = std::future::poll_fn(|cx: &mut Context<'_>| {
         loop {
+            // Woken by a phase change with hyper idle since its last poll:
+            // detach *before* hyper gets a chance to read the next request
+            // (in the exact state mode it must not be served here).
+            if polled_once && !closing && idle_for_handoff(*rx.borrow()) {
+                return Poll::Ready(H1End::Detach);
+            }
+            polled_once = true;
             match Pin::new(&mut conn).poll(cx) {
                 Poll::Ready(Ok(())) => return Poll::Ready(H1End::Finished),
                 Poll::Ready(Err(e)) => {
@@ -253,12 +285,8 @@ where
                 let handoff =
                     may_hand_over && phase == Phase::Handover && shared.baton.handoff_open();
                 if handoff {
-                    if !busy {
-                        // Idle at a request boundary only if hyper flushed
-                        // everything and is blocked reading the next request.
-                        if flags.waiting_for_client() {
-                            return Poll::Ready(H1End::Detach);
-                        }
+                    if idle_for_handoff(phase) {
+                        return Poll::Ready(H1End::Detach);
                     }
                     // Busy: hand over after this response. Never
                     // graceful_shutdown here: that would add Connection: close.

@@ -19,13 +19,13 @@ use crate::ConnInfo;
 #[derive(Debug)]
 pub(crate) struct InFlight {
     conn: Arc<AtomicUsize>,
-    global: Arc<AtomicUsize>,
+    global: Arc<baton::Activity>,
 }
 
 impl InFlight {
-    fn new(conn: &Arc<AtomicUsize>, global: &Arc<AtomicUsize>) -> Self {
+    fn new(conn: &Arc<AtomicUsize>, global: &Arc<baton::Activity>) -> Self {
         conn.fetch_add(1, Ordering::SeqCst);
-        global.fetch_add(1, Ordering::SeqCst);
+        global.start();
         InFlight {
             conn: Arc::clone(conn),
             global: Arc::clone(global),
@@ -36,7 +36,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.conn.fetch_sub(1, Ordering::SeqCst);
-        self.global.fetch_sub(1, Ordering::SeqCst);
+        self.global.finish();
     }
 }
 
@@ -46,7 +46,7 @@ impl Drop for InFlight {
 pub(crate) struct Counted<S> {
     pub(crate) inner: S,
     pub(crate) conn: Arc<AtomicUsize>,
-    pub(crate) global: Arc<AtomicUsize>,
+    pub(crate) global: Arc<baton::Activity>,
     pub(crate) info: ConnInfo,
 }
 

@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
-use baton::Stream;
+use baton::{Phase, Stream};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// What the connection task needs to see while hyper owns the I/O.
@@ -44,17 +45,32 @@ pub(crate) struct ConnIo {
     stream: Stream,
     replay: BytesMut,
     flags: Arc<IoFlags>,
+    /// While the generation is quiesced (exact state snapshot) reads are
+    /// held: no new request starts. The connection task re-polls on every
+    /// phase change.
+    phase: watch::Receiver<Phase>,
     _token: TaskTrackerToken,
 }
 
 impl ConnIo {
-    pub(crate) fn new(stream: Stream, prefix: Bytes, token: TaskTrackerToken) -> Self {
+    pub(crate) fn new(
+        stream: Stream,
+        prefix: Bytes,
+        token: TaskTrackerToken,
+        phase: watch::Receiver<Phase>,
+    ) -> Self {
         ConnIo {
             stream,
             replay: BytesMut::from(&prefix[..]),
             flags: Arc::new(IoFlags::default()),
+            phase,
             _token: token,
         }
+    }
+
+    /// Reads are held (exact state snapshot in progress).
+    pub(crate) fn reads_held(&self) -> bool {
+        *self.phase.borrow() == Phase::Quiesced
     }
 
     /// The flags, to read while hyper owns this I/O.
@@ -94,6 +110,10 @@ impl AsyncRead for ConnIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.reads_held() {
+            this.flags.read_blocked.store(true, Ordering::Relaxed);
+            return Poll::Pending;
+        }
         if !this.replay.is_empty() {
             let n = this.replay.len().min(buf.remaining());
             buf.put_slice(&this.replay[..n]);

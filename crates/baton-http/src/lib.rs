@@ -55,7 +55,6 @@ mod count;
 mod io;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use baton::{Baton, Listener, StreamAddr};
@@ -96,7 +95,7 @@ pub(crate) struct Shared<S> {
     pub(crate) baton: Baton,
     pub(crate) service: S,
     pub(crate) h1: http1::Builder,
-    pub(crate) in_flight: Arc<AtomicUsize>,
+    pub(crate) in_flight: Arc<baton::Activity>,
 }
 
 /// Serves a hyper service on baton listeners and on connections handed
@@ -142,7 +141,7 @@ where
             baton: baton.clone(),
             service,
             h1,
-            in_flight: baton.requests_in_flight(),
+            in_flight: baton.activity(),
         });
         if let Some(mut incoming) = baton.take_incoming() {
             let shared = Arc::clone(&shared);

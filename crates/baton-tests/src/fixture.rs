@@ -11,6 +11,11 @@
 //! * `exit-at:POINT` — exit 4 at a handoff point (`started`, `listeners`,
 //!   `state`, `ready`, `promoted`).
 //! * `stop-at:POINT` — SIGSTOP itself at that point (the test then kills it).
+//! * `state-schema:N` — write and read the demo state with schema version N
+//!   (2 migrates from 1; other versions read only themselves).
+//! * `export-garbage` — export bytes that are not a state envelope.
+//! * `state-limit:BYTES` — accept at most BYTES of state.
+//! * `state-fill:BYTES` — put BYTES of filler in the cache at start.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -68,6 +73,10 @@ pub fn main(version: &str) -> ExitCode {
                     Ok(())
                 }));
             }
+            "state-schema" => custom.state_schema = arg.parse().ok(),
+            "export-garbage" => custom.export_garbage = true,
+            "state-limit" => custom.state_limit = arg.parse().ok(),
+            "state-fill" => custom.state_fill = arg.parse().ok(),
             "exit-at" | "stop-at" => match HandoffPoint::from_name(arg) {
                 Some(p) => hooks.push((p, name == "stop-at")),
                 None => eprintln!("fixture: unknown handoff point {arg}"),

@@ -62,6 +62,11 @@ pub enum Mode {
     /// `POST /echo` with a unique body on a kept-alive connection; the body
     /// must come back.
     EchoKeepAlive,
+    /// `POST /counter` on a kept-alive connection; the answer is the new
+    /// value.
+    CounterKeepAlive,
+    /// `POST /counter` with `Connection: close`.
+    CounterClose,
 }
 
 impl Load {
@@ -182,6 +187,28 @@ fn one(
                 *conn = None;
             }
             check_version(&r).map(|v| Outcome::Ok(v, closes))
+        }
+        Mode::CounterKeepAlive | Mode::CounterClose => {
+            let close = mode == Mode::CounterClose;
+            if conn.is_none() || close {
+                *conn = Some(http::connect(addr).map_err(|e| format!("connect: {e}"))?);
+            }
+            let c = conn.as_mut().unwrap();
+            let r = c
+                .request("POST", "/counter", close, b"")
+                .map_err(|e| format!("POST /counter: {e}"))?;
+            let closes = r.closes() || close;
+            if closes {
+                *conn = None;
+            }
+            if r.status != 200 || r.text().trim().parse::<u64>().is_err() {
+                return Ok(Outcome::Wrong(format!(
+                    "POST /counter: {} {}",
+                    r.status,
+                    r.text()
+                )));
+            }
+            Ok(Outcome::EchoOk(r.closes()))
         }
         Mode::EchoKeepAlive => {
             if conn.is_none() {

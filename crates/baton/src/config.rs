@@ -18,6 +18,8 @@ pub const DEFAULT_HANDOFF_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_BACKLOG: i32 = 1024;
 /// Default cap on imported state (protects the new generation).
 pub const DEFAULT_STATE_LIMIT: u64 = 1 << 30;
+/// Default time the exact state mode waits for requests in flight to finish.
+pub const DEFAULT_QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Name of the listener used when none is given.
 pub const DEFAULT_LISTENER_NAME: &str = "http";
 
@@ -60,6 +62,11 @@ pub struct Config {
     pub executable: Option<PathBuf>,
     /// Largest state the new generation will import.
     pub state_limit: u64,
+    /// Live (default) or exact state snapshots (see [`StateMode`](crate::StateMode)).
+    pub state_mode: crate::state::StateMode,
+    /// Exact mode: how long to wait for requests in flight before the
+    /// snapshot; past it the upgrade fails and this generation resumes.
+    pub quiesce_timeout: Duration,
     /// Send systemd notifications when `NOTIFY_SOCKET` is set.
     pub systemd_notify: bool,
     /// Called in a new generation at each point of the handoff (fault
@@ -120,6 +127,8 @@ impl Default for Config {
             upgrade_on_sigusr2: true,
             executable: None,
             state_limit: DEFAULT_STATE_LIMIT,
+            state_mode: crate::state::StateMode::Live,
+            quiesce_timeout: DEFAULT_QUIESCE_TIMEOUT,
             systemd_notify: true,
             handoff_hook: None,
         }

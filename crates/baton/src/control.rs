@@ -152,6 +152,11 @@ pub struct UpgradeReport {
     pub handed_over: u64,
     /// Connections closed at the drain deadline.
     pub closed_at_deadline: u64,
+    /// Bytes of state handed over.
+    pub state_bytes: u64,
+    /// Exact state mode: how long this generation was paused (no accept, no
+    /// new request read) from the snapshot to the promotion, ms.
+    pub pause_ms: Option<u64>,
 }
 
 /// The last upgrade, for status.

@@ -207,6 +207,16 @@ impl DrainSignal {
         let _ = self.rx.wait_for(|p| p.is_draining()).await;
     }
 
+    /// Resolve at the next phase change.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn changed(&mut self) {
+        if self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Resolve once the generation serves again (after a rolled-back
     /// handover), or is done. Returns the phase reached.
     ///

@@ -36,6 +36,29 @@ pub const HANDOFF_FD: RawFd = 3;
 /// Name of the internal listener carrying the control socket.
 pub(crate) const CONTROL_LISTENER: &str = "baton.control";
 
+/// Requests in flight and started, kept by the serving layer (e.g.
+/// baton-http) for the exact state mode.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Requests being processed now.
+    pub in_flight: AtomicUsize,
+    /// Requests started since start-up.
+    pub started: AtomicU64,
+}
+
+impl Activity {
+    /// Record a request start.
+    pub fn start(&self) {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Record a request end.
+    pub fn finish(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A request to hand a connection over, with where to send it back if that
 /// cannot be done.
 pub(crate) type HandoffReq = (HandoffConn, oneshot::Sender<Result<(), HandoffConn>>);
@@ -91,7 +114,8 @@ pub(crate) struct Inner {
     pub(crate) imported: tokio::sync::Mutex<Option<Blobs>>,
     pub(crate) last_upgrade: Mutex<Option<LastUpgrade>>,
     pub(crate) counters: AtomicCounters,
-    pub(crate) requests_in_flight: Arc<AtomicUsize>,
+    pub(crate) activity: Arc<Activity>,
+    pub(crate) quiesced_at: Mutex<Option<Instant>>,
     pub(crate) control_tasks: TaskTracker,
     pub(crate) notes: Mutex<Vec<String>>,
     pub(crate) successor_pid: Mutex<Option<u32>>,
@@ -224,7 +248,8 @@ impl Baton {
             imported: tokio::sync::Mutex::new(None),
             last_upgrade: Mutex::new(None),
             counters: AtomicCounters::default(),
-            requests_in_flight: Arc::new(AtomicUsize::new(0)),
+            activity: Arc::new(Activity::default()),
+            quiesced_at: Mutex::new(None),
             control_tasks: TaskTracker::new(),
             notes: Mutex::new(Vec::new()),
             successor_pid: Mutex::new(None),
@@ -547,10 +572,10 @@ impl Baton {
         rrx.await.unwrap_or(Ok(()))
     }
 
-    /// The counter of requests in flight (an HTTP layer keeps it; the exact
-    /// state mode waits for it to reach zero).
-    pub fn requests_in_flight(&self) -> Arc<AtomicUsize> {
-        Arc::clone(&self.inner.requests_in_flight)
+    /// Request counters an HTTP layer keeps up to date (the exact state mode
+    /// waits on them).
+    pub fn activity(&self) -> Arc<Activity> {
+        Arc::clone(&self.inner.activity)
     }
 
     /// Counters (upgrades, connections handed over, ...).

@@ -89,6 +89,7 @@ mod listeners;
 pub mod notify;
 pub mod protocol;
 pub mod spawn;
+pub mod state;
 mod upgrade;
 
 #[allow(unsafe_code)]
@@ -102,7 +103,8 @@ pub use config::{
 pub use control::{UpgradeOptions, UpgradeReport};
 pub use drain::{DrainSignal, Phase};
 pub use error::Error;
-pub use generation::{Baton, ENV_HANDOFF_FD, ENV_PARENT_PID, write_pid_file};
+pub use generation::{Activity, Baton, ENV_HANDOFF_FD, ENV_PARENT_PID, write_pid_file};
 pub use handoff::HandoffConn;
 pub use listeners::{Listener, ListenerInfo, Stream, StreamAddr};
 pub use spawn::{ChildProcess, OsSpawner, SpawnSpec, Spawner};
+pub use state::{Schema, StateMode};

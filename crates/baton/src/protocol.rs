@@ -132,7 +132,7 @@ pub struct ListenerMeta {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BlobData {
     /// The bytes, in the message.
-    Inline(Vec<u8>),
+    Inline(#[serde(with = "crate::state::as_bytes")] Vec<u8>),
     /// In a sealed memfd (one fd) of this many bytes.
     Memfd {
         /// Length in bytes.
@@ -163,6 +163,7 @@ pub struct ConnMeta {
     pub listener: String,
     /// Bytes already read from it but not yet processed (the start of the
     /// next request); the new side replays them first.
+    #[serde(with = "crate::state::as_bytes")]
     pub prefix: Vec<u8>,
 }
 

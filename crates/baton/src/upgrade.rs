@@ -208,7 +208,45 @@ async fn finish(inner: &Inner) {
 
 struct Exporters<'a>(&'a Inner);
 
+/// How long "no request in flight, none started" must hold before the exact
+/// snapshot: covers a request hyper had already buffered and dispatches in
+/// the same poll that finishes the previous one.
+const QUIESCE_STABLE: Duration = Duration::from_millis(5);
+
 impl StateSource for Exporters<'_> {
+    async fn before_snapshot(&self) -> Result<(), Error> {
+        let inner = self.0;
+        if inner.config.state_mode != crate::state::StateMode::Exact {
+            return Ok(());
+        }
+        // Stop accepting and stop reading new requests; let those in flight
+        // finish.
+        *lock(&inner.quiesced_at) = Some(Instant::now());
+        inner.life.set(Phase::Quiesced);
+        let deadline = Instant::now() + inner.config.quiesce_timeout;
+        let act = &inner.activity;
+        loop {
+            let started = act.started.load(Ordering::SeqCst);
+            if act.in_flight.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(QUIESCE_STABLE).await;
+                if act.in_flight.load(Ordering::SeqCst) == 0
+                    && act.started.load(Ordering::SeqCst) == started
+                {
+                    return Ok(());
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Failed(format!(
+                    "exact state mode: {} requests still in flight after {:?} (quiesce timeout)",
+                    act.in_flight.load(Ordering::SeqCst),
+                    inner.config.quiesce_timeout
+                )));
+            }
+        }
+    }
+
     fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>, Error> {
         let list = lock(&self.0.exporters).clone();
         let mut out = Vec::with_capacity(list.len());
@@ -237,18 +275,23 @@ fn describe_exit(st: &std::io::Result<std::process::ExitStatus>) -> String {
 }
 
 /// Kill a child that will not become the next generation, and reap it.
-async fn abort_child(child: &mut Box<dyn ChildProcess>) -> String {
+/// A child that reported its own failure gets `grace` to exit by itself.
+/// Returns how it ended, for the report.
+async fn abort_child(child: &mut Box<dyn ChildProcess>, grace: Duration) -> String {
+    let pid = child.pid();
     // If it already exited on its own, its real status is what we report.
     if let Ok(Some(st)) = child.try_wait() {
-        return describe_exit(&Ok(st));
+        return format!("pid {pid} {}", describe_exit(&Ok(st)));
+    }
+    if !grace.is_zero()
+        && let Ok(st) = tokio::time::timeout(grace, child.wait()).await
+    {
+        return format!("pid {pid} {}", describe_exit(&st));
     }
     let _ = child.kill();
     match tokio::time::timeout(REAP_TIMEOUT, child.wait()).await {
-        Ok(st) => describe_exit(&st),
-        Err(_) => format!(
-            "pid {} did not die within {REAP_TIMEOUT:?} of SIGKILL",
-            child.pid()
-        ),
+        Ok(_) => format!("pid {pid} stopped with SIGKILL"),
+        Err(_) => format!("pid {pid} did not die within {REAP_TIMEOUT:?} of SIGKILL"),
     }
 }
 
@@ -319,7 +362,7 @@ async fn run_upgrade(
     let chan = match Channel::new(ours) {
         Ok(c) => c,
         Err(e) => {
-            abort_child(&mut child).await;
+            abort_child(&mut child, Duration::ZERO).await;
             return Err(e);
         }
     };
@@ -347,11 +390,20 @@ async fn run_upgrade(
     let info = match handshake {
         Ok(info) => info,
         Err(e) => {
-            let status = abort_child(&mut child).await;
+            // A child that reported Failed exits by itself: let it, so the
+            // report shows its own exit status.
+            let grace = if matches!(e, Error::Failed(ref m) if m.contains("reported a failure")) {
+                Duration::from_secs(1)
+            } else {
+                Duration::ZERO
+            };
+            let status = abort_child(&mut child, grace).await;
+            resume_if_quiesced(&inner);
             let err = match e {
-                Error::Failed(m) => Error::Failed(format!("{m}; child {status}")),
-                Error::PeerGone(m) => Error::Failed(format!("{m}; child {status}")),
-                other => Error::Failed(format!("{other}; child pid {new_pid} {status}")),
+                Error::Failed(m) | Error::PeerGone(m) => {
+                    Error::Failed(format!("{m} (child {status})"))
+                }
+                other => Error::Failed(format!("{other} (child {status})")),
             };
             tracing::warn!(pid = new_pid, reason = %err, "upgrade failed before promotion; still serving");
             rollback_notify(&inner, &err);
@@ -370,7 +422,8 @@ async fn run_upgrade(
 
     // The commit point.
     if let Err(e) = old.promote().await {
-        let status = abort_child(&mut child).await;
+        let status = abort_child(&mut child, Duration::ZERO).await;
+        resume_if_quiesced(&inner);
         let err = Error::Failed(format!(
             "could not promote pid {new_pid}: {e}; child {status}"
         ));
@@ -378,6 +431,15 @@ async fn run_upgrade(
         return Err(err);
     }
     let promoted_at = Instant::now();
+    let pause_ms = lock(&inner.quiesced_at)
+        .take()
+        .map(|t| promoted_at.duration_since(t).as_millis() as u64);
+    if let Some(p) = pause_ms {
+        tracing::info!(
+            pause_ms = p,
+            "exact state mode: paused from the snapshot to the promotion"
+        );
+    }
     // Open the handoff queue before announcing the handover: connection
     // tasks decide what to do when they see the phase change.
     let handoff_rx = if info.accepts_conns {
@@ -437,6 +499,8 @@ async fn run_upgrade(
                 total_ms: t0.elapsed().as_millis() as u64,
                 handed_over,
                 closed_at_deadline: closed,
+                state_bytes: log.state_bytes,
+                pause_ms,
             })
         }
         DrainEnd::SuccessorFailed { why, lost } => {
@@ -466,6 +530,15 @@ async fn run_upgrade(
             ]);
             Err(err)
         }
+    }
+}
+
+/// An exact-mode upgrade that fails before promotion resumes serving.
+fn resume_if_quiesced(inner: &Inner) {
+    lock(&inner.quiesced_at).take();
+    if inner.life.phase() == Phase::Quiesced {
+        tracing::info!("exact state mode: upgrade failed, resuming");
+        inner.life.set(Phase::Serving);
     }
 }
 
@@ -684,14 +757,14 @@ async fn drain(
             () = ack_deadline(&pending) => {
                 // The successor holds the listeners but does not answer: it is
                 // hung. Kill it and resume.
-                let status = abort_child(child).await;
+                let status = abort_child(child, Duration::ZERO).await;
                 let why = format!("did not acknowledge handed-over connections within {ack_timeout:?} and was killed ({status})");
                 let lost = handed_over + lost_unacked + resume_unacked(inner, old, pending.take());
                 close_handoff(inner, &mut handoff_rx, &mut carry);
                 return DrainEnd::SuccessorFailed { why, lost };
             }
             () = tokio::time::sleep_until(confirm_deadline), if !confirmed => {
-                let status = abort_child(child).await;
+                let status = abort_child(child, Duration::ZERO).await;
                 let why = format!("did not confirm it serves within {ack_timeout:?} of promotion and was killed ({status})");
                 let lost = handed_over + lost_unacked + resume_unacked(inner, old, pending.take());
                 close_handoff(inner, &mut handoff_rx, &mut carry);

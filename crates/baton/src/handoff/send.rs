@@ -18,9 +18,7 @@ pub(crate) trait StateSource: Send + Sync {
     fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>, Error>;
     /// Called when the new side asks for state, before the snapshot (the
     /// exact mode quiesces here).
-    fn before_snapshot(&self) -> impl std::future::Future<Output = ()> + Send {
-        async {}
-    }
+    fn before_snapshot(&self) -> impl std::future::Future<Output = Result<(), Error>> + Send;
 }
 
 /// What happened during the handshake, for the report.
@@ -75,7 +73,7 @@ impl OldSide {
         loop {
             match self.recv_expect("Ready").await? {
                 (Msg::WantState, _) if !state_sent => {
-                    state.before_snapshot().await;
+                    state.before_snapshot().await?;
                     let t = std::time::Instant::now();
                     let blobs = state.snapshot()?;
                     log.state_snapshot = Some(t.elapsed());
