@@ -119,6 +119,49 @@ pub struct Args {
     /// Largest state (bytes) this generation accepts from its predecessor.
     #[arg(long, value_name = "BYTES", default_value_t = baton::DEFAULT_STATE_LIMIT)]
     pub state_limit: u64,
+    /// Pre-flight check run (with `sh -c`) before every upgrade; it must
+    /// exit 0, e.g. `"/srv/app/bin/app --config-test"`.
+    #[arg(long, value_name = "CMD")]
+    pub check: Option<String>,
+    /// Refuse an upgrade that would bring memory use above this share of the
+    /// tightest limit (cgroup v2/v1, else the machine).
+    #[arg(long, value_name = "PCT", default_value_t = baton::admission::DEFAULT_MAX_MEMORY_PERCENT)]
+    pub max_memory_percent: f64,
+    /// Use this memory limit instead of the cgroup's or the machine's.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
+    /// Assume the new generation needs this much memory (default: what the
+    /// current generation's process tree uses, PSS).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub memory_estimate: Option<u64>,
+    /// Skip the memory headroom check.
+    #[arg(long)]
+    pub no_memory_check: bool,
+    /// Observation window after promotion: the old generation stops accepting
+    /// but stays ready to resume until it ends (0 = off).
+    #[arg(long, value_name = "DUR", default_value = "0s", value_parser = parse_dur)]
+    pub observe: Duration,
+    /// Health URL polled during the observation window, e.g.
+    /// http://127.0.0.1:8080/health.
+    #[arg(long, value_name = "URL")]
+    pub health: Option<String>,
+    /// Interval between health checks.
+    #[arg(long, value_name = "DUR", default_value = "250ms", value_parser = parse_dur)]
+    pub health_interval: Duration,
+    /// Canary: both generations accept for DUR; the new one is promoted only
+    /// if its 5xx rate is not worse than the old one's (refused with state
+    /// handoff).
+    #[arg(long, value_name = "DUR", value_parser = parse_dur)]
+    pub canary: Option<Duration>,
+    /// Canary: requests the new generation must serve to be judged.
+    #[arg(long, value_name = "N", default_value_t = baton::observe::DEFAULT_CANARY_MIN_REQUESTS)]
+    pub canary_min_requests: u64,
+    /// Canary: allowed increase of the 5xx rate, in percentage points.
+    #[arg(long, value_name = "POINTS", default_value_t = baton::observe::DEFAULT_CANARY_MAX_ERROR_INCREASE * 100.0)]
+    pub canary_max_error_increase: f64,
+    /// Do not export or import the demo state (counter, cache).
+    #[arg(long)]
+    pub no_state: bool,
     /// Log filter, e.g. `info`, `debug`, `baton=debug,info`.
     #[arg(long, value_name = "FILTER", default_value = "info", env = "BATON_LOG")]
     pub log: String,
@@ -135,6 +178,10 @@ pub enum StateModeArg {
 
 fn parse_listen(s: &str) -> Result<ListenSpec, String> {
     s.parse().map_err(|e: baton::Error| e.to_string())
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    baton::parse_bytes(s).map_err(|e| e.to_string())
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -245,6 +292,23 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
         StateModeArg::Live => StateMode::Live,
         StateModeArg::Exact => StateMode::Exact,
     };
+    config.check_command = args
+        .check
+        .as_ref()
+        .map(|c| vec!["/bin/sh".to_owned(), "-c".to_owned(), c.clone()]);
+    config.memory.enabled = !args.no_memory_check;
+    config.memory.max_percent = args.max_memory_percent;
+    config.memory.limit = args.memory_limit;
+    config.memory.estimate = args.memory_estimate;
+    config.observe = args.observe;
+    config.health_url = args.health.clone();
+    config.health_interval = args.health_interval;
+    config.canary = args.canary.map(|w| {
+        let mut c = baton::observe::CanaryPolicy::new(w);
+        c.min_requests = args.canary_min_requests;
+        c.max_error_increase = args.canary_max_error_increase / 100.0;
+        c
+    });
     let baton = Baton::start(config).await?;
 
     let specs = if args.listen.is_empty() {
@@ -266,7 +330,12 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
     // Everything that does not depend on state is ready: now import it (the
     // old generation snapshots as late as possible).
     let schema_version = custom.state_schema.unwrap_or(1);
-    let state = match import_state(&baton, schema_version).await {
+    let state = if args.no_state {
+        Ok(None)
+    } else {
+        import_state(&baton, schema_version).await
+    };
+    let state = match state {
         Ok(s) => s,
         Err(e) => {
             baton.fail(&e.to_string()).await;
@@ -279,7 +348,9 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
     }
     tracing::info!(counter = state.counter, keys = state.kv.len(), "state");
     let state = Arc::new(Mutex::new(state));
-    export_state(&baton, &state, schema_version, custom.export_garbage);
+    if !args.no_state {
+        export_state(&baton, &state, schema_version, custom.export_garbage);
+    }
 
     let app = Arc::new(App {
         version,

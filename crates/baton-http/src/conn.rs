@@ -20,6 +20,10 @@ use crate::{ConnInfo, Shared};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// When stopping without a successor, how long a just-accepted connection
+/// has to send its first bytes before it is closed.
+const STOP_SNIFF_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 type PhaseFuture = Pin<Box<dyn Future<Output = watch::Receiver<Phase>> + Send>>;
 
 /// A future that resolves at the next phase change.
@@ -123,7 +127,15 @@ async fn sniff<S>(
                 Phase::Handover if may_hand_over && shared.baton.handoff_open() => {
                     return Sniffed::Idle;
                 }
-                Phase::ShuttingDown | Phase::Done if r.is_empty() => return Sniffed::Closed,
+                Phase::ShuttingDown | Phase::Done if r.is_empty() => {
+                    // Stopping with no successor: a client that just
+                    // connected is about to send its request; give it a
+                    // moment instead of closing under it.
+                    match tokio::time::timeout(STOP_SNIFF_GRACE, io.fill()).await {
+                        Ok(Ok(n)) if n > 0 => continue,
+                        _ => return Sniffed::Closed,
+                    }
+                }
                 _ => {}
             }
         }

@@ -93,6 +93,9 @@ where
             }
             Poll::Ready(Ok(resp)) => {
                 let guard = this.guard.take();
+                if let Some(g) = &guard {
+                    g.global.response(resp.status().as_u16());
+                }
                 Poll::Ready(Ok(resp.map(|inner| CountedBody {
                     inner,
                     _guard: guard,

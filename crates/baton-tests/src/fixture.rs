@@ -16,12 +16,26 @@
 //! * `export-garbage` — export bytes that are not a state envelope.
 //! * `state-limit:BYTES` — accept at most BYTES of state.
 //! * `state-fill:BYTES` — put BYTES of filler in the cache at start.
+//! * `health-bad-after:MS` — `GET /health` answers 503 from MS after start.
+//! * `error-rate:PCT` — answer 500 to PCT % of requests (every n-th).
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use baton::{HandoffHook, HandoffPoint};
+
+fn error_response(
+    status: u16,
+    body: &'static str,
+) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+        body.as_bytes(),
+    )));
+    *r.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    r
+}
 
 /// Read and consume the fault file, if any.
 fn take_faults() -> Vec<String> {
@@ -71,6 +85,26 @@ pub fn main(version: &str) -> ExitCode {
                 custom.before_ready = Some(Box::new(move |_| {
                     std::thread::sleep(Duration::from_millis(ms));
                     Ok(())
+                }));
+            }
+            "health-bad-after" => {
+                let after = Duration::from_millis(arg.parse().unwrap_or(3000));
+                let start = std::time::Instant::now();
+                custom.intercept = Some(Arc::new(move |req| {
+                    (req.uri().path() == "/health" && start.elapsed() >= after)
+                        .then(|| error_response(503, "unhealthy (fixture)\n"))
+                }));
+            }
+            "error-rate" => {
+                let pct: u64 = arg.parse().unwrap_or(20).clamp(1, 100);
+                let n = std::sync::atomic::AtomicU64::new(0);
+                custom.intercept = Some(Arc::new(move |req| {
+                    if req.uri().path() == "/health" {
+                        return None;
+                    }
+                    let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    ((i * pct) % 100 < pct)
+                        .then(|| error_response(500, "injected error (fixture)\n"))
                 }));
             }
             "state-schema" => custom.state_schema = arg.parse().ok(),

@@ -167,6 +167,8 @@ pub struct ServerOpts {
     pub tcp: bool,
     /// Extra environment.
     pub env: Vec<(String, String)>,
+    /// Add `--health http://ADDR{path}` (the server's own address).
+    pub health_path: Option<String>,
 }
 
 impl Default for ServerOpts {
@@ -175,6 +177,7 @@ impl Default for ServerOpts {
             args: Vec::new(),
             tcp: true,
             env: Vec::new(),
+            health_path: None,
         }
     }
 }
@@ -237,6 +240,9 @@ impl Server {
         let mut cmd = Command::new(&exe);
         if opts.tcp {
             cmd.arg("--listen").arg(addr.to_string());
+        }
+        if let Some(p) = &opts.health_path {
+            cmd.arg("--health").arg(format!("http://{addr}{p}"));
         }
         cmd.arg("--pid-file")
             .arg(&pid_file)

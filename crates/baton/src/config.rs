@@ -20,6 +20,10 @@ pub const DEFAULT_BACKLOG: i32 = 1024;
 pub const DEFAULT_STATE_LIMIT: u64 = 1 << 30;
 /// Default time the exact state mode waits for requests in flight to finish.
 pub const DEFAULT_QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `oom_score_adj` bump for the new generation during the overlap.
+pub const DEFAULT_NEWCOMER_OOM_SCORE_ADJ: i32 = 100;
+/// Default interval between health checks in the observation window.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(250);
 /// Name of the listener used when none is given.
 pub const DEFAULT_LISTENER_NAME: &str = "http";
 
@@ -72,6 +76,28 @@ pub struct Config {
     /// Called in a new generation at each point of the handoff (fault
     /// injection in tests; tracing in production).
     pub handoff_hook: Option<HandoffHook>,
+    /// Pre-flight command that must exit 0 before an upgrade starts (e.g.
+    /// `myserver --config-test`).
+    pub check_command: Option<Vec<String>>,
+    /// How long the check command may run.
+    pub check_timeout: Duration,
+    /// Memory headroom admission.
+    pub memory: crate::admission::MemoryPolicy,
+    /// `oom_score_adj` added to the new generation's during the overlap, so
+    /// the kernel sacrifices the newcomer first; it lowers it back (best
+    /// effort) once its predecessor is gone.
+    pub newcomer_oom_score_adj: i32,
+    /// Observation window after promotion (zero: off). See
+    /// [`observe`](crate::observe).
+    pub observe: Duration,
+    /// Health URL polled during the observation window
+    /// (`http://127.0.0.1:8080/health`); any non-2xx or no answer fails it.
+    pub health_url: Option<String>,
+    /// Interval between health checks.
+    pub health_interval: Duration,
+    /// Canary: both generations accept for a window; the new one is
+    /// promoted only if its error rate is good enough.
+    pub canary: Option<crate::observe::CanaryPolicy>,
 }
 
 /// A point in a new generation's side of the handoff.
@@ -131,6 +157,14 @@ impl Default for Config {
             quiesce_timeout: DEFAULT_QUIESCE_TIMEOUT,
             systemd_notify: true,
             handoff_hook: None,
+            check_command: None,
+            check_timeout: crate::admission::DEFAULT_CHECK_TIMEOUT,
+            memory: crate::admission::MemoryPolicy::default(),
+            newcomer_oom_score_adj: DEFAULT_NEWCOMER_OOM_SCORE_ADJ,
+            observe: Duration::ZERO,
+            health_url: None,
+            health_interval: DEFAULT_HEALTH_INTERVAL,
+            canary: None,
         }
     }
 }
@@ -280,9 +314,50 @@ pub fn parse_duration(s: &str) -> Result<Duration, Error> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parse a byte size: `1048576`, `512K`, `64M`, `2G` (powers of 1024;
+/// an optional `iB`/`B` suffix is accepted).
+///
+/// ```
+/// assert_eq!(baton::parse_bytes("64M").unwrap(), 64 << 20);
+/// assert_eq!(baton::parse_bytes("2GiB").unwrap(), 2 << 30);
+/// ```
+///
+/// # Errors
+/// [`Error::Config`] with the accepted forms.
+pub fn parse_bytes(s: &str) -> Result<u64, Error> {
+    let t = s.trim();
+    let bad = || {
+        Error::Config(format!(
+            "'{s}' is not a size: use e.g. 1048576, 512K, 64M, 2G"
+        ))
+    };
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, mul) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(mul).ok_or_else(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("10").unwrap(), 10);
+        assert_eq!(parse_bytes("1K").unwrap(), 1024);
+        assert_eq!(parse_bytes("3 G").unwrap(), 3 << 30);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("99999999999T").is_err());
+    }
 
     #[test]
     fn listen_specs() {

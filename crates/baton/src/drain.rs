@@ -19,6 +19,9 @@ pub enum Phase {
     /// Not accepting, connections keep running (exact state snapshot in
     /// progress); may return to `Serving`.
     Quiesced,
+    /// A successor serves provisionally (observation window): not
+    /// accepting, connections keep being served here until the window ends.
+    Observing,
     /// A successor was promoted: not accepting; connections finish or move to
     /// the successor. Returns to `Serving` if the successor dies.
     Handover,
@@ -40,6 +43,7 @@ impl Phase {
             Phase::Starting => "starting",
             Phase::Serving => "serving",
             Phase::Quiesced => "quiesced",
+            Phase::Observing => "observing",
             Phase::Handover => "handover",
             Phase::ShuttingDown => "shutting-down",
             Phase::Done => "done",
@@ -130,7 +134,7 @@ impl Lifecycle {
             Phase::Handover | Phase::ShuttingDown => {
                 self.tracker.close();
             }
-            Phase::Serving | Phase::Quiesced | Phase::Starting => {
+            Phase::Serving | Phase::Quiesced | Phase::Observing | Phase::Starting => {
                 self.tracker.reopen();
             }
             Phase::Done => {}

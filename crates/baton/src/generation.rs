@@ -19,7 +19,7 @@ use crate::control::{
 use crate::drain::{DrainSignal, Lifecycle, Phase};
 use crate::error::Error;
 use crate::handoff::HandoffConn;
-use crate::handoff::recv::{NewSide, Promotion};
+use crate::handoff::recv::{NewSide, PeerEvent, Promotion};
 use crate::listeners::{Listener, Origin, Registry};
 use crate::notify::Notifier;
 use crate::protocol::ReadyInfo;
@@ -31,6 +31,9 @@ pub const ENV_HANDOFF_FD: &str = "BATON_HANDOFF_FD";
 /// Environment variable with the old generation's pid (checked against
 /// `getppid()` so a stray copy of the environment is ignored).
 pub const ENV_PARENT_PID: &str = "BATON_PARENT_PID";
+/// Environment variable with the old generation's `oom_score_adj`: the new
+/// one returns to it once its predecessor is gone.
+pub const ENV_OOM_SCORE_ADJ: &str = "BATON_OOM_SCORE_ADJ";
 /// The fd number of the handoff channel in the new generation.
 pub const HANDOFF_FD: RawFd = 3;
 /// Name of the internal listener carrying the control socket.
@@ -44,6 +47,10 @@ pub struct Activity {
     pub in_flight: AtomicUsize,
     /// Requests started since start-up.
     pub started: AtomicU64,
+    /// Responses sent since start-up.
+    pub responses: AtomicU64,
+    /// 5xx responses sent since start-up.
+    pub errors: AtomicU64,
 }
 
 impl Activity {
@@ -56,6 +63,14 @@ impl Activity {
     /// Record a request end.
     pub fn finish(&self) {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Record a response status (the canary compares error rates).
+    pub fn response(&self, status: u16) {
+        self.responses.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -399,21 +414,29 @@ impl Baton {
                     .await?;
                 inner.life.set(Phase::Serving);
                 inner.registry.drop_unused();
-                if how == Promotion::PredecessorGone {
-                    tracing::warn!(
-                        previous_pid = side.peer.pid,
-                        "the previous generation vanished before promoting us; serving anyway"
-                    );
-                } else {
-                    side.confirm_serving().await;
-                    tracing::info!(
-                        generation = inner.generation,
-                        pid = inner.pid,
-                        previous_pid = side.peer.pid,
-                        "promoted: serving"
-                    );
+                let provisional = match how {
+                    Promotion::PredecessorGone => {
+                        tracing::warn!(
+                            previous_pid = side.peer.pid,
+                            "the previous generation vanished before promoting us; serving anyway"
+                        );
+                        false
+                    }
+                    Promotion::Promoted { provisional } => {
+                        side.confirm_serving().await;
+                        tracing::info!(
+                            generation = inner.generation,
+                            pid = inner.pid,
+                            previous_pid = side.peer.pid,
+                            provisional,
+                            "promoted: serving"
+                        );
+                        provisional
+                    }
+                };
+                if !provisional {
+                    self.write_pid_file();
                 }
-                self.write_pid_file();
                 hook(&inner.config, crate::config::HandoffPoint::Promoted);
                 let deliver = if accepts_conns {
                     lock(&inner.incoming_tx).take()
@@ -425,9 +448,28 @@ impl Baton {
                     Arc::clone(&inner.counters.conns_received_prefix_bytes),
                 );
                 let alive = inner.predecessor_alive.clone();
+                let (etx, mut erx) = mpsc::unbounded_channel();
+                let activity = Arc::clone(&inner.activity);
                 tokio::spawn(async move {
-                    side.receive_connections(deliver, received).await;
+                    side.receive_connections(deliver, received, activity, etx)
+                        .await;
                     alive.send_replace(false);
+                    restore_oom_score_adj();
+                });
+                let me = self.clone();
+                tokio::spawn(async move {
+                    while let Some(ev) = erx.recv().await {
+                        match ev {
+                            PeerEvent::Commit => {
+                                tracing::info!("the previous generation committed the upgrade");
+                                me.write_pid_file();
+                            }
+                            PeerEvent::Demote(reason) => {
+                                tracing::warn!(%reason, "demoted by the previous generation: stopping gracefully");
+                                me.shutdown().await;
+                            }
+                        }
+                    }
                 });
             }
             None => {
@@ -631,6 +673,23 @@ impl Baton {
     /// Add a line to status notes.
     pub fn note(&self, line: impl Into<String>) {
         lock(&self.inner.notes).push(line.into());
+    }
+}
+
+/// The newcomer ran with a raised `oom_score_adj` during the overlap; now
+/// that its predecessor is gone it goes back to the old generation's value
+/// (best effort: lowering it needs CAP_SYS_RESOURCE unless the kernel's
+/// per-process minimum allows it).
+fn restore_oom_score_adj() {
+    let Some(v) = std::env::var(ENV_OOM_SCORE_ADJ)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return;
+    };
+    match std::fs::write("/proc/self/oom_score_adj", v.to_string()) {
+        Ok(()) => tracing::debug!(oom_score_adj = v, "restored oom_score_adj"),
+        Err(e) => tracing::debug!(error = %e, "could not restore oom_score_adj"),
     }
 }
 

@@ -87,6 +87,7 @@ mod generation;
 mod handoff;
 mod listeners;
 pub mod notify;
+pub mod observe;
 pub mod protocol;
 pub mod spawn;
 pub mod state;
@@ -98,12 +99,14 @@ pub mod sys;
 pub use config::{
     Config, DEFAULT_BACKLOG, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDOFF_ACK_TIMEOUT,
     DEFAULT_LISTENER_NAME, DEFAULT_READY_TIMEOUT, DEFAULT_STATE_LIMIT, HandoffHook, HandoffPoint,
-    ListenAddr, ListenSpec, parse_duration, validate_listener_name,
+    ListenAddr, ListenSpec, parse_bytes, parse_duration, validate_listener_name,
 };
 pub use control::{UpgradeOptions, UpgradeReport};
 pub use drain::{DrainSignal, Phase};
 pub use error::Error;
-pub use generation::{Activity, Baton, ENV_HANDOFF_FD, ENV_PARENT_PID, write_pid_file};
+pub use generation::{
+    Activity, Baton, ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID, write_pid_file,
+};
 pub use handoff::HandoffConn;
 pub use listeners::{Listener, ListenerInfo, Stream, StreamAddr};
 pub use spawn::{ChildProcess, OsSpawner, SpawnSpec, Spawner};

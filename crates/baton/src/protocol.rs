@@ -20,6 +20,12 @@
 //! Ready | Failed   ←  the new side is ready (or not, with a reason)
 //! Promote             the commit point: only now does the new side accept
 //! Serving          ←  the new side accepts now (the old side may finish)
+//!
+//! With an observation window or a canary, `PromoteProvisional` replaces
+//! `Promote`: the new side accepts but does not take over the pid file; the
+//! old side later sends `Commit` (keep it) or `Demote` (it stops gracefully
+//! and the old side resumes). During a canary the old side asks
+//! `StatsRequest` and the new side answers `Stats`.
 //! Conns               idle connections, ≤ 253 fds per batch
 //! ConnsAck | ConnsNack ← per batch; the old side closes its copies on Ack
 //! ```
@@ -71,6 +77,28 @@ pub enum Msg {
     },
     /// Old → new: start accepting; the old side stops.
     Promote,
+    /// Old → new: start accepting, provisionally (observation window or
+    /// canary): keep off the pid file until `Commit`.
+    PromoteProvisional {
+        /// Canary: the old side keeps accepting too.
+        canary: bool,
+    },
+    /// Old → new: the window passed; take over the pid file.
+    Commit,
+    /// Old → new: the window failed; stop accepting, finish, exit.
+    Demote {
+        /// Why.
+        reason: String,
+    },
+    /// Old → new: report response counts.
+    StatsRequest,
+    /// New → old: responses served and how many were 5xx, since start.
+    Stats {
+        /// Responses.
+        requests: u64,
+        /// 5xx responses.
+        errors: u64,
+    },
     /// New → old: promoted and accepting. Until this arrives the old side
     /// does not finish its drain, so a successor that dies or hangs right
     /// after `Ready` is always rolled back.
@@ -341,7 +369,9 @@ pub fn validate(msg: &Msg, nfds: usize) -> Result<(), FrameError> {
                 }
             }
         }
-        Msg::Failed { reason } | Msg::ConnsNack { reason, .. } => check_reason(reason)?,
+        Msg::Failed { reason } | Msg::ConnsNack { reason, .. } | Msg::Demote { reason } => {
+            check_reason(reason)?
+        }
         Msg::Conns { conns, .. } => {
             if conns.is_empty() || conns.len() > SCM_MAX_FD {
                 return Err(FrameError::Invalid(format!(
@@ -359,7 +389,15 @@ pub fn validate(msg: &Msg, nfds: usize) -> Result<(), FrameError> {
                 }
             }
         }
-        Msg::WantState | Msg::Ready(_) | Msg::Promote | Msg::Serving | Msg::ConnsAck { .. } => {}
+        Msg::WantState
+        | Msg::Ready(_)
+        | Msg::Promote
+        | Msg::PromoteProvisional { .. }
+        | Msg::Commit
+        | Msg::StatsRequest
+        | Msg::Stats { .. }
+        | Msg::Serving
+        | Msg::ConnsAck { .. } => {}
     }
     let want = fds_expected(msg);
     if want != nfds {
@@ -382,6 +420,11 @@ impl Msg {
             Msg::Ready(_) => "Ready",
             Msg::Failed { .. } => "Failed",
             Msg::Promote => "Promote",
+            Msg::PromoteProvisional { .. } => "PromoteProvisional",
+            Msg::Commit => "Commit",
+            Msg::Demote { .. } => "Demote",
+            Msg::StatsRequest => "StatsRequest",
+            Msg::Stats { .. } => "Stats",
             Msg::Serving => "Serving",
             Msg::Conns { .. } => "Conns",
             Msg::ConnsAck { .. } => "ConnsAck",
@@ -449,6 +492,22 @@ mod tests {
             ),
             (Msg::Promote, 0),
             (Msg::Serving, 0),
+            (Msg::PromoteProvisional { canary: true }, 0),
+            (Msg::Commit, 0),
+            (
+                Msg::Demote {
+                    reason: "health check failed".into(),
+                },
+                0,
+            ),
+            (Msg::StatsRequest, 0),
+            (
+                Msg::Stats {
+                    requests: 10,
+                    errors: 2,
+                },
+                0,
+            ),
             (
                 Msg::Conns {
                     batch: 3,

@@ -23,7 +23,7 @@ use crate::control::{
 use crate::drain::Phase;
 use crate::error::Error;
 use crate::generation::{
-    ENV_HANDOFF_FD, ENV_PARENT_PID, HANDOFF_FD, HandoffReq, Inner, lock, unix_ms,
+    ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID, HANDOFF_FD, HandoffReq, Inner, lock, unix_ms,
 };
 use crate::handoff::send::{HandshakeLog, OldSide, SentBatch, StateSource, fits_batch, hello};
 use crate::protocol::Msg;
@@ -312,8 +312,29 @@ async fn run_upgrade(
         plan.arg0 = first.into();
         plan.args = rest.iter().map(Into::into).collect();
     }
-    crate::admission::preflight(&plan.program, opts.expect_sha256.as_deref())?;
-    tracing::info!(generation = inner.generation, next = next_gen, program = %plan.program.display(), "upgrade: starting the next generation");
+    // Admission: nothing is spawned unless every gate passes.
+    if inner.config.canary.is_some() && !lock(&inner.exporters).is_empty() {
+        return Err(Error::Refused(
+            "a canary cannot be combined with state handoff: both generations would serve and write \
+             diverging copies of the state; disable the canary or the state export"
+                .into(),
+        ));
+    }
+    let exe = crate::admission::preflight(&plan.program, opts.expect_sha256.as_deref())?;
+    if let Some(cmd) = &inner.config.check_command {
+        crate::admission::run_check(cmd, inner.config.check_timeout).await?;
+    }
+    if inner.config.memory.enabled {
+        let estimate = inner
+            .config
+            .memory
+            .estimate
+            .unwrap_or_else(|| crate::admission::process_tree_memory(inner.pid));
+        let levels = crate::admission::memory_levels(std::path::Path::new("/"));
+        let line = crate::admission::check_memory(&levels, estimate, &inner.config.memory)?;
+        tracing::info!("{line}");
+    }
+    tracing::info!(generation = inner.generation, next = next_gen, program = %plan.program.display(), pinned = exe.pinned.is_some(), "upgrade: starting the next generation");
     inner.notify(&[
         "RELOADING=1".into(),
         format!("MONOTONIC_USEC={}", crate::notify::monotonic_usec()),
@@ -322,7 +343,10 @@ async fn run_upgrade(
 
     let (ours, theirs) =
         sys::seqpacket_pair().map_err(|e| Error::io("creating the handoff channel", e))?;
-    let mut spec = SpawnSpec::new(plan.program.clone());
+    // A pinned executable is exec'd through its open fd (the hashed
+    // content); argv[0] keeps the real path, from which the new generation
+    // resolves its own next upgrade.
+    let mut spec = SpawnSpec::new(exe.exec_path());
     spec.arg0 = Some(plan.arg0.clone());
     spec.args = plan.args.clone();
     spec.env_remove = [
@@ -340,7 +364,19 @@ async fn run_upgrade(
         (ENV_PARENT_PID.into(), inner.pid.to_string().into()),
     ];
     spec.fds = vec![(theirs, HANDOFF_FD)];
-    let mut child = match inner.spawner.spawn(spec) {
+    let own_adj = std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .unwrap_or(0);
+    if inner.config.newcomer_oom_score_adj != 0 {
+        spec.oom_score_adj =
+            Some((own_adj + inner.config.newcomer_oom_score_adj).clamp(-1000, 1000));
+        spec.env_set
+            .push((ENV_OOM_SCORE_ADJ.into(), own_adj.to_string().into()));
+    }
+    let spawned = inner.spawner.spawn(spec);
+    drop(exe); // the child has its own copy of a pinned fd (closed at exec)
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let err = Error::Failed(format!("could not start {}: {e}", plan.program.display()));
@@ -420,12 +456,18 @@ async fn run_upgrade(
         },
     );
 
-    // The commit point.
-    if let Err(e) = old.promote().await {
+    // The commit point (provisional with a canary or an observation window).
+    let windowed = inner.config.canary.is_some() || !inner.config.observe.is_zero();
+    let promoted = if windowed {
+        old.promote_provisional(inner.config.canary.is_some()).await
+    } else {
+        old.promote().await
+    };
+    if let Err(e) = promoted {
         let status = abort_child(&mut child, Duration::ZERO).await;
         resume_if_quiesced(&inner);
         let err = Error::Failed(format!(
-            "could not promote pid {new_pid}: {e}; child {status}"
+            "could not promote pid {new_pid}: {e} (child {status})"
         ));
         rollback_notify(&inner, &err);
         return Err(err);
@@ -439,6 +481,32 @@ async fn run_upgrade(
             pause_ms = p,
             "exact state mode: paused from the snapshot to the promotion"
         );
+    }
+    let mut confirmed = false;
+    if windowed {
+        *lock(&inner.successor_pid) = Some(new_pid);
+        match window(&inner, &old, &mut child, &events, &mut confirmed).await {
+            Ok(()) => {
+                if let Err(e) = old.commit().await {
+                    tracing::warn!(error = %e, "could not send Commit to the new generation");
+                }
+            }
+            Err(why) => {
+                // Resume first (connections queue to us again), then stop
+                // the new generation gracefully: its requests in flight end.
+                *lock(&inner.successor_pid) = None;
+                inner.life.set(Phase::Serving);
+                let _ = old.demote(&why).await;
+                let status = wait_or_kill(&mut child, inner.config.drain_timeout).await;
+                let err = Error::Failed(format!(
+                    "{why}; the new generation (pid {new_pid}) was stopped ({status}); this generation (pid {}) serves again",
+                    inner.pid
+                ));
+                tracing::error!(reason = %err, "upgrade rolled back");
+                rollback_notify(&inner, &err);
+                return Err(err);
+            }
+        }
     }
     // Open the handoff queue before announcing the handover: connection
     // tasks decide what to do when they see the phase change.
@@ -459,7 +527,7 @@ async fn run_upgrade(
     emit(&events, Event::Promoted { pid: new_pid });
     notify_main_pid(&inner, new_pid, next_gen).await;
 
-    let end = drain(&inner, &old, &mut child, handoff_rx).await;
+    let end = drain(&inner, &old, &mut child, handoff_rx, confirmed).await;
     *lock(&inner.handoff_tx) = None;
     let drain_ms = promoted_at.elapsed().as_millis() as u64;
     match end {
@@ -576,6 +644,179 @@ async fn notify_main_pid(inner: &Arc<Inner>, new_pid: u32, next_gen: u64) {
     }
 }
 
+/// Wait for a demoted child to finish by itself, up to `limit`, then kill it.
+async fn wait_or_kill(child: &mut Box<dyn ChildProcess>, limit: Duration) -> String {
+    match tokio::time::timeout(limit, child.wait()).await {
+        Ok(st) => describe_exit(&st),
+        Err(_) => abort_child(child, Duration::ZERO).await,
+    }
+}
+
+/// The canary and the observation window, in that order. `Ok` keeps the new
+/// generation; `Err` says why it must go.
+async fn window(
+    inner: &Inner,
+    old: &OldSide,
+    child: &mut Box<dyn ChildProcess>,
+    events: &mpsc::UnboundedSender<Event>,
+    confirmed: &mut bool,
+) -> Result<(), String> {
+    if let Some(c) = inner.config.canary.clone() {
+        canary(inner, old, child, &c, events, confirmed).await?;
+    }
+    if !inner.config.observe.is_zero() {
+        observe(inner, old, child, events, confirmed).await?;
+    }
+    Ok(())
+}
+
+/// A message from the new side during a window: `Serving` is recorded,
+/// `Stats` returned, anything else is a reason to roll back.
+fn window_msg(
+    msg: Result<Option<Msg>, Error>,
+    confirmed: &mut bool,
+) -> Result<Option<(u64, u64)>, String> {
+    match msg {
+        Ok(Some(Msg::Serving)) => {
+            *confirmed = true;
+            Ok(None)
+        }
+        Ok(Some(Msg::Stats { requests, errors })) => Ok(Some((requests, errors))),
+        Ok(Some(other)) => Err(format!(
+            "unexpected {} from the new generation",
+            other.name()
+        )),
+        Ok(None) => Err("the new generation closed the handoff channel".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn canary(
+    inner: &Inner,
+    old: &OldSide,
+    child: &mut Box<dyn ChildProcess>,
+    policy: &crate::observe::CanaryPolicy,
+    events: &mpsc::UnboundedSender<Event>,
+    confirmed: &mut bool,
+) -> Result<(), String> {
+    use crate::observe::{CanaryVerdict, judge};
+    let act = &inner.activity;
+    let base = (
+        act.responses.load(Ordering::Relaxed),
+        act.errors.load(Ordering::Relaxed),
+    );
+    let mut deadline = tokio::time::Instant::now() + policy.window;
+    let mut stats_deadline = None;
+    let mut extensions_left = policy.extensions;
+    tracing::info!(window = ?policy.window, "canary: both generations accept");
+    emit(
+        events,
+        Event::Note(format!(
+            "canary: both generations accept for {:?}",
+            policy.window
+        )),
+    );
+    loop {
+        tokio::select! {
+            st = child.wait() => {
+                return Err(format!("the new generation died during the canary ({})", describe_exit(&st)));
+            }
+            m = old.recv() => {
+                let Some(new) = window_msg(m, confirmed)? else { continue };
+                if stats_deadline.take().is_none() {
+                    continue;
+                }
+                let old_counts = (
+                    act.responses.load(Ordering::Relaxed).saturating_sub(base.0),
+                    act.errors.load(Ordering::Relaxed).saturating_sub(base.1),
+                );
+                match judge(policy, new, old_counts, extensions_left) {
+                    CanaryVerdict::Pass(s) => {
+                        tracing::info!("canary passed: {s}");
+                        emit(events, Event::Note(format!("canary passed: {s}")));
+                        return Ok(());
+                    }
+                    CanaryVerdict::Extend(s) => {
+                        extensions_left -= 1;
+                        deadline = tokio::time::Instant::now() + policy.window;
+                        tracing::info!("canary extended: {s}");
+                        emit(events, Event::Note(format!("canary extended: {s}")));
+                    }
+                    CanaryVerdict::Fail(s) => return Err(format!("canary failed: {s}")),
+                }
+            }
+            () = tokio::time::sleep_until(deadline), if stats_deadline.is_none() => {
+                old.request_stats().await.map_err(|e| e.to_string())?;
+                stats_deadline = Some(tokio::time::Instant::now() + inner.config.handoff_ack_timeout);
+            }
+            () = async {
+                match stats_deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                return Err("the new generation did not report its statistics for the canary".into());
+            }
+        }
+    }
+}
+
+async fn observe(
+    inner: &Inner,
+    old: &OldSide,
+    child: &mut Box<dyn ChildProcess>,
+    events: &mpsc::UnboundedSender<Event>,
+    confirmed: &mut bool,
+) -> Result<(), String> {
+    use crate::observe::{HEALTH_FAILURES_TO_ROLL_BACK, HEALTH_TIMEOUT, probe};
+    let window = inner.config.observe;
+    // Stop accepting (the new generation takes every new connection) but
+    // keep serving what we have, and keep the listeners.
+    inner.life.set(Phase::Observing);
+    tracing::info!(?window, health = ?inner.config.health_url, "observation window");
+    emit(
+        events,
+        Event::Note(format!("observing the new generation for {window:?}")),
+    );
+    let deadline = tokio::time::Instant::now() + window;
+    let mut next_probe = tokio::time::Instant::now() + inner.config.health_interval;
+    let mut failures = 0u32;
+    let mut checks = 0u32;
+    loop {
+        tokio::select! {
+            st = child.wait() => {
+                return Err(format!("the new generation died during the observation window ({})", describe_exit(&st)));
+            }
+            m = old.recv() => {
+                window_msg(m, confirmed)?;
+            }
+            () = tokio::time::sleep_until(next_probe), if inner.config.health_url.is_some() => {
+                if let Some(url) = &inner.config.health_url {
+                    checks += 1;
+                    match probe(url, HEALTH_TIMEOUT).await {
+                        Ok(()) => failures = 0,
+                        Err(e) => {
+                            failures += 1;
+                            tracing::warn!(%url, failures, error = %e, "health check failed");
+                            if failures >= HEALTH_FAILURES_TO_ROLL_BACK {
+                                return Err(format!(
+                                    "health check {url} failed {failures} times in a row during the observation window: {e}"
+                                ));
+                            }
+                        }
+                    }
+                }
+                next_probe = tokio::time::Instant::now() + inner.config.health_interval;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::info!(checks, "observation window passed");
+                emit(events, Event::Note(format!("observation window passed ({checks} health checks)")));
+                return Ok(());
+            }
+        }
+    }
+}
+
 enum DrainEnd {
     Drained { handed_over: u64, closed: u64 },
     SuccessorFailed { why: String, lost: u64 },
@@ -652,6 +893,7 @@ async fn drain(
     old: &OldSide,
     child: &mut Box<dyn ChildProcess>,
     mut handoff_rx: Option<mpsc::Receiver<HandoffReq>>,
+    confirmed: bool,
 ) -> DrainEnd {
     let deadline = tokio::time::Instant::now() + inner.config.drain_timeout;
     let ack_timeout = inner.config.handoff_ack_timeout;
@@ -662,7 +904,7 @@ async fn drain(
     let mut chan_open = true;
     let mut carry: Option<HandoffReq> = None;
     // The drain cannot finish before the successor confirmed it accepts.
-    let mut confirmed = false;
+    let mut confirmed = confirmed;
     let confirm_deadline = tokio::time::Instant::now() + ack_timeout;
     let tracker = inner.life.tracker().clone();
     loop {

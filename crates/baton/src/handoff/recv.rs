@@ -25,11 +25,23 @@ pub(crate) struct NewSide {
     pub(crate) peer: Hello,
 }
 
+/// What the old side tells a promoted new side later.
+#[derive(Debug)]
+pub(crate) enum PeerEvent {
+    /// The observation window / canary passed: take over the pid file.
+    Commit,
+    /// It failed: stop gracefully.
+    Demote(String),
+}
+
 /// How waiting for `Promote` ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Promotion {
-    /// Promoted: serve.
-    Promoted,
+    /// Promoted: serve. `provisional`: keep off the pid file until `Commit`.
+    Promoted {
+        /// Observation window or canary in progress.
+        provisional: bool,
+    },
     /// The old generation vanished before promoting us: we serve anyway
     /// (nobody else holds the listeners).
     PredecessorGone,
@@ -144,7 +156,10 @@ impl NewSide {
             Err(_) => Err(Error::Protocol(format!(
                 "the previous generation did not promote us within {limit:?}"
             ))),
-            Ok(Ok(Some((Msg::Promote, _)))) => Ok(Promotion::Promoted),
+            Ok(Ok(Some((Msg::Promote, _)))) => Ok(Promotion::Promoted { provisional: false }),
+            Ok(Ok(Some((Msg::PromoteProvisional { .. }, _)))) => {
+                Ok(Promotion::Promoted { provisional: true })
+            }
             Ok(Ok(Some((other, _)))) => Err(Error::Protocol(format!(
                 "expected Promote, got {}",
                 other.name()
@@ -173,6 +188,8 @@ impl NewSide {
         self,
         deliver: Option<mpsc::UnboundedSender<HandoffConn>>,
         (received, prefix_bytes): (Arc<AtomicU64>, Arc<AtomicU64>),
+        activity: Arc<crate::generation::Activity>,
+        events: mpsc::UnboundedSender<PeerEvent>,
     ) {
         loop {
             let (msg, fds, truncated) = match self.chan.recv_detail().await {
@@ -189,9 +206,30 @@ impl NewSide {
                     return;
                 }
             };
-            let Msg::Conns { batch, conns } = msg else {
-                tracing::error!(msg = msg.name(), "unexpected message after promotion");
-                return;
+            let (batch, conns) = match msg {
+                Msg::Conns { batch, conns } => (batch, conns),
+                Msg::Commit => {
+                    let _ = events.send(PeerEvent::Commit);
+                    continue;
+                }
+                Msg::Demote { reason } => {
+                    let _ = events.send(PeerEvent::Demote(reason));
+                    continue;
+                }
+                Msg::StatsRequest => {
+                    let stats = Msg::Stats {
+                        requests: activity.responses.load(Ordering::Relaxed),
+                        errors: activity.errors.load(Ordering::Relaxed),
+                    };
+                    if self.chan.send(&stats, &[]).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                other => {
+                    tracing::error!(msg = other.name(), "unexpected message after promotion");
+                    return;
+                }
             };
             if truncated {
                 // The kernel could not install every fd (our RLIMIT_NOFILE):

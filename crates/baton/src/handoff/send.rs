@@ -123,6 +123,29 @@ impl OldSide {
         self.chan.send(&Msg::Promote, &[]).await
     }
 
+    /// Provisional promotion (observation window, canary).
+    pub(crate) async fn promote_provisional(&self, canary: bool) -> Result<(), Error> {
+        self.chan
+            .send(&Msg::PromoteProvisional { canary }, &[])
+            .await
+    }
+
+    /// The window passed.
+    pub(crate) async fn commit(&self) -> Result<(), Error> {
+        self.chan.send(&Msg::Commit, &[]).await
+    }
+
+    /// The window failed: the new side stops gracefully.
+    pub(crate) async fn demote(&self, reason: &str) -> Result<(), Error> {
+        let reason: String = reason.chars().take(4000).collect();
+        self.chan.send(&Msg::Demote { reason }, &[]).await
+    }
+
+    /// Ask for response counts (canary).
+    pub(crate) async fn request_stats(&self) -> Result<(), Error> {
+        self.chan.send(&Msg::StatsRequest, &[]).await
+    }
+
     /// Send a batch of connections. The caller keeps `items` (and so the old
     /// side's copies) until the acknowledgement.
     pub(crate) async fn send_batch<R>(
