@@ -29,6 +29,8 @@ pub const VERSION: &str = match option_env!("BATON_DEMO_VERSION") {
 const MAX_KV_VALUE: usize = 1 << 20;
 /// Most keys in the cache.
 const MAX_KV_KEYS: usize = 100_000;
+/// Name of the listener serving `/metrics`.
+pub const METRICS_LISTENER: &str = "metrics";
 /// Name of the demo's exported state.
 pub const STATE_NAME: &str = "demo";
 /// The demo's state type name.
@@ -159,6 +161,11 @@ pub struct Args {
     /// Canary: allowed increase of the 5xx rate, in percentage points.
     #[arg(long, value_name = "POINTS", default_value_t = baton::observe::DEFAULT_CANARY_MAX_ERROR_INCREASE * 100.0)]
     pub canary_max_error_increase: f64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (a listener like the
+    /// others: handed over at each upgrade). Counters are cumulative across
+    /// upgrades.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<baton::ListenAddr>,
     /// Do not export or import the demo state (counter, cache).
     #[arg(long)]
     pub no_state: bool,
@@ -242,6 +249,8 @@ impl std::fmt::Debug for Custom {
 }
 
 struct App {
+    baton: Baton,
+    requests: Arc<std::sync::atomic::AtomicU64>,
     version: String,
     generation: u64,
     pid: u32,
@@ -316,8 +325,12 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
     } else {
         args.listen.clone()
     };
-    let mut listeners = Vec::with_capacity(specs.len());
-    for s in &specs {
+    let mut listeners = Vec::with_capacity(specs.len() + 1);
+    let metrics_spec = args.metrics.clone().map(|addr| ListenSpec {
+        name: METRICS_LISTENER.to_owned(),
+        addr,
+    });
+    for s in specs.iter().chain(metrics_spec.iter()) {
         match baton.listen(&s.name, &s.addr) {
             Ok(l) => listeners.push(l),
             Err(e) => {
@@ -352,7 +365,13 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
         export_state(&baton, &state, schema_version, custom.export_garbage);
     }
 
+    let requests = baton.carried_counter(
+        "demo_requests",
+        "Requests answered by baton-demo, across upgrades",
+    )?;
     let app = Arc::new(App {
+        baton: baton.clone(),
+        requests,
         version,
         generation: baton.generation(),
         pid: std::process::id(),
@@ -517,6 +536,27 @@ async fn handle(
     app: Arc<App>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    app.requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if req
+        .extensions()
+        .get::<baton_http::ConnInfo>()
+        .is_some_and(|i| i.listener == METRICS_LISTENER)
+    {
+        return Ok(match req.uri().path() {
+            "/metrics" => {
+                let mut r = text(StatusCode::OK, app.baton.metrics_text());
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                r
+            }
+            _ => text(StatusCode::NOT_FOUND, "only /metrics here\n"),
+        });
+    }
     if let Some(f) = &app.intercept
         && let Some(r) = f(&req)
     {

@@ -12,6 +12,7 @@ pub mod fixture;
 pub mod h2load;
 pub mod http;
 pub mod load;
+pub mod notify;
 pub mod proc;
 
 use std::net::{SocketAddr, TcpListener};
@@ -169,6 +170,9 @@ pub struct ServerOpts {
     pub env: Vec<(String, String)>,
     /// Add `--health http://ADDR{path}` (the server's own address).
     pub health_path: Option<String>,
+    /// Run the server through this command prefix (`{addr}` is replaced by
+    /// the listen address), e.g. `systemd-socket-activate -l {addr}`.
+    pub wrapper: Vec<String>,
 }
 
 impl Default for ServerOpts {
@@ -178,6 +182,7 @@ impl Default for ServerOpts {
             tcp: true,
             env: Vec::new(),
             health_path: None,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -237,7 +242,15 @@ impl Server {
         let control = dir.join("ctl/control.sock");
         let log = dir.join("server.log");
         let fault_file = dir.join("fault");
-        let mut cmd = Command::new(&exe);
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest.iter().map(|a| a.replace("{addr}", &addr.to_string())));
+                c.arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
         if opts.tcp {
             cmd.arg("--listen").arg(addr.to_string());
         }
@@ -277,16 +290,16 @@ impl Server {
     /// answers.
     pub fn wait_serving(&self, timeout: Duration) {
         wait_for(timeout, "the server to serve", || {
-            let pid = self.try_pid()?;
-            if !proc::alive(pid) {
-                return None;
-            }
+            // Probe first: a socket-activating wrapper starts the server on
+            // the first connection.
             if self.addr.port() != 0 {
                 let r = http::get(self.addr, "/health").ok()?;
-                (r.status == 200).then_some(())
-            } else {
-                Some(())
+                if r.status != 200 {
+                    return None;
+                }
             }
+            let pid = self.try_pid()?;
+            proc::alive(pid).then_some(())
         });
     }
 

@@ -394,7 +394,11 @@ pub fn default_socket_path(name: &str) -> PathBuf {
 /// it to the owner, stream the answer back.
 pub async fn serve_connection(mut s: UnixStream, owner: mpsc::Sender<Command>) {
     let ours = sys::euid();
-    match sys::peer_cred(s.as_fd()) {
+    // tokio's peer_cred copes with a peer in another PID namespace (pid 0).
+    match s
+        .peer_cred()
+        .map(|c| (c.uid(), c.gid(), c.pid().unwrap_or(0)))
+    {
         Ok((uid, _, pid)) if uid_allowed(uid, ours) => {
             tracing::debug!(peer_pid = pid, peer_uid = uid, "control connection");
         }

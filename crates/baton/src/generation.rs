@@ -134,6 +134,10 @@ pub(crate) struct Inner {
     pub(crate) control_tasks: TaskTracker,
     pub(crate) notes: Mutex<Vec<String>>,
     pub(crate) successor_pid: Mutex<Option<u32>>,
+    pub(crate) started_unix_secs: u64,
+    pub(crate) histograms: crate::carry::Histograms,
+    pub(crate) app_counters: Mutex<Vec<crate::carry::AppCounter>>,
+    pub(crate) pending_carry: crate::carry::Pending,
 }
 
 impl std::fmt::Debug for Inner {
@@ -268,6 +272,10 @@ impl Baton {
             control_tasks: TaskTracker::new(),
             notes: Mutex::new(Vec::new()),
             successor_pid: Mutex::new(None),
+            started_unix_secs: unix_ms() / 1000,
+            histograms: crate::carry::Histograms::default(),
+            app_counters: Mutex::new(Vec::new()),
+            pending_carry: crate::carry::Pending::default(),
             config,
         });
         tokio::spawn(crate::upgrade::owner(Arc::clone(&inner), cmd_rx));
@@ -402,6 +410,16 @@ impl Baton {
         if inner.life.phase() != Phase::Starting {
             return Err(Error::Config("ready() was already called".into()));
         }
+        if inner.predecessor_pid.is_some() {
+            match self.import_raw(crate::carry::BLOB).await {
+                Ok(Some(b)) => match postcard::from_bytes::<crate::carry::Carried>(&b) {
+                    Ok(c) => inner.apply_carried(&c),
+                    Err(e) => tracing::warn!(error = %e, "ignoring unreadable carried counters"),
+                },
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let side = inner.predecessor.lock().await.take();
         match side {
             Some(side) => {
@@ -463,6 +481,9 @@ impl Baton {
                             PeerEvent::Commit => {
                                 tracing::info!("the previous generation committed the upgrade");
                                 me.write_pid_file();
+                            }
+                            PeerEvent::Done(r) => {
+                                me.inner.record_done(&r);
                             }
                             PeerEvent::Demote(reason) => {
                                 tracing::warn!(%reason, "demoted by the previous generation: stopping gracefully");
@@ -670,6 +691,32 @@ impl Baton {
         }
     }
 
+    /// A counter that survives upgrades: it starts at the value the previous
+    /// generation had (if it registered the same name) and appears in
+    /// [`metrics_text`](Baton::metrics_text). Register it before
+    /// [`ready`](Baton::ready).
+    ///
+    /// # Errors
+    /// [`Error::Config`] if `name` is not a valid Prometheus metric name.
+    pub fn carried_counter(&self, name: &str, help: &str) -> Result<Arc<AtomicU64>, Error> {
+        if !crate::carry::valid_metric_name(name) {
+            return Err(Error::Config(format!(
+                "'{name}' is not a valid metric name"
+            )));
+        }
+        let mut list = lock(&self.inner.app_counters);
+        if let Some(a) = list.iter().find(|a| a.name == name) {
+            return Ok(Arc::clone(&a.value));
+        }
+        let value = Arc::new(AtomicU64::new(self.inner.pending_carry.claim(name)));
+        list.push(crate::carry::AppCounter {
+            name: name.to_owned(),
+            help: help.to_owned(),
+            value: Arc::clone(&value),
+        });
+        Ok(value)
+    }
+
     /// Add a line to status notes.
     pub fn note(&self, line: impl Into<String>) {
         lock(&self.inner.notes).push(line.into());
@@ -738,13 +785,78 @@ impl Inner {
         }
     }
 
+    /// Start from the counters the previous generation carried over.
+    pub(crate) fn apply_carried(&self, c: &crate::carry::Carried) {
+        use crate::carry::add;
+        let k = &self.counters;
+        add(&k.upgrades_succeeded, c.upgrades_succeeded);
+        add(&k.upgrades_failed, c.upgrades_failed);
+        add(&k.upgrades_refused, c.upgrades_refused);
+        add(&k.conns_handed_over, c.handed_over);
+        add(&k.conns_closed_at_deadline, c.closed_at_deadline);
+        add(&k.conns_lost, c.lost);
+        self.histograms.upgrade_seconds.absorb(&c.upgrade_seconds);
+        self.histograms.ready_seconds.absorb(&c.ready_seconds);
+        self.histograms.drain_seconds.absorb(&c.drain_seconds);
+        let apps = lock(&self.app_counters);
+        let mut pending = lock(&self.pending_carry.app);
+        for (name, v) in &c.app {
+            match apps.iter().find(|a| &a.name == name) {
+                Some(a) => add(&a.value, *v),
+                None => pending.push((name.clone(), *v)),
+            }
+        }
+    }
+
+    /// What to carry to the next generation.
+    pub(crate) fn carried(&self) -> crate::carry::Carried {
+        let c = self.counters_snapshot();
+        crate::carry::Carried {
+            upgrades_succeeded: c.upgrades_succeeded,
+            upgrades_failed: c.upgrades_failed,
+            upgrades_refused: c.upgrades_refused,
+            handed_over: c.conns_handed_over,
+            closed_at_deadline: c.conns_closed_at_deadline,
+            lost: c.conns_lost,
+            app: lock(&self.app_counters)
+                .iter()
+                .map(|a| (a.name.clone(), a.value.load(Ordering::Relaxed)))
+                .collect(),
+            upgrade_seconds: self.histograms.upgrade_seconds.data(),
+            ready_seconds: self.histograms.ready_seconds.data(),
+            drain_seconds: self.histograms.drain_seconds.data(),
+        }
+    }
+
+    /// The previous generation finished the upgrade that made this one.
+    pub(crate) fn record_done(&self, r: &crate::protocol::DoneReport) {
+        self.counters
+            .upgrades_succeeded
+            .fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .conns_closed_at_deadline
+            .fetch_add(r.closed, Ordering::Relaxed);
+        self.histograms
+            .upgrade_seconds
+            .observe(r.total_ms as f64 / 1000.0);
+        self.histograms
+            .ready_seconds
+            .observe(r.ready_ms as f64 / 1000.0);
+        self.histograms
+            .drain_seconds
+            .observe(r.drain_ms as f64 / 1000.0);
+    }
+
     pub(crate) fn counters_snapshot(&self) -> Counters {
         let c = &self.counters;
         Counters {
             upgrades_succeeded: c.upgrades_succeeded.load(Ordering::Relaxed),
             upgrades_failed: c.upgrades_failed.load(Ordering::Relaxed),
             upgrades_refused: c.upgrades_refused.load(Ordering::Relaxed),
-            conns_handed_over: c.conns_handed_over.load(Ordering::Relaxed),
+            // Cumulative across generations: what earlier generations handed
+            // over (carried), what this one received, what it handed over.
+            conns_handed_over: c.conns_handed_over.load(Ordering::Relaxed)
+                + c.conns_received.load(Ordering::Relaxed),
             conns_received: c.conns_received.load(Ordering::Relaxed),
             conns_received_prefix_bytes: c.conns_received_prefix_bytes.load(Ordering::Relaxed),
             conns_closed_at_deadline: c.conns_closed_at_deadline.load(Ordering::Relaxed),

@@ -78,6 +78,7 @@
 #![warn(missing_docs)]
 
 pub mod admission;
+pub mod carry;
 mod channel;
 mod config;
 pub mod control;
@@ -86,6 +87,8 @@ mod error;
 mod generation;
 mod handoff;
 mod listeners;
+#[cfg(feature = "metrics")]
+mod metrics;
 pub mod notify;
 pub mod observe;
 pub mod protocol;

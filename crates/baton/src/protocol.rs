@@ -99,6 +99,10 @@ pub enum Msg {
         /// 5xx responses.
         errors: u64,
     },
+    /// Old → new: the upgrade is complete, the old side exits now. Carries
+    /// its measurements so the new side can count the upgrade (metrics that
+    /// survive upgrades).
+    Done(DoneReport),
     /// New → old: promoted and accepting. Until this arrives the old side
     /// does not finish its drain, so a successor that dies or hangs right
     /// after `Ready` is always rolled back.
@@ -182,6 +186,19 @@ pub struct BlobMeta {
 pub struct ReadyInfo {
     /// The new side will take idle connections (`Conns`).
     pub accepts_conns: bool,
+}
+
+/// What the old side measured, sent with `Done`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoneReport {
+    /// Spawn to `Ready`, ms.
+    pub ready_ms: u64,
+    /// Promotion to drained, ms.
+    pub drain_ms: u64,
+    /// Trigger to drained, ms.
+    pub total_ms: u64,
+    /// Connections closed at the drain deadline.
+    pub closed: u64,
 }
 
 /// One connection in a `Conns` batch.
@@ -396,6 +413,7 @@ pub fn validate(msg: &Msg, nfds: usize) -> Result<(), FrameError> {
         | Msg::Commit
         | Msg::StatsRequest
         | Msg::Stats { .. }
+        | Msg::Done(_)
         | Msg::Serving
         | Msg::ConnsAck { .. } => {}
     }
@@ -425,6 +443,7 @@ impl Msg {
             Msg::Demote { .. } => "Demote",
             Msg::StatsRequest => "StatsRequest",
             Msg::Stats { .. } => "Stats",
+            Msg::Done(_) => "Done",
             Msg::Serving => "Serving",
             Msg::Conns { .. } => "Conns",
             Msg::ConnsAck { .. } => "ConnsAck",
@@ -501,6 +520,15 @@ mod tests {
                 0,
             ),
             (Msg::StatsRequest, 0),
+            (
+                Msg::Done(DoneReport {
+                    ready_ms: 1,
+                    drain_ms: 2,
+                    total_ms: 3,
+                    closed: 0,
+                }),
+                0,
+            ),
             (
                 Msg::Stats {
                     requests: 10,

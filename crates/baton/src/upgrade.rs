@@ -151,6 +151,14 @@ fn record(inner: &Inner, res: &Result<&UpgradeReport, &Error>) {
 }
 
 fn upgrade_allowed(inner: &Inner) -> Result<(), Error> {
+    if inner.pid == 1 {
+        return Err(Error::Refused(
+            "this server is PID 1 (a container's init): it cannot replace itself, because the old \
+             generation's exit would end the container. Run it under `baton run --delegate -- SERVER ...`: \
+             baton stays PID 1, reaps, forwards signals, and follows the server's own upgrades"
+                .into(),
+        ));
+    }
     let phase = inner.life.phase();
     if phase != Phase::Serving {
         return Err(Error::Refused(format!(
@@ -249,7 +257,11 @@ impl StateSource for Exporters<'_> {
 
     fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>, Error> {
         let list = lock(&self.0.exporters).clone();
-        let mut out = Vec::with_capacity(list.len());
+        let mut out = Vec::with_capacity(list.len() + 1);
+        match postcard::to_stdvec(&self.0.carried()) {
+            Ok(b) => out.push((crate::carry::BLOB.to_owned(), b)),
+            Err(e) => tracing::warn!(error = %e, "could not encode the carried counters"),
+        }
         for (name, f) in list {
             let bytes = f().map_err(|e| Error::State(format!("exporting '{name}': {e}")))?;
             out.push((name, bytes));
@@ -557,6 +569,17 @@ async fn run_upgrade(
                     closed,
                 },
             );
+            let total_ms = t0.elapsed().as_millis() as u64;
+            // Let the new generation count this upgrade (metrics carried
+            // across generations).
+            let _ = old
+                .done(crate::protocol::DoneReport {
+                    ready_ms,
+                    drain_ms,
+                    total_ms,
+                    closed,
+                })
+                .await;
             Ok(UpgradeReport {
                 from_generation: inner.generation,
                 to_generation: next_gen,

@@ -32,6 +32,8 @@ pub(crate) enum PeerEvent {
     Commit,
     /// It failed: stop gracefully.
     Demote(String),
+    /// The old side finished the upgrade.
+    Done(crate::protocol::DoneReport),
 }
 
 /// How waiting for `Promote` ended.
@@ -214,6 +216,10 @@ impl NewSide {
                 }
                 Msg::Demote { reason } => {
                     let _ = events.send(PeerEvent::Demote(reason));
+                    continue;
+                }
+                Msg::Done(report) => {
+                    let _ = events.send(PeerEvent::Done(report));
                     continue;
                 }
                 Msg::StatsRequest => {

@@ -141,6 +141,11 @@ impl OldSide {
         self.chan.send(&Msg::Demote { reason }, &[]).await
     }
 
+    /// The upgrade is complete (sent just before this process exits).
+    pub(crate) async fn done(&self, report: crate::protocol::DoneReport) -> Result<(), Error> {
+        self.chan.send(&Msg::Done(report), &[]).await
+    }
+
     /// Ask for response counts (canary).
     pub(crate) async fn request_stats(&self) -> Result<(), Error> {
         self.chan.send(&Msg::StatsRequest, &[]).await
