@@ -121,7 +121,10 @@ fn preflight_refusals_change_nothing() {
     let stats = load.stop();
     assert_eq!(stats.failed, 0, "{:?}", stats.errors);
     let st = baton_tests::control_status(&s.control);
-    assert_eq!(st.counters.upgrades_refused, 4, "counters are carried across generations");
+    assert_eq!(
+        st.counters.upgrades_refused, 4,
+        "counters are carried across generations"
+    );
     assert_eq!(st.counters.upgrades_succeeded, 1);
     // argv[0] of the new generation is the real path, not /proc/self/fd/N.
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", s.pid())).unwrap();
