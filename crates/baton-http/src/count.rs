@@ -1,6 +1,12 @@
 //! Counting requests in flight: hyper has no "is idle" query, so a service
 //! wrapper counts each request from the call until its response body is
 //! dropped (hyper drops it once the last frame is written).
+//!
+//! For TLS connections it also counts requests whose handler has not
+//! returned yet (`heads`): hyper writes the response head in the same poll
+//! in which the handler returns, so while this count is above zero a
+//! `graceful_shutdown` still puts `Connection: close` on that response; once
+//! it is zero and the body is still being written, it is too late for that.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -40,6 +46,23 @@ impl Drop for InFlight {
     }
 }
 
+/// Counts a request from the call until its handler returned.
+#[derive(Debug)]
+pub(crate) struct HeadPending(Arc<AtomicUsize>);
+
+impl HeadPending {
+    fn new(heads: &Arc<AtomicUsize>) -> Self {
+        heads.fetch_add(1, Ordering::SeqCst);
+        HeadPending(Arc::clone(heads))
+    }
+}
+
+impl Drop for HeadPending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The counting service wrapper; also puts [`ConnInfo`] in each request's
 /// extensions.
 #[derive(Debug, Clone)]
@@ -47,6 +70,8 @@ pub(crate) struct Counted<S> {
     pub(crate) inner: S,
     pub(crate) conn: Arc<AtomicUsize>,
     pub(crate) global: Arc<AtomicUsize>,
+    /// Requests whose handler has not returned (TLS connections only).
+    pub(crate) heads: Option<Arc<AtomicUsize>>,
     pub(crate) info: ConnInfo,
 }
 
@@ -62,6 +87,7 @@ where
         req.extensions_mut().insert(self.info.clone());
         let guard = InFlight::new(&self.conn, &self.global);
         CountedFuture {
+            head: self.heads.as_ref().map(HeadPending::new),
             fut: self.inner.call(req),
             guard: Some(guard),
         }
@@ -74,6 +100,7 @@ pin_project_lite::pin_project! {
         #[pin]
         fut: F,
         guard: Option<InFlight>,
+        head: Option<HeadPending>,
     }
 }
 
@@ -88,10 +115,12 @@ where
         match this.fut.poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => {
+                this.head.take();
                 this.guard.take();
                 Poll::Ready(Err(e))
             }
             Poll::Ready(Ok(resp)) => {
+                this.head.take();
                 let guard = this.guard.take();
                 Poll::Ready(Ok(resp.map(|inner| CountedBody {
                     inner,

@@ -10,13 +10,21 @@
 //!   the connection is waiting for the client.
 //!
 //! It also holds a task-tracker token, so an upgraded connection (WebSocket)
-//! keeps the draining generation alive until it closes.
+//! keeps the draining generation alive until it closes, and it records when
+//! the connection last moved a byte (a TLS connection is closed only after
+//! it has been quiet for a while).
+//!
+//! The transport is a plain [`Stream`] (which can be handed over) or, with
+//! the `tls` feature, a TLS stream over one (which cannot).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use baton::Stream;
 use bytes::{Buf, Bytes, BytesMut};
@@ -24,10 +32,32 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// What the connection task needs to see while hyper owns the I/O.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct IoFlags {
     dirty: AtomicBool,
     read_blocked: AtomicBool,
+    /// Milliseconds since [`clock_base`] when a byte last moved either way.
+    last_activity_ms: AtomicU64,
+}
+
+impl Default for IoFlags {
+    fn default() -> Self {
+        IoFlags {
+            dirty: AtomicBool::new(false),
+            read_blocked: AtomicBool::new(false),
+            last_activity_ms: AtomicU64::new(clock_ms()),
+        }
+    }
+}
+
+/// A process-wide monotonic origin for [`IoFlags::last_activity_ms`].
+fn clock_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+fn clock_ms() -> u64 {
+    clock_base().elapsed().as_millis() as u64
 }
 
 impl IoFlags {
@@ -36,19 +66,30 @@ impl IoFlags {
     pub(crate) fn waiting_for_client(&self) -> bool {
         !self.dirty.load(Ordering::Relaxed) && self.read_blocked.load(Ordering::Relaxed)
     }
+
+    /// How long since a byte last moved on this connection.
+    #[allow(dead_code)] // for draining TLS connections
+    pub(crate) fn quiet_for(&self) -> Duration {
+        let last = self.last_activity_ms.load(Ordering::Relaxed);
+        Duration::from_millis(clock_ms().saturating_sub(last))
+    }
+
+    fn touch(&self) {
+        self.last_activity_ms.store(clock_ms(), Ordering::Relaxed);
+    }
 }
 
 /// See the module docs.
 #[derive(Debug)]
-pub(crate) struct ConnIo {
-    stream: Stream,
+pub(crate) struct ConnIo<T = Stream> {
+    stream: T,
     replay: BytesMut,
     flags: Arc<IoFlags>,
     _token: TaskTrackerToken,
 }
 
-impl ConnIo {
-    pub(crate) fn new(stream: Stream, prefix: Bytes, token: TaskTrackerToken) -> Self {
+impl<T> ConnIo<T> {
+    pub(crate) fn new(stream: T, prefix: Bytes, token: TaskTrackerToken) -> Self {
         ConnIo {
             stream,
             replay: BytesMut::from(&prefix[..]),
@@ -66,7 +107,9 @@ impl ConnIo {
     pub(crate) fn replay(&self) -> &[u8] {
         &self.replay
     }
+}
 
+impl ConnIo<Stream> {
     /// Read more from the socket into the replay buffer (for sniffing).
     /// Returns the number of bytes read (0 = EOF).
     pub(crate) async fn fill(&mut self) -> io::Result<usize> {
@@ -87,7 +130,7 @@ impl ConnIo {
     }
 }
 
-impl AsyncRead for ConnIo {
+impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -110,6 +153,7 @@ impl AsyncRead for ConnIo {
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
                     this.flags.read_blocked.store(false, Ordering::Relaxed);
+                    this.flags.touch();
                 }
                 Poll::Ready(r)
             }
@@ -117,7 +161,7 @@ impl AsyncRead for ConnIo {
     }
 }
 
-impl AsyncWrite for ConnIo {
+impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -125,6 +169,7 @@ impl AsyncWrite for ConnIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.flags.dirty.store(true, Ordering::Relaxed);
+        this.flags.touch();
         Pin::new(&mut this.stream).poll_write(cx, data)
     }
 
@@ -135,11 +180,12 @@ impl AsyncWrite for ConnIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.flags.dirty.store(true, Ordering::Relaxed);
+        this.flags.touch();
         Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -147,6 +193,7 @@ impl AsyncWrite for ConnIo {
         let r = Pin::new(&mut this.stream).poll_flush(cx);
         if matches!(r, Poll::Ready(Ok(()))) {
             this.flags.dirty.store(false, Ordering::Relaxed);
+            this.flags.touch();
         }
         r
     }
