@@ -68,7 +68,7 @@ impl IoFlags {
     }
 
     /// How long since a byte last moved on this connection.
-    #[allow(dead_code)] // for draining TLS connections
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     pub(crate) fn quiet_for(&self) -> Duration {
         let last = self.last_activity_ms.load(Ordering::Relaxed);
         Duration::from_millis(clock_ms().saturating_sub(last))
