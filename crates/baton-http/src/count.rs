@@ -2,16 +2,17 @@
 //! wrapper counts each request from the call until its response body is
 //! dropped (hyper drops it once the last frame is written).
 //!
-//! For TLS connections it also counts requests whose handler has not
-//! returned yet (`heads`): hyper writes the response head in the same poll
-//! in which the handler returns, so while this count is above zero a
-//! `graceful_shutdown` still puts `Connection: close` on that response; once
-//! it is zero and the body is still being written, it is too late for that.
+//! For TLS connections it can also end the connection after the next
+//! response (`close_next`): once that flag is set, every response the
+//! handler returns gets `Connection: close` before hyper writes its head
+//! (hyper then closes the connection after the body). Deciding when the
+//! response is produced cannot race: hyper calls the handler and writes the
+//! head in one poll, often before a connection task could look.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -46,23 +47,6 @@ impl Drop for InFlight {
     }
 }
 
-/// Counts a request from the call until its handler returned.
-#[derive(Debug)]
-pub(crate) struct HeadPending(Arc<AtomicUsize>);
-
-impl HeadPending {
-    fn new(heads: &Arc<AtomicUsize>) -> Self {
-        heads.fetch_add(1, Ordering::SeqCst);
-        HeadPending(Arc::clone(heads))
-    }
-}
-
-impl Drop for HeadPending {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// The counting service wrapper; also puts [`ConnInfo`] in each request's
 /// extensions.
 #[derive(Debug, Clone)]
@@ -70,8 +54,8 @@ pub(crate) struct Counted<S> {
     pub(crate) inner: S,
     pub(crate) conn: Arc<AtomicUsize>,
     pub(crate) global: Arc<AtomicUsize>,
-    /// Requests whose handler has not returned (TLS connections only).
-    pub(crate) heads: Option<Arc<AtomicUsize>>,
+    /// Once set, responses carry `Connection: close` (TLS connections).
+    pub(crate) close_next: Option<Arc<AtomicBool>>,
     pub(crate) info: ConnInfo,
 }
 
@@ -87,7 +71,7 @@ where
         req.extensions_mut().insert(self.info.clone());
         let guard = InFlight::new(&self.conn, &self.global);
         CountedFuture {
-            head: self.heads.as_ref().map(HeadPending::new),
+            close_next: self.close_next.clone(),
             fut: self.inner.call(req),
             guard: Some(guard),
         }
@@ -100,7 +84,7 @@ pin_project_lite::pin_project! {
         #[pin]
         fut: F,
         guard: Option<InFlight>,
-        head: Option<HeadPending>,
+        close_next: Option<Arc<AtomicBool>>,
     }
 }
 
@@ -115,12 +99,21 @@ where
         match this.fut.poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => {
-                this.head.take();
                 this.guard.take();
                 Poll::Ready(Err(e))
             }
-            Poll::Ready(Ok(resp)) => {
-                this.head.take();
+            Poll::Ready(Ok(mut resp)) => {
+                if this
+                    .close_next
+                    .as_ref()
+                    .is_some_and(|c| c.load(Ordering::SeqCst))
+                    && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 let guard = this.guard.take();
                 Poll::Ready(Ok(resp.map(|inner| CountedBody {
                     inner,

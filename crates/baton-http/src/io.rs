@@ -191,9 +191,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.stream).poll_flush(cx);
+        // Not activity: hyper flushes on every poll, busy or not.
         if matches!(r, Poll::Ready(Ok(()))) {
             this.flags.dirty.store(false, Ordering::Relaxed);
-            this.flags.touch();
         }
         r
     }

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use baton::{Phase, Stream};
@@ -133,7 +133,7 @@ where
         inner: shared.service.clone(),
         conn: Arc::new(AtomicUsize::new(0)),
         global: Arc::clone(&shared.in_flight),
-        heads: None,
+        close_next: None,
         info: info.clone(),
     };
     let mut conn =
@@ -186,12 +186,12 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let in_flight = Arc::new(AtomicUsize::new(0));
-    let heads = Arc::new(AtomicUsize::new(0));
+    let close_next = Arc::new(AtomicBool::new(false));
     let svc = Counted {
         inner: shared.service.clone(),
         conn: Arc::clone(&in_flight),
         global: Arc::clone(&shared.in_flight),
-        heads: Some(Arc::clone(&heads)),
+        close_next: Some(Arc::clone(&close_next)),
         info: info.clone(),
     };
     let flags = io.flags();
@@ -219,12 +219,15 @@ where
             // slip in between the check and the action.
             let phase = *rx.borrow();
             if !closing && moment.due(phase, tls, cx) {
-                let stop = phase != Phase::Handover;
-                if stop || heads.load(Ordering::SeqCst) > 0 {
-                    // A stop closes at once, like a plain connection. In a
-                    // handover, a request whose handler has not returned yet
-                    // gets `Connection: close` on its response, then
-                    // close_notify.
+                // From now on every response carries `Connection: close`
+                // (hyper then ends the connection after it, with
+                // close_notify): a client in a request loop learns it on
+                // its next response, and never sees its connection close
+                // under a request it just sent.
+                close_next.store(true, Ordering::SeqCst);
+                if phase != Phase::Handover {
+                    // A stop (no successor): close at once, like a plain
+                    // connection.
                     Pin::new(&mut conn).graceful_shutdown();
                     closing = true;
                     continue;
@@ -237,16 +240,16 @@ where
                         closing = true;
                         continue;
                     }
-                    // Not quiet long enough: a client in a request loop is
-                    // about to send its next request, which will carry the
-                    // close. Look again when the quiet period would end.
+                    // Quiet for too short a while: the client may be about
+                    // to send; look again when the quiet period would end.
                     if quiet_timer.is_none() {
                         quiet_timer = Some(Box::pin(tokio::time::sleep(quiet - q)));
                     }
                 }
-                // Otherwise a response body is being written (too late for
-                // `Connection: close`) or a request is arriving: hyper's own
-                // wake-ups bring us back here.
+            } else if !closing {
+                // Serving again (the successor died before this
+                // connection's moment): keep-alive as usual.
+                close_next.store(false, Ordering::SeqCst);
             }
             if let Some(t) = quiet_timer.as_mut()
                 && t.as_mut().poll(cx).is_ready()

@@ -238,7 +238,7 @@ fn read_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let pem = std::fs::read(path).map_err(|e| err(format!("cannot read it: {e}")))?;
     let chain = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(format!("not valid PEM: {e}")))?;
+        .map_err(|e| err(pem_error(&e)))?;
     if chain.is_empty() {
         return Err(err("no PEM CERTIFICATE block in it".into()));
     }
@@ -256,8 +256,23 @@ fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
             "no PEM private key block (PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY) in it"
                 .into(),
         ),
-        e => err(format!("not valid PEM: {e}")),
+        e => err(pem_error(&e)),
     })
+}
+
+fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => format!(
+            "not valid PEM: a section has no \"-----END {}-----\" line (truncated file?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        E::IllegalSectionStart { line } => format!(
+            "not valid PEM: bad section start {:?}",
+            String::from_utf8_lossy(line)
+        ),
+        e => format!("not valid PEM: {e}"),
+    }
 }
 
 /// Hands out each draining connection its moment within the close spread.
@@ -335,7 +350,10 @@ mod tests {
         let truncated = dir.join("truncated.pem");
         std::fs::write(&truncated, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
         let e = read_cert_chain(&truncated).unwrap_err().to_string();
-        assert!(e.contains("not valid PEM"), "{e}");
+        assert!(
+            e.contains("not valid PEM: a section has no \"-----END CERTIFICATE-----\" line"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
