@@ -11,6 +11,9 @@
 //! * `exit-at:POINT` — exit 4 at a handoff point (`started`, `listeners`,
 //!   `state`, `ready`, `promoted`).
 //! * `stop-at:POINT` — SIGSTOP itself at that point (the test then kills it).
+//! * `tls-state:garbage` / `tls-state:v2` — export, for the *next*
+//!   generation, TLS session-ticket state that is not a ticket-key state at
+//!   all / claims format version 2 (so that generation must refuse it).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -65,6 +68,21 @@ pub fn main(version: &str) -> ExitCode {
                 let ms: u64 = arg.parse().unwrap_or(1000);
                 custom.before_ready = Some(Box::new(move |_| {
                     std::thread::sleep(Duration::from_millis(ms));
+                    Ok(())
+                }));
+            }
+            "tls-state" => {
+                let blob: Vec<u8> = if arg == "v2" {
+                    let mut b = b"BTTK\x00\x02\x01".to_vec();
+                    b.extend_from_slice(&[7u8; 56]);
+                    b
+                } else {
+                    b"not a ticket-key state".to_vec()
+                };
+                // Runs after the demo loaded TLS, so it replaces the real
+                // exporter.
+                custom.before_ready = Some(Box::new(move |b| {
+                    b.export_raw(baton_http::TICKET_STATE_NAME, move || Ok(blob.clone()));
                     Ok(())
                 }));
             }
