@@ -39,12 +39,16 @@ fn upgrade_reply(s: &TlsServer) -> Reply {
 }
 
 /// Upgrade through the control socket and wait until the old process is
-/// gone.
+/// gone and the new one knows it (until then it refuses to upgrade).
 fn upgrade(s: &TlsServer) -> UpgradeReport {
     match upgrade_reply(s) {
         Reply::Upgraded(r) => {
             wait_for(T, "the old generation to exit", || {
                 (!proc::alive(r.old_pid)).then_some(())
+            });
+            wait_for(T, "the new generation to see its predecessor gone", || {
+                let st = baton_tests::control_status(&s.server.control);
+                (!st.notes.iter().any(|n| n.contains("still draining"))).then_some(())
             });
             r
         }
