@@ -35,13 +35,14 @@
 //!
 //! ## HTTPS (feature `tls`)
 //!
-//! [`Server::serve_tls`] serves a listener over TLS with rustls: ALPN `h2`
+//! `Server::serve_tls` serves a listener over TLS with rustls: ALPN `h2`
 //! and `http/1.1`, certificates read afresh by each generation
-//! ([`Tls::load`]), session-ticket keys carried to the next generation in
+//! (`Tls::load`), session-ticket keys carried to the next generation in
 //! memory so clients resume their sessions after an upgrade. A TLS
-//! connection cannot be handed over (no kTLS here, and rustls cannot export
-//! a live session): it finishes on the old generation, closing politely at
-//! a moment spread over [`TlsConfig::close_spread`]. See the `tls` module.
+//! connection cannot be handed over (no kTLS here, and rustls cannot take
+//! a live session back in): it finishes on the old generation, closing
+//! politely at a moment spread over `TlsConfig::close_spread`. The `tls`
+//! module tells the whole story.
 //!
 //! An axum `Router` is served through
 //! `hyper_util::service::TowerToHyperService::new(router)` (see the README
@@ -65,7 +66,7 @@ mod count;
 mod error;
 mod io;
 #[cfg(feature = "tls")]
-mod tls;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;

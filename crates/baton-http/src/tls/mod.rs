@@ -3,22 +3,38 @@
 //! ## What happens to TLS connections at an upgrade
 //!
 //! A TLS connection cannot move to the new generation: its session keys
-//! live in this process's rustls state, rustls cannot export a live session,
-//! and kernel TLS (which would let the socket carry its keys) is not
-//! available here. So TLS connections **finish on the old generation**,
-//! after the new one serves, each at its own moment within
-//! [`TlsConfig::close_spread`] (so clients do not all reconnect at once):
+//! and record sequence numbers live in this process's rustls state, and
+//! rustls cannot take a live session back in. Moving one would take kernel
+//! TLS (kTLS: rustls can hand its secrets to the kernel, and the socket
+//! would then carry the session), which this machine's kernel lacks, plus
+//! serving HTTP over a kTLS socket instead of through rustls. So TLS
+//! connections **finish on the old generation**, after the new one serves,
+//! each at its own moment within [`TlsConfig::close_spread`] (so clients do
+//! not all reconnect at once):
 //!
-//! * HTTP/1.1: the next response carries `Connection: close`, then
-//!   `close_notify`. A connection that is idle at its moment is closed with
-//!   `close_notify` once it has been quiet for [`TlsConfig::close_quiet`] —
-//!   a client in a request loop never sees its connection close under a
-//!   request it just sent.
+//! * HTTP/1.1: from its moment on, every response carries `Connection:
+//!   close`, and the connection ends after it with `close_notify`. A
+//!   connection that is idle at its moment is closed with `close_notify`
+//!   once nothing has moved on it for [`TlsConfig::close_quiet`] — a client
+//!   in a request loop never sees its connection close under a request it
+//!   just sent.
 //! * HTTP/2: a two-phase GOAWAY; open streams finish, then `close_notify`.
 //!
 //! Clients reconnect to the new generation, and thanks to the carried
 //! session-ticket keys ([`TICKET_STATE_NAME`]) they resume their session
 //! instead of doing a full handshake.
+//!
+//! ## Session tickets
+//!
+//! Tickets (TLS 1.3 and TLS 1.2) are encrypted with keys this crate owns,
+//! kept in memory only: [`Tls::load`] takes them over from the previous
+//! generation through baton's state channel (named [`TICKET_STATE_NAME`])
+//! and registers them for the next one. The current key encrypts, the
+//! previous one still decrypts; the key changes every
+//! [`TlsConfig::ticket_rotation`], and the keys' creation times travel with
+//! them, so the schedule does not restart at each upgrade. The state is
+//! versioned; one this build cannot read is [`Error::TicketState`] (report
+//! it with [`Baton::fail`]: the upgrade rolls back).
 //!
 //! ## Certificates
 //!
@@ -186,6 +202,11 @@ impl Tls {
                 ))
             })?;
         server.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        tracing::info!(
+            cert = %config.cert_chain.display(),
+            key = %config.private_key.display(),
+            "TLS certificate loaded"
+        );
 
         let now = tickets::now_ms();
         let ticketer = match baton.import_raw(TICKET_STATE_NAME).await? {
@@ -206,11 +227,6 @@ impl Tls {
         baton.export_raw(TICKET_STATE_NAME, move || {
             Ok(ticketer.export(tickets::now_ms()))
         });
-        tracing::info!(
-            cert = %config.cert_chain.display(),
-            key = %config.private_key.display(),
-            "TLS certificate loaded"
-        );
         Ok(Tls {
             inner: Arc::new(TlsInner {
                 acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
