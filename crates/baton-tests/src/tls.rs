@@ -343,6 +343,9 @@ pub struct PyStats {
     pub refused: u64,
     /// Connections the server ended after a complete response.
     pub server_closes: u64,
+    /// Kept-alive connections found closed by the server before reuse
+    /// (the client was silent for longer than the server's quiet period).
+    pub idle_closes: u64,
     /// How those connections ended (`clean` = close_notify).
     pub close_endings: BTreeMap<String, u64>,
     pub reconnects: u64,
@@ -371,6 +374,7 @@ impl PyStats {
             wrong: n("wrong"),
             refused: n("refused"),
             server_closes: n("server_closes"),
+            idle_closes: n("idle_closes"),
             close_endings: v["close_endings"]
                 .as_object()
                 .unwrap()

@@ -9,8 +9,13 @@ Standard library only. No retries: every request is counted once.
       cleanly after a complete response (HTTP/1.1: `Connection: close`;
       HTTP/2: GOAWAY) — the client then reads to the end and records whether
       the TLS stream ended with close_notify — and the next connection
-      offers the previous TLS session (counts resumptions). Prints
-      {"progress": n} lines while running and one {"final": {...}} line.
+      offers the previous TLS session (counts resumptions). Like curl,
+      urllib3 or a browser, an HTTP/1.1 client checks a kept-alive
+      connection before reusing it: if the server has closed it meanwhile
+      (a thread that was starved of CPU for longer than the server's quiet
+      period), it counts that apart (`idle_closes`) and opens a new one; no
+      request is ever sent twice. Prints {"progress": n} lines while
+      running and one {"final": {...}} line.
 
   tls_client.py session --port P --ca CA
       Commands on stdin, one JSON line answered on stdout for each:
@@ -81,6 +86,30 @@ class H1:
     def __init__(self, s):
         self.s = s
         self.buf = b""
+
+    def closed_by_server(self):
+        """Before reusing the connection (what urllib3's
+        is_connection_dropped does): has the server closed it? Returns how it
+        ended, or None if it is still open."""
+        if self.buf or self.s.pending():
+            return None
+        if not select.select([self.s], [], [], 0)[0]:
+            return None
+        self.s.setblocking(False)
+        try:
+            d = self.s.recv(65536)
+            if d:
+                self.buf += d
+                return None
+            return "clean"
+        except ssl.SSLWantReadError:
+            return None  # a TLS record that carried no data
+        except ssl.SSLEOFError:
+            return "eof-without-close_notify"
+        except OSError as e:
+            return "error: %r" % (e,)
+        finally:
+            self.s.settimeout(TIMEOUT)
 
     def fill(self):
         d = self.s.recv(65536)
@@ -238,6 +267,7 @@ class Stats:
         self.lock = threading.Lock()
         self.ok = self.failed = self.wrong = self.refused = 0
         self.server_closes = 0
+        self.idle_closes = 0
         self.close_endings = {}
         self.reconnects = self.reconnects_resumed = 0
         self.handed_over = 0
@@ -285,10 +315,22 @@ def load_worker(args, stats, stop):
                         stats.reconnects += 1
                         stats.reconnects_resumed += int(s.session_reused)
                 conn = H2(s) if args.proto == "h2" else H1(s)
+                conn.reused = False
+            if args.proto == "h1" and conn.reused:
+                ending = conn.closed_by_server()
+                if ending is not None:
+                    session = conn.s.session or session
+                    conn.s.close()
+                    conn = None
+                    with stats.lock:
+                        stats.idle_closes += 1
+                        stats.close_endings[ending] = stats.close_endings.get(ending, 0) + 1
+                    continue
             if args.proto == "h2":
                 status, body = conn.get("/version")
                 closing = conn.goaway is not None
             else:
+                conn.reused = True
                 status, headers, body = conn.get("/version")
                 closing = headers.get("connection", "").lower() == "close"
         except StreamRefused as e:
@@ -353,6 +395,7 @@ def run_load(args):
         print(json.dumps({"final": {
             "ok": stats.ok, "failed": stats.failed, "wrong": stats.wrong,
             "refused": stats.refused, "server_closes": stats.server_closes,
+            "idle_closes": stats.idle_closes,
             "close_endings": stats.close_endings, "reconnects": stats.reconnects,
             "reconnects_resumed": stats.reconnects_resumed,
             "handed_over": stats.handed_over, "errors": stats.errors,

@@ -178,7 +178,7 @@ fn curl_http1_and_http2_over_https_fail_nothing_across_ten_upgrades() {
             "{name}: curl silently retried a request on a dead connection"
         );
         assert!(
-            st.connects - st.runs >= 5,
+            st.connects - st.runs >= 3,
             "{name}: drains ended connections in the middle of curl runs"
         );
         assert!(
@@ -458,6 +458,9 @@ fn idle_tls_connections_close_cleanly_spread_out_after_the_new_generation_serves
     let idle = PyIdle::start(&s, N, Duration::from_secs(60));
     let old = s.server.pid() as u64;
     assert!(idle.pids.iter().all(|p| *p == old));
+    // Idle for longer than the quiet period (1 s), so each closes at its
+    // own moment in the spread.
+    std::thread::sleep(Duration::from_millis(1500));
     let t0 = Instant::now();
     let r = upgrade(&s);
     eprintln!("drain {} ms, total {:?}", r.drain_ms, t0.elapsed());

@@ -63,8 +63,10 @@ use tickets::Ticketer;
 
 /// Default [`TlsConfig::close_spread`].
 pub const DEFAULT_CLOSE_SPREAD: Duration = Duration::from_secs(1);
-/// Default [`TlsConfig::close_quiet`].
-pub const DEFAULT_CLOSE_QUIET: Duration = Duration::from_millis(250);
+/// Default [`TlsConfig::close_quiet`]: long enough that a client in a
+/// request loop, even one starved of CPU for a while, gets its next response
+/// with `Connection: close` rather than an idle close.
+pub const DEFAULT_CLOSE_QUIET: Duration = Duration::from_secs(1);
 /// Default [`TlsConfig::ticket_rotation`] (tickets then live 6 to 12 hours,
 /// like rustls' own ticketer).
 pub const DEFAULT_TICKET_ROTATION: Duration = Duration::from_secs(6 * 3600);
