@@ -85,9 +85,16 @@ pub enum LogFormat {
         process drains and exits. If the new one fails, the old one keeps serving.\n\n\
         Endpoints: GET / (hello, version, generation, pid), GET /version (JSON), GET /slow?ms=N, \
         POST /echo, GET /health, POST|GET /counter, PUT|GET|DELETE /kv/{key}, GET /state. \
-        The counter and the key-value cache are carried across upgrades.",
+        The counter and the key-value cache are carried across upgrades.\n\n\
+        With --tls-cert and --tls-key, listeners serve HTTPS (HTTP/2 or HTTP/1.1 by ALPN). Each generation \
+        reads the certificate files at start, so replacing them and upgrading rotates the certificate; \
+        session-ticket keys are carried to the new generation in memory, so clients resume their TLS \
+        sessions. TLS connections cannot move to the new generation: they finish on the old one, \
+        closing at moments spread over --close-spread.",
     after_help = "Examples:\n  baton-demo --listen 127.0.0.1:8080 --pid-file demo.pid\n  \
-        baton-demo --listen http=[::1]:8080 --listen admin=unix:/tmp/demo.sock --control /tmp/demo/ctl.sock"
+        baton-demo --listen http=[::1]:8080 --listen admin=unix:/tmp/demo.sock --control /tmp/demo/ctl.sock\n  \
+        baton-demo --listen http=127.0.0.1:8080 --listen https=127.0.0.1:8443 --tls-listener https \\\n      \
+        --tls-cert cert.pem --tls-key key.pem"
 )]
 pub struct Args {
     /// Where to listen, repeatable: [NAME=]ADDR with ADDR = IP:PORT
@@ -169,6 +176,28 @@ pub struct Args {
     /// Do not export or import the demo state (counter, cache).
     #[arg(long)]
     pub no_state: bool,
+    /// Serve HTTPS with this PEM certificate chain (leaf first). Read
+    /// afresh by every generation: replace the file and upgrade to rotate
+    /// the certificate; a missing or malformed file makes the upgrade roll
+    /// back.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve TLS only on the listener with this name (repeatable); the
+    /// others stay plain HTTP. Default: every listener serves TLS.
+    #[arg(long = "tls-listener", value_name = "NAME", requires = "tls_cert")]
+    pub tls_listeners: Vec<String>,
+    /// During an upgrade, TLS connections close (HTTP/1.1: `Connection:
+    /// close` or `close_notify`; HTTP/2: GOAWAY) at moments spread over this
+    /// window after the new generation serves [default: 1s].
+    #[arg(long, value_name = "DUR", value_parser = parse_dur)]
+    pub close_spread: Option<Duration>,
+    /// How often the TLS session-ticket key changes; tickets stay valid for
+    /// one to two periods, across upgrades [default: 6h].
+    #[arg(long, value_name = "DUR", value_parser = parse_dur)]
+    pub tls_ticket_rotation: Option<Duration>,
     /// Log filter, e.g. `info`, `debug`, `baton=debug,info`.
     #[arg(long, value_name = "FILTER", default_value = "info", env = "BATON_LOG")]
     pub log: String,
@@ -340,6 +369,15 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
         }
     }
 
+    let tls = match load_tls(&args, &specs, &baton).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            // Before ready(): the upgrade rolls back with this reason.
+            baton.fail(&e.to_string()).await;
+            return Err(e);
+        }
+    };
+
     // Everything that does not depend on state is ready: now import it (the
     // old generation snapshots as late as possible).
     let schema_version = custom.state_schema.unwrap_or(1);
@@ -381,8 +419,17 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
     let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&app), req));
     let server = baton_http::Server::new(&baton, svc);
     for l in listeners {
-        tracing::info!(listener = l.name(), addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
-        server.serve(l);
+        let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        match &tls {
+            Some((tls, names)) if names.is_empty() || names.iter().any(|n| n == l.name()) => {
+                tracing::info!(listener = l.name(), %addr, "listening (HTTPS)");
+                server.serve_tls(l, tls);
+            }
+            _ => {
+                tracing::info!(listener = l.name(), %addr, "listening");
+                server.serve(l);
+            }
+        }
     }
 
     // Signal handlers before readiness: a deploy script may signal as soon as
@@ -460,6 +507,43 @@ fn export_state(baton: &Baton, state: &Arc<Mutex<StateV2>>, version: u32, garbag
     } else {
         baton.export_state(STATE_NAME, schema, move || lock_state(&st).clone());
     }
+}
+
+/// Load the TLS settings if asked for: the certificate files, and the
+/// session-ticket keys of the previous generation. Returns them with the
+/// names of the listeners that serve TLS (empty: all).
+async fn load_tls(
+    args: &Args,
+    specs: &[ListenSpec],
+    baton: &Baton,
+) -> anyhow::Result<Option<(baton_http::Tls, Vec<String>)>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    for name in &args.tls_listeners {
+        if !specs.iter().any(|s| &s.name == name) {
+            anyhow::bail!(
+                "--tls-listener {name}: there is no listener named {name} (see --listen NAME=ADDR)"
+            );
+        }
+    }
+    let mut cfg = baton_http::TlsConfig::new(cert, key);
+    if let Some(d) = args.close_spread {
+        cfg.close_spread = d;
+    }
+    if let Some(d) = args.tls_ticket_rotation {
+        cfg.ticket_rotation = d;
+    }
+    if cfg.close_spread >= args.drain_timeout {
+        anyhow::bail!(
+            "--close-spread ({:?}) must be shorter than --drain-timeout ({:?}): TLS connections \
+             still open at the drain deadline are cut",
+            cfg.close_spread,
+            args.drain_timeout
+        );
+    }
+    let tls = baton_http::Tls::load(baton, cfg).await?;
+    Ok(Some((tls, args.tls_listeners.clone())))
 }
 
 fn install_stop_signals(baton: &Baton) -> anyhow::Result<()> {
@@ -578,6 +662,8 @@ async fn handle(
                 "pid": app.pid,
                 "peer": info.map(baton_http::ConnInfo::peer_string),
                 "handed_over": info.map(|i| i.handed_over),
+                "tls": info.map(|i| i.tls),
+                "http": format!("{:?}", req.version()),
             });
             let mut r = text(StatusCode::OK, format!("{body}\n"));
             r.headers_mut().insert(

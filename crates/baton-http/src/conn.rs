@@ -199,6 +199,7 @@ where
         inner: shared.service.clone(),
         conn: Arc::new(AtomicUsize::new(0)),
         global: Arc::clone(&shared.in_flight),
+        close_next: None,
         info: info.clone(),
     };
     let conn = http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(io), svc);
@@ -251,6 +252,7 @@ where
         inner: shared.service.clone(),
         conn: Arc::clone(&in_flight),
         global: Arc::clone(&shared.in_flight),
+        close_next: None,
         info: info.clone(),
     };
     let flags = io.flags();

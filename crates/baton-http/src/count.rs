@@ -1,11 +1,18 @@
 //! Counting requests in flight: hyper has no "is idle" query, so a service
 //! wrapper counts each request from the call until its response body is
 //! dropped (hyper drops it once the last frame is written).
+//!
+//! For TLS connections it can also end the connection after the next
+//! response (`close_next`): once that flag is set, every response the
+//! handler returns gets `Connection: close` before hyper writes its head
+//! (hyper then closes the connection after the body). Deciding when the
+//! response is produced cannot race: hyper calls the handler and writes the
+//! head in one poll, often before a connection task could look.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -47,6 +54,8 @@ pub(crate) struct Counted<S> {
     pub(crate) inner: S,
     pub(crate) conn: Arc<AtomicUsize>,
     pub(crate) global: Arc<baton::Activity>,
+    /// Once set, responses carry `Connection: close` (TLS connections).
+    pub(crate) close_next: Option<Arc<AtomicBool>>,
     pub(crate) info: ConnInfo,
 }
 
@@ -62,6 +71,7 @@ where
         req.extensions_mut().insert(self.info.clone());
         let guard = InFlight::new(&self.conn, &self.global);
         CountedFuture {
+            close_next: self.close_next.clone(),
             fut: self.inner.call(req),
             guard: Some(guard),
         }
@@ -74,6 +84,7 @@ pin_project_lite::pin_project! {
         #[pin]
         fut: F,
         guard: Option<InFlight>,
+        close_next: Option<Arc<AtomicBool>>,
     }
 }
 
@@ -91,7 +102,18 @@ where
                 this.guard.take();
                 Poll::Ready(Err(e))
             }
-            Poll::Ready(Ok(resp)) => {
+            Poll::Ready(Ok(mut resp)) => {
+                if this
+                    .close_next
+                    .as_ref()
+                    .is_some_and(|c| c.load(Ordering::SeqCst))
+                    && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 let guard = this.guard.take();
                 if let Some(g) = &guard {
                     g.global.response(resp.status().as_u16());

@@ -10,13 +10,21 @@
 //!   the connection is waiting for the client.
 //!
 //! It also holds a task-tracker token, so an upgraded connection (WebSocket)
-//! keeps the draining generation alive until it closes.
+//! keeps the draining generation alive until it closes, and it records when
+//! the connection last moved a byte (a TLS connection is closed only after
+//! it has been quiet for a while).
+//!
+//! The transport is a plain [`Stream`] (which can be handed over) or, with
+//! the `tls` feature, a TLS stream over one (which cannot).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use baton::{Phase, Stream};
 use bytes::{Buf, Bytes, BytesMut};
@@ -25,10 +33,32 @@ use tokio::sync::watch;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// What the connection task needs to see while hyper owns the I/O.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct IoFlags {
     dirty: AtomicBool,
     read_blocked: AtomicBool,
+    /// Milliseconds since [`clock_base`] when a byte last moved either way.
+    last_activity_ms: AtomicU64,
+}
+
+impl Default for IoFlags {
+    fn default() -> Self {
+        IoFlags {
+            dirty: AtomicBool::new(false),
+            read_blocked: AtomicBool::new(false),
+            last_activity_ms: AtomicU64::new(clock_ms()),
+        }
+    }
+}
+
+/// A process-wide monotonic origin for [`IoFlags::last_activity_ms`].
+fn clock_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+fn clock_ms() -> u64 {
+    clock_base().elapsed().as_millis() as u64
 }
 
 impl IoFlags {
@@ -37,12 +67,23 @@ impl IoFlags {
     pub(crate) fn waiting_for_client(&self) -> bool {
         !self.dirty.load(Ordering::Relaxed) && self.read_blocked.load(Ordering::Relaxed)
     }
+
+    /// How long since a byte last moved on this connection.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn quiet_for(&self) -> Duration {
+        let last = self.last_activity_ms.load(Ordering::Relaxed);
+        Duration::from_millis(clock_ms().saturating_sub(last))
+    }
+
+    fn touch(&self) {
+        self.last_activity_ms.store(clock_ms(), Ordering::Relaxed);
+    }
 }
 
 /// See the module docs.
 #[derive(Debug)]
-pub(crate) struct ConnIo {
-    stream: Stream,
+pub(crate) struct ConnIo<T = Stream> {
+    stream: T,
     replay: BytesMut,
     flags: Arc<IoFlags>,
     /// While the generation is quiesced (exact state snapshot) reads are
@@ -52,9 +93,9 @@ pub(crate) struct ConnIo {
     _token: TaskTrackerToken,
 }
 
-impl ConnIo {
+impl<T> ConnIo<T> {
     pub(crate) fn new(
-        stream: Stream,
+        stream: T,
         prefix: Bytes,
         token: TaskTrackerToken,
         phase: watch::Receiver<Phase>,
@@ -82,7 +123,9 @@ impl ConnIo {
     pub(crate) fn replay(&self) -> &[u8] {
         &self.replay
     }
+}
 
+impl ConnIo<Stream> {
     /// Read more from the socket into the replay buffer (for sniffing).
     /// Returns the number of bytes read (0 = EOF).
     pub(crate) async fn fill(&mut self) -> io::Result<usize> {
@@ -103,7 +146,7 @@ impl ConnIo {
     }
 }
 
-impl AsyncRead for ConnIo {
+impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -130,6 +173,7 @@ impl AsyncRead for ConnIo {
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
                     this.flags.read_blocked.store(false, Ordering::Relaxed);
+                    this.flags.touch();
                 }
                 Poll::Ready(r)
             }
@@ -137,7 +181,7 @@ impl AsyncRead for ConnIo {
     }
 }
 
-impl AsyncWrite for ConnIo {
+impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -145,6 +189,7 @@ impl AsyncWrite for ConnIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.flags.dirty.store(true, Ordering::Relaxed);
+        this.flags.touch();
         Pin::new(&mut this.stream).poll_write(cx, data)
     }
 
@@ -155,16 +200,18 @@ impl AsyncWrite for ConnIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.flags.dirty.store(true, Ordering::Relaxed);
+        this.flags.touch();
         Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.stream).poll_flush(cx);
+        // Not activity: hyper flushes on every poll, busy or not.
         if matches!(r, Poll::Ready(Ok(()))) {
             this.flags.dirty.store(false, Ordering::Relaxed);
         }

@@ -33,6 +33,17 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## HTTPS (feature `tls`)
+//!
+//! `Server::serve_tls` serves a listener over TLS with rustls: ALPN `h2`
+//! and `http/1.1`, certificates read afresh by each generation
+//! (`Tls::load`), session-ticket keys carried to the next generation in
+//! memory so clients resume their sessions after an upgrade. A TLS
+//! connection cannot be handed over (no kTLS here, and rustls cannot take
+//! a live session back in): it finishes on the old generation, closing
+//! politely at a moment spread over `TlsConfig::close_spread`. The `tls`
+//! module tells the whole story.
+//!
 //! An axum `Router` is served through
 //! `hyper_util::service::TowerToHyperService::new(router)` (see the README
 //! and `examples/axum.rs`).
@@ -52,7 +63,10 @@
 
 mod conn;
 mod count;
+mod error;
 mod io;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,7 +74,13 @@ use std::time::Duration;
 use baton::{Baton, Listener, StreamAddr};
 use hyper::server::conn::http1;
 
+pub use error::Error;
 pub use hyper_util::service::TowerToHyperService;
+#[cfg(feature = "tls")]
+pub use tls::{
+    DEFAULT_CLOSE_QUIET, DEFAULT_CLOSE_SPREAD, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_TICKET_ROTATION,
+    MAX_TICKET_ROTATION, MIN_TICKET_ROTATION, TICKET_STATE_NAME, Tls, TlsConfig,
+};
 
 /// Facts about the connection a request arrived on, in the request's
 /// extensions.
@@ -68,7 +88,7 @@ pub use hyper_util::service::TowerToHyperService;
 /// ```
 /// # fn f(req: &http::Request<()>) {
 /// if let Some(info) = req.extensions().get::<baton_http::ConnInfo>() {
-///     println!("{} via {} (handed over: {})", info.peer_string(), info.listener, info.handed_over);
+///     println!("{} via {} (handed over: {}, TLS: {})", info.peer_string(), info.listener, info.handed_over, info.tls);
 /// }
 /// # }
 /// ```
@@ -80,6 +100,8 @@ pub struct ConnInfo {
     pub listener: String,
     /// It was accepted by a previous generation and handed to this one.
     pub handed_over: bool,
+    /// It is a TLS connection (never handed over).
+    pub tls: bool,
 }
 
 impl ConnInfo {
@@ -151,6 +173,7 @@ where
                         peer: c.stream.peer_addr().ok(),
                         listener: c.listener.clone(),
                         handed_over: true,
+                        tls: false,
                     };
                     let _ = c.stream.set_nodelay(true);
                     let shared2 = Arc::clone(&shared);
@@ -167,6 +190,31 @@ where
     /// Accept and serve connections on `listener` (in a background task)
     /// while this generation serves.
     pub fn serve(&self, listener: Listener) {
+        self.accept_loop(listener, |shared, stream, info| {
+            let tracker = shared.baton.tracker().clone();
+            tracker.spawn(conn::serve(shared, stream, Vec::new(), info));
+        });
+    }
+
+    /// Accept connections on `listener` and serve them over TLS (in a
+    /// background task) while this generation serves. HTTP/2 or HTTP/1.1 is
+    /// chosen by ALPN. These connections are never handed over: they finish
+    /// here when the generation drains (see [`Tls`]).
+    #[cfg(feature = "tls")]
+    pub fn serve_tls(&self, listener: Listener, tls: &Tls) {
+        let tls = Arc::clone(tls.inner());
+        self.accept_loop(listener, move |shared, stream, mut info| {
+            info.tls = true;
+            let tracker = shared.baton.tracker().clone();
+            tracker.spawn(tls::serve(shared, Arc::clone(&tls), stream, info));
+        });
+    }
+
+    fn accept_loop(
+        &self,
+        listener: Listener,
+        on_conn: impl Fn(Arc<Shared<S>>, baton::Stream, ConnInfo) + Send + 'static,
+    ) {
         let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
             let name = listener.name().to_owned();
@@ -179,14 +227,9 @@ where
                             peer: Some(peer),
                             listener: name.clone(),
                             handed_over: false,
+                            tls: false,
                         };
-                        let shared2 = Arc::clone(&shared);
-                        shared.baton.tracker().spawn(conn::serve(
-                            shared2,
-                            stream,
-                            Vec::new(),
-                            info,
-                        ));
+                        on_conn(Arc::clone(&shared), stream, info);
                     }
                     Err(e) => {
                         // EMFILE and friends: log at most once a second, back

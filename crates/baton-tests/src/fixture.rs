@@ -18,6 +18,9 @@
 //! * `state-fill:BYTES` — put BYTES of filler in the cache at start.
 //! * `health-bad-after:MS` — `GET /health` answers 503 from MS after start.
 //! * `error-rate:PCT` — answer 500 to PCT % of requests (every n-th).
+//! * `tls-state:garbage` / `tls-state:v2` — export, for the *next*
+//!   generation, TLS session-ticket state that is not a ticket-key state at
+//!   all / claims format version 2 (so that generation must refuse it).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -111,6 +114,21 @@ pub fn main(version: &str) -> ExitCode {
             "export-garbage" => custom.export_garbage = true,
             "state-limit" => custom.state_limit = arg.parse().ok(),
             "state-fill" => custom.state_fill = arg.parse().ok(),
+            "tls-state" => {
+                let blob: Vec<u8> = if arg == "v2" {
+                    let mut b = b"BTTK\x00\x02\x01".to_vec();
+                    b.extend_from_slice(&[7u8; 56]);
+                    b
+                } else {
+                    b"not a ticket-key state".to_vec()
+                };
+                // Runs after the demo loaded TLS, so it replaces the real
+                // exporter.
+                custom.before_ready = Some(Box::new(move |b| {
+                    b.export_raw(baton_http::TICKET_STATE_NAME, move || Ok(blob.clone()));
+                    Ok(())
+                }));
+            }
             "exit-at" | "stop-at" => match HandoffPoint::from_name(arg) {
                 Some(p) => hooks.push((p, name == "stop-at")),
                 None => eprintln!("fixture: unknown handoff point {arg}"),

@@ -4,7 +4,9 @@
 //!
 //! The test process makes itself a child subreaper and reaps every orphan
 //! in a background thread, so "no zombie" never depends on the machine's
-//! PID 1 (old generations are reparented to the test).
+//! PID 1 (old generations are reparented to the test). Children the test
+//! waits for itself ([`spawn_owned`], [`output`]) are left to their owner:
+//! a reaper that took them would leave `try_wait` waiting forever.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -14,7 +16,9 @@ pub mod http;
 pub mod load;
 pub mod notify;
 pub mod proc;
+pub mod tls;
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -31,12 +35,47 @@ pub fn init() {
             .name("reaper".into())
             .spawn(|| {
                 loop {
-                    while let Ok(Some(_)) = baton::sys::reap_any() {}
+                    reap_orphans();
                     std::thread::sleep(Duration::from_millis(20));
                 }
             })
             .expect("reaper thread");
     });
+}
+
+/// Children whose owner waits for them (the reaper leaves them alone).
+static OWNED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+fn reap_orphans() {
+    let mut owned = OWNED.lock().unwrap_or_else(|p| p.into_inner());
+    // Forget children their owner has reaped.
+    owned.retain(|p| Path::new(&format!("/proc/{p}")).exists());
+    if owned.is_empty() {
+        while let Ok(Some(_)) = baton::sys::reap_any() {}
+        return;
+    }
+    for pid in own_children() {
+        if !owned.contains(&pid)
+            && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
+        {
+            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG);
+        }
+    }
+}
+
+/// This process's children (zombies included), from every thread's list.
+fn own_children() -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 /// Held while this test process forks or writes a file that will be
@@ -51,12 +90,19 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
+/// Spawn a command under the exec lock, for a caller that waits for it
+/// itself (`wait`, `try_wait`): the reaper thread leaves it alone.
+pub fn spawn_owned(cmd: &mut Command) -> std::io::Result<Child> {
+    let _g = EXEC_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let mut owned = OWNED.lock().unwrap_or_else(|p| p.into_inner());
+    let child = cmd.spawn()?;
+    owned.insert(child.id());
+    Ok(child)
+}
+
 /// Run a command to completion under the exec lock (for the fork).
 pub fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
-    let child = {
-        let _g = EXEC_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?
-    };
+    let child = spawn_owned(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?;
     child.wait_with_output()
 }
 

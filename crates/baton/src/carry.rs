@@ -111,6 +111,7 @@ pub(crate) struct Histograms {
 #[derive(Debug, Clone)]
 pub(crate) struct AppCounter {
     pub(crate) name: String,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) help: String,
     pub(crate) value: Arc<AtomicU64>,
 }

@@ -134,6 +134,7 @@ pub(crate) struct Inner {
     pub(crate) control_tasks: TaskTracker,
     pub(crate) notes: Mutex<Vec<String>>,
     pub(crate) successor_pid: Mutex<Option<u32>>,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) started_unix_secs: u64,
     pub(crate) histograms: crate::carry::Histograms,
     pub(crate) app_counters: Mutex<Vec<crate::carry::AppCounter>>,

@@ -35,6 +35,9 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the old generation waits for control replies to be written
 /// before it exits.
 const CONTROL_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long to read what a new generation sent before it exited (its
+/// `Failed` reason), once its exit was seen.
+const LAST_WORDS_TIMEOUT: Duration = Duration::from_secs(1);
 
 type UpgradeFuture = Pin<Box<dyn Future<Output = Result<UpgradeReport, Error>> + Send>>;
 
@@ -422,17 +425,27 @@ async fn run_upgrade(
         let source = Exporters(&inner);
         let me = hello(&inner.config.app_version, inner.generation);
         let hs = old.handshake(me, &listeners, &source, &mut log);
+        tokio::pin!(hs);
         tokio::select! {
-            r = tokio::time::timeout(ready_timeout, hs) => match r {
+            r = tokio::time::timeout(ready_timeout, &mut hs) => match r {
                 Ok(r) => r,
                 Err(_) => Err(Error::Failed(format!(
                     "the new generation (pid {new_pid}) was not ready within {ready_timeout:?} (ready timeout)"
                 ))),
             },
-            st = child.wait() => Err(Error::Failed(format!(
-                "the new generation (pid {new_pid}) exited before it was ready ({})",
-                describe_exit(&st)
-            ))),
+            st = child.wait() => {
+                // A new generation that cannot start says why (`Failed`) and
+                // exits at once: its exit can be seen before its last
+                // message is read. Read what it sent before it went (its end
+                // of the channel is closed, so this ends at once).
+                match tokio::time::timeout(LAST_WORDS_TIMEOUT, &mut hs).await {
+                    Ok(Err(e @ Error::Failed(_))) => Err(e),
+                    _ => Err(Error::Failed(format!(
+                        "the new generation (pid {new_pid}) exited before it was ready ({})",
+                        describe_exit(&st)
+                    ))),
+                }
+            }
         }
     };
     let info = match handshake {
