@@ -72,12 +72,7 @@ pub(crate) async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut io = ConnIo::new(
-        stream,
-        Bytes::from(prefix),
-        shared.baton.tracker().token(),
-        shared.baton.phase_watch(),
-    );
+    let mut io = ConnIo::new(stream, Bytes::from(prefix), &shared.baton);
     let mut phase = shared.baton.drain_signal();
     // After a refused handoff this connection finishes here (it is not
     // offered again, which could loop).
@@ -175,8 +170,7 @@ async fn detach<S>(
             Some(ConnIo::new(
                 back.stream,
                 Bytes::from(back.prefix),
-                shared.baton.tracker().token(),
-                shared.baton.phase_watch(),
+                &shared.baton,
             ))
         }
     }

@@ -30,7 +30,6 @@ use baton::{Phase, Stream};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
-use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// What the connection task needs to see while hyper owns the I/O.
 #[derive(Debug)]
@@ -90,16 +89,12 @@ pub(crate) struct ConnIo<T = Stream> {
     /// held: no new request starts. The connection task re-polls on every
     /// phase change.
     phase: watch::Receiver<Phase>,
-    _token: TaskTrackerToken,
+    _token: baton::ConnectionToken,
 }
 
 impl<T> ConnIo<T> {
-    pub(crate) fn new(
-        stream: T,
-        prefix: Bytes,
-        token: TaskTrackerToken,
-        phase: watch::Receiver<Phase>,
-    ) -> Self {
+    pub(crate) fn new(stream: T, prefix: Bytes, baton: &baton::Baton) -> Self {
+        let (token, phase) = (baton.connection_token(), baton.phase_watch());
         ConnIo {
             stream,
             replay: BytesMut::from(&prefix[..]),

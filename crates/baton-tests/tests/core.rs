@@ -389,3 +389,43 @@ fn stale_listen_fds_in_the_environment_are_not_passed_on() {
         "LISTEN_PID leaked into the new generation"
     );
 }
+
+#[test]
+fn a_request_longer_than_the_drain_timeout_is_cut_and_counted() {
+    let s = Server::start_with(
+        fixture(),
+        "deadline",
+        ServerOpts {
+            args: vec!["--drain-timeout".into(), "1s".into()],
+            ..ServerOpts::default()
+        },
+    );
+    let addr = s.addr;
+    let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=10000"));
+    std::thread::sleep(Duration::from_millis(200));
+    let reply = baton_tests::block_on(async {
+        let c = baton::control::Client::connect(&s.control).await.unwrap();
+        c.call(
+            &baton::control::Request::Upgrade(Default::default()),
+            |_| {},
+        )
+        .await
+        .unwrap()
+    });
+    match reply {
+        baton::control::Reply::Upgraded(r) => {
+            assert_eq!(
+                r.closed_at_deadline, 1,
+                "exactly the one slow connection: {r:?}"
+            );
+            assert!(r.drain_ms >= 1000 && r.drain_ms < 3000, "{r:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(slow.join().unwrap().is_err(), "the cut request fails");
+    let st = baton_tests::control_status(&s.control);
+    assert_eq!(
+        st.counters.conns_closed_at_deadline, 1,
+        "carried to the new generation"
+    );
+}

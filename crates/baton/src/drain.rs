@@ -164,13 +164,10 @@ impl Lifecycle {
     }
 
     /// Wait until every tracked connection task finished, or `limit` passed.
-    /// Returns how many were still running at the deadline.
-    pub(crate) async fn wait_drained(&self, limit: Duration) -> usize {
+    /// Returns whether it drained in time.
+    pub(crate) async fn wait_drained(&self, limit: Duration) -> bool {
         self.tracker.close();
-        match tokio::time::timeout(limit, self.drained()).await {
-            Ok(()) => 0,
-            Err(_) => self.tracker.len(),
-        }
+        tokio::time::timeout(limit, self.drained()).await.is_ok()
     }
 }
 

@@ -51,6 +51,26 @@ pub struct Activity {
     pub responses: AtomicU64,
     /// 5xx responses sent since start-up.
     pub errors: AtomicU64,
+    /// Connections open now (held by [`ConnectionToken`]s).
+    pub open_connections: AtomicUsize,
+}
+
+/// Held by a serving layer for each open connection: keeps the drain
+/// waiting (a task-tracker token) and counts the connection, so the drain
+/// deadline can say how many it cut. Drop it when the connection closes or
+/// leaves the process.
+#[derive(Debug)]
+pub struct ConnectionToken {
+    _token: tokio_util::task::task_tracker::TaskTrackerToken,
+    activity: Arc<Activity>,
+}
+
+impl Drop for ConnectionToken {
+    fn drop(&mut self) {
+        self.activity
+            .open_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Activity {
@@ -593,6 +613,18 @@ impl Baton {
         let _ = rx.wait_for(|p| *p == Phase::Done).await;
     }
 
+    /// A token for one open connection (see [`ConnectionToken`]).
+    pub fn connection_token(&self) -> ConnectionToken {
+        self.inner
+            .activity
+            .open_connections
+            .fetch_add(1, Ordering::Relaxed);
+        ConnectionToken {
+            _token: self.inner.life.tracker().token(),
+            activity: Arc::clone(&self.inner.activity),
+        }
+    }
+
     /// The tracker connection tasks must be spawned on: the drain waits for
     /// it to empty.
     pub fn tracker(&self) -> &TaskTracker {
@@ -783,6 +815,15 @@ impl Inner {
             tracing::error!(path = %p.display(), error = %e, "could not write the pid file");
         } else {
             tracing::debug!(path = %p.display(), pid = self.pid, "pid file written");
+        }
+    }
+
+    /// Connections still open at a drain deadline: counted by the serving
+    /// layer's connection tokens, else the tasks on the tracker.
+    pub(crate) fn open_left(&self, tracker: &TaskTracker) -> u64 {
+        match self.activity.open_connections.load(Ordering::Relaxed) {
+            0 => tracker.len() as u64,
+            n => n as u64,
         }
     }
 

@@ -108,7 +108,8 @@ pub use control::{UpgradeOptions, UpgradeReport};
 pub use drain::{DrainSignal, Phase};
 pub use error::Error;
 pub use generation::{
-    Activity, Baton, ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID, write_pid_file,
+    Activity, Baton, ConnectionToken, ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID,
+    write_pid_file,
 };
 pub use handoff::HandoffConn;
 pub use listeners::{Listener, ListenerInfo, Stream, StreamAddr};

@@ -193,7 +193,12 @@ fn begin_shutdown(inner: &Arc<Inner>) {
     let inner = Arc::clone(inner);
     tokio::spawn(async move {
         let t = Instant::now();
-        let left = inner.life.wait_drained(inner.config.drain_timeout).await;
+        let drained = inner.life.wait_drained(inner.config.drain_timeout).await;
+        let left = if drained {
+            0
+        } else {
+            inner.open_left(inner.life.tracker())
+        };
         if left > 0 {
             inner
                 .counters
@@ -1053,7 +1058,7 @@ async fn drain(
                 return DrainEnd::Drained { handed_over, closed: lost_unacked };
             }
             () = tokio::time::sleep_until(deadline) => {
-                let left = tracker.len() as u64;
+                let left = inner.open_left(&tracker);
                 if left > 0 {
                     tracing::warn!(connections = left, "drain timeout reached; closing the connections still open");
                 }
