@@ -104,5 +104,5 @@ pub use drain::{DrainSignal, Phase};
 pub use error::Error;
 pub use generation::{Baton, ENV_HANDOFF_FD, ENV_PARENT_PID, write_pid_file};
 pub use handoff::HandoffConn;
-pub use listeners::{Listener, ListenerInfo, Stream, StreamAddr};
+pub use listeners::{Listener, ListenerInfo, Stream, StreamAddr, bind_unix as bind_unix_listener};
 pub use spawn::{ChildProcess, OsSpawner, SpawnSpec, Spawner};
