@@ -607,6 +607,12 @@ pub fn socket_reuseport(fd: BorrowedFd<'_>) -> io::Result<bool> {
 /// Does not change the socket's flags, which are shared with every process
 /// holding it.
 pub fn accept_queue_nonempty(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    poll_readable_now(fd)
+}
+
+/// Whether an fd polls readable right now (zero timeout): a listener with
+/// queued connections, a pidfd whose process exited, a socket with data.
+pub fn poll_readable_now(fd: BorrowedFd<'_>) -> io::Result<bool> {
     let mut fds = [rustix::event::PollFd::new(
         &fd,
         rustix::event::PollFlags::IN,
