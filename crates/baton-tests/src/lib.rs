@@ -8,18 +8,70 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod apps;
 pub mod fixture;
 pub mod h2load;
 pub mod http;
 pub mod load;
 pub mod proc;
+pub mod supervisor;
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// Children this process waits for itself (`output`, `spawn_owned`): the
+/// reaper leaves them alone, or their owner's `wait` would fail with
+/// ECHILD.
+static OWNED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+fn owned() -> std::sync::MutexGuard<'static, BTreeSet<u32>> {
+    OWNED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Our direct children (orphans reparented to us included), from
+/// `/proc/self/task/*/children`; `None` if the kernel does not have it.
+fn our_children() -> Option<Vec<u32>> {
+    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+    let mut out = Vec::new();
+    let mut any = false;
+    for t in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+            any = true;
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    any.then_some(out)
+}
+
+/// Reap every zombie child nobody else waits for.
+fn reap_orphans() {
+    let Some(children) = our_children() else {
+        // No /proc/PID/task/TID/children: reap anything (owned children may
+        // then see ECHILD).
+        while let Ok(Some(_)) = baton::sys::reap_any() {}
+        return;
+    };
+    let owned = owned();
+    for pid in children {
+        if owned.contains(&pid) || proc::state(pid) != Some('Z') {
+            continue;
+        }
+        if let Some(p) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG);
+        }
+    }
+}
 
 /// Make this test process a subreaper and start the reaper thread (once).
 pub fn init() {
@@ -30,7 +82,7 @@ pub fn init() {
             .name("reaper".into())
             .spawn(|| {
                 loop {
-                    while let Ok(Some(_)) = baton::sys::reap_any() {}
+                    reap_orphans();
                     std::thread::sleep(Duration::from_millis(20));
                 }
             })
@@ -52,11 +104,34 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
 
 /// Run a command to completion under the exec lock (for the fork).
 pub fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    let child = spawn_owned(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?;
+    let pid = child.id();
+    let out = child.wait_with_output();
+    owned().remove(&pid);
+    out
+}
+
+/// Spawn a command whose exit status this test will read with
+/// [`wait_owned`] (the reaper leaves it alone).
+pub fn spawn_owned(cmd: &mut Command) -> std::io::Result<Child> {
+    // Registered under the reaper's lock, so it cannot be reaped between
+    // the fork and the registration.
+    let mut owned = owned();
     let child = {
         let _g = EXEC_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?
+        cmd.spawn()?
     };
-    child.wait_with_output()
+    owned.insert(child.id());
+    Ok(child)
+}
+
+/// Wait up to `timeout` for a child started with [`spawn_owned`].
+pub fn wait_owned(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let st = wait_for_opt(timeout, || child.try_wait().ok().flatten());
+    if st.is_some() {
+        owned().remove(&child.id());
+    }
+    st
 }
 
 /// Copy an executable under the exec lock.
