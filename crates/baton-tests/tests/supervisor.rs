@@ -1020,3 +1020,94 @@ fn socket_activated_baton_uses_the_inherited_socket_and_falls_back_to_sharing_it
     let st = baton_tests::wait_owned(&mut child, T).expect("baton exits");
     assert_eq!(st.code(), Some(0));
 }
+
+/// A crash after a broken deploy of a *script*: baton cannot run a kept
+/// copy of a script, so it refuses to restart, says why, and the next
+/// `baton upgrade` starts the service again.
+#[test]
+fn a_replaced_script_is_not_restarted_and_an_upgrade_brings_the_service_back() {
+    let dir = baton_tests::TestDir::new("script");
+    let app = dir.join("app.sh");
+    let good = format!(
+        "#!/bin/sh\nexec {} {} \"$@\"\n",
+        apps::venv_tool("python").display(),
+        apps::apps_dir().join("pyapp.py").display()
+    );
+    baton_tests::write_exe(&app, good.as_bytes());
+    let sup = Supervised::start(
+        "script",
+        RunOpts {
+            args: s(&["--ready-timeout", "3s"]),
+            command: vec![app.display().to_string()],
+            ..RunOpts::default()
+        },
+    );
+    let v1 = sup.version();
+    let tmp = dir.join("app.new");
+    baton_tests::write_exe(&tmp, b"#!/bin/sh\nexit 1\n");
+    std::fs::rename(&tmp, &app).unwrap();
+    let out = sup.upgrade(&[]);
+    assert_eq!(out.code, 1, "{out:?}");
+    proc::signal(v1.pid, Signal::KILL);
+    let st = wait_for(T, "baton to give up restarting", || {
+        sup.try_status().filter(|s| s.phase == "down")
+    });
+    assert!(
+        st.notes
+            .iter()
+            .any(|n| n.contains("not restarting") && n.contains("app.sh")),
+        "{:?}",
+        st.notes
+    );
+    // Connections wait meanwhile; a good deploy and an upgrade serve them.
+    let addr = sup.addr;
+    let waiting = std::thread::spawn(move || http::get(addr, "/version"));
+    baton_tests::write_exe(&tmp, good.as_bytes());
+    std::fs::rename(&tmp, &app).unwrap();
+    let out = sup.upgrade(&["--json"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let r = waiting
+        .join()
+        .unwrap()
+        .expect("the queued request is served");
+    assert_eq!(r.status, 200);
+    assert_eq!(sup.status().phase, "serving");
+}
+
+/// SIGTERM during an upgrade that is not ready yet: the upgrade is
+/// abandoned (its process killed), the serving generation stops gracefully,
+/// baton exits 0.
+#[test]
+fn sigterm_during_an_upgrade_abandons_it_and_stops() {
+    let mut sup = Supervised::start(
+        "term-upgrade",
+        RunOpts {
+            command: pyapp(&[]),
+            ..RunOpts::default()
+        },
+    );
+    let v1 = sup.version();
+    let upgrade = upgrade_in_thread(&sup, &["--json", "--", "sleep", "600"]);
+    let hung = wait_for(T, "the new generation", || {
+        proc::descendants(sup.pid).into_iter().find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.starts_with("sleep"))
+        })
+    });
+    let t = Instant::now();
+    sup.signal(Signal::TERM);
+    let st = sup.wait_exit(T).expect("baton exits");
+    assert_eq!(st.code(), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let out = upgrade.join().unwrap();
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("abandoned because baton is stopping"),
+        "{out:?}"
+    );
+    assert!(!proc::alive(hung));
+    assert!(!proc::alive(v1.pid));
+}
