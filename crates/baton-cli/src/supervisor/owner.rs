@@ -1041,14 +1041,17 @@ async fn upgrade(
                 )),
             );
         }
-        if steering {
-            closed = sup.listeners.close_pending(old_slot) as u64;
-            if closed > 0 {
-                tracing::warn!(
-                    connections = closed,
-                    "connections left unaccepted in the old generation's queue were closed"
-                );
-            }
+    }
+    // Whatever is left in the old socket's queue (the old generation did
+    // not accept it before it exited, or it died during the upgrade) would
+    // otherwise wait there until a later generation gets this socket.
+    if steering {
+        closed = sup.listeners.close_pending(old_slot) as u64;
+        if closed > 0 {
+            tracing::warn!(
+                connections = closed,
+                "connections left unaccepted in the old generation's queue were closed"
+            );
         }
     }
     let drain_ms = drain_start.elapsed().as_millis() as u64;

@@ -608,7 +608,11 @@ mod tests {
     use std::io::{Read, Write};
 
     fn pair() -> ListenerSet {
-        let spec: ListenSpec = "http=127.0.0.1:0".parse().unwrap();
+        pair_at("http=127.0.0.1:0")
+    }
+
+    fn pair_at(spec: &str) -> ListenerSet {
+        let spec: ListenSpec = spec.parse().unwrap();
         ListenerSet::open(&[spec], false, 64).unwrap()
     }
 
@@ -672,11 +676,21 @@ mod tests {
 
     #[test]
     fn a_probe_from_a_known_port_reaches_the_other_socket() {
-        let set = pair();
+        probe_routing("http=127.0.0.1:0");
+        // IPv6, and IPv4 on a dual-stack wildcard socket.
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            probe_routing("http=[::1]:0");
+            probe_routing("http=[::]:0");
+        }
+    }
+
+    fn probe_routing(spec: &str) {
+        let set = pair_at(spec);
         let l = &set.items[0];
+        assert!(l.steered(), "{spec}: {:?}", l.shared_reason);
         let target = l.local_target().unwrap();
         // A probe socket bound first, so its source port is known.
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let probe = std::net::TcpListener::bind(SocketAddr::new(target.ip(), 0)).unwrap();
         let src = probe.local_addr().unwrap();
         drop(probe);
         set.steer_probe(0, 0, src, 1).unwrap();
@@ -697,7 +711,12 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            let s = if src.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }
+            .unwrap();
             s.set_reuseaddr(true).unwrap();
             s.bind(src).unwrap();
             s.connect(to).await.unwrap().into_std().unwrap()
