@@ -337,6 +337,7 @@ pub async fn run(
     let mut stopping: Option<CancellationToken> = None;
     let mut restart_at: Option<tokio::time::Instant> = None;
     let mut backoff = RESTART_BACKOFF_INITIAL;
+    let mut control_closed = false;
 
     if let Some(s) = sup.take() {
         job = Some(start_job(s, StartKind::Initial, None, None, None));
@@ -400,8 +401,11 @@ pub async fn run(
                 }
                 sup = Some(s);
             }
-            cmd = rx.recv() => {
-                let Some(cmd) = cmd else { continue };
+            cmd = rx.recv(), if !control_closed => {
+                let Some(cmd) = cmd else {
+                    control_closed = true;
+                    continue;
+                };
                 match cmd {
                     Command::Status { reply } => {
                         let in_progress = matches!(job.as_ref().map(|j| j.kind), Some(JobKind::Upgrade));
