@@ -962,6 +962,17 @@ fn a_unix_listener_is_shared_and_status_says_so() {
     }
 }
 
+/// A child that is killed (with everything it started) if the test fails.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            baton_tests::supervisor::kill_tree(self.0.id());
+        }
+    }
+}
+
 /// baton itself socket-activated (systemd-socket-activate stands in for
 /// systemd): it uses the inherited socket, which has no SO_REUSEPORT, so
 /// it falls back to sharing it and says so; tcp readiness is refused there
@@ -990,19 +1001,19 @@ fn socket_activated_baton_uses_the_inherited_socket_and_falls_back_to_sharing_it
     };
     // tcp readiness cannot work on a shared socket: refused at start.
     let mut c = run("tcp");
-    let mut child = baton_tests::spawn_owned(&mut c).unwrap();
+    let mut child = Reap(baton_tests::spawn_owned(&mut c).unwrap());
     // systemd-socket-activate starts baton at the first connection.
     let _first = wait_for(T, "systemd-socket-activate to listen", || {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()
     });
-    let st = baton_tests::wait_owned(&mut child, T).expect("baton exits");
+    let st = baton_tests::wait_owned(&mut child.0, T).expect("baton exits");
     assert_eq!(st.code(), Some(2), "usage error");
     let log = std::fs::read_to_string(dir.join("baton.log")).unwrap();
     assert!(log.contains("without ReusePort=yes"), "{log}");
     assert!(log.contains("--ready notify"), "{log}");
     // notify readiness works.
     let mut c = run("notify");
-    let mut child = baton_tests::spawn_owned(&mut c).unwrap();
+    let mut child = Reap(baton_tests::spawn_owned(&mut c).unwrap());
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // The first connection starts baton and waits in the queue for the app.
     let r = wait_for(T, "the first request", || http::get(addr, "/version").ok());
@@ -1016,8 +1027,8 @@ fn socket_activated_baton_uses_the_inherited_socket_and_falls_back_to_sharing_it
     let r = http::get(addr, "/version").unwrap();
     let v = baton_tests::Version::parse(&r.body).unwrap();
     assert_eq!(v.generation, 2);
-    proc::signal(child.id(), Signal::TERM);
-    let st = baton_tests::wait_owned(&mut child, T).expect("baton exits");
+    proc::signal(child.0.id(), Signal::TERM);
+    let st = baton_tests::wait_owned(&mut child.0, T).expect("baton exits");
     assert_eq!(st.code(), Some(0));
 }
 
