@@ -10,12 +10,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod apps;
 pub mod fixture;
 pub mod h2load;
 pub mod http;
 pub mod load;
 pub mod notify;
 pub mod proc;
+pub mod supervisor;
 pub mod tls;
 
 use std::collections::BTreeSet;
@@ -25,6 +27,55 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// Children this process waits for itself (`output`, `spawn_owned`): the
+/// reaper leaves them alone, or their owner's `wait` would fail with
+/// ECHILD.
+static OWNED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+fn owned() -> std::sync::MutexGuard<'static, BTreeSet<u32>> {
+    OWNED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Our direct children (orphans reparented to us included), from
+/// `/proc/self/task/*/children`; `None` if the kernel does not have it.
+fn our_children() -> Option<Vec<u32>> {
+    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+    let mut out = Vec::new();
+    let mut any = false;
+    for t in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+            any = true;
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    any.then_some(out)
+}
+
+/// Reap every zombie child nobody else waits for.
+fn reap_orphans() {
+    let Some(children) = our_children() else {
+        // No /proc/PID/task/TID/children: reap anything (owned children may
+        // then see ECHILD).
+        while let Ok(Some(_)) = baton::sys::reap_any() {}
+        return;
+    };
+    let owned = owned();
+    for pid in children {
+        if owned.contains(&pid) || proc::state(pid) != Some('Z') {
+            continue;
+        }
+        if let Some(p) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG);
+        }
+    }
+}
 
 /// Make this test process a subreaper and start the reaper thread (once).
 pub fn init() {
@@ -43,41 +94,6 @@ pub fn init() {
     });
 }
 
-/// Children whose owner waits for them (the reaper leaves them alone).
-static OWNED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
-
-fn reap_orphans() {
-    let mut owned = OWNED.lock().unwrap_or_else(|p| p.into_inner());
-    // Forget children their owner has reaped.
-    owned.retain(|p| Path::new(&format!("/proc/{p}")).exists());
-    if owned.is_empty() {
-        while let Ok(Some(_)) = baton::sys::reap_any() {}
-        return;
-    }
-    for pid in own_children() {
-        if !owned.contains(&pid)
-            && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
-        {
-            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG);
-        }
-    }
-}
-
-/// This process's children (zombies included), from every thread's list.
-fn own_children() -> Vec<u32> {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
-    };
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
-        .flat_map(|s| {
-            s.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
-}
-
 /// Held while this test process forks or writes a file that will be
 /// executed: a child forked while another thread has an executable open for
 /// writing inherits that fd until its own `exec`, and an `exec` of the file
@@ -90,20 +106,36 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
-/// Spawn a command under the exec lock, for a caller that waits for it
-/// itself (`wait`, `try_wait`): the reaper thread leaves it alone.
+/// Run a command to completion under the exec lock (for the fork).
+pub fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    let child = spawn_owned(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?;
+    let pid = child.id();
+    let out = child.wait_with_output();
+    owned().remove(&pid);
+    out
+}
+
+/// Spawn a command whose exit status this test will read with
+/// [`wait_owned`] (the reaper leaves it alone).
 pub fn spawn_owned(cmd: &mut Command) -> std::io::Result<Child> {
-    let _g = EXEC_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let mut owned = OWNED.lock().unwrap_or_else(|p| p.into_inner());
-    let child = cmd.spawn()?;
+    // Registered under the reaper's lock, so it cannot be reaped between
+    // the fork and the registration.
+    let mut owned = owned();
+    let child = {
+        let _g = EXEC_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        cmd.spawn()?
+    };
     owned.insert(child.id());
     Ok(child)
 }
 
-/// Run a command to completion under the exec lock (for the fork).
-pub fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
-    let child = spawn_owned(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))?;
-    child.wait_with_output()
+/// Wait up to `timeout` for a child started with [`spawn_owned`].
+pub fn wait_owned(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let st = wait_for_opt(timeout, || child.try_wait().ok().flatten());
+    if st.is_some() {
+        owned().remove(&child.id());
+    }
+    st
 }
 
 /// Copy an executable under the exec lock.

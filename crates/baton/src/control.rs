@@ -586,7 +586,16 @@ impl Client {
         req: &Request,
         mut on_event: impl FnMut(&Event),
     ) -> Result<Reply, Error> {
-        self.send(req).await?;
+        if let Err(e) = self.send(req).await {
+            // A server that refuses a peer answers and closes without
+            // reading the request: its answer says why.
+            if let Ok(Some(r)) = self.next_reply().await
+                && r.is_final()
+            {
+                return Ok(r);
+            }
+            return Err(e);
+        }
         loop {
             match self.next_reply().await? {
                 Some(Reply::Event(e)) => on_event(&e),

@@ -308,11 +308,15 @@ pub(crate) fn bind_tcp(
     })
 }
 
-/// Bind a Unix listener. A leftover socket file nobody listens on (a crashed
-/// instance) is replaced; a live one is an error. The path of a socket a
-/// generation serves is never unlinked by baton afterwards: the next
-/// generation serves the same socket.
-pub(crate) fn bind_unix(
+/// Bind a Unix listener (`CLOEXEC`, non-blocking). A leftover socket file
+/// nobody listens on (a crashed instance) is replaced; a live one is an
+/// error. The path of a socket a generation serves is never unlinked by
+/// baton afterwards: the next generation serves the same socket. `mode`, if
+/// given, is applied to the socket file.
+///
+/// # Errors
+/// [`Error::Listener`] naming `name` and saying what to do.
+pub fn bind_unix(
     name: &str,
     path: &Path,
     backlog: i32,

@@ -1,11 +1,14 @@
 //! Every system call baton makes, in one place.
 //!
-//! Almost everything here is a thin, safe wrapper over `rustix`. The one
-//! `unsafe` block is [`place_fds_before_exec`]: placing inherited fds at fixed
-//! numbers in a child between `fork` and `exec` needs `pre_exec`, which Rust
-//! marks unsafe because the closure runs in a forked child of a
-//! multi-threaded process. The rest of the crate is `forbid(unsafe_code)` in
-//! spirit (`deny` at the crate root, allowed only on this module).
+//! Almost everything here is a thin, safe wrapper over `rustix`. The
+//! `unsafe` blocks, each with its `// SAFETY:` line, are: placing inherited
+//! fds at fixed numbers in a child between `fork` and `exec`
+//! ([`place_fds_before_exec`], `pre_exec` runs in a forked child of a
+//! multi-threaded process), adopting fd numbers inherited from our parent,
+//! registering an owned fd with tokio, and one raw `setsockopt`
+//! ([`attach_reuseport_cbpf`], which rustix does not wrap). The rest of the
+//! crate is `forbid(unsafe_code)` in spirit (`deny` at the crate root, allowed
+//! only on this module).
 
 use std::io;
 use std::io::{IoSlice, IoSliceMut};
@@ -520,4 +523,362 @@ pub fn read_sealed_memfd(fd: OwnedFd, len: u64, limit: u64) -> io::Result<Vec<u8
         ));
     }
     Ok(out)
+}
+
+/// One classic-BPF instruction (the kernel's `struct sock_filter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CbpfInsn {
+    /// Opcode (`BPF_LD | BPF_H | BPF_ABS`, ...).
+    pub code: u16,
+    /// Jump offset if true.
+    pub jt: u8,
+    /// Jump offset if false.
+    pub jf: u8,
+    /// Generic field (constant, offset).
+    pub k: u32,
+}
+
+/// The kernel's limit on classic-BPF program length (`BPF_MAXINSNS`).
+pub const CBPF_MAX_INSNS: usize = 4096;
+
+/// Attach a classic-BPF program to the `SO_REUSEPORT` group `fd` belongs to
+/// (`SO_ATTACH_REUSEPORT_CBPF`): for each new connection the kernel runs it
+/// and uses its return value as the index of the listening socket in the
+/// group (in the order the sockets started listening; an index past the end
+/// falls back to the hash). It replaces any program attached before, for
+/// the whole group, atomically. No privileges are needed.
+///
+/// # Errors
+/// `InvalidInput` for an empty or too long program; the OS error otherwise
+/// (`EINVAL` when `fd` is not in a reuseport group or the program is
+/// rejected by the kernel's checker).
+pub fn attach_reuseport_cbpf(fd: BorrowedFd<'_>, prog: &[CbpfInsn]) -> io::Result<()> {
+    if prog.is_empty() || prog.len() > CBPF_MAX_INSNS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a classic BPF program has 1 to {CBPF_MAX_INSNS} instructions, not {}",
+                prog.len()
+            ),
+        ));
+    }
+    let mut filter: Vec<libc::sock_filter> = prog
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect();
+    let fprog = libc::sock_fprog {
+        // Checked above: at most CBPF_MAX_INSNS (4096) fits in a u16.
+        len: prog.len() as libc::c_ushort,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: `fd` is a valid open fd for the duration of the borrow;
+    // `fprog` is a properly initialised `sock_fprog` whose `filter` points
+    // to `len` initialised `sock_filter`s owned by `filter`, which outlives
+    // the call; the kernel only reads `optlen` bytes of `fprog` and copies
+    // the program before returning, keeping no pointer to our memory.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&raw const fprog).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether `SO_REUSEPORT` is set on a socket.
+pub fn socket_reuseport(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    sockopt::socket_reuseport(fd).map_err(to_io)
+}
+
+/// Whether a listening socket has connections waiting to be accepted (a
+/// listener polls readable exactly when its accept queue is not empty).
+/// Does not change the socket's flags, which are shared with every process
+/// holding it.
+pub fn accept_queue_nonempty(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    poll_readable_now(fd)
+}
+
+/// Whether an fd polls readable right now (zero timeout): a listener with
+/// queued connections, a pidfd whose process exited, a socket with data.
+pub fn poll_readable_now(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    let zero = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let n = rustix::event::poll(&mut fds, Some(&zero)).map_err(to_io)?;
+    Ok(n > 0
+        && fds[0]
+            .revents()
+            .intersects(rustix::event::PollFlags::IN | rustix::event::PollFlags::ERR))
+}
+
+/// Accept and close every connection waiting in a listener's queue, at most
+/// `max`; returns how many. The caller makes sure nobody else accepts from
+/// this socket meanwhile (the listener may be in blocking mode: a
+/// connection taken by someone else between the poll and the accept would
+/// make `accept` wait).
+pub fn close_pending_connections(fd: BorrowedFd<'_>, max: usize) -> io::Result<usize> {
+    let mut n = 0;
+    while n < max && accept_queue_nonempty(fd)? {
+        let conn = rustix::net::accept_with(fd, SocketFlags::CLOEXEC).map_err(to_io)?;
+        drop(conn);
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Credentials the kernel attached to a datagram (`SCM_CREDENTIALS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SenderCreds {
+    /// Sender's pid.
+    pub pid: u32,
+    /// Sender's uid.
+    pub uid: u32,
+    /// Sender's gid.
+    pub gid: u32,
+}
+
+/// Ask the kernel to attach the sender's credentials to every datagram this
+/// socket receives (`SO_PASSCRED`).
+pub fn set_passcred(fd: BorrowedFd<'_>) -> io::Result<()> {
+    sockopt::set_socket_passcred(fd, true).map_err(to_io)
+}
+
+/// What [`recv_with_creds`] got.
+#[derive(Debug)]
+pub struct CredDatagram {
+    /// Bytes of the datagram in the buffer.
+    pub len: usize,
+    /// The datagram did not fit the buffer.
+    pub truncated: bool,
+    /// Who sent it (`None` if the socket lacks `SO_PASSCRED`).
+    pub creds: Option<SenderCreds>,
+}
+
+/// Receive one datagram and its sender's credentials. Fds that come with it
+/// are closed at once.
+pub fn recv_with_creds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<CredDatagram> {
+    let mut space = vec![
+        MaybeUninit::<u8>::uninit();
+        rustix::cmsg_space!(ScmRights(SCM_MAX_FD), ScmCredentials(1))
+    ];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        sock,
+        &mut [IoSliceMut::new(buf)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(to_io)?;
+    let mut creds = None;
+    for m in control.drain() {
+        match m {
+            RecvAncillaryMessage::ScmCredentials(c) => {
+                creds = Some(SenderCreds {
+                    pid: c.pid.as_raw_nonzero().get().unsigned_abs(),
+                    uid: c.uid.as_raw(),
+                    gid: c.gid.as_raw(),
+                });
+            }
+            RecvAncillaryMessage::ScmRights(fds) => drop(fds.collect::<Vec<_>>()),
+            _ => {}
+        }
+    }
+    Ok(CredDatagram {
+        len: msg.bytes.min(buf.len()),
+        truncated: msg.flags.contains(ReturnFlags::TRUNC),
+        creds,
+    })
+}
+
+/// Send a signal to every process of a process group.
+pub fn kill_group(pgid: u32, signal: rustix::process::Signal) -> io::Result<()> {
+    let pid = i32::try_from(pgid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "invalid process group"))?;
+    rustix::process::kill_process_group(pid, signal).map_err(to_io)
+}
+
+/// A TCP connection as `/proc/net/tcp{,6}` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcTcpEntry {
+    /// Kernel TCP state (1 = ESTABLISHED, 4 = FIN_WAIT1, 6 = TIME_WAIT,
+    /// 10 = LISTEN...).
+    pub state: u8,
+    /// Socket inode; 0 while a connection waits in an accept queue (no
+    /// process has a file for it yet) and again once it is closed.
+    pub inode: u64,
+}
+
+/// TCP state `ESTABLISHED` in `/proc/net/tcp`.
+pub const TCP_ESTABLISHED: u8 = 1;
+
+/// Look up the socket whose local address is `local` and remote address is
+/// `remote` in `/proc/net/tcp` and `/proc/net/tcp6`.
+pub fn proc_tcp_entry(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<ProcTcpEntry>> {
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        if let Some(e) = parse_proc_net_tcp_entry(&text, local, remote) {
+            return Ok(Some(e));
+        }
+    }
+    Ok(None)
+}
+
+/// Parse `/proc/net/tcp{,6}` address notation: hex IP in host order per
+/// 32-bit word, `:`, hex port.
+pub fn parse_proc_net_tcp_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip: std::net::IpAddr = match ip.len() {
+        8 => std::net::Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_ne_bytes()).into(),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for w in 0..4 {
+                let word = u32::from_str_radix(ip.get(w * 8..w * 8 + 8)?, 16).ok()?;
+                bytes[w * 4..w * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            let v6 = std::net::Ipv6Addr::from(bytes);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => v4.into(),
+                None => v6.into(),
+            }
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    let canon = |x: SocketAddr| match x.ip() {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), x.port()),
+            None => x,
+        },
+        std::net::IpAddr::V4(_) => x,
+    };
+    canon(a) == canon(b)
+}
+
+/// Find the connection `local` ↔ `remote` in one `/proc/net/tcp{,6}` table.
+pub fn parse_proc_net_tcp_entry(
+    text: &str,
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> Option<ProcTcpEntry> {
+    for line in text.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 10 {
+            continue;
+        }
+        let (Some(l), Some(r)) = (
+            parse_proc_net_tcp_addr(cols[1]),
+            parse_proc_net_tcp_addr(cols[2]),
+        ) else {
+            continue;
+        };
+        if !same_endpoint(l, local) || !same_endpoint(r, remote) {
+            continue;
+        }
+        return Some(ProcTcpEntry {
+            state: u8::from_str_radix(cols[3], 16).ok()?,
+            inode: cols[9].parse().ok()?,
+        });
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BPF_RET_K: u16 = 0x06;
+
+    fn listener(addr: SocketAddr) -> OwnedFd {
+        bind_tcp(
+            addr,
+            TcpBindOptions {
+                backlog: 16,
+                reuseport: true,
+                nonblocking: false,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn reuseport_cbpf_steers_every_connection_to_one_socket() {
+        let a = listener("127.0.0.1:0".parse().unwrap());
+        let addr = tcp_local_addr(a.as_fd()).unwrap();
+        let b = listener(addr);
+        for (target, idle) in [(&b, &a), (&a, &b)] {
+            let index = if std::ptr::eq(target, &b) { 1 } else { 0 };
+            let prog = [CbpfInsn {
+                code: BPF_RET_K,
+                jt: 0,
+                jf: 0,
+                k: index,
+            }];
+            attach_reuseport_cbpf(a.as_fd(), &prog).unwrap();
+            let conns: Vec<_> = (0..10)
+                .map(|_| std::net::TcpStream::connect(addr).unwrap())
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!accept_queue_nonempty(idle.as_fd()).unwrap());
+            assert_eq!(close_pending_connections(target.as_fd(), 100).unwrap(), 10);
+            drop(conns);
+        }
+        assert!(attach_reuseport_cbpf(a.as_fd(), &[]).is_err());
+    }
+
+    #[test]
+    fn proc_net_tcp_addresses() {
+        assert_eq!(
+            parse_proc_net_tcp_addr("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proc_net_tcp_addr("00000000000000000000000001000000:0050"),
+            Some("[::1]:80".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proc_net_tcp_addr("0000000000000000FFFF00000100007F:0050"),
+            Some("127.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(parse_proc_net_tcp_addr("zz:1"), None);
+    }
+
+    #[test]
+    fn an_accepted_connection_gets_an_inode() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let c = std::net::TcpStream::connect(addr).unwrap();
+        let me = c.local_addr().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let queued = proc_tcp_entry(addr, me).unwrap().unwrap();
+        assert_eq!(queued.state, TCP_ESTABLISHED);
+        assert_eq!(queued.inode, 0, "not accepted yet");
+        let (_s, _) = l.accept().unwrap();
+        let accepted = proc_tcp_entry(addr, me).unwrap().unwrap();
+        assert_ne!(accepted.inode, 0);
+    }
 }

@@ -1,0 +1,383 @@
+//! `baton upgrade`, `baton status`, `baton stop`: control-socket clients.
+//!
+//! They speak the core's control protocol, so they work the same against
+//! `baton run` and against a library-mode server started with `--control`.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use baton::control::{Client, Event, Reply, Request, StatusReport, UpgradeOptions, UpgradeReport};
+
+use crate::exit::{self, CliError};
+
+async fn connect(path: &Path) -> Result<Client, CliError> {
+    Client::connect(path)
+        .await
+        .map_err(|e| CliError::new(exit::CANNOT_CONNECT, anyhow::anyhow!("{e}")))
+}
+
+/// One line of progress for an event.
+pub fn event_line(e: &Event) -> String {
+    match e {
+        Event::Spawned { pid, generation } => {
+            format!("spawned generation {generation} (pid {pid})")
+        }
+        Event::Ready { pid, after_ms } => format!("pid {pid} ready after {after_ms} ms"),
+        Event::Promoted { pid } => format!("pid {pid} promoted: it serves new connections"),
+        Event::Drained {
+            after_ms,
+            handed_over,
+            closed,
+        } => {
+            let mut s = format!("old generation drained in {after_ms} ms");
+            if *handed_over > 0 || *closed > 0 {
+                s.push_str(&format!(
+                    " ({handed_over} idle connections handed over, {closed} closed)"
+                ));
+            }
+            s
+        }
+        Event::Note(n) => n.clone(),
+    }
+}
+
+fn event_json(e: &Event) -> serde_json::Value {
+    use serde_json::json;
+    match e {
+        Event::Spawned { pid, generation } => {
+            json!({"event": "spawned", "pid": pid, "generation": generation})
+        }
+        Event::Ready { pid, after_ms } => {
+            json!({"event": "ready", "pid": pid, "after_ms": after_ms})
+        }
+        Event::Promoted { pid } => json!({"event": "promoted", "pid": pid}),
+        Event::Drained {
+            after_ms,
+            handed_over,
+            closed,
+        } => {
+            json!({"event": "drained", "after_ms": after_ms, "handed_over": handed_over, "closed": closed})
+        }
+        Event::Note(n) => json!({"event": "note", "message": n}),
+    }
+}
+
+fn report_json(r: &UpgradeReport) -> serde_json::Value {
+    serde_json::json!({
+        "from_generation": r.from_generation,
+        "to_generation": r.to_generation,
+        "old_pid": r.old_pid,
+        "new_pid": r.new_pid,
+        "ready_ms": r.ready_ms,
+        "drain_ms": r.drain_ms,
+        "total_ms": r.total_ms,
+        "handed_over": r.handed_over,
+        "closed_at_deadline": r.closed_at_deadline,
+    })
+}
+
+fn print_json(v: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+/// `baton upgrade`.
+pub async fn upgrade(
+    path: &Path,
+    json: bool,
+    timeout: Duration,
+    command: Vec<OsString>,
+) -> Result<ExitCode, CliError> {
+    let started = Instant::now();
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    let outcome = upgrade_inner(path, json, timeout, command, &mut events).await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    match outcome {
+        Ok(report) => {
+            if json {
+                let mut v = serde_json::json!({
+                    "ok": true,
+                    "result": "upgraded",
+                    "exit_code": exit::OK,
+                    "control": path.display().to_string(),
+                    "events": events,
+                    "elapsed_ms": elapsed_ms,
+                });
+                if let (Some(obj), serde_json::Value::Object(r)) =
+                    (v.as_object_mut(), report_json(&report))
+                {
+                    obj.extend(r);
+                }
+                print_json(&v);
+            } else {
+                println!(
+                    "upgraded: generation {} (pid {}) -> generation {} (pid {}) in {} ms (ready after {} ms, drained in {} ms)",
+                    report.from_generation,
+                    report.old_pid,
+                    report.to_generation,
+                    report.new_pid,
+                    report.total_ms,
+                    report.ready_ms,
+                    report.drain_ms
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if json {
+                print_json(&serde_json::json!({
+                    "ok": false,
+                    "result": exit::category(e.code),
+                    "exit_code": e.code,
+                    "message": format!("{:#}", e.error),
+                    "control": path.display().to_string(),
+                    "events": events,
+                    "elapsed_ms": elapsed_ms,
+                }));
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn upgrade_inner(
+    path: &Path,
+    json: bool,
+    timeout: Duration,
+    command: Vec<OsString>,
+    events: &mut Vec<serde_json::Value>,
+) -> Result<UpgradeReport, CliError> {
+    let mut opts = UpgradeOptions::default();
+    if !command.is_empty() {
+        let mut argv = Vec::with_capacity(command.len());
+        for a in command {
+            argv.push(a.into_string().map_err(|a| {
+                CliError::usage(format!(
+                    "the command line must be valid UTF-8 (got {:?})",
+                    Path::new(&a).display()
+                ))
+            })?);
+        }
+        opts.command = Some(argv);
+    }
+    let call = async {
+        let client = connect(path).await?;
+        client
+            .call(&Request::Upgrade(opts), |e| {
+                let line = event_line(e);
+                if json {
+                    eprintln!("{line}");
+                    events.push(event_json(e));
+                } else {
+                    println!("{line}");
+                    let _ = std::io::stdout().flush();
+                }
+            })
+            .await
+            .map_err(|e| CliError::new(exit::INTERNAL, anyhow::anyhow!("{e}")))
+    };
+    let reply = tokio::time::timeout(timeout, call).await.map_err(|_| {
+        CliError::new(
+            exit::TIMEOUT,
+            anyhow::anyhow!(
+                "no result within {timeout:?} (--timeout); the upgrade may still finish: check `baton status`"
+            ),
+        )
+    })??;
+    match reply {
+        Reply::Upgraded(r) => Ok(r),
+        Reply::Failed(f) => Err(CliError::new(
+            exit::for_failure(f.kind),
+            anyhow::anyhow!("{}", f.message),
+        )),
+        other => Err(CliError::internal(anyhow::anyhow!(
+            "unexpected answer to an upgrade request: {other:?}"
+        ))),
+    }
+}
+
+/// `baton status`.
+pub async fn status(path: &Path, json: bool, timeout: Duration) -> Result<ExitCode, CliError> {
+    let call = async {
+        let client = connect(path).await?;
+        client
+            .call(&Request::Status, |_| {})
+            .await
+            .map_err(|e| CliError::internal(anyhow::anyhow!("{e}")))
+    };
+    let reply = tokio::time::timeout(timeout, call).await.map_err(|_| {
+        CliError::new(
+            exit::TIMEOUT,
+            anyhow::anyhow!("no answer within {timeout:?} (--timeout)"),
+        )
+    })??;
+    match reply {
+        Reply::Status(s) => {
+            if json {
+                let v = serde_json::to_value(&*s)
+                    .map_err(|e| CliError::internal(anyhow::anyhow!("encoding status: {e}")))?;
+                print_json(&v);
+            } else {
+                print!("{}", human_status(&s));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Reply::Failed(f) => Err(CliError::new(
+            exit::for_failure(f.kind),
+            anyhow::anyhow!("{}", f.message),
+        )),
+        other => Err(CliError::internal(anyhow::anyhow!(
+            "unexpected answer to a status request: {other:?}"
+        ))),
+    }
+}
+
+/// `baton stop`.
+pub async fn stop(path: &Path, timeout: Duration) -> Result<ExitCode, CliError> {
+    let call = async {
+        let client = connect(path).await?;
+        client
+            .call(&Request::Stop, |_| {})
+            .await
+            .map_err(|e| CliError::internal(anyhow::anyhow!("{e}")))
+    };
+    let reply = tokio::time::timeout(timeout, call).await.map_err(|_| {
+        CliError::new(
+            exit::TIMEOUT,
+            anyhow::anyhow!("no answer within {timeout:?} (--timeout)"),
+        )
+    })??;
+    match reply {
+        Reply::Stopping => {
+            println!("stopping");
+            Ok(ExitCode::SUCCESS)
+        }
+        Reply::Failed(f) => Err(CliError::new(
+            exit::for_failure(f.kind),
+            anyhow::anyhow!("{}", f.message),
+        )),
+        other => Err(CliError::internal(anyhow::anyhow!(
+            "unexpected answer to a stop request: {other:?}"
+        ))),
+    }
+}
+
+/// `baton status` for humans.
+pub fn human_status(s: &StatusReport) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let name = s
+        .name
+        .as_deref()
+        .map(|n| format!(" {n:?}"))
+        .unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "{}{name}: generation {} (pid {}) {}, up {:.1} s",
+        s.mode,
+        s.generation,
+        s.pid,
+        s.phase,
+        s.uptime_ms as f64 / 1000.0
+    );
+    if s.answered_by != s.pid {
+        let _ = writeln!(o, "answered by pid {}", s.answered_by);
+    }
+    if s.app_version != "unknown" && !s.app_version.is_empty() {
+        let _ = writeln!(o, "app: {}", s.app_version);
+    }
+    if s.upgrade_in_progress {
+        let _ = writeln!(o, "an upgrade is in progress");
+    }
+    let _ = writeln!(o, "listeners:");
+    for l in &s.listeners {
+        let _ = writeln!(o, "  {:<10} {:<24} {}", l.name, l.addr, l.origin);
+    }
+    match &s.last_upgrade {
+        None => {
+            let _ = writeln!(o, "last upgrade: none");
+        }
+        Some(u) => {
+            let _ = write!(o, "last upgrade: {}", u.result);
+            if let Some(r) = &u.report {
+                let _ = write!(
+                    o,
+                    ", generation {} (pid {}) -> {} (pid {}), ready after {} ms, drained in {} ms, {} ms in all",
+                    r.from_generation,
+                    r.old_pid,
+                    r.to_generation,
+                    r.new_pid,
+                    r.ready_ms,
+                    r.drain_ms,
+                    r.total_ms
+                );
+            }
+            if let Some(reason) = &u.reason {
+                let _ = write!(o, ": {reason}");
+            }
+            let _ = writeln!(o);
+        }
+    }
+    let c = &s.counters;
+    let _ = writeln!(
+        o,
+        "upgrades: {} succeeded, {} failed, {} refused; restarts: {}",
+        c.upgrades_succeeded, c.upgrades_failed, c.upgrades_refused, c.restarts
+    );
+    for n in &s.notes {
+        let _ = writeln!(o, "note: {n}");
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines() {
+        assert_eq!(
+            event_line(&Event::Spawned {
+                pid: 7,
+                generation: 2
+            }),
+            "spawned generation 2 (pid 7)"
+        );
+        assert_eq!(
+            event_line(&Event::Ready {
+                pid: 7,
+                after_ms: 120
+            }),
+            "pid 7 ready after 120 ms"
+        );
+        assert_eq!(
+            event_line(&Event::Drained {
+                after_ms: 30,
+                handed_over: 0,
+                closed: 0
+            }),
+            "old generation drained in 30 ms"
+        );
+    }
+
+    #[test]
+    fn human_status_mentions_the_essentials() {
+        let s = StatusReport {
+            mode: "supervisor".into(),
+            name: Some("web".into()),
+            generation: 3,
+            pid: 42,
+            answered_by: 7,
+            notes: vec!["listener x: shared socket".into()],
+            ..StatusReport::default()
+        };
+        let h = human_status(&s);
+        assert!(h.contains("generation 3 (pid 42)"), "{h}");
+        assert!(h.contains("answered by pid 7"), "{h}");
+        assert!(h.contains("note: listener x"), "{h}");
+    }
+}

@@ -1,0 +1,71 @@
+//! `baton __exec-shim -- CMD ARGS...`: the few instructions between `fork`
+//! and the app.
+//!
+//! systemd's protocol wants `LISTEN_PID` to be the pid of the process that
+//! reads `LISTEN_FDS`, and many apps check it (gunicorn, sd_listen_fds). The
+//! supervisor cannot know the child's pid before `fork`, and setting an
+//! environment variable between `fork` and `exec` is not async-signal-safe.
+//! So the child first execs this shim (a fresh, single-threaded process),
+//! which reads its own pid, adds `LISTEN_PID` to the environment of the next
+//! `exec`, and execs the app: same pid, same fds, same process group.
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::process::ExitCode;
+
+/// Arguments of the shim.
+#[derive(Debug, clap::Args)]
+pub struct ShimArgs {
+    /// Exec the kept copy of the executable open at this fd (via
+    /// /proc/self/fd/N) instead of looking CMD up on disk; CMD[0] stays
+    /// argv[0].
+    #[arg(long, value_name = "FD")]
+    exec_fd: Option<i32>,
+    /// The app's command line.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+/// Exec the app; returns only on failure (127: not found, 126: not
+/// executable, like a shell).
+pub fn main(args: ShimArgs) -> ExitCode {
+    let Some((argv0, rest)) = args.command.split_first() else {
+        eprintln!("baton: exec shim: no command");
+        return ExitCode::from(127);
+    };
+    let pid = std::process::id();
+    // Keep the executable's fd open until exec; exec through /proc resolves
+    // it before close-on-exec fds are closed, so the app does not inherit
+    // it.
+    let mut _keep = None;
+    let program: OsString = match args.exec_fd {
+        Some(fd) => match baton::sys::adopt_inherited_fd(fd) {
+            Ok(Some(owned)) => {
+                _keep = Some(owned);
+                format!("/proc/self/fd/{fd}").into()
+            }
+            Ok(None) => {
+                eprintln!("baton: exec shim: fd {fd} is not open");
+                return ExitCode::from(127);
+            }
+            Err(e) => {
+                eprintln!("baton: exec shim: fd {fd}: {e}");
+                return ExitCode::from(127);
+            }
+        },
+        None => argv0.clone(),
+    };
+    let err = std::process::Command::new(&program)
+        .arg0(argv0)
+        .args(rest)
+        .env("LISTEN_PID", pid.to_string())
+        .exec();
+    eprintln!(
+        "baton: cannot run {}: {err}",
+        std::path::Path::new(argv0).display()
+    );
+    ExitCode::from(match err.kind() {
+        std::io::ErrorKind::NotFound => 127,
+        _ => 126,
+    })
+}

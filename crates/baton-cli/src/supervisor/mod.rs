@@ -1,0 +1,390 @@
+//! `baton run`: the supervisor.
+//!
+//! baton owns the listening sockets for its whole life and starts each
+//! generation of the app with them at fds 3.. (`LISTEN_FDS`,
+//! `LISTEN_FDNAMES`, `LISTEN_PID` = the app's own pid). An upgrade starts the
+//! next generation on the same sockets, waits until it is ready (bounded),
+//! steers new connections to it, waits until the old generation's queue is
+//! empty, and only then stops the old one. A generation that fails to
+//! become ready is killed and the old one keeps serving; a serving
+//! generation that dies is restarted with backoff while its sockets keep
+//! queueing connections.
+//!
+//! Structure: `sockets` (listeners and steering), `ready` (readiness
+//! checks), `child` (a generation's process), `owner` (the single task that
+//! owns all of it: one upgrade at a time falls out of the structure).
+
+mod child;
+mod owner;
+mod ready;
+mod sockets;
+
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use baton::ListenSpec;
+use rustix::process::Signal;
+use tokio::sync::mpsc;
+
+use crate::exit::{self, CliError};
+
+/// Service name when `--name` is not given.
+pub const DEFAULT_NAME: &str = "baton";
+
+/// After the old generation's accept queue is empty, how long it must stay
+/// empty before the old generation is told to stop (connections whose
+/// handshake was in flight when steering switched land in it meanwhile).
+pub const STEER_QUIET_PERIOD: Duration = Duration::from_millis(250);
+/// Longest wait for the old generation's accept queue to empty after
+/// steering (an app that stopped accepting would never empty it).
+pub const STEER_SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// First pause before restarting a generation that died.
+pub const RESTART_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Longest pause between restarts.
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A generation that served this long resets the backoff when it dies.
+pub const RESTART_BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
+
+const RUN_AFTER_HELP: &str = "\
+Readiness (--ready), each bounded by --ready-timeout; each can fail:
+  tcp              the app accepts a connection on its own socket (default)
+  http://HOST:PORT/PATH
+                   2xx/3xx from the new generation: PORT is a listener's port (the
+                   probe is steered to the new generation's own socket), or {port}
+                   (each generation gets a free port in $BATON_PROBE_PORT)
+  notify           READY=1 on the generation's own $NOTIFY_SOCKET (sender checked)
+  delay=DUR        alive after DUR (then an accept check, if a TCP listener is steered)
+
+Steering: each TCP listener is two SO_REUSEPORT sockets; a classic-BPF program
+sends new connections to the ready generation's socket, the old one empties its
+queue, and only then gets --stop-signal. Unix sockets, systemd sockets without
+ReusePort=yes and --no-steer use one shared socket (said in the log and status).
+
+Signals: SIGHUP upgrades; SIGTERM/SIGINT stop gracefully (a second one kills).
+Exit status: 0 after a requested stop, 1 if baton could not start, 2 usage.
+
+Examples:
+  baton run --name web --listen http=0.0.0.0:8080 -- gunicorn --workers 4 app:app
+  baton run --listen 127.0.0.1:8000 -- uvicorn --fd 3 app:app
+  baton run --listen 127.0.0.1:3000 --ready http://127.0.0.1:3000/health -- node server.js";
+
+/// `baton run` arguments.
+#[derive(Debug, clap::Args)]
+#[command(after_help = RUN_AFTER_HELP)]
+pub struct RunArgs {
+    /// Service name (default control socket, logs, notify sockets).
+    #[arg(long, value_name = "NAME", default_value = DEFAULT_NAME)]
+    name: String,
+    /// A listening socket, repeatable: [NAME=]ADDR with ADDR = IP:PORT
+    /// (127.0.0.1:8080, [::]:80) or unix:/path. Passed at fd 3, 4, ... in
+    /// this order, named in LISTEN_FDNAMES. Sockets systemd passes to baton
+    /// are used instead when their name or address matches.
+    #[arg(long = "listen", value_name = "[NAME=]ADDR", value_parser = parse_listen)]
+    listen: Vec<ListenSpec>,
+    /// How baton knows a new generation is ready (see below) [default:
+    /// tcp].
+    #[arg(long, value_name = "CHECK", value_parser = parse_ready)]
+    ready: Option<ready::ReadySpec>,
+    /// Time a new generation has to become ready; past it, it is killed and
+    /// the old one keeps serving.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_dur)]
+    ready_timeout: Duration,
+    /// Signal that asks a generation to stop gracefully.
+    #[arg(long, value_name = "SIG", default_value = "TERM", value_parser = parse_signal)]
+    stop_signal: Signal,
+    /// Time a generation has to exit after the stop signal, before SIGKILL.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_dur)]
+    drain_timeout: Duration,
+    /// Control socket (default: from --name, see `baton upgrade --help`).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Write baton's own pid here (it never changes across upgrades).
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// One shared socket per listener, and the old generation is signalled
+    /// as soon as the new one is ready (a plain handover: for comparison or
+    /// troubleshooting).
+    #[arg(long)]
+    no_steer: bool,
+    /// The app's command line.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+fn parse_listen(s: &str) -> Result<ListenSpec, String> {
+    s.parse().map_err(|e: baton::Error| e.to_string())
+}
+
+fn parse_dur(s: &str) -> Result<Duration, String> {
+    baton::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_ready(s: &str) -> Result<ready::ReadySpec, String> {
+    s.parse()
+}
+
+/// Parse a signal name: `TERM`, `SIGTERM`, `INT`, `QUIT`, `HUP`, `USR1`,
+/// `USR2`, `WINCH`, `KILL`.
+pub fn parse_signal(s: &str) -> Result<Signal, String> {
+    let up = s.trim().to_ascii_uppercase();
+    let name = up.strip_prefix("SIG").unwrap_or(&up);
+    Ok(match name {
+        "TERM" | "15" => Signal::TERM,
+        "INT" | "2" => Signal::INT,
+        "QUIT" | "3" => Signal::QUIT,
+        "HUP" | "1" => Signal::HUP,
+        "USR1" | "10" => Signal::USR1,
+        "USR2" | "12" => Signal::USR2,
+        "WINCH" | "28" => Signal::WINCH,
+        "KILL" | "9" => Signal::KILL,
+        _ => {
+            return Err(format!(
+                "'{s}' is not a stop signal: use TERM, INT, QUIT, HUP, USR1, USR2, WINCH or KILL"
+            ));
+        }
+    })
+}
+
+/// The name of a stop signal, for logs.
+pub fn signal_name(sig: Signal) -> &'static str {
+    [
+        (Signal::TERM, "SIGTERM"),
+        (Signal::INT, "SIGINT"),
+        (Signal::QUIT, "SIGQUIT"),
+        (Signal::HUP, "SIGHUP"),
+        (Signal::USR1, "SIGUSR1"),
+        (Signal::USR2, "SIGUSR2"),
+        (Signal::WINCH, "SIGWINCH"),
+        (Signal::KILL, "SIGKILL"),
+    ]
+    .iter()
+    .find(|(s, _)| *s == sig)
+    .map_or("signal", |(_, n)| n)
+}
+
+/// Check a service name: it becomes a file name.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || name.starts_with('.')
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        return Err(format!(
+            "service name '{name}': use 1 to 64 letters, digits, '_', '-' or '.', not starting with '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// Everything the owner needs to know, fixed at start-up.
+#[derive(Debug)]
+pub struct RunConfig {
+    /// Service name.
+    pub name: String,
+    /// Command line from `baton run -- ...`.
+    pub argv: Vec<OsString>,
+    /// Readiness bound.
+    pub ready_timeout: Duration,
+    /// Stop signal.
+    pub stop_signal: Signal,
+    /// Bound after the stop signal.
+    pub drain_timeout: Duration,
+    /// Private directory for notify sockets.
+    pub run_dir: PathBuf,
+}
+
+/// The control socket file, removed when baton exits (if it is still
+/// ours).
+struct ControlSocketFile {
+    path: PathBuf,
+    ino: u64,
+}
+
+impl Drop for ControlSocketFile {
+    fn drop(&mut self) {
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+struct PidFile(PathBuf);
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let ours = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            == Some(baton::sys::getpid());
+        if ours {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+fn open_control(
+    path: &Path,
+    tx: mpsc::Sender<baton::control::Command>,
+) -> Result<ControlSocketFile, String> {
+    baton::control::prepare_dir(path).map_err(|e| e.to_string())?;
+    let fd = baton::bind_unix_listener("control", path, 64, Some(0o600)).map_err(|e| {
+        format!("{e} (is another `baton run` with this --name or --control running?)")
+    })?;
+    let ino = std::fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let listener = tokio::net::UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))
+        .map_err(|e| format!("control socket: {e}"))?;
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((s, _)) => {
+                    tokio::spawn(baton::control::serve_connection(s, tx.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    Ok(ControlSocketFile {
+        path: path.to_path_buf(),
+        ino,
+    })
+}
+
+/// Mark every fd baton inherited by accident close-on-exec, so that only
+/// the sockets it places reach the app (a shell, a CI runner or a test
+/// harness may leave pipes open). systemd's `LISTEN_FDS` meant for us are
+/// left alone: the listener set adopts them. Call it first thing, before
+/// any thread or runtime opens fds of its own.
+pub fn cloexec_inherited_fds() {
+    let listen = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.trim().parse::<i32>().ok())
+        .filter(|_| {
+            std::env::var("LISTEN_PID")
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+                == Some(baton::sys::getpid())
+        })
+        .unwrap_or(0)
+        .clamp(0, 1024);
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut kept = Vec::new();
+    for fd in fds {
+        if fd < 3 || (3..3 + listen).contains(&fd) {
+            continue;
+        }
+        // The directory's own fd is closed by now: adopting answers None.
+        if let Ok(Some(owned)) = baton::sys::adopt_inherited_fd(fd) {
+            kept.push(owned);
+        }
+    }
+    if !kept.is_empty() {
+        tracing::debug!(count = kept.len(), "inherited fds marked close-on-exec");
+    }
+    // Keep them open (someone may expect that), just never pass them on.
+    std::mem::forget(kept);
+}
+
+/// `baton run`.
+pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
+    validate_name(&args.name).map_err(CliError::usage)?;
+    if let Some(first) = args.command.first() {
+        child::resolve_program(first)
+            .map_err(|e| CliError::usage(format!("cannot run the command: {e}")))?;
+    }
+    let ready_spec = args.ready.clone().unwrap_or(ready::ReadySpec::Tcp(None));
+    if let ready::ReadySpec::Delay(d) = &ready_spec
+        && *d >= args.ready_timeout
+    {
+        return Err(CliError::usage(format!(
+            "--ready delay={d:?} is not shorter than --ready-timeout {:?}",
+            args.ready_timeout
+        )));
+    }
+    if let Err(e) = baton::sys::raise_nofile_limit() {
+        tracing::debug!(error = %e, "could not raise RLIMIT_NOFILE");
+    }
+    // Signal handlers before anything can announce readiness.
+    let signals = owner::Signals::install().map_err(|e| {
+        CliError::new(
+            exit::FAILED,
+            anyhow::anyhow!("installing signal handlers: {e}"),
+        )
+    })?;
+    let control_path = args
+        .control
+        .clone()
+        .unwrap_or_else(|| baton::control::default_socket_path(&args.name));
+    let listeners = sockets::ListenerSet::open(&args.listen, args.no_steer, baton::DEFAULT_BACKLOG)
+        .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?;
+    let plan = ready::plan(&ready_spec, &listeners).map_err(|e| {
+        if args.ready.is_none() {
+            CliError::usage(format!("{e} (tcp is the default readiness check)"))
+        } else {
+            CliError::usage(e)
+        }
+    })?;
+    tracing::info!(readiness = %plan.describe(&listeners), "readiness check");
+    let (tx, rx) = mpsc::channel(64);
+    let _control = open_control(&control_path, tx.clone())
+        .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("control socket: {e}")))?;
+    tracing::info!(path = %control_path.display(), "control socket");
+    let run_dir = control_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let _pid_file = match &args.pid_file {
+        Some(p) => {
+            baton::write_pid_file(p, baton::sys::getpid()).map_err(|e| {
+                CliError::new(
+                    exit::FAILED,
+                    anyhow::anyhow!("pid file {}: {e}", p.display()),
+                )
+            })?;
+            Some(PidFile(p.clone()))
+        }
+        None => None,
+    };
+    let cfg = RunConfig {
+        name: args.name,
+        argv: args.command,
+        ready_timeout: args.ready_timeout,
+        stop_signal: args.stop_signal,
+        drain_timeout: args.drain_timeout,
+        run_dir,
+    };
+    owner::run(cfg, listeners, plan, rx, signals).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_and_names() {
+        assert_eq!(parse_signal("TERM").unwrap(), Signal::TERM);
+        assert_eq!(parse_signal("sigquit").unwrap(), Signal::QUIT);
+        assert_eq!(parse_signal("15").unwrap(), Signal::TERM);
+        assert!(parse_signal("STOP").is_err());
+        assert_eq!(signal_name(Signal::QUIT), "SIGQUIT");
+        assert!(validate_name("web-1.prod").is_ok());
+        assert!(validate_name("../x").is_err());
+        assert!(validate_name("").is_err());
+        assert!(validate_name(".hidden").is_err());
+    }
+}

@@ -1,0 +1,851 @@
+//! Readiness: how baton knows a new generation can take the traffic.
+//!
+//! A readiness check must be able to fail. A TCP connect to a socket baton
+//! owns succeeds in the kernel with no app at all, and a probe sent to the
+//! shared address may be answered by the *old* generation. So:
+//!
+//! * `notify`: the generation gets a `NOTIFY_SOCKET` of its own (never
+//!   systemd's); only `READY=1` from a process of that generation counts,
+//!   checked with `SCM_CREDENTIALS`. `STATUS=` lines show up in status.
+//! * `tcp`: baton connects to the new generation's *own* socket of a
+//!   steered listener (the probe's source address is steered there) and
+//!   waits until the app has accepted that connection: the kernel shows an
+//!   inode for it in `/proc/net/tcp` once a process holds it.
+//! * `http://HOST:PORT/PATH`: the same routing when PORT is a steered
+//!   listener's port; or `{port}` in place of PORT: each generation gets a
+//!   free port of its own in `BATON_PROBE_PORT` and must serve the probe
+//!   there. Any 2xx or 3xx answer is ready.
+//! * `delay=DUR`: waits DUR and checks the process is alive; when a TCP
+//!   listener is steered it then also checks, like `tcp`, that the app
+//!   accepts (steering traffic to a socket nobody accepts would stall it).
+//!
+//! All of them are bounded by `--ready-timeout`.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::sockets::ListenerSet;
+
+/// Pause between two HTTP probe attempts.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest wait for one HTTP probe's answer.
+pub const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a probe connection to be established.
+pub const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the `tcp` check looks whether its connection was accepted.
+pub const ACCEPT_CHECK_INTERVAL: Duration = Duration::from_millis(20);
+/// Largest HTTP probe answer head read.
+const MAX_PROBE_RESPONSE: usize = 16 * 1024;
+/// Largest notification datagram read.
+const MAX_NOTIFY_DATAGRAM: usize = 4096;
+
+/// `--ready`, as parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadySpec {
+    /// `notify`.
+    Notify,
+    /// `tcp` or `tcp=NAME`.
+    Tcp(Option<String>),
+    /// `http://HOST:PORT/PATH`.
+    Http(HttpUrl),
+    /// `delay=DUR`.
+    Delay(Duration),
+}
+
+/// The port of a probe URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbePort {
+    /// A fixed port: must be a steered listener's.
+    Fixed(u16),
+    /// `{port}`: a port of the generation's own (`BATON_PROBE_PORT`).
+    PerGeneration,
+}
+
+/// An `http://` probe URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl {
+    /// The host as written (an IP literal or `localhost`).
+    pub host: String,
+    /// The host's address.
+    pub ip: IpAddr,
+    /// The port.
+    pub port: ProbePort,
+    /// Path and query, starting with `/`.
+    pub path: String,
+}
+
+impl fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let port = match self.port {
+            ProbePort::Fixed(p) => p.to_string(),
+            ProbePort::PerGeneration => "{port}".into(),
+        };
+        write!(f, "http://{}:{port}{}", self.host, self.path)
+    }
+}
+
+impl FromStr for HttpUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            format!(
+                "'{s}': {why}; use http://HOST:PORT/PATH with HOST an IP address or localhost, and PORT a number or {{port}}"
+            )
+        };
+        let rest = s
+            .strip_prefix("http://")
+            .ok_or_else(|| bad("only http:// probes are supported"))?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad("the path may not contain spaces or control characters"));
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, p) = v6.split_once("]:").ok_or_else(|| bad("missing port"))?;
+            (h, p)
+        } else {
+            authority
+                .rsplit_once(':')
+                .ok_or_else(|| bad("missing port"))?
+        };
+        let ip = if host == "localhost" {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            host.parse::<IpAddr>()
+                .map_err(|_| bad("the host must be an IP address or localhost"))?
+        };
+        let port = if port == "{port}" {
+            ProbePort::PerGeneration
+        } else {
+            match port.parse::<u16>() {
+                Ok(p) if p != 0 => ProbePort::Fixed(p),
+                _ => return Err(bad("bad port")),
+            }
+        };
+        Ok(HttpUrl {
+            host: host.to_owned(),
+            ip,
+            port,
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl FromStr for ReadySpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "notify" {
+            return Ok(ReadySpec::Notify);
+        }
+        if s == "tcp" {
+            return Ok(ReadySpec::Tcp(None));
+        }
+        if let Some(name) = s.strip_prefix("tcp=") {
+            baton::validate_listener_name(name).map_err(|e| e.to_string())?;
+            return Ok(ReadySpec::Tcp(Some(name.to_owned())));
+        }
+        if let Some(d) = s.strip_prefix("delay=") {
+            return baton::parse_duration(d)
+                .map(ReadySpec::Delay)
+                .map_err(|e| e.to_string());
+        }
+        if s.starts_with("http") {
+            return s.parse().map(ReadySpec::Http);
+        }
+        Err(format!(
+            "'{s}' is not a readiness check: use notify, tcp, tcp=LISTENER, http://HOST:PORT/PATH (PORT may be {{port}}), or delay=DUR"
+        ))
+    }
+}
+
+/// A probe connection routed to one listener's socket of the new
+/// generation.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerProbe {
+    /// Index of the listener in the set.
+    pub listener: usize,
+    /// Where to connect.
+    pub target: SocketAddr,
+}
+
+/// Readiness, resolved against the listeners at start-up.
+#[derive(Debug, Clone)]
+pub enum ReadyPlan {
+    /// `READY=1` on the generation's own notify socket.
+    Notify,
+    /// The app accepts a connection on its own socket.
+    Tcp(ListenerProbe),
+    /// An HTTP answer from the generation's own socket.
+    Http {
+        /// Through a steered listener, or `None` for the per-generation
+        /// probe port.
+        via: Option<ListenerProbe>,
+        /// The URL.
+        url: HttpUrl,
+    },
+    /// Alive after a delay (then an accept check when possible).
+    Delay {
+        /// The delay.
+        delay: Duration,
+        /// The accept check.
+        accept: Option<ListenerProbe>,
+    },
+}
+
+impl ReadyPlan {
+    /// Whether generations get a `NOTIFY_SOCKET`.
+    pub fn wants_notify(&self) -> bool {
+        matches!(self, ReadyPlan::Notify)
+    }
+
+    /// Whether generations get a `BATON_PROBE_PORT`.
+    pub fn wants_probe_port(&self) -> bool {
+        matches!(self, ReadyPlan::Http { via: None, .. })
+    }
+
+    /// For logs and status.
+    pub fn describe(&self, listeners: &ListenerSet) -> String {
+        let name = |p: &ListenerProbe| listeners.items[p.listener].name.clone();
+        match self {
+            ReadyPlan::Notify => "READY=1 on the generation's own NOTIFY_SOCKET".into(),
+            ReadyPlan::Tcp(p) => format!(
+                "the app accepts a connection on its own socket of listener '{}'",
+                name(p)
+            ),
+            ReadyPlan::Http { via: Some(p), url } => format!(
+                "GET {url} answered 2xx/3xx through the generation's own socket of listener '{}'",
+                name(p)
+            ),
+            ReadyPlan::Http { via: None, url } => {
+                format!("GET {url} answered 2xx/3xx on the generation's BATON_PROBE_PORT")
+            }
+            ReadyPlan::Delay { delay, accept } => match accept {
+                Some(p) => format!(
+                    "alive after {delay:?}, then accepts a connection on its own socket of listener '{}'",
+                    name(p)
+                ),
+                None => format!(
+                    "alive after {delay:?} (no steered TCP listener: a hung app cannot be detected)"
+                ),
+            },
+        }
+    }
+}
+
+fn probe_for(listeners: &ListenerSet, index: usize) -> Option<ListenerProbe> {
+    let l = &listeners.items[index];
+    if !l.steered() {
+        return None;
+    }
+    Some(ListenerProbe {
+        listener: index,
+        target: l.local_target()?,
+    })
+}
+
+fn first_steered(listeners: &ListenerSet) -> Option<ListenerProbe> {
+    (0..listeners.items.len()).find_map(|i| probe_for(listeners, i))
+}
+
+fn why_not_steered(listeners: &ListenerSet) -> String {
+    listeners
+        .items
+        .iter()
+        .map(|l| {
+            format!(
+                "'{}' {}",
+                l.name,
+                l.shared_reason.as_deref().unwrap_or("is steered")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Check `--ready` against the listeners.
+///
+/// # Errors
+/// A message saying why this check could not tell a new generation from
+/// the old one (or from no app at all), and what to use instead.
+pub fn plan(spec: &ReadySpec, listeners: &ListenerSet) -> Result<ReadyPlan, String> {
+    match spec {
+        ReadySpec::Notify => Ok(ReadyPlan::Notify),
+        ReadySpec::Delay(d) => Ok(ReadyPlan::Delay {
+            delay: *d,
+            accept: first_steered(listeners),
+        }),
+        ReadySpec::Tcp(name) => {
+            let probe = match name {
+                Some(n) => {
+                    let i = listeners
+                        .items
+                        .iter()
+                        .position(|l| &l.name == n)
+                        .ok_or_else(|| format!("--ready tcp={n}: no listener named '{n}'"))?;
+                    probe_for(listeners, i).ok_or_else(|| {
+                        format!(
+                            "--ready tcp={n}: listener '{n}' is a shared socket ({}); a connect to it proves nothing about the new generation. Use --ready notify or --ready http://127.0.0.1:{{port}}/PATH",
+                            listeners.items[i].shared_reason.as_deref().unwrap_or("")
+                        )
+                    })?
+                }
+                None => first_steered(listeners).ok_or_else(|| {
+                    format!(
+                        "--ready tcp needs a TCP listener that baton steers (no listener is: {}); a connect to a shared socket proves nothing about the new generation. Use --ready notify or --ready http://127.0.0.1:{{port}}/PATH",
+                        why_not_steered(listeners)
+                    )
+                })?,
+            };
+            Ok(ReadyPlan::Tcp(probe))
+        }
+        ReadySpec::Http(url) => match url.port {
+            ProbePort::PerGeneration => Ok(ReadyPlan::Http {
+                via: None,
+                url: url.clone(),
+            }),
+            ProbePort::Fixed(port) => {
+                let found = listeners.items.iter().enumerate().find(|(_, l)| {
+                    l.tcp_addr().is_some_and(|a| {
+                        a.port() == port
+                            && (a.ip() == url.ip
+                                || (a.ip().is_unspecified()
+                                    && (url.ip.is_loopback() || url.ip.is_unspecified())))
+                    })
+                });
+                let Some((i, l)) = found else {
+                    return Err(format!(
+                        "--ready {url}: no listener has that address. The probe must go to a listener baton steers (so it reaches the new generation only), or use {{port}}: http://127.0.0.1:{{port}}{} with the app serving it on $BATON_PROBE_PORT",
+                        url.path
+                    ));
+                };
+                if !l.steered() {
+                    return Err(format!(
+                        "--ready {url}: listener '{}' is a shared socket ({}), so the old generation could answer the probe. Use --ready notify, or http://127.0.0.1:{{port}}{} with the app serving it on $BATON_PROBE_PORT",
+                        l.name,
+                        l.shared_reason.as_deref().unwrap_or(""),
+                        url.path
+                    ));
+                }
+                let target = SocketAddr::new(
+                    if url.ip.is_unspecified() {
+                        match l.tcp_addr().map(|a| a.ip()) {
+                            Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                            _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                        }
+                    } else {
+                        url.ip
+                    },
+                    port,
+                );
+                Ok(ReadyPlan::Http {
+                    via: Some(ListenerProbe {
+                        listener: i,
+                        target,
+                    }),
+                    url: url.clone(),
+                })
+            }
+        },
+    }
+}
+
+/// A fresh free TCP port on the loopback (for `{port}`).
+pub fn free_probe_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Where the probe of one generation goes, and with which steering.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    /// Slot new connections go to meanwhile (the serving generation's).
+    pub regular: usize,
+    /// The new generation's slot.
+    pub new: usize,
+}
+
+/// Connect to `probe.target` from a socket whose address is steered to
+/// `route.new` on the probe's listener.
+async fn routed_connect(
+    listeners: &ListenerSet,
+    probe: &ListenerProbe,
+    route: Route,
+) -> Result<tokio::net::TcpStream, String> {
+    let target = probe.target;
+    let sock = if target.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("probe socket: {e}"))?;
+    sock.bind(SocketAddr::new(target.ip(), 0))
+        .map_err(|e| format!("binding the probe socket: {e}"))?;
+    let src = sock
+        .local_addr()
+        .map_err(|e| format!("probe socket address: {e}"))?;
+    listeners
+        .steer_probe(probe.listener, route.regular, src, route.new)
+        .map_err(|e| format!("routing the probe: {e}"))?;
+    match tokio::time::timeout(PROBE_CONNECT_TIMEOUT, sock.connect(target)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("probe connect to {target}: {e}")),
+        Err(_) => Err(format!(
+            "probe connect to {target} took longer than {PROBE_CONNECT_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// Wait until the app accepted a probe connection on its own socket.
+/// Returns only when it did (the caller bounds the wait).
+async fn accept_check(
+    listeners: &ListenerSet,
+    probe: &ListenerProbe,
+    route: Route,
+    last_error: &Mutex<String>,
+) {
+    loop {
+        let stream = match routed_connect(listeners, probe, route).await {
+            Ok(s) => s,
+            Err(e) => {
+                set(last_error, e);
+                tokio::time::sleep(PROBE_INTERVAL).await;
+                continue;
+            }
+        };
+        let (local, peer) = match (stream.local_addr(), stream.peer_addr()) {
+            (Ok(l), Ok(p)) => (l, p),
+            _ => {
+                tokio::time::sleep(PROBE_INTERVAL).await;
+                continue;
+            }
+        };
+        set(
+            last_error,
+            format!("the probe connection {local} -> {peer} was never accepted by the app"),
+        );
+        loop {
+            // The app closed it, reset it, or wrote to it: it accepted it.
+            let mut b = [0u8; 1];
+            match stream.try_read(&mut b) {
+                Ok(_) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+            // The server side of the connection has an inode once a process
+            // holds it; a closed one is no longer ESTABLISHED.
+            match baton::sys::proc_tcp_entry(peer, local) {
+                Ok(Some(e)) if e.inode != 0 || e.state != baton::sys::TCP_ESTABLISHED => return,
+                Ok(_) => {}
+                Err(e) => set(last_error, format!("reading /proc/net/tcp: {e}")),
+            }
+            tokio::time::sleep(ACCEPT_CHECK_INTERVAL).await;
+        }
+    }
+}
+
+fn set(m: &Mutex<String>, s: String) {
+    *m.lock().unwrap_or_else(|p| p.into_inner()) = s;
+}
+
+/// One HTTP probe: `Ok(true)` ready, `Ok(false)` not yet (with the reason
+/// in `last_error`).
+async fn http_once(
+    stream: &mut tokio::net::TcpStream,
+    url: &HttpUrl,
+    last_error: &Mutex<String>,
+) -> bool {
+    let host = if url.host.contains(':') {
+        format!("[{}]", url.host)
+    } else {
+        url.host.clone()
+    };
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: baton-readiness-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+        url.path
+    );
+    let io = async {
+        stream.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 || buf.len() >= MAX_PROBE_RESPONSE {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.windows(2).any(|w| w == b"\r\n") {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(buf)
+    };
+    match tokio::time::timeout(PROBE_ATTEMPT_TIMEOUT, io).await {
+        Err(_) => {
+            set(
+                last_error,
+                format!(
+                    "GET {url}: no answer within {PROBE_ATTEMPT_TIMEOUT:?} (is the app accepting?)"
+                ),
+            );
+            false
+        }
+        Ok(Err(e)) => {
+            set(last_error, format!("GET {url}: {e}"));
+            false
+        }
+        Ok(Ok(buf)) => {
+            let line = String::from_utf8_lossy(&buf);
+            let line = line.lines().next().unwrap_or_default().to_owned();
+            let status = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse::<u16>().ok());
+            match status {
+                Some(s) if (200..400).contains(&s) => true,
+                Some(_) => {
+                    set(last_error, format!("GET {url}: {line}"));
+                    false
+                }
+                None => {
+                    set(
+                        last_error,
+                        format!("GET {url}: not an HTTP answer: {line:?}"),
+                    );
+                    false
+                }
+            }
+        }
+    }
+}
+
+/// What a generation's readiness wait needs.
+#[derive(Debug)]
+pub struct ReadyCtx<'a> {
+    /// The plan.
+    pub plan: &'a ReadyPlan,
+    /// The listeners.
+    pub listeners: &'a ListenerSet,
+    /// Steering while probing.
+    pub route: Route,
+    /// The generation's `BATON_PROBE_PORT`.
+    pub probe_port: Option<u16>,
+    /// The generation's notify socket.
+    pub notify: Option<&'a NotifySocket>,
+}
+
+/// Wait until the generation is ready. Never returns an error: the caller
+/// bounds it with `--ready-timeout` and reads `last_error` for the reason.
+///
+/// # Cancel safety
+/// Cancel safe; steering is restored by the caller.
+pub async fn wait_ready(ctx: &ReadyCtx<'_>, last_error: &Mutex<String>) {
+    match ctx.plan {
+        ReadyPlan::Notify => {
+            let Some(n) = ctx.notify else {
+                set(last_error, "no notify socket".into());
+                return std::future::pending().await;
+            };
+            set(last_error, "no READY=1 from the new generation".into());
+            let mut rx = n.ready.clone();
+            let _ = rx.wait_for(|r| *r).await;
+        }
+        ReadyPlan::Tcp(p) => accept_check(ctx.listeners, p, ctx.route, last_error).await,
+        ReadyPlan::Delay { delay, accept } => {
+            set(last_error, format!("waiting {delay:?} (delay=)"));
+            tokio::time::sleep(*delay).await;
+            if let Some(p) = accept {
+                accept_check(ctx.listeners, p, ctx.route, last_error).await;
+            }
+        }
+        ReadyPlan::Http { via, url } => loop {
+            let stream = match via {
+                Some(p) => routed_connect(ctx.listeners, p, ctx.route).await,
+                None => {
+                    let port = ctx.probe_port.unwrap_or(0);
+                    let to = SocketAddr::new(url.ip, port);
+                    match tokio::time::timeout(
+                        PROBE_CONNECT_TIMEOUT,
+                        tokio::net::TcpStream::connect(to),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => Ok(s),
+                        Ok(Err(e)) => Err(format!(
+                            "probe connect to {to} (BATON_PROBE_PORT={port}): {e}"
+                        )),
+                        Err(_) => Err(format!("probe connect to {to} timed out")),
+                    }
+                }
+            };
+            match stream {
+                Ok(mut s) => {
+                    if http_once(&mut s, url, last_error).await {
+                        return;
+                    }
+                }
+                Err(e) => set(last_error, e),
+            }
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        },
+    }
+}
+
+/// A generation's own `NOTIFY_SOCKET`.
+#[derive(Debug)]
+pub struct NotifySocket {
+    /// The value for `NOTIFY_SOCKET`.
+    pub env_value: std::ffi::OsString,
+    path: Option<PathBuf>,
+    sock: Option<std::os::unix::net::UnixDatagram>,
+    /// Becomes true at `READY=1`.
+    pub ready: watch::Receiver<bool>,
+    ready_tx: Option<watch::Sender<bool>>,
+    /// The last `STATUS=` line.
+    pub status: Arc<Mutex<Option<String>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl NotifySocket {
+    /// Bind the socket for generation `generation` of service `name` in
+    /// the private directory `dir` (an abstract address if the path would
+    /// be too long).
+    pub fn bind(dir: &Path, name: &str, generation: u64) -> std::io::Result<NotifySocket> {
+        let path = dir.join(format!("{name}.notify.{generation}"));
+        let (sock, env_value, path) = if path.as_os_str().len() < 100 {
+            let _ = std::fs::remove_file(&path);
+            let s = std::os::unix::net::UnixDatagram::bind(&path)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            (s, path.clone().into_os_string(), Some(path))
+        } else {
+            use std::os::linux::net::SocketAddrExt;
+            let abs = format!("baton/{}/{name}/{generation}", baton::sys::getpid());
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())?;
+            let s = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
+            (s, format!("@{abs}").into(), None)
+        };
+        baton::sys::set_passcred(sock.as_fd())?;
+        sock.set_nonblocking(true)?;
+        let (tx, rx) = watch::channel(false);
+        Ok(NotifySocket {
+            env_value,
+            path,
+            sock: Some(sock),
+            ready: rx,
+            ready_tx: Some(tx),
+            status: Arc::new(Mutex::new(None)),
+            task: None,
+        })
+    }
+
+    /// Start reading notifications from the generation whose main process
+    /// is `pid`.
+    pub fn start(&mut self, generation: u64, pid: u32) -> std::io::Result<()> {
+        let (Some(sock), Some(tx)) = (self.sock.take(), self.ready_tx.take()) else {
+            return Ok(());
+        };
+        let sock = tokio::net::UnixDatagram::from_std(sock)?;
+        let status = Arc::clone(&self.status);
+        self.task = Some(tokio::spawn(async move {
+            let ours = baton::sys::euid();
+            let mut buf = vec![0u8; MAX_NOTIFY_DATAGRAM];
+            loop {
+                if sock.readable().await.is_err() {
+                    return;
+                }
+                let got = sock.try_io(tokio::io::Interest::READABLE, || {
+                    baton::sys::recv_with_creds(sock.as_fd(), &mut buf)
+                });
+                let d = match got {
+                    Ok(d) => d,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => {
+                        tracing::warn!(generation, error = %e, "notify socket read failed");
+                        continue;
+                    }
+                };
+                let Some(c) = d.creds else {
+                    tracing::warn!(generation, "notification without credentials ignored");
+                    continue;
+                };
+                if (c.uid != ours && c.uid != 0) || !in_tree(c.pid, pid) {
+                    tracing::warn!(
+                        generation,
+                        sender_pid = c.pid,
+                        sender_uid = c.uid,
+                        "notification from a process outside generation {generation} ignored"
+                    );
+                    continue;
+                }
+                if d.truncated {
+                    tracing::warn!(
+                        generation,
+                        sender_pid = c.pid,
+                        "notification larger than {MAX_NOTIFY_DATAGRAM} bytes ignored"
+                    );
+                    continue;
+                }
+                let text = String::from_utf8_lossy(&buf[..d.len]).into_owned();
+                for line in text.lines() {
+                    let Some((k, v)) = line.split_once('=') else {
+                        continue;
+                    };
+                    match k {
+                        "READY" if v == "1" => {
+                            tracing::info!(generation, pid = c.pid, "READY=1 received");
+                            tx.send_replace(true);
+                        }
+                        "STATUS" => {
+                            tracing::info!(generation, pid = c.pid, status = v, "app status");
+                            *status.lock().unwrap_or_else(|p| p.into_inner()) = Some(v.to_owned());
+                        }
+                        "STOPPING" | "RELOADING" | "ERRNO" | "BUSERROR" | "EXIT_STATUS" => {
+                            tracing::info!(generation, pid = c.pid, "{k}={v}");
+                        }
+                        _ => {
+                            tracing::debug!(generation, pid = c.pid, "notification {k}={v} ignored")
+                        }
+                    }
+                }
+            }
+        }));
+        Ok(())
+    }
+}
+
+/// Whether `pid` is `root` or one of its descendants (walks `/proc`
+/// parents, bounded).
+fn in_tree(pid: u32, root: u32) -> bool {
+    let mut p = pid;
+    for _ in 0..64 {
+        if p == root {
+            return true;
+        }
+        if p <= 1 {
+            return false;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            return false;
+        };
+        let Some(ppid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            return false;
+        };
+        p = ppid;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_specs() {
+        assert_eq!("notify".parse::<ReadySpec>().unwrap(), ReadySpec::Notify);
+        assert_eq!("tcp".parse::<ReadySpec>().unwrap(), ReadySpec::Tcp(None));
+        assert_eq!(
+            "tcp=api".parse::<ReadySpec>().unwrap(),
+            ReadySpec::Tcp(Some("api".into()))
+        );
+        assert_eq!(
+            "delay=1.5s".parse::<ReadySpec>().unwrap(),
+            ReadySpec::Delay(Duration::from_millis(1500))
+        );
+        let ReadySpec::Http(u) = "http://127.0.0.1:8080/health?x=1".parse().unwrap() else {
+            panic!()
+        };
+        assert_eq!(u.port, ProbePort::Fixed(8080));
+        assert_eq!(u.path, "/health?x=1");
+        let ReadySpec::Http(u) = "http://[::1]:{port}".parse().unwrap() else {
+            panic!()
+        };
+        assert_eq!(u.port, ProbePort::PerGeneration);
+        assert_eq!(u.ip, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(u.path, "/");
+        assert_eq!(u.to_string(), "http://::1:{port}/");
+        let ReadySpec::Http(u) = "http://localhost:9/h".parse().unwrap() else {
+            panic!()
+        };
+        assert!(u.ip.is_loopback());
+        for bad in [
+            "https://127.0.0.1:1/",
+            "http://example.com:80/",
+            "http://127.0.0.1/",
+            "http://127.0.0.1:0/",
+            "http://127.0.0.1:1/a b",
+            "tcp=bad name",
+            "delay=soon",
+            "later",
+        ] {
+            assert!(bad.parse::<ReadySpec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn plans_refuse_checks_that_cannot_fail() {
+        let specs: Vec<baton::ListenSpec> = vec!["http=127.0.0.1:0".parse().unwrap()];
+        let shared = ListenerSet::open(&specs, true, 16).unwrap();
+        let port = shared.items[0].tcp_addr().unwrap().port();
+        let e = plan(&ReadySpec::Tcp(None), &shared).unwrap_err();
+        assert!(e.contains("--no-steer"), "{e}");
+        let url: HttpUrl = format!("http://127.0.0.1:{port}/health").parse().unwrap();
+        let e = plan(&ReadySpec::Http(url), &shared).unwrap_err();
+        assert!(e.contains("shared socket"), "{e}");
+        let url: HttpUrl = "http://127.0.0.1:{port}/health".parse().unwrap();
+        assert!(plan(&ReadySpec::Http(url), &shared).is_ok());
+        assert!(matches!(
+            plan(&ReadySpec::Delay(Duration::from_secs(1)), &shared).unwrap(),
+            ReadyPlan::Delay { accept: None, .. }
+        ));
+
+        let steered = ListenerSet::open(&specs, false, 16).unwrap();
+        let port = steered.items[0].tcp_addr().unwrap().port();
+        assert!(matches!(
+            plan(&ReadySpec::Tcp(None), &steered).unwrap(),
+            ReadyPlan::Tcp(_)
+        ));
+        let url: HttpUrl = format!("http://localhost:{port}/health").parse().unwrap();
+        assert!(matches!(
+            plan(&ReadySpec::Http(url), &steered).unwrap(),
+            ReadyPlan::Http { via: Some(_), .. }
+        ));
+        let url: HttpUrl = "http://127.0.0.1:1/health".parse().unwrap();
+        assert!(plan(&ReadySpec::Http(url), &steered).is_err());
+        assert!(plan(&ReadySpec::Tcp(Some("nope".into())), &steered).is_err());
+    }
+
+    #[test]
+    fn process_tree() {
+        let me = std::process::id();
+        assert!(in_tree(me, me));
+        assert!(in_tree(me, baton::sys::getppid()));
+        assert!(!in_tree(1, me));
+    }
+}

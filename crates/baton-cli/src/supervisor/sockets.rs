@@ -1,0 +1,766 @@
+//! The supervisor's listening sockets, and steering between generations.
+//!
+//! # Steer before stop
+//!
+//! With one shared listening socket, the old app accepts until the moment
+//! it handles its stop signal, and many servers then close connections they
+//! accepted but had not read yet. So each steerable TCP listener is a pair
+//! of sockets in one `SO_REUSEPORT` group, both bound by baton at start-up:
+//! group index 0 and index 1. Generations alternate between them. A
+//! one-instruction classic-BPF program attached to the group ("return index
+//! N") decides which socket gets each new connection:
+//!
+//! 1. the new generation starts on the idle socket; the program still sends
+//!    every connection to the serving one, so nothing queues for a process
+//!    that may never become ready;
+//! 2. once it is ready, the program is swapped to return the new index: the
+//!    old socket gets nothing new, and the old app accepts what is left in
+//!    its queue;
+//! 3. when that queue has stayed empty for a quiet period, the old
+//!    generation is told to stop; connections it still closes unread cannot
+//!    exist, because it has none it has not started on.
+//!
+//! Why a fixed pair instead of a new socket per generation: the kernel
+//! numbers a group's sockets in the order they started listening, and when
+//! one is closed the last one takes its index. A program returning "index
+//! N" is exact only while nothing is closed; with two sockets that are never
+//! closed, indices never move. It also keeps every listener's address bound
+//! at every instant, so a connection is never refused.
+//!
+//! Readiness probes reach the new generation only: the probe connects from
+//! a socket baton bound first, and while the new generation is not yet
+//! promoted the program also says "a SYN from exactly this source address
+//! and port goes to the new index".
+//!
+//! Steering cannot apply to Unix sockets, to sockets inherited from systemd
+//! without `ReusePort=yes`, or with `--no-steer`: those listeners are one
+//! shared socket, passed to every generation, and the log and `status` say
+//! so.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+
+use baton::sys::{self, CbpfInsn};
+use baton::{ListenAddr, ListenSpec, ListenerInfo};
+
+/// Classic BPF opcodes (`linux/filter.h`).
+mod op {
+    pub const LD_W_ABS: u16 = 0x20;
+    pub const LD_H_ABS: u16 = 0x28;
+    pub const LD_B_ABS: u16 = 0x30;
+    pub const ALU_RSH_K: u16 = 0x74;
+    pub const JMP_JEQ_K: u16 = 0x15;
+    pub const RET_K: u16 = 0x06;
+    /// `SKF_NET_OFF`: negative offsets from here address the network
+    /// header (the program's data starts after the TCP header).
+    pub const NET_OFF: u32 = (-0x10_0000_i32) as u32;
+}
+
+/// The steering program: every connection goes to group index `regular`,
+/// except a SYN from exactly `probe.0` (the readiness probe's own address),
+/// which goes to `probe.1`.
+///
+/// The probe's packets come from this host with no IP options, so the
+/// TCP source port sits right after the fixed IPv4 (20 bytes) or IPv6
+/// (40 bytes) header.
+pub fn steer_program(regular: u32, probe: Option<(SocketAddr, u32)>) -> Vec<CbpfInsn> {
+    let ins = |code, k| CbpfInsn {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let Some((src, probe_index)) = probe else {
+        return vec![ins(op::RET_K, regular)];
+    };
+    // Each check is "load; jeq value, next, regular". Build the loads and
+    // values, then fill in the jumps to the two `ret`s at the end.
+    let mut checks: Vec<(u16, u32, u32)> = Vec::new(); // (load op, offset, value)
+    let ip = match src.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    };
+    let (version, port_off) = match ip {
+        IpAddr::V4(v4) => {
+            checks.push((op::LD_W_ABS, 12, u32::from_be_bytes(v4.octets())));
+            (4, 20)
+        }
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            for w in 0..4 {
+                let word = u32::from_be_bytes([o[w * 4], o[w * 4 + 1], o[w * 4 + 2], o[w * 4 + 3]]);
+                checks.push((op::LD_W_ABS, 8 + 4 * w as u32, word));
+            }
+            (6, 40)
+        }
+    };
+    checks.push((op::LD_H_ABS, port_off, u32::from(src.port())));
+    let mut prog = vec![
+        ins(op::LD_B_ABS, op::NET_OFF),
+        ins(op::ALU_RSH_K, 4),
+        ins(op::JMP_JEQ_K, version),
+    ];
+    for (load, off, value) in &checks {
+        prog.push(ins(*load, op::NET_OFF.wrapping_add(*off)));
+        prog.push(ins(op::JMP_JEQ_K, *value));
+    }
+    let regular_at = prog.len();
+    let probe_at = regular_at + 1;
+    let last_check = prog.len() - 1;
+    for (i, insn) in prog.iter_mut().enumerate() {
+        if insn.code == op::JMP_JEQ_K {
+            // Offsets are relative to the next instruction; every program
+            // here is far shorter than 255 instructions.
+            let to = |target: usize| (target - i - 1) as u8;
+            insn.jt = if i == last_check { to(probe_at) } else { 0 };
+            insn.jf = to(regular_at);
+        }
+    }
+    prog.push(ins(op::RET_K, regular));
+    prog.push(ins(op::RET_K, probe_index));
+    prog
+}
+
+/// Where a listener came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Bound by baton at start-up.
+    Bound,
+    /// systemd socket activation of baton itself (`LISTEN_FDS`).
+    Systemd,
+}
+
+/// One named listener.
+#[derive(Debug)]
+pub struct Listener {
+    /// Name (`LISTEN_FDNAMES` entry).
+    pub name: String,
+    /// Address (TCP: the bound one, with the real port).
+    pub addr: ListenAddr,
+    /// Where it came from.
+    pub origin: Origin,
+    /// One shared socket, or the two sockets of a steering group (index 0
+    /// and 1, in that order).
+    sockets: Vec<OwnedFd>,
+    /// Why this listener is one shared socket, if it is.
+    pub shared_reason: Option<String>,
+}
+
+impl Listener {
+    /// Whether generations get their own socket of a steering group.
+    pub fn steered(&self) -> bool {
+        self.sockets.len() == 2
+    }
+
+    /// The socket a generation in `slot` gets.
+    pub fn fd(&self, slot: usize) -> BorrowedFd<'_> {
+        if self.steered() {
+            self.sockets[slot & 1].as_fd()
+        } else {
+            self.sockets[0].as_fd()
+        }
+    }
+
+    /// The TCP address, if this is a TCP listener.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match &self.addr {
+            ListenAddr::Tcp(a) => Some(*a),
+            ListenAddr::Unix(_) => None,
+        }
+    }
+
+    /// An address a local client reaches this listener at (a wildcard
+    /// address becomes the loopback of its family).
+    pub fn local_target(&self) -> Option<SocketAddr> {
+        let a = self.tcp_addr()?;
+        let ip = match a.ip() {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        Some(SocketAddr::new(ip, a.port()))
+    }
+
+    /// For status.
+    pub fn info(&self) -> ListenerInfo {
+        let origin = match self.origin {
+            Origin::Bound => "bound by baton",
+            Origin::Systemd => "inherited from systemd (LISTEN_FDS)",
+        };
+        let how = match &self.shared_reason {
+            None => "steered: one SO_REUSEPORT socket per generation".to_owned(),
+            Some(r) => format!("shared socket, no steering ({r})"),
+        };
+        ListenerInfo {
+            name: self.name.clone(),
+            addr: self.addr.to_string(),
+            origin: format!("{origin}; {how}"),
+        }
+    }
+}
+
+/// Every listener of the supervisor, for its whole life.
+#[derive(Debug)]
+pub struct ListenerSet {
+    /// In `--listen` order (then unnamed inherited ones): fd 3, 4, ...
+    pub items: Vec<Listener>,
+}
+
+/// What went wrong opening the listeners.
+pub type OpenError = String;
+
+impl ListenerSet {
+    /// Adopt systemd's sockets meant for us, bind the rest, and set up
+    /// steering groups where possible.
+    pub fn open(specs: &[ListenSpec], no_steer: bool, backlog: i32) -> Result<Self, OpenError> {
+        let mut inherited = adopt_systemd()?;
+        let mut items = Vec::new();
+        for spec in specs {
+            if items.iter().any(|l: &Listener| l.name == spec.name) {
+                return Err(format!(
+                    "listener name '{}' is used twice; give each --listen its own NAME=",
+                    spec.name
+                ));
+            }
+            let pos = inherited
+                .iter()
+                .position(|(n, _, _)| *n == spec.name)
+                .or_else(|| {
+                    inherited.iter().position(|(n, fd, _)| {
+                        (n == "unknown" || n.starts_with("LISTEN_FD_"))
+                            && same_address(fd, &spec.addr)
+                    })
+                });
+            if let Some(i) = pos {
+                let (_, fd, kind) = inherited.remove(i);
+                let addr = describe(&fd, kind)?;
+                if !same_address(&fd, &spec.addr) {
+                    tracing::warn!(listener = %spec.name, inherited = %addr, configured = %spec.addr,
+                        "the socket systemd passed has another address than --listen; using systemd's");
+                }
+                items.push(Listener {
+                    name: spec.name.clone(),
+                    addr,
+                    origin: Origin::Systemd,
+                    sockets: vec![fd],
+                    shared_reason: None,
+                });
+            } else {
+                items.push(bind(spec, backlog, no_steer)?);
+            }
+        }
+        // Sockets systemd passed that no --listen names: keep them too (the
+        // app gets every socket, as it would from systemd).
+        for (name, fd, kind) in inherited {
+            let addr = describe(&fd, kind)?;
+            tracing::info!(listener = %name, %addr, "using a socket systemd passed without a matching --listen");
+            items.push(Listener {
+                name,
+                addr,
+                origin: Origin::Systemd,
+                sockets: vec![fd],
+                shared_reason: None,
+            });
+        }
+        if items.is_empty() {
+            return Err(
+                "no listeners: give --listen NAME=ADDR, or start baton with systemd socket activation"
+                    .into(),
+            );
+        }
+        for l in &mut items {
+            if l.origin == Origin::Systemd {
+                setup_inherited_steering(l, no_steer);
+            }
+            match &l.shared_reason {
+                None => {
+                    tracing::info!(listener = %l.name, addr = %l.addr, "listener ready; new connections will be steered between generations")
+                }
+                Some(r) => tracing::warn!(listener = %l.name, addr = %l.addr, reason = %r,
+                    "no steering for this listener: generations share one socket, and the old one is stopped as soon as the new one is ready"),
+            }
+        }
+        Ok(ListenerSet { items })
+    }
+
+    /// Whether any listener is steered.
+    pub fn any_steered(&self) -> bool {
+        self.items.iter().any(Listener::steered)
+    }
+
+    /// `LISTEN_FDNAMES`.
+    pub fn fd_names(&self) -> String {
+        self.items
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    /// `CLOEXEC` duplicates of the sockets a generation in `slot` gets, in fd
+    /// order.
+    pub fn dup_for(&self, slot: usize) -> std::io::Result<Vec<OwnedFd>> {
+        self.items.iter().map(|l| sys::dup(l.fd(slot))).collect()
+    }
+
+    /// Send every new connection of every steered listener to `slot`. On an
+    /// error, the listeners already switched are switched back to `back`.
+    pub fn steer(&self, slot: usize, back: usize) -> std::io::Result<()> {
+        let steered: Vec<&Listener> = self.items.iter().filter(|l| l.steered()).collect();
+        for (i, l) in steered.iter().enumerate() {
+            if let Err(e) = sys::attach_reuseport_cbpf(l.fd(0), &steer_program(slot as u32, None)) {
+                for undo in &steered[..i] {
+                    let _ =
+                        sys::attach_reuseport_cbpf(undo.fd(0), &steer_program(back as u32, None));
+                }
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("steering listener '{}': {e}", l.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Steer listener `index` to `regular`, except connections from `probe`
+    /// (a local socket address), which go to `probe_slot`.
+    pub fn steer_probe(
+        &self,
+        index: usize,
+        regular: usize,
+        probe: SocketAddr,
+        probe_slot: usize,
+    ) -> std::io::Result<()> {
+        let l = &self.items[index];
+        if !l.steered() {
+            return Err(std::io::Error::other(format!(
+                "listener '{}' is not steered",
+                l.name
+            )));
+        }
+        sys::attach_reuseport_cbpf(
+            l.fd(0),
+            &steer_program(regular as u32, Some((probe, probe_slot as u32))),
+        )
+    }
+
+    /// Whether any steered listener's socket in `slot` has connections
+    /// waiting to be accepted.
+    pub fn pending(&self, slot: usize) -> std::io::Result<bool> {
+        for l in self.items.iter().filter(|l| l.steered()) {
+            if sys::accept_queue_nonempty(l.fd(slot))? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Accept and close what waits in the steered sockets of `slot` (no
+    /// process uses that slot now). Returns how many.
+    pub fn close_pending(&self, slot: usize) -> usize {
+        let mut n = 0;
+        for l in self.items.iter().filter(|l| l.steered()) {
+            match sys::close_pending_connections(l.fd(slot), 100_000) {
+                Ok(k) => n += k,
+                Err(e) => {
+                    tracing::warn!(listener = %l.name, error = %e, "could not empty an idle socket's queue")
+                }
+            }
+        }
+        n
+    }
+
+    /// Status lines.
+    pub fn infos(&self) -> Vec<ListenerInfo> {
+        self.items.iter().map(Listener::info).collect()
+    }
+}
+
+fn kind_name(k: sys::SocketKind) -> &'static str {
+    match k {
+        sys::SocketKind::Tcp => "TCP",
+        sys::SocketKind::Unix => "Unix",
+    }
+}
+
+fn describe(fd: &OwnedFd, kind: sys::SocketKind) -> Result<ListenAddr, OpenError> {
+    match kind {
+        sys::SocketKind::Tcp => sys::tcp_local_addr(fd.as_fd())
+            .map(ListenAddr::Tcp)
+            .map_err(|e| format!("inherited {} socket: {e}", kind_name(kind))),
+        sys::SocketKind::Unix => Ok(ListenAddr::Unix(
+            sys::unix_local_path(fd.as_fd())
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| PathBuf::from("<unnamed>")),
+        )),
+    }
+}
+
+fn same_address(fd: &OwnedFd, want: &ListenAddr) -> bool {
+    match want {
+        ListenAddr::Tcp(a) => sys::tcp_local_addr(fd.as_fd())
+            .is_ok_and(|got| got == *a || (a.port() == 0 && got.ip() == a.ip())),
+        ListenAddr::Unix(p) => {
+            sys::unix_local_path(fd.as_fd()).is_ok_and(|got| got.as_deref() == Some(p.as_path()))
+        }
+    }
+}
+
+/// systemd's `LISTEN_FDS` meant for this process: (name, fd, kind).
+fn adopt_systemd() -> Result<Vec<(String, OwnedFd, sys::SocketKind)>, OpenError> {
+    let Some(n) = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return Ok(Vec::new());
+    };
+    let for_us = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .is_some_and(|p| p == sys::getpid());
+    if !for_us {
+        tracing::debug!("LISTEN_FDS is set for another process; ignoring it");
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|s| s.split(':').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for i in 0..n.clamp(0, 1024) {
+        let raw = 3 + i;
+        let name = names
+            .get(i as usize)
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .unwrap_or_else(|| format!("LISTEN_FD_{raw}"));
+        match sys::adopt_inherited_fd(raw) {
+            Ok(Some(fd)) => {
+                let kind = sys::listening_socket_kind(fd.as_fd()).map_err(|e| {
+                    format!("fd {raw} ('{name}') from systemd is not a listening socket: {e}")
+                })?;
+                out.push((name, fd, kind));
+            }
+            Ok(None) => {
+                tracing::warn!(fd = raw, "LISTEN_FDS names fd {raw} but it is not open")
+            }
+            Err(e) => return Err(format!("adopting LISTEN_FDS fd {raw}: {e}")),
+        }
+    }
+    tracing::info!(
+        count = out.len(),
+        "adopted systemd socket-activation listeners"
+    );
+    Ok(out)
+}
+
+/// Count the listening sockets bound to exactly `addr` (in
+/// `/proc/net/tcp{,6}`).
+fn count_listeners(addr: SocketAddr) -> std::io::Result<usize> {
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 4 || cols[3] != "0A" {
+                continue;
+            }
+            if sys::parse_proc_net_tcp_addr(cols[1]) == Some(addr) {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+fn tcp_bind_error(name: &str, addr: SocketAddr, e: &std::io::Error) -> String {
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another process listens there; is another instance running?)"
+        }
+        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need CAP_NET_BIND_SERVICE)",
+        _ => "",
+    };
+    format!("listener '{name}': cannot bind {addr}: {e}{hint}")
+}
+
+fn bind(spec: &ListenSpec, backlog: i32, no_steer: bool) -> Result<Listener, OpenError> {
+    let name = &spec.name;
+    match &spec.addr {
+        ListenAddr::Unix(path) => {
+            let fd =
+                baton::bind_unix_listener(name, path, backlog, None).map_err(|e| e.to_string())?;
+            // Sockets passed systemd-style are blocking; apps set what they
+            // need.
+            sys::set_nonblocking(fd.as_fd(), false)
+                .map_err(|e| format!("listener '{name}': {e}"))?;
+            Ok(Listener {
+                name: name.clone(),
+                addr: spec.addr.clone(),
+                origin: Origin::Bound,
+                sockets: vec![fd],
+                shared_reason: Some("a Unix socket: SO_REUSEPORT steering is TCP only".into()),
+            })
+        }
+        ListenAddr::Tcp(addr) => {
+            let opts = |reuseport| sys::TcpBindOptions {
+                backlog,
+                reuseport,
+                nonblocking: false,
+            };
+            if no_steer {
+                let fd = sys::bind_tcp(*addr, opts(false))
+                    .map_err(|e| tcp_bind_error(name, *addr, &e))?;
+                let actual = sys::tcp_local_addr(fd.as_fd()).map_err(|e| e.to_string())?;
+                return Ok(Listener {
+                    name: name.clone(),
+                    addr: ListenAddr::Tcp(actual),
+                    origin: Origin::Bound,
+                    sockets: vec![fd],
+                    shared_reason: Some("--no-steer".into()),
+                });
+            }
+            // SO_REUSEPORT would let us join someone else's group silently:
+            // first make sure nobody listens there.
+            if addr.port() != 0 {
+                std::net::TcpListener::bind(addr).map_err(|e| tcp_bind_error(name, *addr, &e))?;
+            }
+            let first =
+                sys::bind_tcp(*addr, opts(true)).map_err(|e| tcp_bind_error(name, *addr, &e))?;
+            let actual = sys::tcp_local_addr(first.as_fd()).map_err(|e| e.to_string())?;
+            let mut l = Listener {
+                name: name.clone(),
+                addr: ListenAddr::Tcp(actual),
+                origin: Origin::Bound,
+                sockets: vec![first],
+                shared_reason: None,
+            };
+            add_second_socket(&mut l, actual, backlog);
+            Ok(l)
+        }
+    }
+}
+
+/// Make `l` (one listening socket with `SO_REUSEPORT`, index 0 of its
+/// group) a steering pair, or record why not.
+fn add_second_socket(l: &mut Listener, addr: SocketAddr, backlog: i32) {
+    // The program goes on first: the second socket must get nothing from
+    // the moment it joins the group.
+    if let Err(e) = sys::attach_reuseport_cbpf(l.sockets[0].as_fd(), &steer_program(0, None)) {
+        l.shared_reason = Some(format!("cannot attach a reuseport BPF program: {e}"));
+        return;
+    }
+    let second = match sys::bind_tcp(
+        addr,
+        sys::TcpBindOptions {
+            backlog,
+            reuseport: true,
+            nonblocking: false,
+        },
+    ) {
+        Ok(fd) => fd,
+        Err(e) => {
+            l.shared_reason = Some(format!(
+                "cannot add a second socket to its SO_REUSEPORT group: {e}"
+            ));
+            return;
+        }
+    };
+    match count_listeners(addr) {
+        Ok(2) => l.sockets.push(second),
+        Ok(n) => {
+            l.shared_reason = Some(format!(
+                "{n} sockets listen on {addr}, not baton's 2: group indices would be unknown"
+            ));
+        }
+        Err(e) => l.shared_reason = Some(format!("cannot read /proc/net/tcp: {e}")),
+    }
+}
+
+fn setup_inherited_steering(l: &mut Listener, no_steer: bool) {
+    let Some(addr) = l.tcp_addr() else {
+        l.shared_reason = Some("a Unix socket: SO_REUSEPORT steering is TCP only".into());
+        return;
+    };
+    if no_steer {
+        l.shared_reason = Some("--no-steer".into());
+        return;
+    }
+    match sys::socket_reuseport(l.sockets[0].as_fd()) {
+        Ok(true) => add_second_socket(l, addr, baton::DEFAULT_BACKLOG),
+        Ok(false) => {
+            l.shared_reason =
+                Some("inherited from systemd without ReusePort=yes in the .socket unit".into())
+        }
+        Err(e) => l.shared_reason = Some(format!("cannot read SO_REUSEPORT: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn pair() -> ListenerSet {
+        pair_at("http=127.0.0.1:0")
+    }
+
+    fn pair_at(spec: &str) -> ListenerSet {
+        let spec: ListenSpec = spec.parse().unwrap();
+        ListenerSet::open(&[spec], false, 64).unwrap()
+    }
+
+    #[test]
+    fn plain_program_is_one_return() {
+        assert_eq!(
+            steer_program(1, None),
+            vec![CbpfInsn {
+                code: op::RET_K,
+                jt: 0,
+                jf: 0,
+                k: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn probe_program_jumps_land_on_the_returns() {
+        for src in ["127.0.0.1:40000", "[::1]:40000"] {
+            let p = steer_program(0, Some((src.parse().unwrap(), 1)));
+            let n = p.len();
+            assert_eq!(p[n - 2].k, 0);
+            assert_eq!(p[n - 1].k, 1);
+            for (i, insn) in p.iter().enumerate() {
+                if insn.code == op::JMP_JEQ_K {
+                    assert_eq!(i + 1 + insn.jf as usize, n - 2, "false branch of {i}");
+                    let t = i + 1 + insn.jt as usize;
+                    assert!(t == i + 1 || t == n - 1, "true branch of {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_bound_tcp_listener_is_a_steering_pair() {
+        let set = pair();
+        let l = &set.items[0];
+        assert!(l.steered(), "{:?}", l.shared_reason);
+        assert_eq!(
+            count_listeners(l.tcp_addr().unwrap()).unwrap(),
+            2,
+            "both sockets listen"
+        );
+        // Initially everything goes to index 0.
+        let addr = l.local_target().unwrap();
+        let c = std::net::TcpStream::connect(addr).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(set.pending(0).unwrap());
+        assert!(!set.pending(1).unwrap());
+        assert_eq!(set.close_pending(0), 1);
+        drop(c);
+        // Steered to 1.
+        set.steer(1, 0).unwrap();
+        let c = std::net::TcpStream::connect(addr).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(!set.pending(0).unwrap());
+        assert!(set.pending(1).unwrap());
+        assert_eq!(set.close_pending(1), 1);
+        drop(c);
+    }
+
+    #[test]
+    fn a_probe_from_a_known_port_reaches_the_other_socket() {
+        probe_routing("http=127.0.0.1:0");
+        // IPv6, and IPv4 on a dual-stack wildcard socket.
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            probe_routing("http=[::1]:0");
+            probe_routing("http=[::]:0");
+        }
+    }
+
+    fn probe_routing(spec: &str) {
+        let set = pair_at(spec);
+        let l = &set.items[0];
+        assert!(l.steered(), "{spec}: {:?}", l.shared_reason);
+        let target = l.local_target().unwrap();
+        // A probe socket bound first, so its source port is known.
+        let probe = std::net::TcpListener::bind(SocketAddr::new(target.ip(), 0)).unwrap();
+        let src = probe.local_addr().unwrap();
+        drop(probe);
+        set.steer_probe(0, 0, src, 1).unwrap();
+        let regular = std::net::TcpStream::connect(target).unwrap();
+        let from_src = connect_from(src, target);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        // Exactly one connection on each socket.
+        assert_eq!(sys::close_pending_connections(l.fd(0), 10).unwrap(), 1);
+        assert_eq!(sys::close_pending_connections(l.fd(1), 10).unwrap(), 1);
+        drop((regular, from_src));
+    }
+
+    /// Connect from a given local address (std cannot bind before connect;
+    /// the supervisor uses tokio's TcpSocket, and so does this test).
+    fn connect_from(src: SocketAddr, to: SocketAddr) -> std::net::TcpStream {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let s = if src.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }
+            .unwrap();
+            s.set_reuseaddr(true).unwrap();
+            s.bind(src).unwrap();
+            s.connect(to).await.unwrap().into_std().unwrap()
+        })
+    }
+
+    #[test]
+    fn unix_and_no_steer_listeners_are_shared_and_say_why() {
+        let dir = std::env::temp_dir().join(format!("baton-cli-ut-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let specs: Vec<ListenSpec> = vec![
+            format!("api=unix:{}", path.display()).parse().unwrap(),
+            "http=127.0.0.1:0".parse().unwrap(),
+        ];
+        let set = ListenerSet::open(&specs, true, 16).unwrap();
+        assert!(!set.any_steered());
+        assert!(
+            set.items[0]
+                .shared_reason
+                .as_deref()
+                .unwrap()
+                .contains("Unix")
+        );
+        assert_eq!(set.items[1].shared_reason.as_deref(), Some("--no-steer"));
+        assert_eq!(set.fd_names(), "api:http");
+        // The shared Unix socket works.
+        let mut c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        c.write_all(b"x").unwrap();
+        let (mut s, _) =
+            std::os::unix::net::UnixListener::from(sys::dup(set.items[0].fd(1)).unwrap())
+                .accept()
+                .unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_taken_port_is_refused_even_with_reuseport() {
+        let set = pair();
+        let addr = set.items[0].tcp_addr().unwrap();
+        let spec: ListenSpec = format!("http={addr}").parse().unwrap();
+        let err = ListenerSet::open(&[spec], false, 16).unwrap_err();
+        assert!(err.contains("another process listens there"), "{err}");
+    }
+}

@@ -1,0 +1,189 @@
+"""A stdlib-only HTTP server for baton's supervisor tests.
+
+It serves the sockets at fds 3.. (systemd socket activation, as `baton run`
+passes them: LISTEN_FDS of them) and answers:
+
+  GET /version  {"pid", "generation", "version", "listen_pid", "listen_fds",
+                 "listen_fdnames", "ppid"} as JSON
+  GET /health   200 "ok" (503 during --unhealthy-for)
+  GET /slow?ms=N
+
+Behaviour for readiness and fault tests, from flags or from a fault file
+that the first generation to start claims (rename) and consumes, so a test
+can arm a fault for the *next* generation only:
+
+  --start-delay S    sleep S seconds before accepting
+  --notify           send READY=1 (and STATUS=) to $NOTIFY_SOCKET once serving
+  --notify-delay S   ...but only S seconds after it started serving
+  --probe-port       also serve /health on 127.0.0.1:$BATON_PROBE_PORT
+  --fault-file PATH  lines: hang | exit:CODE | start-delay:S | notify-delay:S
+
+SIGTERM: stop accepting, finish in-flight requests, exit 0.
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+p = argparse.ArgumentParser()
+p.add_argument("--version", default="py-1")
+p.add_argument("--start-delay", type=float, default=0.0)
+p.add_argument("--notify", action="store_true")
+p.add_argument("--notify-delay", type=float, default=0.0)
+p.add_argument("--probe-port", action="store_true")
+p.add_argument("--unhealthy-for", type=float, default=0.0)
+p.add_argument("--fault-file")
+args = p.parse_args()
+
+GEN = int(os.environ.get("BATON_GENERATION", "0"))
+PID = os.getpid()
+
+
+def log(msg):
+    print(f"pyapp gen {GEN} pid {PID}: {msg}", file=sys.stderr, flush=True)
+
+
+def take_faults(path):
+    if not path:
+        return []
+    claimed = f"{path}.{PID}"
+    try:
+        os.rename(path, claimed)
+    except OSError:
+        return []
+    with open(claimed) as f:
+        lines = [l.strip() for l in f if l.strip()]
+    os.unlink(claimed)
+    return lines
+
+
+for fault in take_faults(args.fault_file):
+    log(f"fault armed: {fault}")
+    name, _, arg = fault.partition(":")
+    if name == "hang":
+        while True:
+            time.sleep(3600)
+    elif name == "exit":
+        sys.exit(int(arg or "1"))
+    elif name == "start-delay":
+        args.start_delay = float(arg)
+    elif name == "notify-delay":
+        args.notify_delay = float(arg)
+
+
+def sd_notify(msg):
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        log("no NOTIFY_SOCKET")
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(msg.encode())
+
+
+STARTED = time.monotonic()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def reply(self, status, body, ctype="text/plain"):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        u = urlparse(self.path)
+        if u.path == "/version":
+            body = json.dumps(
+                {
+                    "pid": PID,
+                    "ppid": os.getppid(),
+                    "generation": GEN,
+                    "version": args.version,
+                    "listen_pid": os.environ.get("LISTEN_PID"),
+                    "listen_fds": os.environ.get("LISTEN_FDS"),
+                    "listen_fdnames": os.environ.get("LISTEN_FDNAMES"),
+                }
+            ).encode()
+            self.reply(200, body, "application/json")
+        elif u.path == "/health":
+            if time.monotonic() - STARTED < args.unhealthy_for:
+                self.reply(503, b"warming up")
+            else:
+                self.reply(200, b"ok")
+        elif u.path == "/slow":
+            ms = int(parse_qs(u.query).get("ms", ["1000"])[0])
+            time.sleep(ms / 1000)
+            self.reply(200, f"slept {ms} ms in pid {PID}".encode())
+        else:
+            self.reply(200, f"hello from pyapp {args.version} generation {GEN} pid {PID}\n".encode())
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = False
+    block_on_close = True
+
+
+def serve_on(sock):
+    srv = Server(("127.0.0.1", 0), Handler, bind_and_activate=False)
+    srv.socket.close()
+    srv.socket = sock
+    return srv
+
+
+if args.start_delay:
+    log(f"starting slowly: {args.start_delay} s")
+    time.sleep(args.start_delay)
+
+nfds = int(os.environ.get("LISTEN_FDS", "1"))
+listener = socket.socket(fileno=3)
+server = serve_on(listener)
+# Further listeners (fd 4, ...) are served by threads.
+others = [serve_on(socket.socket(fileno=fd)) for fd in range(4, 3 + nfds)]
+for o in others:
+    threading.Thread(target=o.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+if args.probe_port:
+    port = int(os.environ["BATON_PROBE_PORT"])
+    probe = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    probe.daemon_threads = True
+    threading.Thread(target=probe.serve_forever, daemon=True).start()
+    log(f"probe port {port}")
+
+
+def on_term(signum, frame):
+    log("SIGTERM: stopping")
+    for srv in [server] + others:
+        threading.Thread(target=srv.shutdown, daemon=True).start()
+
+
+signal.signal(signal.SIGTERM, on_term)
+
+if args.notify:
+    def notify():
+        time.sleep(args.notify_delay)
+        sd_notify(f"READY=1\nSTATUS=pyapp generation {GEN} serving")
+        log("sent READY=1")
+
+    sd_notify(f"STATUS=pyapp generation {GEN} warming up")
+    threading.Thread(target=notify, daemon=True).start()
+
+log(f"serving fd 3 ({listener.getsockname()}), LISTEN_PID={os.environ.get('LISTEN_PID')}")
+server.serve_forever(poll_interval=0.05)
+server.server_close()
+log("stopped")

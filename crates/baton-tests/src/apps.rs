@@ -1,0 +1,157 @@
+//! Third-party servers and toolchains for the supervisor tests: the
+//! `baton` binary itself, the Python venv (gunicorn, uvicorn), Node, and a
+//! Go server built from `apps/go/main.go`.
+//!
+//! A missing tool is a test failure with a message saying how to get it,
+//! never a silent skip.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// The fixture apps' directory (`crates/baton-tests/apps`).
+pub fn apps_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("apps")
+}
+
+/// The target profile directory the tests run from (`target/debug`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("test binary directory");
+    if dir.ends_with("deps") {
+        dir.parent().expect("profile directory").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// The `baton` binary, freshly built: `cargo nextest run -p baton-tests`
+/// does not build other packages' binaries, so the first call in each test
+/// process runs `cargo build -p baton-cli` (a no-op when it is up to date)
+/// into this test's target directory and profile. `BATON_BIN` overrides.
+pub fn baton_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("BATON_BIN") {
+            return PathBuf::from(p);
+        }
+        let profile_dir = profile_dir();
+        let target_dir = profile_dir.parent().expect("target directory");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_owned(),
+            Some(other) => other.to_owned(),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = crate::output(
+            Command::new(cargo)
+                .args([
+                    "build",
+                    "-q",
+                    "-p",
+                    "baton-cli",
+                    "--bin",
+                    "baton",
+                    "--profile",
+                ])
+                .arg(&profile)
+                .arg("--target-dir")
+                .arg(target_dir)
+                .current_dir(workspace_root()),
+        )
+        .expect("running cargo build -p baton-cli");
+        assert!(
+            out.status.success(),
+            "cargo build -p baton-cli failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let p = profile_dir.join("baton");
+        assert!(p.exists(), "{} was not built", p.display());
+        p
+    })
+    .clone()
+}
+
+/// A tool in the repository's Python venv (`.venv/bin/NAME`).
+pub fn venv_tool(name: &str) -> PathBuf {
+    let p = workspace_root().join(".venv/bin").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup-test-deps.sh (it creates .venv with gunicorn and uvicorn)",
+        p.display()
+    );
+    p
+}
+
+/// A program from `PATH`.
+pub fn in_path(name: &str, install_hint: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let c = dir.join(name);
+        if c.is_file() {
+            return c;
+        }
+    }
+    panic!("{name} is not in PATH: {install_hint}");
+}
+
+/// `node`.
+pub fn node() -> PathBuf {
+    in_path(
+        "node",
+        "install Node.js (the Node test runs apps/node_server.js)",
+    )
+}
+
+/// The Go fixture server, built from `apps/go/main.go` with the standard
+/// library only (no module downloads) and cached in the target directory.
+pub fn go_server() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let go = in_path(
+            "go",
+            "run scripts/setup-test-deps.sh (apt-get install golang-go)",
+        );
+        let src = apps_dir().join("go/main.go");
+        let dir = profile_dir().join("baton-test-apps");
+        std::fs::create_dir_all(&dir).expect("creating the Go build directory");
+        let bin = dir.join("goserver");
+        let fresh = match (std::fs::metadata(&bin), std::fs::metadata(&src)) {
+            (Ok(b), Ok(s)) => b.modified().ok() >= s.modified().ok(),
+            _ => false,
+        };
+        if !fresh {
+            let tmp = dir.join(format!("goserver.{}.tmp", std::process::id()));
+            let out = crate::output(
+                Command::new(go)
+                    .arg("build")
+                    .arg("-o")
+                    .arg(&tmp)
+                    .arg(&src)
+                    .env("GO111MODULE", "off")
+                    .env("GOPROXY", "off")
+                    .env("GOFLAGS", "")
+                    .env("CGO_ENABLED", "0"),
+            )
+            .expect("running go build");
+            assert!(
+                out.status.success(),
+                "go build {} failed:\n{}",
+                src.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // go wrote the file, not this process: no fd of ours is open on
+            // it, so a rename cannot make a concurrent exec fail (ETXTBSY).
+            std::fs::rename(&tmp, &bin).expect("installing the Go server");
+        }
+        bin
+    })
+    .clone()
+}
