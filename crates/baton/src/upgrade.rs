@@ -878,35 +878,52 @@ async fn next_req(
     }
 }
 
-async fn ack_deadline(p: &Option<(SentBatch<Reply>, tokio::time::Instant)>) {
-    match p {
+/// Connection batches sent and not yet acknowledged, oldest first.
+type InFlight = std::collections::VecDeque<(SentBatch<Reply>, tokio::time::Instant)>;
+
+/// How many connection batches may be in flight at once (acknowledgements
+/// are pipelined: the next batch goes out before the previous one's ack).
+const BATCHES_IN_FLIGHT: usize = 8;
+
+async fn ack_deadline(p: &InFlight) {
+    match p.front() {
         Some((_, at)) => tokio::time::sleep_until(*at).await,
         None => std::future::pending().await,
     }
 }
 
-/// The successor died with a batch in flight. If it never acknowledged it,
-/// it never used those connections: serve them here again (resume serving
-/// first, so their tasks see `Serving`). Returns how many were lost.
-fn resume_unacked(
-    inner: &Inner,
-    old: &OldSide,
-    pending: Option<(SentBatch<Reply>, tokio::time::Instant)>,
-) -> u64 {
+/// Batches whose fate is unknown (the successor died or the channel broke):
+/// an acknowledged one was taken (its connections are lost with a dead
+/// successor), an unacknowledged one was never used there and is served here
+/// again. Returns how many connections were lost.
+fn settle_unacked(old: &OldSide, pending: &mut InFlight) -> u64 {
+    if pending.is_empty() {
+        return 0;
+    }
+    let acked = old.queued_acks();
+    let mut lost = 0;
+    for (b, _) in pending.drain(..) {
+        if acked.contains(&b.id) {
+            lost += b.items.len() as u64;
+        } else {
+            tracing::info!(
+                connections = b.items.len(),
+                "taking back a connection batch the successor never acknowledged"
+            );
+            for (conn, reply) in b.items {
+                let _ = reply.send(Err(conn));
+            }
+        }
+    }
+    lost
+}
+
+/// The successor died: resume serving first (so the connections given
+/// back see `Serving`), then settle the batches in flight.
+fn resume_unacked(inner: &Inner, old: &OldSide, pending: &mut InFlight) -> u64 {
     *lock(&inner.handoff_tx) = None;
     inner.life.set(Phase::Serving);
-    let Some((b, _)) = pending else { return 0 };
-    if old.batch_was_acked(b.id) {
-        return b.items.len() as u64;
-    }
-    tracing::info!(
-        connections = b.items.len(),
-        "taking back a connection batch the dead successor never acknowledged"
-    );
-    for (conn, reply) in b.items {
-        let _ = reply.send(Err(conn));
-    }
-    0
+    settle_unacked(old, pending)
 }
 
 /// Give every queued connection back to its task and close the queue.
@@ -938,7 +955,7 @@ async fn drain(
 ) -> DrainEnd {
     let deadline = tokio::time::Instant::now() + inner.config.drain_timeout;
     let ack_timeout = inner.config.handoff_ack_timeout;
-    let mut pending: Option<(SentBatch<Reply>, tokio::time::Instant)> = None;
+    let mut pending: InFlight = InFlight::new();
     let mut next_batch: u32 = 1;
     let mut handed_over: u64 = 0;
     let mut lost_unacked: u64 = 0;
@@ -953,7 +970,7 @@ async fn drain(
             biased;
             st = child.wait() => {
                 let why = format!("died ({})", describe_exit(&st));
-                let lost = handed_over + lost_unacked + resume_unacked(inner, old, pending.take());
+                let lost = handed_over + lost_unacked + resume_unacked(inner, old, &mut pending);
                 close_handoff(inner, &mut handoff_rx, &mut carry);
                 return DrainEnd::SuccessorFailed { why, lost };
             }
@@ -963,8 +980,10 @@ async fn drain(
                         confirmed = true;
                         tracing::debug!(pid = child.pid(), "the new generation confirmed it serves");
                     }
-                    Ok(Some(Msg::ConnsAck { batch })) if pending.as_ref().is_some_and(|(b, _)| b.id == batch) => {
-                        if let Some((b, _)) = pending.take() {
+                    Ok(Some(Msg::ConnsAck { batch })) if pending.iter().any(|(b, _)| b.id == batch) => {
+                        if let Some(i) = pending.iter().position(|(b, _)| b.id == batch)
+                            && let Some((b, _)) = pending.remove(i)
+                        {
                             handed_over += b.items.len() as u64;
                             for (conn, reply) in b.items {
                                 drop(conn); // our copy; the successor has its own
@@ -972,9 +991,11 @@ async fn drain(
                             }
                         }
                     }
-                    Ok(Some(Msg::ConnsNack { batch, reason })) if pending.as_ref().is_some_and(|(b, _)| b.id == batch) => {
+                    Ok(Some(Msg::ConnsNack { batch, reason })) if pending.iter().any(|(b, _)| b.id == batch) => {
                         tracing::warn!(%reason, "the new generation refused a connection batch; serving those connections here");
-                        if let Some((b, _)) = pending.take() {
+                        if let Some(i) = pending.iter().position(|(b, _)| b.id == batch)
+                            && let Some((b, _)) = pending.remove(i)
+                        {
                             for (conn, reply) in b.items {
                                 let _ = reply.send(Err(conn));
                             }
@@ -983,30 +1004,20 @@ async fn drain(
                     }
                     other => {
                         // EOF with the child alive, a protocol error, or an
-                        // unexpected message: stop handing over. A batch in
-                        // flight is in an unknown state: close it and count.
+                        // unexpected message: stop handing over. Batches in
+                        // flight are settled by their acknowledgements.
                         match other {
                             Ok(None) => tracing::warn!("the new generation closed the handoff channel; no more connections are handed over"),
                             Ok(Some(m)) => tracing::warn!(msg = m.name(), "unexpected message from the new generation; no more connections are handed over"),
                             Err(e) => tracing::warn!(error = %e, "handoff channel error; no more connections are handed over"),
                         }
                         chan_open = false;
-                        if let Some((b, _)) = pending.take() {
-                            // Unacknowledged means never used over there (the
-                            // new side acknowledges before it touches them).
-                            if old.batch_was_acked(b.id) {
-                                lost_unacked += b.items.len() as u64;
-                            } else {
-                                for (conn, reply) in b.items {
-                                    let _ = reply.send(Err(conn));
-                                }
-                            }
-                        }
+                        lost_unacked += settle_unacked(old, &mut pending);
                         close_handoff(inner, &mut handoff_rx, &mut carry);
                     }
                 }
             }
-            req = next_req(&mut carry, &mut handoff_rx), if pending.is_none() && chan_open => {
+            req = next_req(&mut carry, &mut handoff_rx), if pending.len() < BATCHES_IN_FLIGHT && chan_open => {
                 let Some(first) = req else {
                     handoff_rx = None;
                     continue;
@@ -1026,7 +1037,7 @@ async fn drain(
                 let id = next_batch;
                 next_batch = next_batch.wrapping_add(1);
                 match old.send_batch(id, items).await {
-                    Ok(sent) => pending = Some((sent, tokio::time::Instant::now() + ack_timeout)),
+                    Ok(sent) => pending.push_back((sent, tokio::time::Instant::now() + ack_timeout)),
                     Err((e, back)) => {
                         tracing::warn!(error = %e, "could not send a connection batch; serving those connections here");
                         for (c, r) in back {
@@ -1042,18 +1053,18 @@ async fn drain(
                 // hung. Kill it and resume.
                 let status = abort_child(child, Duration::ZERO).await;
                 let why = format!("did not acknowledge handed-over connections within {ack_timeout:?} and was killed ({status})");
-                let lost = handed_over + lost_unacked + resume_unacked(inner, old, pending.take());
+                let lost = handed_over + lost_unacked + resume_unacked(inner, old, &mut pending);
                 close_handoff(inner, &mut handoff_rx, &mut carry);
                 return DrainEnd::SuccessorFailed { why, lost };
             }
             () = tokio::time::sleep_until(confirm_deadline), if !confirmed => {
                 let status = abort_child(child, Duration::ZERO).await;
                 let why = format!("did not confirm it serves within {ack_timeout:?} of promotion and was killed ({status})");
-                let lost = handed_over + lost_unacked + resume_unacked(inner, old, pending.take());
+                let lost = handed_over + lost_unacked + resume_unacked(inner, old, &mut pending);
                 close_handoff(inner, &mut handoff_rx, &mut carry);
                 return DrainEnd::SuccessorFailed { why, lost };
             }
-            () = inner.life.drained(), if pending.is_none() && confirmed => {
+            () = inner.life.drained(), if pending.is_empty() && confirmed => {
                 close_handoff(inner, &mut handoff_rx, &mut carry);
                 return DrainEnd::Drained { handed_over, closed: lost_unacked };
             }

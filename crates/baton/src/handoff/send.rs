@@ -236,17 +236,18 @@ impl OldSide {
         Ok(self.chan.recv().await?.map(|(m, _fds)| m))
     }
 
-    /// After the new side died: was batch `id` acknowledged (the ack may
-    /// still be queued)? The new side acknowledges *before* it touches a
-    /// connection, so an unacknowledged batch was never used over there and
-    /// the old side can safely serve it again.
-    pub(crate) fn batch_was_acked(&self, id: u32) -> bool {
+    /// After the new side died or went silent: which batches were
+    /// acknowledged (acks may still be queued)? The new side acknowledges
+    /// *before* it touches a connection, so an unacknowledged batch was never
+    /// used over there and the old side can safely serve it again.
+    pub(crate) fn queued_acks(&self) -> Vec<u32> {
+        let mut acked = Vec::new();
         while let Ok(Some(m)) = self.chan.try_recv_now() {
-            if matches!(m, Msg::ConnsAck { batch } if batch == id) {
-                return true;
+            if let Msg::ConnsAck { batch } = m {
+                acked.push(batch);
             }
         }
-        false
+        acked
     }
 
     async fn recv_expect(&self, what: &str) -> Result<(Msg, Vec<OwnedFd>), Error> {
