@@ -175,7 +175,8 @@ where
                         handed_over: true,
                         tls: false,
                     };
-                    let _ = c.stream.set_nodelay(true);
+                    // TCP_NODELAY is a socket option: the generation that
+                    // accepted the connection already set it.
                     let shared2 = Arc::clone(&shared);
                     shared
                         .baton

@@ -193,6 +193,7 @@ impl NewSide {
         activity: Arc<crate::generation::Activity>,
         events: mpsc::UnboundedSender<PeerEvent>,
     ) {
+        let mut kinds: Vec<(String, crate::sys::SocketKind)> = Vec::new();
         loop {
             let (msg, fds, truncated) = match self.chan.recv_detail().await {
                 Ok(Some(m)) => m,
@@ -275,7 +276,17 @@ impl NewSide {
             let mut ready = Vec::with_capacity(conns.len());
             let mut bad = None;
             for (meta, fd) in conns.into_iter().zip(fds) {
-                match Stream::from_owned_fd(fd) {
+                // The kind of a listener's connections never changes: check
+                // it once per listener, not once per connection.
+                let kind = match kinds.iter().find(|(n, _)| *n == meta.listener) {
+                    Some((_, k)) => Ok(*k),
+                    None => {
+                        crate::sys::socket_family_kind(std::os::fd::AsFd::as_fd(&fd)).inspect(|k| {
+                            kinds.push((meta.listener.clone(), *k));
+                        })
+                    }
+                };
+                match kind.and_then(|k| Stream::from_handed_fd(fd, k)) {
                     Ok(stream) => ready.push(HandoffConn {
                         stream,
                         prefix: meta.prefix,
