@@ -561,6 +561,53 @@ fn install_stop_signals(baton: &Baton) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `GET /upgrade` with `Upgrade: echo`: switch protocols and echo every
+/// byte back (a stand-in for WebSocket). An upgraded connection cannot move
+/// to another generation: it stays on this one until it closes or the drain
+/// deadline passes.
+fn echo_upgrade(req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("echo"));
+    if !wants {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "send Upgrade: echo and Connection: upgrade\n",
+        );
+    }
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        match hyper::upgrade::on(req).await {
+            Ok(up) => {
+                let mut io = hyper_util::rt::TokioIo::new(up);
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    match io.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if io.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut()
+        .insert(header::UPGRADE, header::HeaderValue::from_static("echo"));
+    r.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
+    r
+}
+
 async fn kv(
     app: &App,
     method: Method,
@@ -698,6 +745,7 @@ async fn handle(
         (method, path) if path.starts_with("/kv/") => {
             kv(&app, method.clone(), path[4..].to_owned(), req).await
         }
+        (&Method::GET, "/upgrade") => echo_upgrade(req),
         (&Method::GET, "/slow") => {
             let ms = query_u64(&req, "ms").unwrap_or(1000).min(MAX_SLOW_MS);
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -723,9 +771,10 @@ async fn handle(
                 format!("cannot read the body: {e}\n"),
             ),
         },
-        (_, "/" | "/version" | "/health" | "/slow" | "/echo" | "/counter" | "/state") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
+        (
+            _,
+            "/" | "/version" | "/health" | "/slow" | "/echo" | "/counter" | "/state" | "/upgrade",
+        ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
     Ok(resp)

@@ -151,7 +151,7 @@ impl<S: Read + Write> Conn<S> {
                     break;
                 }
             }
-        } else if status != 204 && status != 304 {
+        } else if status != 204 && status != 304 && !(100..200).contains(&status) {
             // Read to EOF.
             loop {
                 match self.fill() {

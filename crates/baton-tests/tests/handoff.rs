@@ -239,3 +239,85 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
         .map(|d| d.join(name))
         .find(|p| p.exists())
 }
+
+fn open_echo(s: &Server) -> http::Conn {
+    let mut c = http::connect(s.addr).unwrap();
+    c.send_raw(b"GET /upgrade HTTP/1.1\r\nHost: t\r\nUpgrade: echo\r\nConnection: upgrade\r\n\r\n")
+        .unwrap();
+    let r = c.read_response().unwrap();
+    assert_eq!(r.status, 101, "{r:?}");
+    c
+}
+
+fn echo(c: &mut http::Conn, msg: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    c.send_raw(msg).unwrap();
+    let mut got = vec![0u8; msg.len()];
+    c.stream.read_exact(&mut got).unwrap();
+    got
+}
+
+#[test]
+fn an_upgraded_connection_stays_on_the_old_generation_until_it_closes() {
+    let s = Server::start(Path::new(FIXTURE), "upgraded");
+    let old = s.version();
+    let mut ws = open_echo(&s);
+    assert_eq!(echo(&mut ws, b"ping 1"), b"ping 1");
+    let ctl = s.control.clone();
+    let up = std::thread::spawn(move || {
+        baton_tests::block_on(async {
+            let c = baton::control::Client::connect(&ctl).await.unwrap();
+            c.call(&Request::Upgrade(Default::default()), |_| {})
+                .await
+                .unwrap()
+        })
+    });
+    let new = wait_for(T, "the new generation to serve", || {
+        let v = Version::parse(&http::get(s.addr, "/version").ok()?.body)?;
+        (v.pid != old.pid).then_some(v)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        proc::alive(old.pid),
+        "the old generation waits for the upgraded connection"
+    );
+    assert_eq!(
+        echo(&mut ws, b"ping 2"),
+        b"ping 2",
+        "still served by the old generation"
+    );
+    drop(ws);
+    match up.join().unwrap() {
+        Reply::Upgraded(r) => {
+            assert_eq!(r.new_pid, new.pid);
+            assert_eq!(r.closed_at_deadline, 0);
+        }
+        other => panic!("{other:?}"),
+    }
+    wait_for(T, "the old generation to exit", || {
+        (!proc::alive(old.pid)).then_some(())
+    });
+}
+
+#[test]
+fn an_upgraded_connection_is_cut_at_the_drain_deadline_and_counted() {
+    let s = baton_tests::Server::start_with(
+        Path::new(FIXTURE),
+        "upgraded-deadline",
+        baton_tests::ServerOpts {
+            args: vec!["--drain-timeout".into(), "1s".into()],
+            ..Default::default()
+        },
+    );
+    let mut ws = open_echo(&s);
+    assert_eq!(echo(&mut ws, b"x"), b"x");
+    let r = upgrade_via_control(&s);
+    assert_eq!(r.closed_at_deadline, 1, "{r:?}");
+    assert!(r.drain_ms >= 1000, "{r:?}");
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    assert!(
+        matches!(ws.stream.read(&mut b), Ok(0) | Err(_)),
+        "the upgraded connection was closed"
+    );
+}
