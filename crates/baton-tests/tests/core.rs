@@ -429,3 +429,42 @@ fn a_request_longer_than_the_drain_timeout_is_cut_and_counted() {
         "carried to the new generation"
     );
 }
+
+#[test]
+fn flipping_a_current_symlink_upgrades_to_the_new_release() {
+    baton_tests::init();
+    let dir = baton_tests::TestDir::new("symlink");
+    for (rel, bin) in [("1", FIXTURE), ("2", FIXTURE_V2)] {
+        std::fs::create_dir_all(dir.join(&format!("releases/{rel}"))).unwrap();
+        baton_tests::copy_exe(Path::new(bin), &dir.join(&format!("releases/{rel}/server")));
+    }
+    std::os::unix::fs::symlink("releases/1", dir.join("current")).unwrap();
+    let port = baton_tests::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let pid_file = dir.join("server.pid");
+    // Started through the symlink, with a relative argv[0], from the dir.
+    let mut child = baton_tests::spawn(
+        std::process::Command::new("./current/server")
+            .current_dir(&dir.path)
+            .args(["--listen", &addr.to_string(), "--pid-file"])
+            .arg(&pid_file)
+            .stderr(std::fs::File::create(dir.join("log")).unwrap()),
+    )
+    .unwrap();
+    let version = || baton_tests::Version::parse(&http::get(addr, "/version").ok()?.body);
+    let v1 = wait_for(T, "release 1", version);
+    assert_ne!(v1.version, "2.0.0-fixture");
+    // Deploy: flip the symlink atomically.
+    std::os::unix::fs::symlink("releases/2", dir.join("current.new")).unwrap();
+    std::fs::rename(dir.join("current.new"), dir.join("current")).unwrap();
+    proc::signal(v1.pid, rustix::process::Signal::USR2);
+    let v2 = wait_for(T, "release 2", || version().filter(|v| v.pid != v1.pid));
+    assert_eq!(v2.version, "2.0.0-fixture", "the new release runs");
+    assert_eq!(v2.generation, 2);
+    let exe = std::fs::read_link(format!("/proc/{}/exe", v2.pid)).unwrap();
+    assert!(exe.ends_with("releases/2/server"), "{}", exe.display());
+    for pid in [v1.pid, v2.pid] {
+        proc::signal(pid, rustix::process::Signal::KILL);
+    }
+    let _ = child.kill();
+}
