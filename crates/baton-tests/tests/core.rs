@@ -467,4 +467,5 @@ fn flipping_a_current_symlink_upgrades_to_the_new_release() {
         proc::signal(pid, rustix::process::Signal::KILL);
     }
     let _ = child.kill();
+    let _ = child.wait(); // already reaped by the test's reaper, most likely
 }
