@@ -275,6 +275,10 @@ def main():
             note = f"{len(ok)}/{meta.get('latn')}"
             if stuck:
                 note += f"; {stuck}× old generation still running after the {'20' if r['peer'] == 'pingora' else '10'} s limit"
+            failed_up = [x for x in res if x.get("ready_ms") is None and not x.get("error")]
+            if failed_up:
+                note += (f"; upgrade {failed_up[0]['n']}: no new generation answered within the "
+                         "30 s limit, stopped there")
             if perr:
                 note += f"; {perr} poll request(s) failed"
             if errs:
