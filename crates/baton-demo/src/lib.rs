@@ -17,6 +17,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
+mod plain;
+
 /// The version string: `BATON_DEMO_VERSION` at build time, else the crate
 /// version. Build twice with different values to watch an upgrade switch
 /// versions.
@@ -201,6 +203,14 @@ pub struct Args {
     /// Log filter, e.g. `info`, `debug`, `baton=debug,info`.
     #[arg(long, value_name = "FILTER", default_value = "info", env = "BATON_LOG")]
     pub log: String,
+    /// Benchmark baseline: serve the same handler with plain hyper
+    /// (hyper-util's auto builder), no baton at all: no upgrade, no handoff,
+    /// no state. Takes fd 3 when `LISTEN_FDS=1` and `LISTEN_PID` is this
+    /// process (systemd / `baton run`), else binds the first `--listen`
+    /// address (TCP). SIGTERM/SIGINT: stop accepting, close idle
+    /// connections, finish the others (up to `--drain-timeout`), exit.
+    #[arg(long)]
+    pub plain: bool,
 }
 
 /// `--state-mode`.
@@ -278,7 +288,8 @@ impl std::fmt::Debug for Custom {
 }
 
 struct App {
-    baton: Baton,
+    /// `None` in `--plain` mode.
+    baton: Option<Baton>,
     requests: Arc<std::sync::atomic::AtomicU64>,
     version: String,
     generation: u64,
@@ -318,6 +329,9 @@ pub fn main_with(custom: Custom) -> ExitCode {
 /// Start-up failures (listeners, handoff, readiness).
 pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
     let version = custom.version.clone().unwrap_or_else(|| VERSION.to_owned());
+    if args.plain {
+        return plain::run(args, version, custom.intercept.take()).await;
+    }
     let mut config = Config::default();
     config.ready_timeout = args.ready_timeout;
     config.drain_timeout = args.drain_timeout;
@@ -408,7 +422,7 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
         "Requests answered by baton-demo, across upgrades",
     )?;
     let app = Arc::new(App {
-        baton: baton.clone(),
+        baton: Some(baton.clone()),
         requests,
         version,
         generation: baton.generation(),
@@ -674,9 +688,9 @@ async fn handle(
         .get::<baton_http::ConnInfo>()
         .is_some_and(|i| i.listener == METRICS_LISTENER)
     {
-        return Ok(match req.uri().path() {
-            "/metrics" => {
-                let mut r = text(StatusCode::OK, app.baton.metrics_text());
+        return Ok(match (req.uri().path(), &app.baton) {
+            ("/metrics", Some(baton)) => {
+                let mut r = text(StatusCode::OK, baton.metrics_text());
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static(
