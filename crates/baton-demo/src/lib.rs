@@ -686,7 +686,7 @@ async fn handle(
     if req
         .extensions()
         .get::<baton_http::ConnInfo>()
-        .is_some_and(|i| i.listener == METRICS_LISTENER)
+        .is_some_and(|i| &*i.listener == METRICS_LISTENER)
     {
         return Ok(match (req.uri().path(), &app.baton) {
             ("/metrics", Some(baton)) => {

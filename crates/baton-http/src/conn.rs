@@ -161,7 +161,7 @@ async fn detach<S>(
     let conn = HandoffConn {
         stream,
         prefix,
-        listener: info.listener.clone(),
+        listener: info.listener.to_string(),
     };
     match shared.baton.hand_over(conn).await {
         Ok(()) => None,

@@ -36,8 +36,11 @@ use tokio::sync::watch;
 pub(crate) struct IoFlags {
     dirty: AtomicBool,
     read_blocked: AtomicBool,
-    /// Milliseconds since [`clock_base`] when a byte last moved either way.
+    /// Milliseconds since [`clock_base`] when a byte last moved either way
+    /// (kept only when `track` is set: TLS connections need it, plain ones
+    /// would pay a clock read per I/O for nothing).
     last_activity_ms: AtomicU64,
+    track: AtomicBool,
 }
 
 impl Default for IoFlags {
@@ -46,6 +49,7 @@ impl Default for IoFlags {
             dirty: AtomicBool::new(false),
             read_blocked: AtomicBool::new(false),
             last_activity_ms: AtomicU64::new(clock_ms()),
+            track: AtomicBool::new(false),
         }
     }
 }
@@ -75,7 +79,16 @@ impl IoFlags {
     }
 
     fn touch(&self) {
+        if self.track.load(Ordering::Relaxed) {
+            self.last_activity_ms.store(clock_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Start keeping the last-activity clock.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn track_activity(&self) {
         self.last_activity_ms.store(clock_ms(), Ordering::Relaxed);
+        self.track.store(true, Ordering::Relaxed);
     }
 }
 

@@ -96,8 +96,9 @@ pub use tls::{
 pub struct ConnInfo {
     /// The client's address.
     pub peer: Option<StreamAddr>,
-    /// The listener it arrived on.
-    pub listener: String,
+    /// The listener it arrived on (shared: cloning a `ConnInfo` into every
+    /// request's extensions allocates nothing).
+    pub listener: Arc<str>,
     /// It was accepted by a previous generation and handed to this one.
     pub handed_over: bool,
     /// It is a TLS connection (never handed over).
@@ -171,7 +172,7 @@ where
                 while let Some(c) = incoming.recv().await {
                     let info = ConnInfo {
                         peer: c.stream.peer_addr().ok(),
-                        listener: c.listener.clone(),
+                        listener: Arc::from(c.listener.as_str()),
                         handed_over: true,
                         tls: false,
                     };
@@ -218,7 +219,7 @@ where
     ) {
         let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
-            let name = listener.name().to_owned();
+            let name: Arc<str> = Arc::from(listener.name());
             let mut last_error_log = None::<tokio::time::Instant>;
             while let Some(res) = listener.accept().await {
                 match res {

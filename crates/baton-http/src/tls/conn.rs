@@ -56,6 +56,7 @@ pub(crate) async fn serve<S, B>(
     // HTTP/2 over TLS is negotiated with ALPN only (RFC 9113, 3.2).
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     let io = ConnIo::new(stream, Bytes::new(), &shared.baton);
+    io.flags().track_activity();
     if h2 {
         serve_h2(&shared, &tls, io, &info).await;
     } else {
