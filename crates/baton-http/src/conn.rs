@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::count::Counted;
 use crate::io::ConnIo;
-use crate::{ConnInfo, Shared};
+use crate::{ConnInfo, HttpService, Shared};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -55,22 +55,13 @@ enum H1End {
 }
 
 /// Serve one connection until it ends or moves to the successor.
-pub(crate) async fn serve<S, B>(
+pub(crate) async fn serve<S>(
     shared: Arc<Shared<S>>,
     stream: Stream,
     prefix: Vec<u8>,
     info: ConnInfo,
 ) where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService,
 {
     let mut io = ConnIo::new(stream, Bytes::from(prefix), &shared.baton);
     let mut phase = shared.baton.drain_signal();
@@ -176,18 +167,9 @@ async fn detach<S>(
     }
 }
 
-async fn serve_h2<S, B>(shared: &Shared<S>, io: ConnIo, info: &ConnInfo)
+async fn serve_h2<S>(shared: &Shared<S>, io: ConnIo, info: &ConnInfo)
 where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService,
 {
     let svc = Counted {
         inner: shared.service.clone(),
@@ -223,23 +205,14 @@ where
 
 /// Serve HTTP/1.x. Returns the connection back if it was detached for a
 /// handoff that was refused (serve it again here).
-async fn serve_h1<S, B>(
+async fn serve_h1<S>(
     shared: &Shared<S>,
     io: ConnIo,
     info: &ConnInfo,
     may_hand_over: bool,
 ) -> Option<ConnIo>
 where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService,
 {
     let in_flight = Arc::new(AtomicUsize::new(0));
     let svc = Counted {

@@ -76,6 +76,44 @@ use hyper::server::conn::http1;
 
 pub use error::Error;
 pub use hyper_util::service::TowerToHyperService;
+
+/// A boxed error, as hyper takes them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a [`Server`] serves: a hyper service of `Request<Incoming>` whose
+/// future and response body can move between threads. Implemented for every
+/// such service (an axum `Router` through [`TowerToHyperService`]); it only
+/// names the bounds once.
+pub trait HttpService:
+    hyper::service::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<Self::ResBody>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+    /// The response body.
+    type ResBody: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B> HttpService for S
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type ResBody = B;
+}
 #[cfg(feature = "tls")]
 pub use tls::{
     DEFAULT_CLOSE_QUIET, DEFAULT_CLOSE_SPREAD, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_TICKET_ROTATION,
@@ -141,18 +179,9 @@ impl<S> std::fmt::Debug for Server<S> {
     }
 }
 
-impl<S, B> Server<S>
+impl<S> Server<S>
 where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService,
 {
     /// Create the server. Call it **before** [`Baton::ready`]: it takes the
     /// stream of handed-over connections, which tells the old generation

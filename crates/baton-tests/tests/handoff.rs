@@ -321,3 +321,61 @@ fn an_upgraded_connection_is_cut_at_the_drain_deadline_and_counted() {
         "the upgraded connection was closed"
     );
 }
+
+/// The README's axum example (`crates/baton-http/examples/axum.rs`): an axum
+/// `Router` served through baton-http keeps its idle connections across an
+/// upgrade.
+#[test]
+fn an_axum_router_hands_its_idle_connections_over() {
+    baton_tests::init();
+    let exe = baton_tests::workspace_bin("baton-demo")
+        .parent()
+        .unwrap()
+        .join("examples/axum");
+    assert!(
+        exe.exists(),
+        "{} not built: cargo build --workspace --all-targets",
+        exe.display()
+    );
+    let dir = baton_tests::TestDir::new("axum");
+    let bin = dir.join("axum");
+    baton_tests::copy_exe(&exe, &bin);
+    let port = baton_tests::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let pid_file = dir.join("axum.pid");
+    let mut child = baton_tests::spawn(
+        std::process::Command::new(&bin)
+            .arg(addr.to_string())
+            .arg(&pid_file)
+            .stderr(std::fs::File::create(dir.join("log")).unwrap()),
+    )
+    .unwrap();
+    let pid_of = |text: &str| -> u32 { text.split_whitespace().nth(4).unwrap().parse().unwrap() };
+    let first = wait_for(T, "axum example to serve", || {
+        http::get(addr, "/").ok().filter(|r| r.status == 200)
+    });
+    let old_pid = pid_of(&first.text());
+    let mut conns: Vec<_> = (0..10).map(|_| http::connect(addr).unwrap()).collect();
+    for c in &mut conns {
+        assert_eq!(c.get("/").unwrap().status, 200);
+    }
+    proc::signal(old_pid, rustix::process::Signal::USR2);
+    wait_for(T, "the old axum generation to exit", || {
+        (!proc::alive(old_pid)).then_some(())
+    });
+    for c in &mut conns {
+        let r = c.get("/").expect("same socket after the upgrade");
+        assert!(!r.closes());
+        let t = r.text();
+        assert_ne!(pid_of(&t), old_pid, "{t}");
+        assert!(t.contains("generation 2 handed_over true"), "{t}");
+    }
+    let new_pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    proc::signal(new_pid, rustix::process::Signal::KILL);
+    let _ = child.kill();
+    let _ = child.wait();
+}

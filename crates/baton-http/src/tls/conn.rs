@@ -19,27 +19,18 @@ use tokio_rustls::server::TlsStream;
 use super::TlsInner;
 use crate::count::Counted;
 use crate::io::ConnIo;
-use crate::{ConnInfo, Shared};
+use crate::{ConnInfo, HttpService, Shared};
 
 type Io = ConnIo<TlsStream<Stream>>;
 
 /// Serve one accepted connection over TLS until it ends.
-pub(crate) async fn serve<S, B>(
+pub(crate) async fn serve<S>(
     shared: Arc<Shared<S>>,
     tls: Arc<TlsInner>,
     stream: Stream,
     info: ConnInfo,
 ) where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService,
 {
     let limit = tls.config.handshake_timeout;
     let stream = match tokio::time::timeout(limit, tls.acceptor.accept(stream)).await {
@@ -117,18 +108,9 @@ impl Moment {
     }
 }
 
-async fn serve_h2<S, B>(shared: &Shared<S>, tls: &TlsInner, io: Io, info: &ConnInfo)
+async fn serve_h2<S>(shared: &Shared<S>, tls: &TlsInner, io: Io, info: &ConnInfo)
 where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService,
 {
     let svc = Counted {
         inner: shared.service.clone(),
@@ -173,18 +155,9 @@ where
     .await;
 }
 
-async fn serve_h1<S, B>(shared: &Shared<S>, tls: &TlsInner, io: Io, info: &ConnInfo)
+async fn serve_h1<S>(shared: &Shared<S>, tls: &TlsInner, io: Io, info: &ConnInfo)
 where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService,
 {
     let in_flight = Arc::new(AtomicUsize::new(0));
     let close_next = Arc::new(AtomicBool::new(false));
