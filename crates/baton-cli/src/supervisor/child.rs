@@ -55,10 +55,17 @@ pub struct KeptExe {
 impl KeptExe {
     /// Open `path` (`CLOEXEC`) and remember what it is.
     pub fn open(path: &Path) -> std::io::Result<KeptExe> {
-        use std::io::Read;
-        let mut f = std::fs::File::open(path)?;
+        Self::from_file(path, std::fs::File::open(path)?)
+    }
+
+    /// Keep `f`, opened at `path` (`CLOEXEC`): the file pre-flight hashed
+    /// for `--expect-sha256`, executed through this very fd.
+    pub fn from_file(path: &Path, f: std::fs::File) -> std::io::Result<KeptExe> {
+        use std::io::{Read, Seek};
+        let mut f = f;
         let m = f.metadata()?;
         let mut magic = [0u8; 4];
+        f.seek(std::io::SeekFrom::Start(0))?;
         let elf = f.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
         Ok(KeptExe {
             file: OwnedFd::from(f),
@@ -140,6 +147,9 @@ pub struct SpawnPlan {
     pub notify: Option<NotifySocket>,
     /// `BATON_PROBE_PORT`.
     pub probe_port: Option<u16>,
+    /// `oom_score_adj` the app starts with (the newcomer's, during the
+    /// overlap with its predecessor).
+    pub oom_score_adj: Option<i32>,
 }
 
 /// A running (or exited, not yet reaped) generation.
@@ -189,6 +199,11 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
     let (exe, exec_fd) = match &plan.exec {
         ExecHow::Kept(k) => {
             fds.push((sys::dup(k.file.as_fd())?, 3 + n));
+            if !k.elf {
+                // A script: its interpreter opens /proc/self/fd/N after
+                // the exec.
+                cmd.arg("--keep-exec-fd");
+            }
             (Some(Arc::clone(k)), Some(3 + n))
         }
         ExecHow::Disk => {
@@ -201,6 +216,9 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
     };
     if let Some(fd) = exec_fd {
         cmd.arg("--exec-fd").arg(fd.to_string());
+    }
+    if let Some(adj) = plan.oom_score_adj {
+        cmd.arg(format!("--oom-score-adj={adj}"));
     }
     cmd.arg("--").args(&plan.argv);
     for k in ENV_REMOVE {
@@ -349,6 +367,67 @@ impl GenProc {
     /// The command line, for logs and status.
     pub fn command_line(&self) -> String {
         join_argv(&self.argv)
+    }
+}
+
+/// Every process of the tree rooted at `root`, `root` first (through
+/// `/proc/PID/task/TID/children`, bounded).
+pub fn process_tree(root: u32) -> Vec<u32> {
+    const MAX_PROCESSES: usize = 65_536;
+    let mut pids = vec![root];
+    let mut i = 0;
+    while i < pids.len() && pids.len() < MAX_PROCESSES {
+        let p = pids[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+                    for c in text
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok())
+                    {
+                        if !pids.contains(&c) {
+                            pids.push(c);
+                        }
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    pids
+}
+
+/// This process's `oom_score_adj` (0 if it cannot be read).
+pub fn own_oom_score_adj() -> i32 {
+    std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+impl GenProc {
+    /// Set the `oom_score_adj` of every process of this generation (after
+    /// the overlap: the newcomer is no longer the first to sacrifice). Best
+    /// effort: lowering it may need `CAP_SYS_RESOURCE`.
+    pub fn set_oom_score_adj(&self, adj: i32) {
+        if self.status.is_some() {
+            return;
+        }
+        let mut failed = 0;
+        for p in process_tree(self.pid) {
+            if std::fs::write(format!("/proc/{p}/oom_score_adj"), adj.to_string()).is_err() {
+                failed += 1;
+            }
+        }
+        if failed > 0 {
+            tracing::debug!(
+                generation = self.generation,
+                pid = self.pid,
+                failed,
+                oom_score_adj = adj,
+                "could not set oom_score_adj of every process"
+            );
+        }
     }
 }
 

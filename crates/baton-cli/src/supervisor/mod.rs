@@ -14,6 +14,7 @@
 //! checks), `child` (a generation's process), `owner` (the single task that
 //! owns all of it: one upgrade at a time falls out of the structure).
 
+mod admission;
 mod child;
 mod owner;
 mod ready;
@@ -109,6 +110,33 @@ pub struct RunArgs {
     /// troubleshooting).
     #[arg(long)]
     no_steer: bool,
+    /// Pre-flight check run (with `sh -c`) before every upgrade and every
+    /// restart; it must exit 0, e.g. `"/srv/app/bin/app --config-test"`.
+    #[arg(long, value_name = "CMD")]
+    check: Option<String>,
+    /// Time the --check command may run.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_dur)]
+    check_timeout: Duration,
+    /// Refuse an upgrade that would bring memory use above this share of the
+    /// tightest limit (cgroup v2/v1, else the machine).
+    #[arg(long, value_name = "PCT", default_value_t = baton::admission::DEFAULT_MAX_MEMORY_PERCENT, value_parser = parse_percent)]
+    max_memory_percent: f64,
+    /// Use this memory limit instead of the cgroup's or the machine's
+    /// (e.g. 512M, 2G).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    memory_limit: Option<u64>,
+    /// Assume a new generation needs this much memory [default: what the
+    /// serving generation's process tree uses, PSS].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    memory_estimate: Option<u64>,
+    /// Skip the memory headroom check.
+    #[arg(long)]
+    no_memory_check: bool,
+    /// Added to baton's own oom_score_adj for a new generation while the
+    /// old one still runs, so that the kernel sacrifices the newcomer first
+    /// (0 = off).
+    #[arg(long, value_name = "N", default_value_t = baton::DEFAULT_NEWCOMER_OOM_SCORE_ADJ, allow_hyphen_values = true)]
+    newcomer_oom_score_adj: i32,
     /// The app's command line.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -120,6 +148,17 @@ fn parse_listen(s: &str) -> Result<ListenSpec, String> {
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
     baton::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    baton::parse_bytes(s).map_err(|e| e.to_string())
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim().trim_end_matches('%').parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 100.0 => Ok(p),
+        _ => Err(format!("'{s}' is not a percentage between 0 and 100")),
+    }
 }
 
 fn parse_ready(s: &str) -> Result<ready::ReadySpec, String> {
@@ -196,6 +235,8 @@ pub struct RunConfig {
     pub drain_timeout: Duration,
     /// Private directory for notify sockets.
     pub run_dir: PathBuf,
+    /// Pre-flight and memory gates.
+    pub admission: admission::AdmissionConfig,
 }
 
 /// The control socket file, removed when baton exits (if it is still
@@ -359,6 +400,11 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         }
         None => None,
     };
+    let mut memory = baton::admission::MemoryPolicy::default();
+    memory.enabled = !args.no_memory_check;
+    memory.max_percent = args.max_memory_percent;
+    memory.limit = args.memory_limit;
+    memory.estimate = args.memory_estimate;
     let cfg = RunConfig {
         name: args.name,
         argv: args.command,
@@ -366,6 +412,14 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         stop_signal: args.stop_signal,
         drain_timeout: args.drain_timeout,
         run_dir,
+        admission: admission::AdmissionConfig {
+            check: args
+                .check
+                .map(|c| vec!["sh".to_owned(), "-c".to_owned(), c]),
+            check_timeout: args.check_timeout,
+            memory,
+            newcomer_oom_score_adj: args.newcomer_oom_score_adj,
+        },
     };
     owner::run(cfg, listeners, plan, rx, signals).await;
     Ok(ExitCode::SUCCESS)

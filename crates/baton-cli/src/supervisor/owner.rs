@@ -20,6 +20,7 @@ use baton::notify::Notifier;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::admission;
 use super::child::{self, ExecHow, GenProc, KeptExe, SpawnPlan, join_argv};
 use super::ready::{self, NotifySocket, ReadyCtx, ReadyPlan, Route};
 use super::sockets::ListenerSet;
@@ -340,7 +341,13 @@ pub async fn run(
     let mut control_closed = false;
 
     if let Some(s) = sup.take() {
-        job = Some(start_job(s, StartKind::Initial, None, None, None));
+        job = Some(start_job(
+            s,
+            StartKind::Initial,
+            UpgradeReq::default(),
+            None,
+            None,
+        ));
     }
 
     loop {
@@ -380,7 +387,7 @@ pub async fn run(
                 Sig::Upgrade => {
                     tracing::info!("SIGHUP: upgrade requested");
                     let (etx, _erx) = mpsc::unbounded_channel();
-                    on_upgrade(&mut sup, &mut job, &stopping, &mut restart_at, None, etx, None);
+                    on_upgrade(&mut sup, &mut job, &stopping, &mut restart_at, UpgradeReq::default(), etx, None);
                 }
             },
             (s, res) = poll_job(&mut job) => {
@@ -412,13 +419,11 @@ pub async fn run(
                         let _ = reply.send(status_report(&view(&shared), &statics, in_progress));
                     }
                     Command::Upgrade { opts, events, reply } => {
-                        if opts.expect_sha256.is_some() {
-                            let _ = reply.send(Err(failed(FailureKind::Invalid,
-                                "checksum verification (expect_sha256) is only available in library mode".into())));
-                            continue;
-                        }
-                        let command = opts.command.map(|c| c.into_iter().map(OsString::from).collect::<Vec<_>>());
-                        on_upgrade(&mut sup, &mut job, &stopping, &mut restart_at, command, events, Some(reply));
+                        let req = UpgradeReq {
+                            command: opts.command.map(|c| c.into_iter().map(OsString::from).collect()),
+                            expect_sha256: opts.expect_sha256,
+                        };
+                        on_upgrade(&mut sup, &mut job, &stopping, &mut restart_at, req, events, Some(reply));
                     }
                     Command::Stop { reply } => {
                         if stopping.is_none() {
@@ -438,7 +443,7 @@ pub async fn run(
                 restart_at = None;
                 if let Some(s) = sup.take() {
                     view(&shared).counters.restarts += 1;
-                    job = Some(start_job(s, StartKind::Restart, None, None, None));
+                    job = Some(start_job(s, StartKind::Restart, UpgradeReq::default(), None, None));
                 }
             }
         }
@@ -464,13 +469,21 @@ fn begin_stop(
     *stopping = Some(token);
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What an upgrade request asks for.
+#[derive(Debug, Default)]
+struct UpgradeReq {
+    /// A new command line.
+    command: Option<Vec<OsString>>,
+    /// Pin the executable's content.
+    expect_sha256: Option<String>,
+}
+
 fn on_upgrade(
     sup: &mut Option<Sup>,
     job: &mut Option<Job>,
     stopping: &Option<CancellationToken>,
     restart_at: &mut Option<tokio::time::Instant>,
-    command: Option<Vec<OsString>>,
+    req: UpgradeReq,
     events: Events,
     reply: Option<oneshot::Sender<Result<UpgradeReport, Failure>>>,
 ) {
@@ -502,7 +515,7 @@ fn on_upgrade(
         };
         return answer(reply, failed(FailureKind::InProgress, msg));
     }
-    if let Some(c) = &command
+    if let Some(c) = &req.command
         && c.is_empty()
     {
         return answer(
@@ -520,24 +533,18 @@ fn on_upgrade(
         );
     };
     if s.serving.is_some() {
-        *job = Some(upgrade_job(s, command, events, reply));
+        *job = Some(upgrade_job(s, req, events, reply));
     } else {
         // Nothing serves (a crash loop, or a refused restart): the upgrade
         // is the start.
         *restart_at = None;
-        *job = Some(start_job(
-            s,
-            StartKind::Requested,
-            command,
-            Some(events),
-            reply,
-        ));
+        *job = Some(start_job(s, StartKind::Requested, req, Some(events), reply));
     }
 }
 
 fn upgrade_job(
     mut sup: Sup,
-    command: Option<Vec<OsString>>,
+    req: UpgradeReq,
     events: Events,
     reply: Option<oneshot::Sender<Result<UpgradeReport, Failure>>>,
 ) -> Job {
@@ -547,7 +554,7 @@ fn upgrade_job(
     Job {
         kind: JobKind::Upgrade,
         fut: Box::pin(async move {
-            let r = upgrade(&mut sup, command, &events, &c, &h).await;
+            let r = upgrade(&mut sup, req, &events, &c, &h).await;
             (sup, r)
         }),
         cancel,
@@ -560,7 +567,7 @@ fn upgrade_job(
 fn start_job(
     mut sup: Sup,
     kind: StartKind,
-    command: Option<Vec<OsString>>,
+    req: UpgradeReq,
     events: Option<Events>,
     reply: Option<oneshot::Sender<Result<UpgradeReport, Failure>>>,
 ) -> Job {
@@ -570,7 +577,7 @@ fn start_job(
     Job {
         kind: JobKind::Start(kind),
         fut: Box::pin(async move {
-            let r = start(&mut sup, kind, command, &events, &c).await;
+            let r = start(&mut sup, kind, req, &events, &c).await;
             (sup, r)
         }),
         cancel,
@@ -706,10 +713,12 @@ async fn old_exited(old: &Option<GenProc>) {
 /// is killed and reaped, steering is back on `route.regular`, and the reason is
 /// returned. `old` (the serving generation, during an upgrade) is watched:
 /// if it dies meanwhile it is reaped and set to `None`.
+#[allow(clippy::too_many_arguments)]
 async fn launch(
     sup: &mut Sup,
     argv: Vec<OsString>,
     exec: ExecHow,
+    oom_score_adj: Option<i32>,
     route: Route,
     events: &Events,
     cancel: &CancellationToken,
@@ -745,6 +754,7 @@ async fn launch(
         fd_names: sup.listeners.fd_names(),
         notify,
         probe_port,
+        oom_score_adj,
     })
     .map_err(|e| format!("could not start generation {generation} ({command}): {e}"))?;
     tracing::info!(generation, pid = child_gen.pid, socket_slot = slot, %command, kept_executable = kept, "spawned");
@@ -884,7 +894,7 @@ fn record_good(sup: &mut Sup, g: &GenProc) {
 /// stop the old one.
 async fn upgrade(
     sup: &mut Sup,
-    command: Option<Vec<OsString>>,
+    req: UpgradeReq,
     events: &Events,
     cancel: &CancellationToken,
     hurry: &CancellationToken,
@@ -894,16 +904,25 @@ async fn upgrade(
     let Some((from_generation, old_pid)) = old.as_ref().map(|o| (o.generation, o.pid)) else {
         return Err(failed(FailureKind::Refused, "no generation serves".into()));
     };
-    let argv = command
+    let argv = req
+        .command
         .or_else(|| sup.last_good.as_ref().map(|l| l.argv.clone()))
         .unwrap_or_else(|| sup.cfg.argv.clone());
-    if let Err(e) = child::resolve_program(argv.first().map_or("".as_ref(), |a| a.as_os_str())) {
-        sup.serving = old;
-        return Err(failed(
-            FailureKind::Refused,
-            format!("cannot run the new command: {e}; nothing changed"),
-        ));
-    }
+    // Admission: nothing is spawned unless every gate passes.
+    let exec = match admit(sup, &argv, req.expect_sha256.as_deref(), Some(old_pid)).await {
+        Ok(x) => x,
+        Err(e) => {
+            sup.serving = old;
+            let msg = format!(
+                "{e}; nothing changed: generation {from_generation} (pid {old_pid}) still serves"
+            );
+            tracing::warn!(reason = %msg, "upgrade refused");
+            return Err(failed(FailureKind::Refused, msg));
+        }
+    };
+    let newcomer_adj = sup.cfg.admission.newcomer_oom_score_adj;
+    let own_adj = child::own_oom_score_adj();
+    let oom_score_adj = (newcomer_adj != 0).then(|| (own_adj + newcomer_adj).clamp(-1000, 1000));
     let old_slot = sup.serving_slot;
     let steering = sup.listeners.any_steered();
     let new_slot = if steering { 1 - old_slot } else { old_slot };
@@ -929,7 +948,8 @@ async fn upgrade(
     let launched = launch(
         sup,
         argv,
-        ExecHow::Disk,
+        exec,
+        oom_score_adj,
         Route {
             regular: old_slot,
             new: new_slot,
@@ -1068,6 +1088,10 @@ async fn upgrade(
         },
     );
     record_good(sup, &new);
+    if oom_score_adj.is_some() {
+        // The overlap is over: the newcomer is no longer the first to go.
+        new.set_oom_score_adj(own_adj);
+    }
     if new.has_exited() {
         tracing::warn!(
             generation,
@@ -1099,6 +1123,36 @@ async fn upgrade(
         closed_at_deadline: closed,
         state_bytes: 0,
         pause_ms: None,
+    })
+}
+
+/// The gates before a new generation is spawned: pre-flight of the
+/// executable (pinned with `expect_sha256`), the `--check` command, and,
+/// next to a serving generation, memory headroom. Returns how to exec it.
+async fn admit(
+    sup: &Sup,
+    argv: &[OsString],
+    expect_sha256: Option<&str>,
+    serving_pid: Option<u32>,
+) -> Result<ExecHow, String> {
+    let cfg = &sup.cfg.admission;
+    let program = admission::preflight(
+        argv.first().map_or("".as_ref(), |a| a.as_os_str()),
+        expect_sha256,
+    )
+    .map_err(|e| format!("pre-flight: {e}"))?;
+    admission::check(cfg).await?;
+    if let Some(pid) = serving_pid
+        && let Some(line) = admission::memory(cfg, pid)?
+    {
+        tracing::info!("{line}");
+    }
+    Ok(match program.pinned {
+        Some(k) => {
+            tracing::info!(path = %program.path.display(), "SHA-256 verified; the hashed file will be executed through its open fd");
+            ExecHow::Kept(k)
+        }
+        None => ExecHow::Disk,
     })
 }
 
@@ -1134,7 +1188,7 @@ fn restart_command(sup: &Sup) -> Result<(Vec<OsString>, ExecHow), String> {
 async fn start(
     sup: &mut Sup,
     kind: StartKind,
-    command: Option<Vec<OsString>>,
+    req: UpgradeReq,
     events: &Events,
     cancel: &CancellationToken,
 ) -> Result<UpgradeReport, Failure> {
@@ -1143,21 +1197,31 @@ async fn start(
     let (argv, exec) = match kind {
         StartKind::Initial => (sup.cfg.argv.clone(), ExecHow::Disk),
         StartKind::Requested => {
-            let argv = command
+            let argv = req
+                .command
                 .or_else(|| sup.last_good.as_ref().map(|l| l.argv.clone()))
                 .unwrap_or_else(|| sup.cfg.argv.clone());
-            if let Err(e) =
-                child::resolve_program(argv.first().map_or("".as_ref(), |a| a.as_os_str()))
-            {
-                return Err(failed(
-                    FailureKind::Refused,
-                    format!("cannot run the new command: {e}"),
-                ));
+            match admit(sup, &argv, req.expect_sha256.as_deref(), None).await {
+                Ok(exec) => (argv, exec),
+                Err(e) => {
+                    tracing::warn!(reason = %e, "start refused");
+                    return Err(failed(FailureKind::Refused, e));
+                }
             }
-            (argv, ExecHow::Disk)
         }
         StartKind::Restart => match restart_command(sup) {
-            Ok(x) => x,
+            Ok(x) => {
+                if let Err(e) = admission::check(&sup.cfg.admission).await {
+                    // Try again after the backoff: the check may pass later
+                    // (a configuration being fixed).
+                    let reason = format!("not restarting yet: {e}");
+                    tracing::error!(%reason, "restart refused by the pre-flight check");
+                    view(&sup.view).note(reason.clone());
+                    sup.notify_systemd(&[format!("STATUS={reason}")]);
+                    return Err(failed(FailureKind::Refused, reason));
+                }
+                x
+            }
             Err(reason) => {
                 tracing::error!(%reason, "no generation serves");
                 let mut v = view(&sup.view);
@@ -1178,6 +1242,7 @@ async fn start(
         sup,
         argv,
         exec,
+        None,
         Route {
             regular: slot,
             new: slot,
