@@ -76,7 +76,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Supervise a server: own its sockets, start it, upgrade it in place.
-    Run(supervisor::RunArgs),
+    Run(Box<supervisor::RunArgs>),
     /// Upgrade a running server (`baton run` or a library-mode server).
     #[command(after_help = exit::HELP)]
     Upgrade(UpgradeArgs),
@@ -228,7 +228,7 @@ fn main() -> ExitCode {
     let result = runtime().and_then(|rt| {
         rt.block_on(async move {
             match cli.command {
-                Command::Run(args) => supervisor::run(args).await,
+                Command::Run(args) => supervisor::run(*args).await,
                 Command::Upgrade(a) => {
                     let path = a.target.path()?;
                     client::upgrade(&path, a.json, a.timeout, a.expect_sha256, a.command).await

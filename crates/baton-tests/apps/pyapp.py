@@ -16,7 +16,11 @@ can arm a fault for the *next* generation only:
   --notify           send READY=1 (and STATUS=) to $NOTIFY_SOCKET once serving
   --notify-delay S   ...but only S seconds after it started serving
   --probe-port       also serve /health on 127.0.0.1:$BATON_PROBE_PORT
-  --fault-file PATH  lines: hang | exit:CODE | start-delay:S | notify-delay:S
+  --fault-file PATH  lines: hang | exit:CODE | start-delay:S | notify-delay:S |
+                     health-bad-after:S (GET /health answers 503 from S seconds
+                     after start) | stop-at:POINT (SIGSTOP itself at POINT:
+                     start, listening, ready = right after answering its first
+                     GET /health)
 
 SIGTERM: stop accepting, finish in-flight requests, exit 0.
 """
@@ -41,6 +45,8 @@ p.add_argument("--probe-port", action="store_true")
 p.add_argument("--unhealthy-for", type=float, default=0.0)
 p.add_argument("--fault-file")
 args = p.parse_args()
+args.health_bad_after = None
+args.stop_at = None
 
 GEN = int(os.environ.get("BATON_GENERATION", "0"))
 PID = os.getpid()
@@ -76,6 +82,20 @@ for fault in take_faults(args.fault_file):
         args.start_delay = float(arg)
     elif name == "notify-delay":
         args.notify_delay = float(arg)
+    elif name == "health-bad-after":
+        args.health_bad_after = float(arg)
+    elif name == "stop-at":
+        args.stop_at = arg
+
+
+def stop_at(point):
+    if args.stop_at == point:
+        args.stop_at = None
+        log(f"stopping myself at {point}")
+        os.kill(PID, signal.SIGSTOP)
+
+
+stop_at("start")
 
 
 def sd_notify(msg):
@@ -122,10 +142,15 @@ class Handler(BaseHTTPRequestHandler):
             ).encode()
             self.reply(200, body, "application/json")
         elif u.path == "/health":
-            if time.monotonic() - STARTED < args.unhealthy_for:
+            age = time.monotonic() - STARTED
+            if age < args.unhealthy_for:
                 self.reply(503, b"warming up")
+            elif args.health_bad_after is not None and age >= args.health_bad_after:
+                self.reply(503, b"unhealthy (fault)")
             else:
                 self.reply(200, b"ok")
+                self.wfile.flush()
+                stop_at("ready")
         elif u.path == "/slow":
             ms = int(parse_qs(u.query).get("ms", ["1000"])[0])
             time.sleep(ms / 1000)
@@ -183,6 +208,7 @@ if args.notify:
     sd_notify(f"STATUS=pyapp generation {GEN} warming up")
     threading.Thread(target=notify, daemon=True).start()
 
+stop_at("listening")
 log(f"serving fd 3 ({listener.getsockname()}), LISTEN_PID={os.environ.get('LISTEN_PID')}")
 server.serve_forever(poll_interval=0.05)
 server.server_close()

@@ -5,7 +5,7 @@
 //! Soak: `BATON_SOAK=1 cargo nextest run -p baton-tests -E 'binary(supervisor_safety)' --run-ignored all`
 //! runs 25 kills per phase and 1000 upgrades in a row.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use baton_tests::load::{Load, Mode};
 use baton_tests::supervisor::{CliOut, RunOpts, Supervised};
@@ -233,4 +233,174 @@ fn memory_headroom_refuses_with_numbers_and_the_newcomer_goes_first_under_oom() 
         sup.log_text().contains("memory:"),
         "the admitted numbers are logged"
     );
+}
+
+/// A `baton run` of pyapp with a fault file, for the window tests.
+fn windowed(name: &str, args: &[&str]) -> (Supervised, std::path::PathBuf, TestDir) {
+    let fault = TestDir::new(&format!("{name}-fault"));
+    let fault_file = fault.join("fault");
+    let mut a = s(&[
+        "--ready",
+        "tcp",
+        "--health",
+        "http://{addr}/health",
+        "--health-interval",
+        "200ms",
+    ]);
+    a.extend(s(args));
+    let sup = Supervised::start(
+        name,
+        RunOpts {
+            args: a,
+            command: pyapp(&["--fault-file", &fault_file.display().to_string()]),
+            ..RunOpts::default()
+        },
+    );
+    (sup, fault_file, fault)
+}
+
+/// The observation window: a new generation whose health turns bad 3 s
+/// after it started is rolled back (the old one, idle meanwhile, takes the
+/// new connections again); a healthy one stays. 0 failed requests for a
+/// no-retry `Connection: close` client either way.
+fn observation(bad: bool) {
+    let name = if bad {
+        "sup-observe-bad"
+    } else {
+        "sup-observe-good"
+    };
+    let (sup, fault_file, _fault) = windowed(name, &["--observe", "6s"]);
+    let load = Load::start(sup.addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
+    wait_load(&load, 20);
+    let old = sup.version();
+    if bad {
+        std::fs::write(&fault_file, "health-bad-after:3\n").unwrap();
+    }
+    let t = Instant::now();
+    let out = sup.upgrade(&["--json"]);
+    let elapsed = t.elapsed();
+    wait_load(&load, 50);
+    let stats = load.stop();
+    eprintln!(
+        "observe (bad={bad}) after {elapsed:?}: {out:?}\n  load {} ok, {} failed {:?}; pids {:?}",
+        stats.ok, stats.failed, stats.errors, stats.pids
+    );
+    assert_eq!(
+        stats.failed, 0,
+        "no failed request for a Connection: close client: {:?}",
+        stats.errors
+    );
+    let j = out.json();
+    let new_pid = j["events"][0]["pid"].as_u64().unwrap() as u32;
+    assert!(
+        stats.pids.contains(&new_pid),
+        "the new generation served during the window: {:?}",
+        stats.pids
+    );
+    if bad {
+        assert_eq!(out.code, 1, "{out:?}");
+        let m = j["message"].as_str().unwrap();
+        assert!(
+            m.contains("health check") && m.contains("observation window"),
+            "{m}"
+        );
+        assert!(elapsed >= Duration::from_secs(3), "{elapsed:?}");
+        assert!(
+            elapsed < Duration::from_secs(6),
+            "rolled back before the window ended: {elapsed:?}"
+        );
+        let v = sup.version();
+        assert_eq!(v.pid, old.pid, "the old generation serves again");
+        wait_for(T, "the rolled-back generation to exit", || {
+            (!proc::alive(new_pid)).then_some(())
+        });
+        let st = sup.status();
+        assert_eq!(
+            (st.pid, st.generation, st.phase.as_str()),
+            (old.pid, old.generation, "serving")
+        );
+    } else {
+        assert_eq!(out.code, 0, "{out:?}");
+        assert!(elapsed >= Duration::from_secs(6), "{elapsed:?}");
+        assert_eq!(sup.version().pid, new_pid);
+        assert!(!proc::alive(old.pid), "the old generation is gone");
+    }
+}
+
+#[test]
+fn observation_window_rolls_back_a_generation_whose_health_turns_bad() {
+    observation(true);
+}
+
+#[test]
+fn observation_window_keeps_a_healthy_generation() {
+    observation(false);
+}
+
+/// The canary: both generations answer new connections for the window; a
+/// new generation whose health check fails is rolled back, a healthy one is
+/// promoted.
+fn canary(bad: bool) {
+    let name = if bad {
+        "sup-canary-bad"
+    } else {
+        "sup-canary-good"
+    };
+    let (sup, fault_file, _fault) = windowed(name, &["--canary", "3s", "--canary-percent", "50"]);
+    let load = Load::start(sup.addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
+    wait_load(&load, 20);
+    let old = sup.version();
+    if bad {
+        std::fs::write(&fault_file, "health-bad-after:1\n").unwrap();
+    }
+    let out = sup.upgrade(&["--json"]);
+    wait_load(&load, 50);
+    let stats = load.stop();
+    eprintln!(
+        "canary (bad={bad}): {out:?}\n  load {} ok, {} failed {:?}; pids {:?}",
+        stats.ok, stats.failed, stats.errors, stats.pids
+    );
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    let j = out.json();
+    let new_pid = j["events"][0]["pid"].as_u64().unwrap() as u32;
+    assert!(
+        stats.pids.contains(&new_pid) && stats.pids.contains(&old.pid),
+        "both generations answered: {:?}",
+        stats.pids
+    );
+    assert!(
+        j["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["message"].as_str().is_some_and(|m| m.contains("canary"))),
+        "{j}"
+    );
+    if bad {
+        assert_eq!(out.code, 1, "{out:?}");
+        let m = j["message"].as_str().unwrap();
+        assert!(m.contains("health check") && m.contains("canary"), "{m}");
+        assert_eq!(
+            sup.version().pid,
+            old.pid,
+            "rolled back to the old generation"
+        );
+        wait_for(T, "the canary to exit", || {
+            (!proc::alive(new_pid)).then_some(())
+        });
+    } else {
+        assert_eq!(out.code, 0, "{out:?}");
+        assert_eq!(sup.version().pid, new_pid, "promoted");
+        assert!(!proc::alive(old.pid));
+    }
+}
+
+#[test]
+fn a_canary_whose_health_check_fails_is_rolled_back() {
+    canary(true);
+}
+
+#[test]
+fn a_healthy_canary_is_promoted() {
+    canary(false);
 }

@@ -168,6 +168,8 @@ pub struct GenProc {
     pub exe: Option<Arc<KeptExe>>,
     /// Its notify socket.
     pub notify: Option<NotifySocket>,
+    /// Its `BATON_PROBE_PORT`.
+    pub probe_port: Option<u16>,
     child: tokio::process::Child,
     pidfd: AsyncFd<OwnedFd>,
     status: Option<String>,
@@ -263,6 +265,7 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
         started: Instant::now(),
         exe,
         notify,
+        probe_port: plan.probe_port,
         child,
         pidfd,
         status: None,

@@ -32,6 +32,9 @@ use tokio::sync::mpsc;
 
 use crate::exit::{self, CliError};
 
+/// Default `--canary-percent`.
+pub const DEFAULT_CANARY_PERCENT: u32 = 10;
+
 /// Service name when `--name` is not given.
 pub const DEFAULT_NAME: &str = "baton";
 
@@ -137,6 +140,28 @@ pub struct RunArgs {
     /// (0 = off).
     #[arg(long, value_name = "N", default_value_t = baton::DEFAULT_NEWCOMER_OOM_SCORE_ADJ, allow_hyphen_values = true)]
     newcomer_oom_score_adj: i32,
+    /// Observation window after the new generation takes the new
+    /// connections: the old one keeps running, idle, and takes them back if
+    /// the new one dies or fails --health (0 = off).
+    #[arg(long, value_name = "DUR", default_value = "0s", value_parser = parse_dur)]
+    observe: Duration,
+    /// Canary before that: for DUR, both generations take new connections
+    /// (--canary-percent of them go to the new one); the new one is rolled
+    /// back if it dies or fails --health.
+    #[arg(long, value_name = "DUR", value_parser = parse_dur)]
+    canary: Option<Duration>,
+    /// Share of new connections the new generation gets during --canary.
+    #[arg(long, value_name = "PCT", default_value_t = DEFAULT_CANARY_PERCENT, value_parser = clap::value_parser!(u32).range(1..=99))]
+    canary_percent: u32,
+    /// Health check during --canary and --observe: http://HOST:PORT/PATH on
+    /// a steered listener's port (routed to the new generation only), or
+    /// http://127.0.0.1:{port}/PATH (its $BATON_PROBE_PORT); 2xx/3xx is
+    /// healthy [default: the --ready URL, if it is one].
+    #[arg(long, value_name = "URL", value_parser = parse_health)]
+    health: Option<ready::HttpUrl>,
+    /// Interval between health checks.
+    #[arg(long, value_name = "DUR", default_value = "250ms", value_parser = parse_dur)]
+    health_interval: Duration,
     /// The app's command line.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -159,6 +184,10 @@ fn parse_percent(s: &str) -> Result<f64, String> {
         Ok(p) if p > 0.0 && p <= 100.0 => Ok(p),
         _ => Err(format!("'{s}' is not a percentage between 0 and 100")),
     }
+}
+
+fn parse_health(s: &str) -> Result<ready::HttpUrl, String> {
+    s.parse()
 }
 
 fn parse_ready(s: &str) -> Result<ready::ReadySpec, String> {
@@ -237,6 +266,14 @@ pub struct RunConfig {
     pub run_dir: PathBuf,
     /// Pre-flight and memory gates.
     pub admission: admission::AdmissionConfig,
+    /// `--observe` (zero: off).
+    pub observe: Duration,
+    /// `--canary`.
+    pub canary: Option<Duration>,
+    /// `--canary-percent`.
+    pub canary_percent: u32,
+    /// `--health-interval`.
+    pub health_interval: Duration,
 }
 
 /// The control socket file, removed when baton exits (if it is still
@@ -380,6 +417,27 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         }
     })?;
     tracing::info!(readiness = %plan.describe(&listeners), "readiness check");
+    let windowed = !args.observe.is_zero() || args.canary.is_some();
+    if windowed && !listeners.any_steered() {
+        return Err(CliError::usage(
+            "--observe and --canary need a TCP listener that baton steers (to send new connections to one generation or the other); none is steered here",
+        ));
+    }
+    let health = match (&args.health, &plan) {
+        (Some(url), _) => Some(ready::health_plan(url, &listeners).map_err(CliError::usage)?),
+        (None, ready::ReadyPlan::Http { .. }) => Some(plan.clone()),
+        (None, _) => None,
+    };
+    if windowed {
+        match &health {
+            Some(h) => {
+                tracing::info!(health = %h.describe(&listeners), "health check during the canary and the observation window")
+            }
+            None => tracing::info!(
+                "no --health: during the canary and the observation window only the new generation's exit rolls it back"
+            ),
+        }
+    }
     let (tx, rx) = mpsc::channel(64);
     let _control = open_control(&control_path, tx.clone())
         .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("control socket: {e}")))?;
@@ -420,8 +478,12 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             memory,
             newcomer_oom_score_adj: args.newcomer_oom_score_adj,
         },
+        observe: args.observe,
+        canary: args.canary,
+        canary_percent: args.canary_percent,
+        health_interval: args.health_interval,
     };
-    owner::run(cfg, listeners, plan, rx, signals).await;
+    owner::run(cfg, listeners, plan, health, rx, signals).await;
     Ok(ExitCode::SUCCESS)
 }
 

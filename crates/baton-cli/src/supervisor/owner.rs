@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::admission;
 use super::child::{self, ExecHow, GenProc, KeptExe, SpawnPlan, join_argv};
 use super::ready::{self, NotifySocket, ReadyCtx, ReadyPlan, Route};
-use super::sockets::ListenerSet;
+use super::sockets::{ListenerSet, Steer};
 use super::{
     RESTART_BACKOFF_INITIAL, RESTART_BACKOFF_MAX, RESTART_BACKOFF_RESET_AFTER, RunConfig,
     STEER_QUIET_PERIOD, STEER_SETTLE_TIMEOUT,
@@ -205,6 +205,9 @@ struct Sup {
     view: SharedView,
     systemd: Option<Notifier>,
     announced_ready: bool,
+    /// `--health` (or the `http` readiness check), for the canary and the
+    /// observation window.
+    health: Option<ReadyPlan>,
 }
 
 impl Sup {
@@ -301,6 +304,7 @@ pub async fn run(
     cfg: RunConfig,
     listeners: ListenerSet,
     plan: ReadyPlan,
+    health: Option<ReadyPlan>,
     mut rx: mpsc::Receiver<Command>,
     mut signals: Signals,
 ) {
@@ -333,6 +337,7 @@ pub async fn run(
         view: Arc::clone(&shared),
         systemd: Notifier::from_env(),
         announced_ready: false,
+        health,
     });
     let mut job: Option<Job> = None;
     let mut stopping: Option<CancellationToken> = None;
@@ -719,12 +724,13 @@ async fn launch(
     argv: Vec<OsString>,
     exec: ExecHow,
     oom_score_adj: Option<i32>,
-    route: Route,
+    // (the serving generation's slot, the new generation's slot)
+    route: (usize, usize),
     events: &Events,
     cancel: &CancellationToken,
     old: &mut Option<GenProc>,
 ) -> Result<(GenProc, Duration), String> {
-    let Route { regular, new: slot } = route;
+    let (regular, slot) = route;
     let generation = sup.next_generation;
     sup.next_generation += 1;
     let notify = if sup.plan.wants_notify() {
@@ -735,7 +741,9 @@ async fn launch(
     } else {
         None
     };
-    let probe_port = if sup.plan.wants_probe_port() {
+    let probe_port = if sup.plan.wants_probe_port()
+        || sup.health.as_ref().is_some_and(ReadyPlan::wants_probe_port)
+    {
         Some(ready::free_probe_port().map_err(|e| format!("finding a probe port: {e}"))?)
     } else {
         None
@@ -772,7 +780,10 @@ async fn launch(
         let ctx = ReadyCtx {
             plan: &sup.plan,
             listeners: &sup.listeners,
-            route: Route { regular, new: slot },
+            route: Route {
+                regular: Steer::Slot(regular),
+                new: slot,
+            },
             probe_port,
             notify: child_gen.notify.as_ref(),
         };
@@ -842,24 +853,189 @@ async fn launch(
     }
 }
 
-/// The old generation's queue is empty and stayed so for the quiet period
-/// (`Ok`), or the new generation died meanwhile (`Err`).
+/// Which window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Window {
+    Canary,
+    Observe,
+}
+
+impl Window {
+    fn name(self) -> &'static str {
+        match self {
+            Window::Canary => "canary",
+            Window::Observe => "observation window",
+        }
+    }
+}
+
+/// Watch the new generation for `length` (a canary or an observation
+/// window), with a health check every `--health-interval` when there is
+/// one. `Err` says why it must be rolled back: it died, failed
+/// [`baton::observe::HEALTH_FAILURES_TO_ROLL_BACK`] checks in a row, or
+/// baton is stopping. If the old generation dies meanwhile there is nothing
+/// to roll back to: the window ends and the new one stays.
+#[allow(clippy::too_many_arguments)]
+async fn watch_window(
+    sup: &mut Sup,
+    kind: Window,
+    length: Duration,
+    new: &GenProc,
+    old: &mut Option<GenProc>,
+    route: Route,
+    cancel: &CancellationToken,
+    events: &Events,
+) -> Result<(), String> {
+    use baton::observe::HEALTH_FAILURES_TO_ROLL_BACK;
+    let name = kind.name();
+    let deadline = tokio::time::Instant::now() + length;
+    let interval = sup.cfg.health_interval;
+    let mut next_check = tokio::time::Instant::now() + interval;
+    let mut failures = 0u32;
+    let mut checks = 0u32;
+    let has_health = sup.health.is_some();
+    loop {
+        tokio::select! {
+            biased;
+            () = new.exited() => {
+                return Err(format!("generation {} (pid {}) died during the {name}", new.generation, new.pid));
+            }
+            () = cancel.cancelled() => {
+                return Err(format!("the {name} was abandoned because baton is stopping"));
+            }
+            () = old_exited(old) => {
+                if let Some(mut o) = old.take() {
+                    let st = o.reap().await;
+                    tracing::error!(generation = o.generation, pid = o.pid, status = %st,
+                        "the old generation died during the {name}: nothing to roll back to, the new one stays");
+                    emit(events, Event::Note(format!(
+                        "generation {} (pid {}) died during the {name} ({st}); generation {} stays",
+                        o.generation, o.pid, new.generation
+                    )));
+                }
+                return Ok(());
+            }
+            () = tokio::time::sleep_until(next_check), if has_health => {
+                checks += 1;
+                let res = match &sup.health {
+                    Some(plan) => ready::health_once(&sup.listeners, plan, route, new.probe_port).await,
+                    None => Ok(()),
+                };
+                // Drop the probe rule the check added.
+                let back = match route.regular {
+                    Steer::Split { old, .. } => old,
+                    Steer::Slot(s) => s,
+                };
+                if let Err(e) = sup.listeners.steer_to(route.regular, back) {
+                    tracing::warn!(error = %e, "could not reset the steering program after a health check");
+                }
+                match res {
+                    Ok(()) => failures = 0,
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(generation = new.generation, pid = new.pid, failures, error = %e, "health check failed during the {name}");
+                        if failures >= HEALTH_FAILURES_TO_ROLL_BACK {
+                            return Err(format!(
+                                "the health check of generation {} (pid {}) failed {failures} times in a row during the {name}: {e}",
+                                new.generation, new.pid
+                            ));
+                        }
+                    }
+                }
+                next_check = tokio::time::Instant::now() + interval;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                let line = if has_health {
+                    format!("{name} passed ({checks} health checks)")
+                } else {
+                    format!("{name} passed (no health check: the generation stayed alive)")
+                };
+                tracing::info!(generation = new.generation, pid = new.pid, "{line}");
+                emit(events, Event::Note(line));
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Roll back an upgrade whose new generation already took new connections
+/// (a canary, an observation window, or right after promotion). New
+/// connections go to the old generation again — it never stopped
+/// accepting. The new one, if alive, first accepts what queued for it and
+/// then gets the stop signal (its requests finish); if it died, what is left
+/// in its queue is reset (and counted).
+async fn roll_back(
+    sup: &mut Sup,
+    old: Option<GenProc>,
+    mut new: GenProc,
+    (old_slot, new_slot): (usize, usize),
+    why: String,
+    hurry: &CancellationToken,
+) -> Failure {
+    if let Err(e) = sup.listeners.steer(old_slot, old_slot) {
+        tracing::error!(error = %e, "could not steer connections back to the old generation");
+    }
+    sup.serving_slot = old_slot;
+    let (generation, pid) = (new.generation, new.pid);
+    let status = if new.has_exited() {
+        new.abort().await
+    } else {
+        if let Some(o) = &old {
+            let _ = settle(&sup.listeners, new_slot, o, &new).await;
+        }
+        tracing::info!(
+            generation,
+            pid,
+            signal = super::signal_name(sup.cfg.stop_signal),
+            "rolling back: stopping the new generation"
+        );
+        new.stop(sup.cfg.stop_signal, sup.cfg.drain_timeout, hurry)
+            .await
+            .status
+    };
+    let lost = sup.listeners.close_pending(new_slot);
+    let back_to = match &old {
+        Some(o) => format!(
+            "new connections go to generation {} (pid {}) again",
+            o.generation, o.pid
+        ),
+        None => "the old generation died too: starting one again".into(),
+    };
+    sup.serving = old;
+    if let Some(s) = &sup.serving {
+        view(&sup.view).serving(s);
+    }
+    let msg = format!(
+        "{why}; generation {generation} (pid {pid}) was stopped ({status}); {back_to}{}",
+        if lost > 0 {
+            format!("; {lost} connections that had queued for the new generation were reset")
+        } else {
+            String::new()
+        }
+    );
+    tracing::error!(reason = %msg, "upgrade rolled back");
+    sup.announce_ready(&format!("last upgrade rolled back: {why}"));
+    failed(FailureKind::Failed, msg)
+}
+
+/// `leaver`'s accept queue (in `slot`) is empty and stayed so for the quiet
+/// period, or `leaver` exited (`Ok`); or `keeper` died meanwhile (`Err`).
 async fn settle(
     listeners: &ListenerSet,
-    old_slot: usize,
-    new: &GenProc,
-    old: &GenProc,
+    slot: usize,
+    keeper: &GenProc,
+    leaver: &GenProc,
 ) -> Result<Duration, ()> {
     let t = Instant::now();
     let mut empty_since: Option<Instant> = None;
     loop {
-        if new.has_exited() {
+        if keeper.has_exited() {
             return Err(());
         }
-        if old.has_exited() {
+        if leaver.has_exited() {
             return Ok(t.elapsed());
         }
-        match listeners.pending(old_slot) {
+        match listeners.pending(slot) {
             Ok(false) => {
                 let since = *empty_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= STEER_QUIET_PERIOD {
@@ -868,13 +1044,14 @@ async fn settle(
             }
             Ok(true) => empty_since = None,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot look at the old generation's accept queue; stopping it now");
+                tracing::warn!(error = %e, generation = leaver.generation, "cannot look at the leaving generation's accept queue; stopping it now");
                 return Ok(t.elapsed());
             }
         }
         if t.elapsed() > STEER_SETTLE_TIMEOUT {
             tracing::warn!(
-                "the old generation's accept queue is still not empty after {STEER_SETTLE_TIMEOUT:?}; stopping it anyway"
+                generation = leaver.generation,
+                "the leaving generation's accept queue is still not empty after {STEER_SETTLE_TIMEOUT:?}; stopping it anyway"
             );
             return Ok(t.elapsed());
         }
@@ -950,10 +1127,7 @@ async fn upgrade(
         argv,
         exec,
         oom_score_adj,
-        Route {
-            regular: old_slot,
-            new: new_slot,
-        },
+        (old_slot, new_slot),
         events,
         cancel,
         &mut old,
@@ -982,6 +1156,56 @@ async fn upgrade(
             after_ms: ready_after.as_millis() as u64,
         },
     );
+    // A canary: both generations take new connections for a while.
+    if let Some(length) = sup.cfg.canary
+        && steering
+        && old.is_some()
+    {
+        let split = Steer::Split {
+            new: new_slot,
+            old: old_slot,
+            percent: sup.cfg.canary_percent,
+        };
+        if let Err(e) = sup.listeners.steer_to(split, old_slot) {
+            let status = new.abort().await;
+            sup.serving = old;
+            let msg = format!(
+                "could not start the canary of generation {generation}: {e}; it was killed ({status}) and generation {from_generation} still serves"
+            );
+            sup.announce_ready("last upgrade failed");
+            return Err(failed(FailureKind::Failed, msg));
+        }
+        tracing::info!(generation, pid, percent = sup.cfg.canary_percent, window = ?length, "canary: both generations take new connections");
+        emit(
+            events,
+            Event::Note(format!(
+                "canary: generation {generation} (pid {pid}) gets {}% of new connections for {length:?}",
+                sup.cfg.canary_percent
+            )),
+        );
+        view(&sup.view).phase = "canary";
+        let route = Route {
+            regular: split,
+            new: new_slot,
+        };
+        match watch_window(
+            sup,
+            Window::Canary,
+            length,
+            &new,
+            &mut old,
+            route,
+            cancel,
+            events,
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(why) => {
+                return Err(roll_back(sup, old, new, (old_slot, new_slot), why, hurry).await);
+            }
+        }
+    }
     // The commit point: new connections go to the new generation.
     if steering {
         if let Err(e) = sup.listeners.steer(new_slot, old_slot) {
@@ -994,16 +1218,53 @@ async fn upgrade(
             return Err(failed(FailureKind::Failed, msg));
         }
         tracing::info!(generation, pid, "new connections now go to this generation");
+        let next = if sup.cfg.observe.is_zero() {
+            format!("waiting for generation {from_generation}'s queue to empty")
+        } else {
+            format!("generation {from_generation} stands by")
+        };
         emit(
             events,
             Event::Note(format!(
-                "new connections go to generation {generation} (pid {pid}); waiting for generation {from_generation}'s queue to empty"
+                "new connections go to generation {generation} (pid {pid}); {next}"
             )),
         );
     }
     sup.serving_slot = new_slot;
     emit(events, Event::Promoted { pid });
     view(&sup.view).serving(&new);
+    // The observation window: the old generation keeps running, idle, ready
+    // to take the connections back.
+    if !sup.cfg.observe.is_zero() && steering && old.is_some() {
+        let length = sup.cfg.observe;
+        tracing::info!(generation, pid, window = ?length, "observation window: the old generation stands by");
+        emit(
+            events,
+            Event::Note(format!(
+                "observing generation {generation} (pid {pid}) for {length:?}; generation {from_generation} stands by"
+            )),
+        );
+        view(&sup.view).phase = "observing";
+        let route = Route {
+            regular: Steer::Slot(new_slot),
+            new: new_slot,
+        };
+        if let Err(why) = watch_window(
+            sup,
+            Window::Observe,
+            length,
+            &new,
+            &mut old,
+            route,
+            cancel,
+            events,
+        )
+        .await
+        {
+            return Err(roll_back(sup, old, new, (old_slot, new_slot), why, hurry).await);
+        }
+        view(&sup.view).phase = "upgrading";
+    }
     let drain_start = Instant::now();
     if steering && let Some(o) = &old {
         match settle(&sup.listeners, old_slot, &new, o).await {
@@ -1018,27 +1279,8 @@ async fn upgrade(
             Err(()) => {
                 // The new generation died right after promotion: steer back
                 // to the old one, which never stopped accepting.
-                let _ = sup.listeners.steer(old_slot, old_slot);
-                sup.serving_slot = old_slot;
-                let status = new.abort().await;
-                let lost = sup.listeners.close_pending(new_slot);
-                sup.serving = old;
-                let msg = format!(
-                    "generation {generation} (pid {pid}) died right after promotion ({status}); new connections go to generation {from_generation} (pid {old_pid}) again{}",
-                    if lost > 0 {
-                        format!(
-                            "; {lost} connections that had queued for the new generation were reset"
-                        )
-                    } else {
-                        String::new()
-                    }
-                );
-                tracing::error!(reason = %msg, "upgrade rolled back");
-                if let Some(s) = &sup.serving {
-                    view(&sup.view).serving(s);
-                }
-                sup.announce_ready("last upgrade rolled back");
-                return Err(failed(FailureKind::Failed, msg));
+                let why = format!("generation {generation} (pid {pid}) died right after promotion");
+                return Err(roll_back(sup, old, new, (old_slot, new_slot), why, hurry).await);
             }
         }
     }
@@ -1243,10 +1485,7 @@ async fn start(
         argv,
         exec,
         None,
-        Route {
-            regular: slot,
-            new: slot,
-        },
+        (slot, slot),
         events,
         cancel,
         &mut none,
