@@ -88,6 +88,12 @@ for fault in take_faults(args.fault_file):
         args.stop_at = arg
 
 
+# Set before the fault point `ready` answers its probe: from then on the
+# accept loop takes no connection (they stay queued for baton), so the
+# point is exact.
+HOLD_ACCEPT = threading.Event()
+
+
 def stop_at(point):
     if args.stop_at == point:
         args.stop_at = None
@@ -148,6 +154,8 @@ class Handler(BaseHTTPRequestHandler):
             elif args.health_bad_after is not None and age >= args.health_bad_after:
                 self.reply(503, b"unhealthy (fault)")
             else:
+                if args.stop_at == "ready":
+                    HOLD_ACCEPT.set()
                 self.reply(200, b"ok")
                 self.wfile.flush()
                 stop_at("ready")
@@ -162,6 +170,11 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
+
+    def get_request(self):
+        while HOLD_ACCEPT.is_set():
+            time.sleep(3600)
+        return super().get_request()
 
 
 def serve_on(sock):

@@ -13,6 +13,10 @@ use baton_tests::{TestDir, apps, http, proc, wait_for};
 
 const T: Duration = Duration::from_secs(60);
 
+fn soak() -> bool {
+    std::env::var_os("BATON_SOAK").is_some()
+}
+
 fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
@@ -239,14 +243,18 @@ fn memory_headroom_refuses_with_numbers_and_the_newcomer_goes_first_under_oom() 
 fn windowed(name: &str, args: &[&str]) -> (Supervised, std::path::PathBuf, TestDir) {
     let fault = TestDir::new(&format!("{name}-fault"));
     let fault_file = fault.join("fault");
-    let mut a = s(&[
-        "--ready",
-        "tcp",
+    let ready = if args.contains(&"--ready") {
+        vec![]
+    } else {
+        vec!["--ready", "tcp"]
+    };
+    let mut a = s(&ready);
+    a.extend(s(&[
         "--health",
         "http://{addr}/health",
         "--health-interval",
         "200ms",
-    ]);
+    ]));
     a.extend(s(args));
     let sup = Supervised::start(
         name,
@@ -403,4 +411,261 @@ fn a_canary_whose_health_check_fails_is_rolled_back() {
 #[test]
 fn a_healthy_canary_is_promoted() {
     canary(false);
+}
+
+/// Start an upgrade in a thread; returns its handle.
+fn upgrade_in_thread(sup: &Supervised, args: &[&str]) -> std::thread::JoinHandle<CliOut> {
+    let control = sup.control.display().to_string();
+    let args = s(args);
+    std::thread::spawn(move || {
+        let mut a = vec!["upgrade".to_string(), "--control".into(), control];
+        a.extend(args);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        baton_tests::supervisor::baton_cli(&a)
+    })
+}
+
+/// Poll every millisecond (a phase can be short) until `f` answers.
+fn wait_fast<X>(what: &str, mut f: impl FnMut() -> Option<X>) -> X {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(x) = f() {
+            return x;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// baton's children that are zombies.
+fn zombies(pid: u32) -> Vec<u32> {
+    proc::children(pid)
+        .into_iter()
+        .filter(|c| proc::state(*c) == Some('Z'))
+        .collect()
+}
+
+/// Kill -9 the new generation at a phase of the upgrade, `runs` times,
+/// under a no-retry `Connection: close` load:
+///
+/// * `start`: just spawned (it stops itself first thing);
+/// * `listening`: it has its sockets but has not accepted anything (before
+///   ready);
+/// * `ready`: right after it answered its readiness probe (baton steers new
+///   connections to it);
+/// * `drain`: it serves, and the old generation is draining a long request.
+fn kill_new_generation_at(phase: &str, runs: usize) {
+    let (sup, fault_file, _fault) = windowed(
+        &format!("sup-kill-{phase}"),
+        &["--ready", "http://{addr}/health", "--drain-timeout", "20s"],
+    );
+    let load = Load::start(sup.addr, Mode::Close, 8, Duration::from_secs(600), u64::MAX);
+    wait_load(&load, 20);
+    let fds_before = proc::open_fds(sup.pid);
+    let mut outcomes = Vec::new();
+    for run in 0..runs {
+        let serving = sup.status();
+        let slow = (phase == "drain").then(|| {
+            let addr = sup.addr;
+            std::thread::spawn(move || http::get(addr, "/slow?ms=2500"))
+        });
+        if slow.is_some() {
+            std::thread::sleep(Duration::from_millis(100));
+        } else {
+            std::fs::write(&fault_file, format!("stop-at:{phase}\n")).unwrap();
+        }
+        let upgrade = upgrade_in_thread(&sup, &["--json"]);
+        let victim = if phase == "drain" {
+            let line = format!("pid {}: SIGTERM: stopping", serving.pid);
+            wait_fast("the old generation to drain", || {
+                sup.log_text().contains(&line).then_some(())
+            });
+            let st = sup.status();
+            assert_ne!(st.pid, serving.pid, "the new generation serves");
+            st.pid
+        } else {
+            wait_fast("the new generation to stop itself", || {
+                proc::children(sup.pid)
+                    .into_iter()
+                    .find(|c| *c != serving.pid && proc::state(*c) == Some('T'))
+            })
+        };
+        proc::signal(victim, rustix::process::Signal::KILL);
+        let out = upgrade.join().unwrap();
+        assert_eq!(out.code, 1, "run {run}: {out:?}");
+        let msg = out.json()["message"].as_str().unwrap().to_owned();
+        outcomes.push(msg);
+        let now = wait_for(T, "a generation to serve", || {
+            let st = sup.try_status().filter(|s| s.phase == "serving")?;
+            let v = sup.try_version().filter(|v| v.pid == st.pid)?;
+            Some(v)
+        });
+        if phase != "drain" {
+            assert_eq!(
+                now.pid, serving.pid,
+                "run {run}: the old generation serves on"
+            );
+        }
+        if let Some(h) = slow {
+            let r = h
+                .join()
+                .unwrap()
+                .expect("the long request completes on the old generation");
+            assert_eq!(r.status, 200);
+        }
+        wait_for(T, "the killed generation to be reaped", || {
+            (proc::state(victim).is_none() && zombies(sup.pid).is_empty()).then_some(())
+        });
+        wait_for(T, "one generation left", || {
+            (proc::children(sup.pid) == vec![now.pid]).then_some(())
+        });
+        wait_load(&load, 20);
+    }
+    let stats = load.stop();
+    let refused = stats
+        .errors
+        .iter()
+        .filter(|e| e.contains("refused"))
+        .count();
+    let fds_after = proc::open_fds(sup.pid);
+    eprintln!(
+        "kill at {phase}: {runs} kills; load {} ok, {} failed {:?}; baton fds {fds_before} before, {fds_after} after\n  last outcome: {}",
+        stats.ok,
+        stats.failed,
+        stats.errors,
+        outcomes.last().unwrap()
+    );
+    assert_eq!(refused, 0, "refused connections: {:?}", stats.errors);
+    if phase != "drain" {
+        // Before ready it had no connection; right after, the ones that
+        // queued for it were relayed to the old generation. (During the
+        // drain, the requests it was serving die with it.)
+        assert_eq!(
+            stats.failed, 0,
+            "nothing fails when the new generation dies before it served: {:?}",
+            stats.errors
+        );
+    }
+    assert!(
+        fds_after <= fds_before + 2,
+        "fd leak: {fds_before} before, {fds_after} after {runs} failed upgrades"
+    );
+    // And it still upgrades.
+    let out = sup.upgrade(&["--json"]);
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+fn kills() -> usize {
+    if soak() { 25 } else { 5 }
+}
+
+#[test]
+fn kill_the_new_generation_just_spawned() {
+    kill_new_generation_at("start", kills());
+}
+
+#[test]
+fn kill_the_new_generation_before_it_is_ready() {
+    kill_new_generation_at("listening", kills());
+}
+
+#[test]
+fn kill_the_new_generation_right_after_it_is_ready() {
+    kill_new_generation_at("ready", kills());
+}
+
+#[test]
+fn kill_the_new_generation_during_the_old_ones_drain() {
+    kill_new_generation_at("drain", kills());
+}
+
+#[test]
+fn kill_the_old_generation_during_its_drain_leaves_the_new_one_unaffected() {
+    let sup = Supervised::start(
+        "sup-kill-old",
+        RunOpts {
+            args: s(&["--drain-timeout", "20s"]),
+            command: pyapp(&[]),
+            ..RunOpts::default()
+        },
+    );
+    let load = Load::start(sup.addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
+    wait_load(&load, 20);
+    let old = sup.version();
+    let addr = sup.addr;
+    let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=5000"));
+    std::thread::sleep(Duration::from_millis(100));
+    let upgrade = upgrade_in_thread(&sup, &["--json"]);
+    let line = format!("pid {}: SIGTERM: stopping", old.pid);
+    wait_fast("the old generation to drain", || {
+        sup.log_text().contains(&line).then_some(())
+    });
+    let new_pid = sup.status().pid;
+    assert_ne!(new_pid, old.pid);
+    proc::signal(old.pid, rustix::process::Signal::KILL);
+    let out = upgrade.join().unwrap();
+    assert_eq!(out.code, 0, "{out:?}");
+    wait_load(&load, 100);
+    let stats = load.stop();
+    eprintln!(
+        "kill the old one during its drain: {out:?}; load {} ok, {} failed",
+        stats.ok, stats.failed
+    );
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    assert!(
+        slow.join().unwrap().is_err(),
+        "the request the old one was serving dies with it"
+    );
+    assert_eq!(sup.version().pid, new_pid);
+    assert!(zombies(sup.pid).is_empty());
+    assert_eq!(proc::children(sup.pid), vec![new_pid]);
+    // And it upgrades again.
+    assert_eq!(sup.upgrade(&[]).code, 0);
+}
+
+/// 100 upgrades in a row (1000 with `BATON_SOAK=1`) under load: after a
+/// warm-up, baton's RSS and open-fd count do not grow.
+#[test]
+fn many_upgrades_in_a_row_do_not_grow_the_supervisors_rss_or_fds() {
+    let n = if soak() { 1000 } else { 100 };
+    let sup = Supervised::start(
+        "sup-many",
+        RunOpts {
+            ready: Some("tcp".into()),
+            command: vec![apps::go_server().display().to_string()],
+            ..RunOpts::default()
+        },
+    );
+    let load = Load::start(
+        sup.addr,
+        Mode::Close,
+        4,
+        Duration::from_secs(3600),
+        u64::MAX,
+    );
+    wait_load(&load, 20);
+    let warm_up = 10;
+    let (mut rss, mut fds) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let out = sup.upgrade(&[]);
+        assert_eq!(out.code, 0, "upgrade {i}: {out:?}");
+        if i + 1 == warm_up || i + 1 == n {
+            std::thread::sleep(Duration::from_millis(200));
+            rss.push(proc::rss_kib(sup.pid).unwrap());
+            fds.push(proc::open_fds(sup.pid));
+        }
+    }
+    let stats = load.stop();
+    eprintln!(
+        "{n} upgrades: baton RSS {} KiB after {warm_up}, {} KiB at the end; fds {} -> {}; load {} ok, {} failed",
+        rss[0], rss[1], fds[0], fds[1], stats.ok, stats.failed
+    );
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    assert!(fds[1] <= fds[0], "baton's fd count grew: {fds:?}");
+    assert!(
+        rss[1] <= rss[0] + 256,
+        "baton's RSS grew by more than 256 KiB: {rss:?} KiB"
+    );
+    assert_eq!(sup.status().generation, n as u64 + 1);
+    assert!(zombies(sup.pid).is_empty());
 }

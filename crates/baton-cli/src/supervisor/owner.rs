@@ -898,7 +898,7 @@ async fn watch_window(
         tokio::select! {
             biased;
             () = new.exited() => {
-                return Err(format!("generation {} (pid {}) died during the {name}", new.generation, new.pid));
+                return Err(format!("the new generation died during the {name}"));
             }
             () = cancel.cancelled() => {
                 return Err(format!("the {name} was abandoned because baton is stopping"));
@@ -977,8 +977,8 @@ async fn roll_back(
     }
     sup.serving_slot = old_slot;
     let (generation, pid) = (new.generation, new.pid);
-    let status = if new.has_exited() {
-        new.abort().await
+    let ended = if new.has_exited() {
+        format!("died ({})", new.abort().await)
     } else {
         if let Some(o) = &old {
             let _ = settle(&sup.listeners, new_slot, o, &new).await;
@@ -989,11 +989,17 @@ async fn roll_back(
             signal = super::signal_name(sup.cfg.stop_signal),
             "rolling back: stopping the new generation"
         );
-        new.stop(sup.cfg.stop_signal, sup.cfg.drain_timeout, hurry)
-            .await
-            .status
+        let out = new
+            .stop(sup.cfg.stop_signal, sup.cfg.drain_timeout, hurry)
+            .await;
+        format!("was stopped ({})", out.status)
     };
-    let lost = sup.listeners.close_pending(new_slot);
+    // What queued for it and was never accepted: relayed to the old
+    // generation if it is alive (no process has read those connections).
+    let (relayed, lost) = match &old {
+        Some(o) if !o.has_exited() => sup.listeners.relay_pending(new_slot, sup.cfg.drain_timeout),
+        _ => (0, sup.listeners.close_pending(new_slot)),
+    };
     let back_to = match &old {
         Some(o) => format!(
             "new connections go to generation {} (pid {}) again",
@@ -1005,14 +1011,17 @@ async fn roll_back(
     if let Some(s) = &sup.serving {
         view(&sup.view).serving(s);
     }
-    let msg = format!(
-        "{why}; generation {generation} (pid {pid}) was stopped ({status}); {back_to}{}",
-        if lost > 0 {
-            format!("; {lost} connections that had queued for the new generation were reset")
-        } else {
-            String::new()
-        }
-    );
+    let mut msg = format!("{why}; generation {generation} (pid {pid}) {ended}; {back_to}");
+    if relayed > 0 {
+        msg.push_str(&format!(
+            "; {relayed} connections that had queued for it were relayed to the old generation"
+        ));
+    }
+    if lost > 0 {
+        msg.push_str(&format!(
+            "; {lost} connections that had queued for it were reset"
+        ));
+    }
     tracing::error!(reason = %msg, "upgrade rolled back");
     sup.announce_ready(&format!("last upgrade rolled back: {why}"));
     failed(FailureKind::Failed, msg)
@@ -1279,7 +1288,7 @@ async fn upgrade(
             Err(()) => {
                 // The new generation died right after promotion: steer back
                 // to the old one, which never stopped accepting.
-                let why = format!("generation {generation} (pid {pid}) died right after promotion");
+                let why = "the new generation died right after promotion".to_owned();
                 return Err(roll_back(sup, old, new, (old_slot, new_slot), why, hurry).await);
             }
         }
@@ -1329,17 +1338,25 @@ async fn upgrade(
             closed,
         },
     );
+    if new.has_exited() {
+        // It died while the old one drained (which had its stop signal and
+        // cannot take connections back): nothing serves. The owner starts
+        // the last command that worked after the restart backoff; the new
+        // generation's socket keeps queueing connections for it.
+        let status = new.reap().await;
+        let msg = format!(
+            "generation {generation} (pid {pid}) died ({status}) while generation {from_generation} (pid {old_pid}) drained; no generation serves: starting the last command that worked again (connections wait in the queue meanwhile)"
+        );
+        tracing::error!(reason = %msg, "upgrade failed after promotion");
+        view(&sup.view).note(format!(
+            "generation {generation} (pid {pid}) died ({status}) during the drain of generation {from_generation}"
+        ));
+        return Err(failed(FailureKind::Failed, msg));
+    }
     record_good(sup, &new);
     if oom_score_adj.is_some() {
         // The overlap is over: the newcomer is no longer the first to go.
         new.set_oom_score_adj(own_adj);
-    }
-    if new.has_exited() {
-        tracing::warn!(
-            generation,
-            pid,
-            "the new generation exited while the old one was draining"
-        );
     }
     sup.serving = Some(new);
     let total_ms = t0.elapsed().as_millis() as u64;

@@ -427,9 +427,67 @@ impl ListenerSet {
         n
     }
 
+    /// Take the connections waiting in the steered sockets of `slot` —
+    /// they queued for a generation that died before accepting them — and
+    /// relay each one to its listener's own address, which the steering
+    /// program now sends to the serving generation. No process ever read
+    /// them, so the client sees an answer instead of a reset (the serving
+    /// app sees baton as the peer). A relay ends when both sides are done,
+    /// or after `limit`. Returns how many were relayed and how many could
+    /// only be closed.
+    pub fn relay_pending(&self, slot: usize, limit: std::time::Duration) -> (usize, usize) {
+        let (mut relayed, mut closed) = (0, 0);
+        for l in self.items.iter().filter(|l| l.steered()) {
+            let conns = match sys::accept_pending_connections(l.fd(slot), 100_000) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(listener = %l.name, error = %e, "could not take the connections queued for a dead generation");
+                    closed += sys::close_pending_connections(l.fd(slot), 100_000).unwrap_or(0);
+                    continue;
+                }
+            };
+            let Some(target) = l.local_target() else {
+                closed += conns.len();
+                continue;
+            };
+            for c in conns {
+                relayed += 1;
+                tokio::spawn(relay(c, target, limit));
+            }
+        }
+        (relayed, closed)
+    }
+
     /// Status lines.
     pub fn infos(&self) -> Vec<ListenerInfo> {
         self.items.iter().map(Listener::info).collect()
+    }
+}
+
+/// Relay one connection to `target` until both directions are done, at
+/// most `limit`.
+async fn relay(client: OwnedFd, target: SocketAddr, limit: std::time::Duration) {
+    let client = std::net::TcpStream::from(client);
+    let mut client = match client
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpStream::from_std(client))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "relay: cannot use a queued connection");
+            return;
+        }
+    };
+    let work = async {
+        let mut upstream = tokio::net::TcpStream::connect(target).await?;
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+    };
+    match tokio::time::timeout(limit, work).await {
+        Ok(Ok((up, down))) => {
+            tracing::debug!(%target, bytes_up = up, bytes_down = down, "relayed a queued connection")
+        }
+        Ok(Err(e)) => tracing::warn!(%target, error = %e, "relaying a queued connection failed"),
+        Err(_) => tracing::warn!(%target, ?limit, "relayed connection cut after the limit"),
     }
 }
 
