@@ -88,7 +88,7 @@ mod generation;
 mod handoff;
 mod listeners;
 #[cfg(feature = "metrics")]
-mod metrics;
+pub mod metrics;
 pub mod notify;
 pub mod observe;
 pub mod protocol;

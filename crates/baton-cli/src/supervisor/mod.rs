@@ -16,6 +16,7 @@
 
 mod admission;
 mod child;
+mod metrics;
 mod owner;
 mod ready;
 mod sockets;
@@ -162,6 +163,10 @@ pub struct RunArgs {
     /// Interval between health checks.
     #[arg(long, value_name = "DUR", default_value = "250ms", value_parser = parse_dur)]
     health_interval: Duration,
+    /// Serve baton's own Prometheus metrics at http://ADDR/metrics
+    /// (upgrades by result, durations, restarts, generation).
+    #[arg(long, value_name = "IP:PORT")]
+    metrics: Option<std::net::SocketAddr>,
     /// The app's command line.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -438,6 +443,15 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             ),
         }
     }
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let l = metrics::bind(addr)
+                .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?;
+            tracing::info!(%addr, "metrics at http://{addr}/metrics");
+            Some(l)
+        }
+        None => None,
+    };
     let (tx, rx) = mpsc::channel(64);
     let _control = open_control(&control_path, tx.clone())
         .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("control socket: {e}")))?;
@@ -483,7 +497,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         canary_percent: args.canary_percent,
         health_interval: args.health_interval,
     };
-    owner::run(cfg, listeners, plan, health, rx, signals).await;
+    owner::run(cfg, listeners, plan, health, rx, signals, metrics).await;
     Ok(ExitCode::SUCCESS)
 }
 

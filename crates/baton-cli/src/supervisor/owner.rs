@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use baton::carry::CarriedHistogram;
 use baton::control::{
     Command, Counters, Event, Failure, FailureKind, LastUpgrade, StatusReport, UpgradeReport,
 };
@@ -90,6 +91,12 @@ struct View {
     counters: Counters,
     recent: Vec<String>,
     down_reason: Option<String>,
+    /// Histograms and counters for `--metrics` (status has the rest).
+    upgrade_seconds: CarriedHistogram,
+    ready_seconds: CarriedHistogram,
+    drain_seconds: CarriedHistogram,
+    closed_at_drain: u64,
+    relayed: u64,
 }
 
 type SharedView = Arc<Mutex<View>>;
@@ -119,6 +126,10 @@ impl View {
         let (result, reason, report) = match res {
             Ok(r) => {
                 self.counters.upgrades_succeeded += 1;
+                self.upgrade_seconds.observe(r.total_ms as f64 / 1000.0);
+                self.ready_seconds.observe(r.ready_ms as f64 / 1000.0);
+                self.drain_seconds.observe(r.drain_ms as f64 / 1000.0);
+                self.closed_at_drain += r.closed_at_deadline;
                 ("success", None, Some(r.clone()))
             }
             Err(f) if f.kind == FailureKind::Failed => {
@@ -144,6 +155,27 @@ fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The supervisor's metrics (`--metrics`).
+fn metrics_snapshot(v: &View, started_unix_secs: f64) -> baton::metrics::Snapshot {
+    let mut s = baton::metrics::Snapshot::default();
+    s.generation = v.generation;
+    s.process_start_time_seconds = started_unix_secs;
+    s.upgrades_succeeded = v.counters.upgrades_succeeded;
+    s.upgrades_failed = v.counters.upgrades_failed;
+    s.upgrades_refused = v.counters.upgrades_refused;
+    s.upgrade_seconds = v.upgrade_seconds.data();
+    s.ready_seconds = v.ready_seconds.data();
+    s.drain_seconds = v.drain_seconds.data();
+    s.connections_closed_at_drain = v.closed_at_drain;
+    s.restarts = Some(v.counters.restarts);
+    s.counters = vec![(
+        "baton_connections_relayed".into(),
+        "Connections that queued for a generation that died, relayed to the serving one".into(),
+        v.relayed,
+    )];
+    s
 }
 
 /// Fixed at start-up, for status.
@@ -307,6 +339,7 @@ pub async fn run(
     health: Option<ReadyPlan>,
     mut rx: mpsc::Receiver<Command>,
     mut signals: Signals,
+    metrics: Option<tokio::net::TcpListener>,
 ) {
     let mut static_notes = vec![format!("readiness: {}", plan.describe(&listeners))];
     for l in &listeners.items {
@@ -339,6 +372,14 @@ pub async fn run(
         announced_ready: false,
         health,
     });
+    if let Some(l) = metrics {
+        let v = Arc::clone(&shared);
+        let started = unix_ms() as f64 / 1000.0;
+        // Runs until the runtime ends.
+        drop(tokio::spawn(super::metrics::serve(l, move || {
+            baton::metrics::render(&metrics_snapshot(&view(&v), started))
+        })));
+    }
     let mut job: Option<Job> = None;
     let mut stopping: Option<CancellationToken> = None;
     let mut restart_at: Option<tokio::time::Instant> = None;
@@ -1000,6 +1041,7 @@ async fn roll_back(
         Some(o) if !o.has_exited() => sup.listeners.relay_pending(new_slot, sup.cfg.drain_timeout),
         _ => (0, sup.listeners.close_pending(new_slot)),
     };
+    view(&sup.view).relayed += relayed as u64;
     let back_to = match &old {
         Some(o) => format!(
             "new connections go to generation {} (pid {}) again",
