@@ -16,6 +16,10 @@ can arm a fault for the *next* generation only:
   --notify           send READY=1 (and STATUS=) to $NOTIFY_SOCKET once serving
   --notify-delay S   ...but only S seconds after it started serving
   --probe-port       also serve /health on 127.0.0.1:$BATON_PROBE_PORT
+  --orphans N        at start, leave N orphans behind: double-forked processes
+                     that exit after --orphan-life S seconds (PID 1 must reap
+                     them)
+  --exit-on-term C   exit with code C after a SIGTERM stop
   --fault-file PATH  lines: hang | exit:CODE | start-delay:S | notify-delay:S |
                      health-bad-after:S (GET /health answers 503 from S seconds
                      after start) | stop-at:POINT (SIGSTOP itself at POINT:
@@ -44,6 +48,9 @@ p.add_argument("--notify-delay", type=float, default=0.0)
 p.add_argument("--probe-port", action="store_true")
 p.add_argument("--unhealthy-for", type=float, default=0.0)
 p.add_argument("--fault-file")
+p.add_argument("--orphans", type=int, default=0)
+p.add_argument("--orphan-life", type=float, default=1.0)
+p.add_argument("--exit-on-term", type=int, default=0)
 args = p.parse_args()
 args.health_bad_after = None
 args.stop_at = None
@@ -222,7 +229,24 @@ if args.notify:
     threading.Thread(target=notify, daemon=True).start()
 
 stop_at("listening")
+def leave_orphans(n, life):
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            # The middle process exits at once: its child is an orphan.
+            if os.fork() == 0:
+                time.sleep(life)
+                os._exit(0)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    log(f"left {n} orphans behind")
+
+
+if args.orphans:
+    leave_orphans(args.orphans, args.orphan_life)
+
 log(f"serving fd 3 ({listener.getsockname()}), LISTEN_PID={os.environ.get('LISTEN_PID')}")
 server.serve_forever(poll_interval=0.05)
 server.server_close()
-log("stopped")
+log(f"stopped; exit code {args.exit_on_term}")
+sys.exit(args.exit_on_term)

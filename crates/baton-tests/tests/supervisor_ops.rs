@@ -250,3 +250,276 @@ fn systemd_notifications_across_a_good_and_a_failed_upgrade() {
         "{notes:?}"
     );
 }
+
+const FIXTURE: &str = env!("CARGO_BIN_EXE_baton-fixture");
+
+/// A command inside a new PID namespace, killed with everything it started
+/// if the test fails.
+struct InNamespace {
+    child: Option<std::process::Child>,
+    /// The pid of `unshare` (outside the namespace).
+    unshare: u32,
+}
+
+impl InNamespace {
+    fn start(args: &[String], log: &std::path::Path) -> InNamespace {
+        let unshare = which("unshare").expect("unshare is required (apt-get install util-linux)");
+        let mut cmd = std::process::Command::new(unshare);
+        cmd.args(["--pid", "--fork", "--mount-proc"])
+            .args(args)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("BATON_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap());
+        let child = baton_tests::spawn_owned(&mut cmd).expect("starting unshare");
+        let unshare = child.id();
+        InNamespace {
+            child: Some(child),
+            unshare,
+        }
+    }
+
+    /// baton, PID 1 inside: its pid outside.
+    fn baton(&self) -> u32 {
+        wait_for(T, "baton to start in the namespace", || {
+            proc::children(self.unshare).into_iter().next()
+        })
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        baton_tests::wait_owned(self.child.as_mut()?, timeout)
+    }
+}
+
+impl Drop for InNamespace {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take()
+            && c.try_wait().ok().flatten().is_none()
+        {
+            baton_tests::supervisor::kill_tree(self.unshare);
+            let _ = baton_tests::wait_owned(&mut c, Duration::from_secs(10));
+        }
+    }
+}
+
+/// The pid a process has inside its own (innermost) PID namespace.
+fn ns_pid(host_pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
+fn zombies(pid: u32) -> Vec<u32> {
+    proc::children(pid)
+        .into_iter()
+        .filter(|c| proc::state(*c) == Some('Z'))
+        .collect()
+}
+
+/// As PID 1 of a PID namespace (a container), `baton run` reaps every
+/// zombie, not only its own children: the app leaves orphans behind, they
+/// are reparented to baton and collected when they exit. SIGTERM stops the
+/// app gracefully, and baton exits with the app's exit status.
+#[test]
+fn as_pid_1_baton_run_reaps_every_zombie_and_exits_with_the_apps_status() {
+    let dir = TestDir::new("sup-pid1");
+    let port = baton_tests::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let control = dir.join("ctl/c.sock");
+    let log = dir.join("baton.log");
+    let mut args = vec![
+        apps::baton_bin().display().to_string(),
+        "run".into(),
+        "--name".into(),
+        "pid1".into(),
+        "--control".into(),
+        control.display().to_string(),
+        "--listen".into(),
+        format!("http={addr}"),
+        "--".into(),
+    ];
+    args.extend(pyapp(&[
+        "--orphans",
+        "5",
+        "--orphan-life",
+        "2",
+        "--exit-on-term",
+        "7",
+    ]));
+    let mut ns = InNamespace::start(&args, &log);
+    let baton = ns.baton();
+    let v = wait_for(T, "the app to serve", || {
+        let r = http::get(addr, "/version").ok()?;
+        baton_tests::Version::parse(&r.body)
+    });
+    assert_eq!(ns_pid(baton), Some(1), "baton is PID 1 in the namespace");
+    // The orphans: reparented to baton, then reaped when they exit.
+    let app = wait_for(T, "the app's pid outside", || {
+        proc::children(baton)
+            .into_iter()
+            .find(|c| ns_pid(*c) == Some(v.pid))
+    });
+    let orphans: Vec<u32> = proc::children(baton)
+        .into_iter()
+        .filter(|c| *c != app)
+        .collect();
+    eprintln!("baton (pid {baton} outside, 1 inside): app {app}, orphans {orphans:?}");
+    assert_eq!(orphans.len(), 5, "the orphans are baton's children now");
+    wait_for(T, "the orphans to exit and be reaped", || {
+        (proc::children(baton) == vec![app]).then_some(())
+    });
+    assert!(zombies(baton).is_empty());
+    for o in &orphans {
+        assert_eq!(proc::state(*o), None, "orphan {o} was reaped");
+    }
+    // An upgrade as PID 1 works as anywhere.
+    let out = baton_tests::supervisor::baton_cli(&[
+        "upgrade",
+        "--control",
+        &control.display().to_string(),
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    // The new generation left 5 orphans too: reaped as well.
+    wait_for(T, "the new generation's orphans reaped", || {
+        let kids = proc::children(baton);
+        (kids.len() == 1 && kids[0] != app).then_some(())
+    });
+    // SIGTERM: a graceful stop, and baton's exit status is the app's (7).
+    proc::signal(baton, rustix::process::Signal::TERM);
+    let st = ns.wait(T).expect("baton exits");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("SIGTERM: stopping"),
+        "the app stopped gracefully: {text}"
+    );
+    assert_eq!(st.code(), Some(7), "the app's exit status: {text}");
+}
+
+/// Delegate mode: baton is PID 1 of a namespace and runs a library-mode
+/// server, which upgrades itself 5 times under load (through `baton
+/// upgrade`, forwarded to its control socket, and through SIGHUP to baton,
+/// turned into its SIGUSR2). baton follows each new main pid and reaps each
+/// old generation; 0 failed requests; SIGTERM stops it gracefully.
+#[test]
+fn delegate_mode_follows_a_library_mode_server_that_upgrades_itself() {
+    let dir = TestDir::new("sup-delegate");
+    let port = baton_tests::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let control = dir.join("ctl/c.sock");
+    let app_control = dir.join("app/control.sock");
+    let log = dir.join("baton.log");
+    let args: Vec<String> = vec![
+        apps::baton_bin().display().to_string(),
+        "run".into(),
+        "--delegate".into(),
+        "--name".into(),
+        "delegate".into(),
+        "--control".into(),
+        control.display().to_string(),
+        "--app-control".into(),
+        app_control.display().to_string(),
+        "--listen".into(),
+        format!("http={addr}"),
+        "--".into(),
+        FIXTURE.into(),
+        "--listen".into(),
+        format!("http={addr}"),
+        "--control".into(),
+        app_control.display().to_string(),
+    ];
+    let mut ns = InNamespace::start(&args, &log);
+    let baton = ns.baton();
+    assert_eq!(ns_pid(baton), Some(1), "baton is PID 1 in the namespace");
+    let status = || baton_tests::control_status(&control);
+    let first = wait_for(T, "the server to serve", || {
+        let st = baton_tests::block_on(async {
+            let c = baton::control::Client::connect(&control).await.ok()?;
+            match c
+                .call(&baton::control::Request::Status, |_| {})
+                .await
+                .ok()?
+            {
+                baton::control::Reply::Status(s) => Some(*s),
+                _ => None,
+            }
+        })?;
+        (st.phase == "serving").then_some(st)
+    });
+    assert_eq!(first.mode, "delegate");
+    let v1 = http::get(addr, "/version").unwrap();
+    let v1 = baton_tests::Version::parse(&v1.body).unwrap();
+    assert_eq!(v1.pid, first.pid, "status names the server's pid (inside)");
+    let load = Load::start(addr, Mode::KeepAlive, 8, Duration::from_secs(300), u64::MAX);
+    wait_for(T, "load", || (load.done() > 50).then_some(()));
+    let mut pids = vec![first.pid];
+    for i in 0..5u64 {
+        let before = status();
+        if i % 2 == 0 {
+            let out = baton_tests::supervisor::baton_cli(&[
+                "upgrade",
+                "--json",
+                "--control",
+                &control.display().to_string(),
+            ]);
+            assert_eq!(out.code, 0, "forwarded upgrade {i}: {out:?}");
+            assert_eq!(out.json()["to_generation"], i + 2);
+        } else {
+            proc::signal(baton, rustix::process::Signal::HUP);
+        }
+        let after = wait_for(T, "baton to follow the new main pid", || {
+            let st = status();
+            (st.pid != before.pid
+                && st.phase == "serving"
+                && st.generation == before.generation + 1)
+                .then_some(st)
+        });
+        let v = wait_for(T, "the new generation to answer", || {
+            let r = http::get(addr, "/version").ok()?;
+            baton_tests::Version::parse(&r.body).filter(|v| v.pid == after.pid)
+        });
+        assert_eq!(v.generation, i + 2, "the server's own generation number");
+        pids.push(after.pid);
+        // The old generation exits and is reaped: baton is left with one
+        // child, the new main process.
+        wait_for(T, "the old generation to be reaped", || {
+            let kids = proc::children(baton);
+            (kids.len() == 1 && ns_pid(kids[0]) == Some(after.pid)).then_some(())
+        });
+        let before_load = load.done();
+        wait_for(T, "load progress", || {
+            (load.done() > before_load + 50).then_some(())
+        });
+    }
+    let stats = load.stop();
+    eprintln!(
+        "delegate: 5 self-upgrades followed, main pids (inside) {pids:?}; load {} ok, {} failed, {} closes {:?}",
+        stats.ok, stats.failed, stats.closes, stats.errors
+    );
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    let st = status();
+    assert_eq!(st.counters.upgrades_succeeded, 5, "{st:?}");
+    assert!(
+        st.notes.iter().any(|n| n.starts_with("processes reaped: ")),
+        "{:?}",
+        st.notes
+    );
+    assert!(zombies(baton).is_empty());
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        text.matches("following the server's upgrade").count(),
+        5,
+        "{text}"
+    );
+    // SIGTERM: forwarded to the server, which drains and exits 0; so does
+    // baton.
+    proc::signal(baton, rustix::process::Signal::TERM);
+    let code = ns.wait(T).expect("baton exits");
+    assert_eq!(code.code(), Some(0), "{text}");
+}

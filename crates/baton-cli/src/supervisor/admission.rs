@@ -96,9 +96,14 @@ pub fn preflight(argv0: &OsStr, expect_sha256: Option<&str>) -> Result<Program, 
 /// Its exit status and the end of its output.
 pub async fn check(cfg: &AdmissionConfig) -> Result<(), String> {
     match &cfg.check {
-        Some(cmd) => baton::admission::run_check(cmd, cfg.check_timeout)
-            .await
-            .map_err(refused),
+        Some(cmd) => {
+            // Its pid is not known here: keep the zombie reaper (PID 1,
+            // --delegate) from collecting its exit status first.
+            let _hold = super::reaper::hold();
+            baton::admission::run_check(cmd, cfg.check_timeout)
+                .await
+                .map_err(refused)
+        }
         None => Ok(()),
     }
 }

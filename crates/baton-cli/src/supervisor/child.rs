@@ -150,6 +150,11 @@ pub struct SpawnPlan {
     /// `oom_score_adj` the app starts with (the newcomer's, during the
     /// overlap with its predecessor).
     pub oom_score_adj: Option<i32>,
+    /// `NOTIFY_SOCKET` (when `notify` is `None`: delegate mode's socket).
+    pub notify_env: Option<std::ffi::OsString>,
+    /// Set `BATON_GENERATION` (not in delegate mode: the app numbers its
+    /// own generations).
+    pub generation_env: bool,
 }
 
 /// A running (or exited, not yet reaped) generation.
@@ -173,6 +178,18 @@ pub struct GenProc {
     child: tokio::process::Child,
     pidfd: AsyncFd<OwnedFd>,
     status: Option<String>,
+    /// Exit code, or 128 + the signal that killed it, once reaped.
+    exit_code: Option<u8>,
+}
+
+/// An exit status as a shell's `$?`: the code, or 128 + the signal.
+pub fn shell_status(st: &ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => c as u8,
+        (None, Some(sig)) => 128u8.saturating_add(sig as u8),
+        _ => 1,
+    }
 }
 
 /// Describe an exit status like a shell would.
@@ -226,11 +243,17 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
     for k in ENV_REMOVE {
         cmd.env_remove(k);
     }
-    cmd.env("LISTEN_FDS", n.to_string())
-        .env("LISTEN_FDNAMES", &plan.fd_names)
-        .env("BATON_GENERATION", plan.generation.to_string());
+    if n > 0 {
+        cmd.env("LISTEN_FDS", n.to_string())
+            .env("LISTEN_FDNAMES", &plan.fd_names);
+    }
+    if plan.generation_env {
+        cmd.env("BATON_GENERATION", plan.generation.to_string());
+    }
     if let Some(ns) = &plan.notify {
         cmd.env("NOTIFY_SOCKET", &ns.env_value);
+    } else if let Some(v) = &plan.notify_env {
+        cmd.env("NOTIFY_SOCKET", v);
     }
     if let Some(p) = plan.probe_port {
         cmd.env("BATON_PROBE_PORT", p.to_string());
@@ -253,6 +276,9 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
     let pid = child
         .id()
         .ok_or_else(|| std::io::Error::other("the child was reaped before its pid was read"))?;
+    // Before any await: the zombie reaper (PID 1, --delegate) must leave it
+    // to us.
+    super::reaper::manage(pid);
     let pidfd = sys::async_fd(sys::pidfd_open(pid)?, tokio::io::Interest::READABLE)?;
     let mut notify = plan.notify;
     if let Some(ns) = notify.as_mut() {
@@ -269,6 +295,7 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
         child,
         pidfd,
         status: None,
+        exit_code: None,
     })
 }
 
@@ -317,7 +344,32 @@ impl GenProc {
         }
         self.kill_group();
         let s = match tokio::time::timeout(REAP_TIMEOUT, self.child.wait()).await {
-            Ok(Ok(st)) => describe_exit(&st),
+            Ok(Ok(st)) => {
+                self.exit_code = Some(shell_status(&st));
+                describe_exit(&st)
+            }
+            Ok(Err(e)) => format!("unknown status ({e})"),
+            Err(_) => format!("not reaped within {REAP_TIMEOUT:?}"),
+        };
+        if self.exit_code.is_some() {
+            super::reaper::forget(self.pid);
+        }
+        self.status = Some(s.clone());
+        s
+    }
+
+    /// After the main process exited: reap it, leaving its process group
+    /// alone (delegate mode: the server's next generation lives in it).
+    pub async fn reap_alone(&mut self) -> String {
+        if let Some(s) = &self.status {
+            return s.clone();
+        }
+        let s = match tokio::time::timeout(REAP_TIMEOUT, self.child.wait()).await {
+            Ok(Ok(st)) => {
+                self.exit_code = Some(shell_status(&st));
+                super::reaper::forget(self.pid);
+                describe_exit(&st)
+            }
             Ok(Err(e)) => format!("unknown status ({e})"),
             Err(_) => format!("not reaped within {REAP_TIMEOUT:?}"),
         };
@@ -365,6 +417,11 @@ impl GenProc {
             after: t.elapsed(),
             status,
         }
+    }
+
+    /// How it ended (exit code, or 128 + signal), once reaped.
+    pub fn exit_code(&self) -> Option<u8> {
+        self.exit_code
     }
 
     /// The command line, for logs and status.

@@ -16,9 +16,11 @@
 
 mod admission;
 mod child;
+mod delegate;
 mod metrics;
 mod owner;
 mod ready;
+mod reaper;
 mod sockets;
 
 use std::ffi::OsString;
@@ -165,8 +167,23 @@ pub struct RunArgs {
     health_interval: Duration,
     /// Serve baton's own Prometheus metrics at http://ADDR/metrics
     /// (upgrades by result, durations, restarts, generation).
-    #[arg(long, value_name = "IP:PORT")]
+    #[arg(long, value_name = "IP:PORT", conflicts_with = "delegate")]
     metrics: Option<std::net::SocketAddr>,
+    /// Delegate mode, for a library-mode baton server (a container's PID
+    /// 1): start it once with a NOTIFY_SOCKET of baton's, and follow its own
+    /// upgrades through its MAINPID= notifications instead of starting
+    /// generations; reap every process, forward SIGTERM/SIGINT, exit with
+    /// its status.
+    #[arg(long, conflicts_with_all = ["ready", "check", "observe", "canary", "health", "no_steer"])]
+    delegate: bool,
+    /// Delegate mode: the server's own control socket (its --control), to
+    /// which `baton upgrade` is forwarded.
+    #[arg(long, value_name = "PATH", requires = "delegate")]
+    app_control: Option<PathBuf>,
+    /// Delegate mode: the signal SIGHUP to baton is turned into for the
+    /// server (a library-mode server upgrades itself on SIGUSR2).
+    #[arg(long, value_name = "SIG", default_value = "USR2", value_parser = parse_signal, requires = "delegate")]
+    upgrade_signal: Signal,
     /// The app's command line.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -408,10 +425,31 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             anyhow::anyhow!("installing signal handlers: {e}"),
         )
     })?;
+    // As PID 1 (a container's init) every orphan of the container becomes
+    // baton's child; in delegate mode each generation of the server becomes
+    // one when its predecessor exits. Reap them all.
+    let pid1 = baton::sys::getpid() == 1;
+    if pid1 || args.delegate {
+        reaper::start().map_err(|e| {
+            CliError::new(
+                exit::FAILED,
+                anyhow::anyhow!("starting the zombie reaper: {e}"),
+            )
+        })?;
+        if !pid1 {
+            baton::sys::set_child_subreaper().map_err(|e| {
+                CliError::new(exit::FAILED, anyhow::anyhow!("PR_SET_CHILD_SUBREAPER: {e}"))
+            })?;
+        }
+        tracing::info!(pid1, "reaping every exited process");
+    }
     let control_path = args
         .control
         .clone()
         .unwrap_or_else(|| baton::control::default_socket_path(&args.name));
+    if args.delegate {
+        return run_delegate(args, signals, control_path).await;
+    }
     let listeners = sockets::ListenerSet::open(&args.listen, args.no_steer, baton::DEFAULT_BACKLOG)
         .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?;
     let plan = ready::plan(&ready_spec, &listeners).map_err(|e| {
@@ -452,26 +490,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         }
         None => None,
     };
-    let (tx, rx) = mpsc::channel(64);
-    let _control = open_control(&control_path, tx.clone())
-        .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("control socket: {e}")))?;
-    tracing::info!(path = %control_path.display(), "control socket");
-    let run_dir = control_path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let _pid_file = match &args.pid_file {
-        Some(p) => {
-            baton::write_pid_file(p, baton::sys::getpid()).map_err(|e| {
-                CliError::new(
-                    exit::FAILED,
-                    anyhow::anyhow!("pid file {}: {e}", p.display()),
-                )
-            })?;
-            Some(PidFile(p.clone()))
-        }
-        None => None,
-    };
+    let (rx, run_dir, _control, _pid_file) = open_common(&control_path, args.pid_file.as_deref())?;
     let mut memory = baton::admission::MemoryPolicy::default();
     memory.enabled = !args.no_memory_check;
     memory.max_percent = args.max_memory_percent;
@@ -497,8 +516,79 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         canary_percent: args.canary_percent,
         health_interval: args.health_interval,
     };
-    owner::run(cfg, listeners, plan, health, rx, signals, metrics).await;
-    Ok(ExitCode::SUCCESS)
+    let status = owner::run(cfg, listeners, plan, health, rx, signals, metrics).await;
+    // A container's init exits with its app's status; under systemd or a
+    // shell, a requested stop is a success.
+    Ok(if pid1 {
+        ExitCode::from(status.unwrap_or(0))
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+type Common = (
+    mpsc::Receiver<baton::control::Command>,
+    PathBuf,
+    ControlSocketFile,
+    Option<PidFile>,
+);
+
+/// The control socket, the private directory next to it, the pid file.
+fn open_common(control_path: &Path, pid_file: Option<&Path>) -> Result<Common, CliError> {
+    let (tx, rx) = mpsc::channel(64);
+    let control = open_control(control_path, tx)
+        .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("control socket: {e}")))?;
+    tracing::info!(path = %control_path.display(), "control socket");
+    let run_dir = control_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let pid_file = match pid_file {
+        Some(p) => {
+            baton::write_pid_file(p, baton::sys::getpid()).map_err(|e| {
+                CliError::new(
+                    exit::FAILED,
+                    anyhow::anyhow!("pid file {}: {e}", p.display()),
+                )
+            })?;
+            Some(PidFile(p.to_path_buf()))
+        }
+        None => None,
+    };
+    Ok((rx, run_dir, control, pid_file))
+}
+
+/// `baton run --delegate`.
+async fn run_delegate(
+    args: RunArgs,
+    signals: owner::Signals,
+    control_path: PathBuf,
+) -> Result<ExitCode, CliError> {
+    let inherited = std::env::var_os("LISTEN_FDS").is_some();
+    let listeners = if args.listen.is_empty() && !inherited {
+        None
+    } else {
+        // One shared socket per listener: the server hands them on itself.
+        Some(
+            sockets::ListenerSet::open(&args.listen, true, baton::DEFAULT_BACKLOG)
+                .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?,
+        )
+    };
+    let (rx, run_dir, _control, _pid_file) = open_common(&control_path, args.pid_file.as_deref())?;
+    let cfg = delegate::DelegateConfig {
+        name: args.name,
+        argv: args.command,
+        ready_timeout: args.ready_timeout,
+        stop_signal: args.stop_signal,
+        drain_timeout: args.drain_timeout,
+        upgrade_signal: args.upgrade_signal,
+        app_control: args.app_control,
+        run_dir,
+    };
+    let status = delegate::run(cfg, listeners, rx, signals)
+        .await
+        .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?;
+    Ok(ExitCode::from(status.unwrap_or(0)))
 }
 
 #[cfg(test)]

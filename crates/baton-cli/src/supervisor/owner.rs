@@ -44,8 +44,11 @@ pub struct Signals {
     hup: tokio::signal::unix::Signal,
 }
 
-enum Sig {
+/// What a signal asks for.
+pub(super) enum Sig {
+    /// SIGTERM or SIGINT.
     Stop(&'static str),
+    /// SIGHUP.
     Upgrade,
 }
 
@@ -61,7 +64,7 @@ impl Signals {
         })
     }
 
-    async fn recv(&mut self) -> Sig {
+    pub(super) async fn recv(&mut self) -> Sig {
         tokio::select! {
             _ = self.term.recv() => Sig::Stop("SIGTERM"),
             _ = self.int.recv() => Sig::Stop("SIGINT"),
@@ -240,6 +243,9 @@ struct Sup {
     /// `--health` (or the `http` readiness check), for the canary and the
     /// observation window.
     health: Option<ReadyPlan>,
+    /// How the last generation ended when baton stopped it (exit code, or
+    /// 128 + signal).
+    final_status: Option<u8>,
 }
 
 impl Sup {
@@ -331,7 +337,8 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Run the supervisor until it is stopped.
+/// Run the supervisor until it is stopped. Returns how the last generation
+/// ended (exit code, or 128 + signal), if one was running.
 pub async fn run(
     cfg: RunConfig,
     listeners: ListenerSet,
@@ -340,7 +347,7 @@ pub async fn run(
     mut rx: mpsc::Receiver<Command>,
     mut signals: Signals,
     metrics: Option<tokio::net::TcpListener>,
-) {
+) -> Option<u8> {
     let mut static_notes = vec![format!("readiness: {}", plan.describe(&listeners))];
     for l in &listeners.items {
         if let Some(r) = &l.shared_reason {
@@ -371,6 +378,7 @@ pub async fn run(
         systemd: Notifier::from_env(),
         announced_ready: false,
         health,
+        final_status: None,
     });
     if let Some(l) = metrics {
         let v = Arc::clone(&shared);
@@ -498,6 +506,7 @@ pub async fn run(
         s.notify_systemd(&["STOPPING=1".into(), "STATUS=stopped".into()]);
     }
     tracing::info!("baton stopped");
+    sup.and_then(|s| s.final_status)
 }
 
 fn begin_stop(
@@ -804,6 +813,8 @@ async fn launch(
         notify,
         probe_port,
         oom_score_adj,
+        notify_env: None,
+        generation_env: true,
     })
     .map_err(|e| format!("could not start generation {generation} ({command}): {e}"))?;
     tracing::info!(generation, pid = child_gen.pid, socket_slot = slot, %command, kept_executable = kept, "spawned");
@@ -1602,5 +1613,6 @@ async fn stop(sup: &mut Sup, hurry: &CancellationToken) {
             .stop(sup.cfg.stop_signal, sup.cfg.drain_timeout, hurry)
             .await;
         tracing::info!(generation = g.generation, pid = g.pid, status = %out.status, after_ms = out.after.as_millis() as u64, graceful = out.graceful, "generation stopped");
+        sup.final_status = g.exit_code();
     }
 }

@@ -654,6 +654,41 @@ pub async fn wait_ready(ctx: &ReadyCtx<'_>, last_error: &Mutex<String>) {
     }
 }
 
+/// Bind a notification socket `NAME.notify.TAG` in the private directory
+/// `dir` (an abstract address if the path would be too long), with
+/// `SO_PASSCRED`, non-blocking, `CLOEXEC`. Returns it, the value for
+/// `NOTIFY_SOCKET`, and the path to remove when done.
+///
+/// # Errors
+/// The OS error.
+pub fn bind_notify(
+    dir: &Path,
+    name: &str,
+    tag: &str,
+) -> std::io::Result<(
+    std::os::unix::net::UnixDatagram,
+    std::ffi::OsString,
+    Option<PathBuf>,
+)> {
+    let path = dir.join(format!("{name}.notify.{tag}"));
+    let (sock, env_value, path) = if path.as_os_str().len() < 100 {
+        let _ = std::fs::remove_file(&path);
+        let s = std::os::unix::net::UnixDatagram::bind(&path)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        (s, path.clone().into_os_string(), Some(path))
+    } else {
+        use std::os::linux::net::SocketAddrExt;
+        let abs = format!("baton/{}/{name}/{tag}", baton::sys::getpid());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())?;
+        let s = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
+        (s, format!("@{abs}").into(), None)
+    };
+    baton::sys::set_passcred(sock.as_fd())?;
+    sock.set_nonblocking(true)?;
+    Ok((sock, env_value, path))
+}
+
 /// A generation's own `NOTIFY_SOCKET`.
 #[derive(Debug)]
 pub struct NotifySocket {
@@ -685,22 +720,7 @@ impl NotifySocket {
     /// the private directory `dir` (an abstract address if the path would
     /// be too long).
     pub fn bind(dir: &Path, name: &str, generation: u64) -> std::io::Result<NotifySocket> {
-        let path = dir.join(format!("{name}.notify.{generation}"));
-        let (sock, env_value, path) = if path.as_os_str().len() < 100 {
-            let _ = std::fs::remove_file(&path);
-            let s = std::os::unix::net::UnixDatagram::bind(&path)?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-            (s, path.clone().into_os_string(), Some(path))
-        } else {
-            use std::os::linux::net::SocketAddrExt;
-            let abs = format!("baton/{}/{name}/{generation}", baton::sys::getpid());
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())?;
-            let s = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
-            (s, format!("@{abs}").into(), None)
-        };
-        baton::sys::set_passcred(sock.as_fd())?;
-        sock.set_nonblocking(true)?;
+        let (sock, env_value, path) = bind_notify(dir, name, &generation.to_string())?;
         let (tx, rx) = watch::channel(false);
         Ok(NotifySocket {
             env_value,
@@ -790,7 +810,7 @@ impl NotifySocket {
 
 /// Whether `pid` is `root` or one of its descendants (walks `/proc`
 /// parents, bounded).
-fn in_tree(pid: u32, root: u32) -> bool {
+pub fn in_tree(pid: u32, root: u32) -> bool {
     let mut p = pid;
     for _ in 0..64 {
         if p == root {
