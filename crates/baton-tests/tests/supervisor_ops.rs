@@ -262,7 +262,11 @@ struct InNamespace {
 }
 
 impl InNamespace {
-    fn start(args: &[String], log: &std::path::Path) -> InNamespace {
+    fn start(
+        args: &[String],
+        env: &[(&str, &std::path::Path)],
+        log: &std::path::Path,
+    ) -> InNamespace {
         let unshare = which("unshare").expect("unshare is required (apt-get install util-linux)");
         let mut cmd = std::process::Command::new(unshare);
         cmd.args(["--pid", "--fork", "--mount-proc"])
@@ -270,6 +274,7 @@ impl InNamespace {
             .env_remove("NOTIFY_SOCKET")
             .env_remove("LISTEN_FDS")
             .env_remove("BATON_LOG")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(log).unwrap());
@@ -353,7 +358,7 @@ fn as_pid_1_baton_run_reaps_every_zombie_and_exits_with_the_apps_status() {
         "--exit-on-term",
         "7",
     ]));
-    let mut ns = InNamespace::start(&args, &log);
+    let mut ns = InNamespace::start(&args, &[], &log);
     let baton = ns.baton();
     let v = wait_for(T, "the app to serve", || {
         let r = http::get(addr, "/version").ok()?;
@@ -434,7 +439,8 @@ fn delegate_mode_follows_a_library_mode_server_that_upgrades_itself() {
         "--control".into(),
         app_control.display().to_string(),
     ];
-    let mut ns = InNamespace::start(&args, &log);
+    let fault = dir.join("fault");
+    let mut ns = InNamespace::start(&args, &[("BATON_FIXTURE_FAULT_FILE", &fault)], &log);
     let baton = ns.baton();
     assert_eq!(ns_pid(baton), Some(1), "baton is PID 1 in the namespace");
     let status = || baton_tests::control_status(&control);
@@ -517,6 +523,42 @@ fn delegate_mode_follows_a_library_mode_server_that_upgrades_itself() {
         5,
         "{text}"
     );
+    // A forwarded upgrade that fails: its exit code and message come back,
+    // and baton keeps following the same main pid.
+    let upgrade = || {
+        baton_tests::supervisor::baton_cli(&[
+            "upgrade",
+            "--json",
+            "--control",
+            &control.display().to_string(),
+        ])
+    };
+    let serving = st.pid;
+    std::fs::write(&fault, "exit-at-start\n").unwrap();
+    let out = upgrade();
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(status().pid, serving);
+    // The new generation dies right after its promotion: the old one takes
+    // the service back (MAINPID=<its own pid>), and baton follows it back.
+    // (A long request keeps the old one draining meanwhile.)
+    let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=2000"));
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::write(&fault, "exit-at:promoted\n").unwrap();
+    let out = upgrade();
+    assert_eq!(slow.join().unwrap().unwrap().status, 200);
+    eprintln!("new generation dies after promotion: {out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    let back = wait_for(T, "the old generation to serve again", || {
+        let st = status();
+        (st.phase == "serving" && st.pid == serving).then_some(st)
+    });
+    let r = http::get(addr, "/version").unwrap();
+    assert_eq!(baton_tests::Version::parse(&r.body).unwrap().pid, back.pid);
+    assert_eq!(back.counters.upgrades_failed, 2, "{back:?}");
+    wait_for(T, "one process left besides baton", || {
+        (proc::children(baton).len() == 1 && zombies(baton).is_empty()).then_some(())
+    });
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
     // SIGTERM: forwarded to the server, which drains and exits 0; so does
     // baton.
     proc::signal(baton, rustix::process::Signal::TERM);

@@ -201,12 +201,25 @@ impl Tracked {
             if let Some(s) = reaper::take_status(self.pid) {
                 return Some(s);
             }
-            if Instant::now() > deadline {
+            // Not (or no longer) our child: its parent, a previous
+            // generation, collects its status.
+            if proc_ppid(self.pid) != Some(baton::sys::getpid()) || Instant::now() > deadline {
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// The parent of `pid`, if it still exists (a zombie does).
+fn proc_ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 async fn exited(t: &Option<Tracked>) {
