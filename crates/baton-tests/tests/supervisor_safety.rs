@@ -669,3 +669,46 @@ fn many_upgrades_in_a_row_do_not_grow_the_supervisors_rss_or_fds() {
     assert_eq!(sup.status().generation, n as u64 + 1);
     assert!(zombies(sup.pid).is_empty());
 }
+
+/// `--expect-sha256` on a script: its interpreter reads the hashed file
+/// through the fd baton kept open (`/proc/self/fd/N`), not the path.
+#[test]
+fn a_pinned_script_runs_from_the_file_that_was_hashed() {
+    let dir = TestDir::new("sup-pinned-script");
+    let app = dir.join("app.sh");
+    let script = |version: &str| {
+        format!(
+            "#!/bin/sh\nexec {} {} --version {version} \"$@\"\n",
+            apps::venv_tool("python").display(),
+            apps::apps_dir().join("pyapp.py").display()
+        )
+    };
+    baton_tests::write_exe(&app, script("v1").as_bytes());
+    let check = dir.join("check.sh");
+    std::fs::write(&check, "true\n").unwrap();
+    let sup = Supervised::start(
+        "sup-pinned-script",
+        RunOpts {
+            args: s(&["--check", &format!("sh {}", check.display())]),
+            command: vec![app.display().to_string()],
+            ..RunOpts::default()
+        },
+    );
+    // The check swaps in a v3 after v2 was hashed: v2 must run.
+    let tmp = dir.join("app.new");
+    baton_tests::write_exe(&tmp, script("v2").as_bytes());
+    std::fs::rename(&tmp, &app).unwrap();
+    let sha = baton::admission::sha256_path(&app).unwrap();
+    let v3 = dir.join("app.v3");
+    baton_tests::write_exe(&v3, script("v3").as_bytes());
+    std::fs::write(&check, format!("mv {} {}\n", v3.display(), app.display())).unwrap();
+    let out = sup.upgrade(&["--json", "--expect-sha256", &sha]);
+    assert_eq!(out.code, 0, "{out:?}\n{}", sup.log_text());
+    let v = sup.wait_generation(2, T);
+    assert_eq!(v.version, "v2", "the hashed script ran");
+    assert_eq!(
+        std::fs::read_to_string(&app).unwrap(),
+        script("v3"),
+        "the file on disk was swapped meanwhile"
+    );
+}

@@ -70,11 +70,26 @@ sends new connections to the ready generation's socket, the old one empties its
 queue, and only then gets --stop-signal. Unix sockets, systemd sockets without
 ReusePort=yes and --no-steer use one shared socket (said in the log and status).
 
+Safety: before anything is spawned, the executable is checked (exists, is
+executable, matches `baton upgrade --expect-sha256`), --check must exit 0 and
+memory headroom must allow a second generation (refused: exit 3, nothing
+changes). --canary DUR shares new connections between both generations and
+--observe DUR keeps the old one standing by; either rolls the new one back if
+it dies or fails --health.
+
+Containers: as PID 1, baton reaps every zombie and exits with the app's status.
+--delegate runs a library-mode baton server that upgrades itself and follows
+its MAINPID= notifications (`baton upgrade` is forwarded to --app-control).
+
 Signals: SIGHUP upgrades; SIGTERM/SIGINT stop gracefully (a second one kills).
-Exit status: 0 after a requested stop, 1 if baton could not start, 2 usage.
+Exit status: 0 after a requested stop (as PID 1 or with --delegate: the app's
+exit status, 128+N if killed by signal N), 1 if baton could not start, 2 usage.
 
 Examples:
   baton run --name web --listen http=0.0.0.0:8080 -- gunicorn --workers 4 app:app
+  baton run --listen 127.0.0.1:8000 --observe 30s --health http://127.0.0.1:8000/health -- ./server
+  baton run --delegate --listen http=0.0.0.0:8080 --app-control /run/app.sock \
+      -- /app/server --listen http=0.0.0.0:8080 --control /run/app.sock
   baton run --listen 127.0.0.1:8000 -- uvicorn --fd 3 app:app
   baton run --listen 127.0.0.1:3000 --ready http://127.0.0.1:3000/health -- node server.js";
 
