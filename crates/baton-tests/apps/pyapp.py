@@ -7,6 +7,8 @@ passes them: LISTEN_FDS of them) and answers:
                  "listen_fdnames", "ppid"} as JSON
   GET /health   200 "ok" (503 during --unhealthy-for)
   GET /slow?ms=N
+  GET /hold?file=PATH   answers once PATH exists (at most 60 s), so a test
+                        decides when a long request ends
 
 Behaviour for readiness and fault tests, from flags or from a fault file
 that the first generation to start claims (rename) and consumes, so a test
@@ -166,6 +168,12 @@ class Handler(BaseHTTPRequestHandler):
                 self.reply(200, b"ok")
                 self.wfile.flush()
                 stop_at("ready")
+        elif u.path == "/hold":
+            path = parse_qs(u.query).get("file", [""])[0]
+            deadline = time.monotonic() + 60
+            while path and not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.reply(200, f"held until {path} in pid {PID}".encode())
         elif u.path == "/slow":
             ms = int(parse_qs(u.query).get("ms", ["1000"])[0])
             time.sleep(ms / 1000)
