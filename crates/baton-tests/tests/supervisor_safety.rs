@@ -2,8 +2,9 @@
 //! window, canary, and kill -9 at every phase of an upgrade. Real processes
 //! (a stdlib Python server, a Go net/http server), real load, exact counts.
 //!
-//! Soak: `BATON_SOAK=1 cargo nextest run -p baton-tests -E 'binary(supervisor_safety)' --run-ignored all`
-//! runs 25 kills per phase and 1000 upgrades in a row.
+//! Soak: `BATON_SOAK=1 cargo test -p baton-tests --test supervisor_safety -- --test-threads 1`
+//! runs 25 kills per phase and 1000 upgrades in a row (longer than nextest's
+//! per-test limit).
 
 use std::time::{Duration, Instant};
 

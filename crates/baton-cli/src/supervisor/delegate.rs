@@ -63,6 +63,10 @@ const MAX_NOTIFY_DATAGRAM: usize = 4096;
 /// How long baton waits for the reaper to report a main pid's exit status
 /// after it exited.
 const STATUS_WAIT: Duration = Duration::from_secs(5);
+/// Longest wait for the server's answer to a forwarded `baton upgrade`
+/// (the server bounds its own upgrade; this only frees the forwarding slot
+/// if it never answers).
+pub const FORWARD_UPGRADE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Delegate mode's settings.
 #[derive(Debug)]
@@ -658,11 +662,18 @@ async fn forward_upgrade(
                 kind: FailureKind::Refused,
                 message: format!("cannot reach the server's control socket (--app-control): {e}"),
             })?;
-        let r = client
-            .call(&Request::Upgrade(opts), |e| {
-                let _ = events.send(e.clone());
-            })
+        let req = Request::Upgrade(opts);
+        let call = client.call(&req, |e| {
+            let _ = events.send(e.clone());
+        });
+        let r = tokio::time::timeout(FORWARD_UPGRADE_TIMEOUT, call)
             .await
+            .map_err(|_| Failure {
+                kind: FailureKind::Internal,
+                message: format!(
+                    "the server did not answer the upgrade within {FORWARD_UPGRADE_TIMEOUT:?}"
+                ),
+            })?
             .map_err(|e| Failure {
                 kind: FailureKind::Internal,
                 message: format!("the server's control socket: {e}"),
