@@ -90,11 +90,14 @@ pub async fn upgrade(
     path: &Path,
     json: bool,
     timeout: Duration,
+    expect_sha256: Option<String>,
     command: Vec<OsString>,
 ) -> Result<ExitCode, CliError> {
     let started = Instant::now();
     let mut events: Vec<serde_json::Value> = Vec::new();
-    let outcome = upgrade_inner(path, json, timeout, command, &mut events).await;
+    let mut opts = UpgradeOptions::default();
+    opts.expect_sha256 = expect_sha256;
+    let outcome = upgrade_inner(path, json, timeout, opts, command, &mut events).await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
     match outcome {
         Ok(report) => {
@@ -148,10 +151,10 @@ async fn upgrade_inner(
     path: &Path,
     json: bool,
     timeout: Duration,
+    mut opts: UpgradeOptions,
     command: Vec<OsString>,
     events: &mut Vec<serde_json::Value>,
 ) -> Result<UpgradeReport, CliError> {
-    let mut opts = UpgradeOptions::default();
     if !command.is_empty() {
         let mut argv = Vec::with_capacity(command.len());
         for a in command {

@@ -76,7 +76,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Supervise a server: own its sockets, start it, upgrade it in place.
-    Run(supervisor::RunArgs),
+    Run(Box<supervisor::RunArgs>),
     /// Upgrade a running server (`baton run` or a library-mode server).
     #[command(after_help = exit::HELP)]
     Upgrade(UpgradeArgs),
@@ -126,6 +126,11 @@ struct UpgradeArgs {
     /// check with `baton status`).
     #[arg(long, value_name = "DUR", default_value = "5m", value_parser = parse_dur)]
     timeout: Duration,
+    /// Refuse (exit 3) unless the new executable's SHA-256 is HEX; the file
+    /// is hashed through an open fd and that very fd is executed, so it
+    /// cannot be swapped in between.
+    #[arg(long, value_name = "HEX", value_parser = parse_sha256)]
+    expect_sha256: Option<String>,
     /// A new command line for the next generation (`baton run` only).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -150,6 +155,17 @@ struct StopArgs {
     /// Give up waiting for the answer after this long.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_dur)]
     timeout: Duration,
+}
+
+fn parse_sha256(s: &str) -> Result<String, String> {
+    let h = s.trim().to_ascii_lowercase();
+    if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(h)
+    } else {
+        Err(format!(
+            "'{s}' is not a SHA-256: 64 hex digits, as `sha256sum FILE` prints"
+        ))
+    }
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -212,10 +228,10 @@ fn main() -> ExitCode {
     let result = runtime().and_then(|rt| {
         rt.block_on(async move {
             match cli.command {
-                Command::Run(args) => supervisor::run(args).await,
+                Command::Run(args) => supervisor::run(*args).await,
                 Command::Upgrade(a) => {
                     let path = a.target.path()?;
-                    client::upgrade(&path, a.json, a.timeout, a.command).await
+                    client::upgrade(&path, a.json, a.timeout, a.expect_sha256, a.command).await
                 }
                 Command::Status(a) => {
                     let path = a.target.path()?;

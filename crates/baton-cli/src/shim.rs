@@ -8,6 +8,12 @@
 //! So the child first execs this shim (a fresh, single-threaded process),
 //! which reads its own pid, adds `LISTEN_PID` to the environment of the next
 //! `exec`, and execs the app: same pid, same fds, same process group.
+//!
+//! Two more things happen here because they must happen before the app
+//! runs: the newcomer's `oom_score_adj` is raised (`--oom-score-adj`, so
+//! that every process the app forks inherits it), and a pinned executable
+//! (`--exec-fd`, the file `--expect-sha256` hashed) is executed through its
+//! open fd.
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -21,6 +27,13 @@ pub struct ShimArgs {
     /// argv[0].
     #[arg(long, value_name = "FD")]
     exec_fd: Option<i32>,
+    /// Leave the `--exec-fd` open in the app: a script's interpreter opens
+    /// `/proc/self/fd/N` after the exec, so the fd must survive it.
+    #[arg(long, requires = "exec_fd")]
+    keep_exec_fd: bool,
+    /// Write this to /proc/self/oom_score_adj first (best effort).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    oom_score_adj: Option<i32>,
     /// The app's command line.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -34,13 +47,25 @@ pub fn main(args: ShimArgs) -> ExitCode {
         return ExitCode::from(127);
     };
     let pid = std::process::id();
+    if let Some(adj) = args.oom_score_adj
+        && let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+    {
+        // A container may forbid it; the upgrade goes on without.
+        eprintln!("baton: exec shim: cannot set oom_score_adj to {adj}: {e}");
+    }
     // Keep the executable's fd open until exec; exec through /proc resolves
-    // it before close-on-exec fds are closed, so the app does not inherit
-    // it.
+    // it before close-on-exec fds are closed, so a native app does not
+    // inherit it.
     let mut _keep = None;
     let program: OsString = match args.exec_fd {
         Some(fd) => match baton::sys::adopt_inherited_fd(fd) {
             Ok(Some(owned)) => {
+                if args.keep_exec_fd
+                    && let Err(e) = rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::empty())
+                {
+                    eprintln!("baton: exec shim: fd {fd}: {e}");
+                    return ExitCode::from(126);
+                }
                 _keep = Some(owned);
                 format!("/proc/self/fd/{fd}").into()
             }

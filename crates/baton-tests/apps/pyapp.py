@@ -7,6 +7,8 @@ passes them: LISTEN_FDS of them) and answers:
                  "listen_fdnames", "ppid"} as JSON
   GET /health   200 "ok" (503 during --unhealthy-for)
   GET /slow?ms=N
+  GET /hold?file=PATH   answers once PATH exists (at most 60 s), so a test
+                        decides when a long request ends
 
 Behaviour for readiness and fault tests, from flags or from a fault file
 that the first generation to start claims (rename) and consumes, so a test
@@ -16,7 +18,15 @@ can arm a fault for the *next* generation only:
   --notify           send READY=1 (and STATUS=) to $NOTIFY_SOCKET once serving
   --notify-delay S   ...but only S seconds after it started serving
   --probe-port       also serve /health on 127.0.0.1:$BATON_PROBE_PORT
-  --fault-file PATH  lines: hang | exit:CODE | start-delay:S | notify-delay:S
+  --orphans N        at start, leave N orphans behind: double-forked processes
+                     that exit after --orphan-life S seconds (PID 1 must reap
+                     them)
+  --exit-on-term C   exit with code C after a SIGTERM stop
+  --fault-file PATH  lines: hang | exit:CODE | start-delay:S | notify-delay:S |
+                     health-bad-after:S (GET /health answers 503 from S seconds
+                     after start) | stop-at:POINT (SIGSTOP itself at POINT:
+                     start, listening, ready = right after answering its first
+                     GET /health)
 
 SIGTERM: stop accepting, finish in-flight requests, exit 0.
 """
@@ -40,7 +50,12 @@ p.add_argument("--notify-delay", type=float, default=0.0)
 p.add_argument("--probe-port", action="store_true")
 p.add_argument("--unhealthy-for", type=float, default=0.0)
 p.add_argument("--fault-file")
+p.add_argument("--orphans", type=int, default=0)
+p.add_argument("--orphan-life", type=float, default=1.0)
+p.add_argument("--exit-on-term", type=int, default=0)
 args = p.parse_args()
+args.health_bad_after = None
+args.stop_at = None
 
 GEN = int(os.environ.get("BATON_GENERATION", "0"))
 PID = os.getpid()
@@ -76,6 +91,26 @@ for fault in take_faults(args.fault_file):
         args.start_delay = float(arg)
     elif name == "notify-delay":
         args.notify_delay = float(arg)
+    elif name == "health-bad-after":
+        args.health_bad_after = float(arg)
+    elif name == "stop-at":
+        args.stop_at = arg
+
+
+# Set before the fault point `ready` answers its probe: from then on the
+# accept loop takes no connection (they stay queued for baton), so the
+# point is exact.
+HOLD_ACCEPT = threading.Event()
+
+
+def stop_at(point):
+    if args.stop_at == point:
+        args.stop_at = None
+        log(f"stopping myself at {point}")
+        os.kill(PID, signal.SIGSTOP)
+
+
+stop_at("start")
 
 
 def sd_notify(msg):
@@ -122,10 +157,23 @@ class Handler(BaseHTTPRequestHandler):
             ).encode()
             self.reply(200, body, "application/json")
         elif u.path == "/health":
-            if time.monotonic() - STARTED < args.unhealthy_for:
+            age = time.monotonic() - STARTED
+            if age < args.unhealthy_for:
                 self.reply(503, b"warming up")
+            elif args.health_bad_after is not None and age >= args.health_bad_after:
+                self.reply(503, b"unhealthy (fault)")
             else:
+                if args.stop_at == "ready":
+                    HOLD_ACCEPT.set()
                 self.reply(200, b"ok")
+                self.wfile.flush()
+                stop_at("ready")
+        elif u.path == "/hold":
+            path = parse_qs(u.query).get("file", [""])[0]
+            deadline = time.monotonic() + 60
+            while path and not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.reply(200, f"held until {path} in pid {PID}".encode())
         elif u.path == "/slow":
             ms = int(parse_qs(u.query).get("ms", ["1000"])[0])
             time.sleep(ms / 1000)
@@ -137,6 +185,11 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
+
+    def get_request(self):
+        while HOLD_ACCEPT.is_set():
+            time.sleep(3600)
+        return super().get_request()
 
 
 def serve_on(sock):
@@ -183,7 +236,25 @@ if args.notify:
     sd_notify(f"STATUS=pyapp generation {GEN} warming up")
     threading.Thread(target=notify, daemon=True).start()
 
+stop_at("listening")
+def leave_orphans(n, life):
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            # The middle process exits at once: its child is an orphan.
+            if os.fork() == 0:
+                time.sleep(life)
+                os._exit(0)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    log(f"left {n} orphans behind")
+
+
+if args.orphans:
+    leave_orphans(args.orphans, args.orphan_life)
+
 log(f"serving fd 3 ({listener.getsockname()}), LISTEN_PID={os.environ.get('LISTEN_PID')}")
 server.serve_forever(poll_interval=0.05)
 server.server_close()
-log("stopped")
+log(f"stopped; exit code {args.exit_on_term}")
+sys.exit(args.exit_on_term)

@@ -16,6 +16,7 @@ pub mod h2load;
 pub mod http;
 pub mod load;
 pub mod notify;
+pub mod openmetrics;
 pub mod proc;
 pub mod supervisor;
 pub mod tls;

@@ -16,7 +16,7 @@ use crate::{TestDir, Version, apps, free_port, http, init, proc, wait_for};
 pub struct RunOpts {
     /// `--ready` (`{addr}` is replaced by the `http` listener's address).
     pub ready: Option<String>,
-    /// More `baton run` arguments (before `--`).
+    /// More `baton run` arguments (before `--`; `{addr}` is replaced too).
     pub args: Vec<String>,
     /// Environment for baton (and so for the app).
     pub env: Vec<(String, String)>,
@@ -94,7 +94,13 @@ impl Supervised {
             cmd.arg("--ready")
                 .arg(r.replace("{addr}", &addr.to_string()));
         }
-        cmd.args(&opts.args).arg("--").args(&opts.command);
+        cmd.args(
+            opts.args
+                .iter()
+                .map(|a| a.replace("{addr}", &addr.to_string())),
+        )
+        .arg("--")
+        .args(&opts.command);
         for k in [
             "NOTIFY_SOCKET",
             "LISTEN_FDS",

@@ -171,70 +171,6 @@ fn as_pid_1_a_library_mode_server_refuses_to_upgrade_itself() {
     );
 }
 
-/// Check OpenMetrics text line by line: `# HELP`/`# TYPE` declared before
-/// samples, sample names belong to the declared family, values are numbers,
-/// `# EOF` last.
-fn check_openmetrics(text: &str) -> Result<Vec<(String, f64)>, String> {
-    let mut families: Vec<(String, String)> = Vec::new();
-    let mut samples = Vec::new();
-    let lines: Vec<&str> = text.lines().collect();
-    if lines.last() != Some(&"# EOF") {
-        return Err("does not end with # EOF".into());
-    }
-    for line in &lines[..lines.len() - 1] {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, ty) = rest.split_once(' ').ok_or(format!("bad TYPE: {line}"))?;
-            if ![
-                "counter",
-                "gauge",
-                "histogram",
-                "summary",
-                "unknown",
-                "info",
-                "stateset",
-                "gaugehistogram",
-            ]
-            .contains(&ty)
-            {
-                return Err(format!("unknown type: {line}"));
-            }
-            families.push((name.to_owned(), ty.to_owned()));
-        } else if line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
-        } else if line.starts_with('#') {
-            return Err(format!("unexpected comment: {line}"));
-        } else {
-            let (series, value) = line.rsplit_once(' ').ok_or(format!("no value: {line}"))?;
-            let v: f64 = match value {
-                "+Inf" => f64::INFINITY,
-                v => v.parse().map_err(|_| format!("bad value: {line}"))?,
-            };
-            let name = series.split('{').next().unwrap_or_default();
-            if series.contains('{') && !series.ends_with('}') {
-                return Err(format!("bad labels: {line}"));
-            }
-            let (fam, ty) = families
-                .last()
-                .ok_or(format!("sample before TYPE: {line}"))?;
-            let ok = match ty.as_str() {
-                "counter" => name == format!("{fam}_total") || name == format!("{fam}_created"),
-                "histogram" => [
-                    format!("{fam}_bucket"),
-                    format!("{fam}_sum"),
-                    format!("{fam}_count"),
-                    format!("{fam}_created"),
-                ]
-                .contains(&name.to_owned()),
-                _ => name == fam,
-            };
-            if !ok {
-                return Err(format!("sample {name} does not belong to {fam} ({ty})"));
-            }
-            samples.push((series.to_owned(), v));
-        }
-    }
-    Ok(samples)
-}
-
 #[test]
 fn metrics_survive_upgrades_and_parse() {
     let mport = baton_tests::free_port();
@@ -259,7 +195,8 @@ fn metrics_survive_upgrades_and_parse() {
                 .contains("openmetrics")
         );
         let text = r.text();
-        let samples = check_openmetrics(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let samples =
+            baton_tests::openmetrics::check(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let get = |name: &str| samples.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
         (
             get("baton_upgrades_total{result=\"success\"}"),

@@ -88,7 +88,7 @@ mod generation;
 mod handoff;
 mod listeners;
 #[cfg(feature = "metrics")]
-mod metrics;
+pub mod metrics;
 pub mod notify;
 pub mod observe;
 pub mod protocol;
@@ -101,8 +101,9 @@ pub mod sys;
 
 pub use config::{
     Config, DEFAULT_BACKLOG, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDOFF_ACK_TIMEOUT,
-    DEFAULT_LISTENER_NAME, DEFAULT_READY_TIMEOUT, DEFAULT_STATE_LIMIT, HandoffHook, HandoffPoint,
-    ListenAddr, ListenSpec, parse_bytes, parse_duration, validate_listener_name,
+    DEFAULT_HEALTH_INTERVAL, DEFAULT_LISTENER_NAME, DEFAULT_NEWCOMER_OOM_SCORE_ADJ,
+    DEFAULT_READY_TIMEOUT, DEFAULT_STATE_LIMIT, HandoffHook, HandoffPoint, ListenAddr, ListenSpec,
+    parse_bytes, parse_duration, validate_listener_name,
 };
 pub use control::{UpgradeOptions, UpgradeReport};
 pub use drain::{DrainSignal, Phase};

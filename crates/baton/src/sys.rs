@@ -643,6 +643,18 @@ pub fn close_pending_connections(fd: BorrowedFd<'_>, max: usize) -> io::Result<u
     Ok(n)
 }
 
+/// Accept every connection waiting in a listener's queue, at most `max`,
+/// and return them (`CLOEXEC`). Same caveat as
+/// [`close_pending_connections`]: nobody else may accept from this socket
+/// meanwhile.
+pub fn accept_pending_connections(fd: BorrowedFd<'_>, max: usize) -> io::Result<Vec<OwnedFd>> {
+    let mut out = Vec::new();
+    while out.len() < max && accept_queue_nonempty(fd)? {
+        out.push(rustix::net::accept_with(fd, SocketFlags::CLOEXEC).map_err(to_io)?);
+    }
+    Ok(out)
+}
+
 /// Credentials the kernel attached to a datagram (`SCM_CREDENTIALS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SenderCreds {

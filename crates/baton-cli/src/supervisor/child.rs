@@ -55,10 +55,17 @@ pub struct KeptExe {
 impl KeptExe {
     /// Open `path` (`CLOEXEC`) and remember what it is.
     pub fn open(path: &Path) -> std::io::Result<KeptExe> {
-        use std::io::Read;
-        let mut f = std::fs::File::open(path)?;
+        Self::from_file(path, std::fs::File::open(path)?)
+    }
+
+    /// Keep `f`, opened at `path` (`CLOEXEC`): the file pre-flight hashed
+    /// for `--expect-sha256`, executed through this very fd.
+    pub fn from_file(path: &Path, f: std::fs::File) -> std::io::Result<KeptExe> {
+        use std::io::{Read, Seek};
+        let mut f = f;
         let m = f.metadata()?;
         let mut magic = [0u8; 4];
+        f.seek(std::io::SeekFrom::Start(0))?;
         let elf = f.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
         Ok(KeptExe {
             file: OwnedFd::from(f),
@@ -140,6 +147,14 @@ pub struct SpawnPlan {
     pub notify: Option<NotifySocket>,
     /// `BATON_PROBE_PORT`.
     pub probe_port: Option<u16>,
+    /// `oom_score_adj` the app starts with (the newcomer's, during the
+    /// overlap with its predecessor).
+    pub oom_score_adj: Option<i32>,
+    /// `NOTIFY_SOCKET` (when `notify` is `None`: delegate mode's socket).
+    pub notify_env: Option<std::ffi::OsString>,
+    /// Set `BATON_GENERATION` (not in delegate mode: the app numbers its
+    /// own generations).
+    pub generation_env: bool,
 }
 
 /// A running (or exited, not yet reaped) generation.
@@ -158,9 +173,23 @@ pub struct GenProc {
     pub exe: Option<Arc<KeptExe>>,
     /// Its notify socket.
     pub notify: Option<NotifySocket>,
+    /// Its `BATON_PROBE_PORT`.
+    pub probe_port: Option<u16>,
     child: tokio::process::Child,
     pidfd: AsyncFd<OwnedFd>,
     status: Option<String>,
+    /// Exit code, or 128 + the signal that killed it, once reaped.
+    exit_code: Option<u8>,
+}
+
+/// An exit status as a shell's `$?`: the code, or 128 + the signal.
+pub fn shell_status(st: &ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => c as u8,
+        (None, Some(sig)) => 128u8.saturating_add(sig as u8),
+        _ => 1,
+    }
 }
 
 /// Describe an exit status like a shell would.
@@ -189,6 +218,11 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
     let (exe, exec_fd) = match &plan.exec {
         ExecHow::Kept(k) => {
             fds.push((sys::dup(k.file.as_fd())?, 3 + n));
+            if !k.elf {
+                // A script: its interpreter opens /proc/self/fd/N after
+                // the exec.
+                cmd.arg("--keep-exec-fd");
+            }
             (Some(Arc::clone(k)), Some(3 + n))
         }
         ExecHow::Disk => {
@@ -202,15 +236,24 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
     if let Some(fd) = exec_fd {
         cmd.arg("--exec-fd").arg(fd.to_string());
     }
+    if let Some(adj) = plan.oom_score_adj {
+        cmd.arg(format!("--oom-score-adj={adj}"));
+    }
     cmd.arg("--").args(&plan.argv);
     for k in ENV_REMOVE {
         cmd.env_remove(k);
     }
-    cmd.env("LISTEN_FDS", n.to_string())
-        .env("LISTEN_FDNAMES", &plan.fd_names)
-        .env("BATON_GENERATION", plan.generation.to_string());
+    if n > 0 {
+        cmd.env("LISTEN_FDS", n.to_string())
+            .env("LISTEN_FDNAMES", &plan.fd_names);
+    }
+    if plan.generation_env {
+        cmd.env("BATON_GENERATION", plan.generation.to_string());
+    }
     if let Some(ns) = &plan.notify {
         cmd.env("NOTIFY_SOCKET", &ns.env_value);
+    } else if let Some(v) = &plan.notify_env {
+        cmd.env("NOTIFY_SOCKET", v);
     }
     if let Some(p) = plan.probe_port {
         cmd.env("BATON_PROBE_PORT", p.to_string());
@@ -233,6 +276,9 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
     let pid = child
         .id()
         .ok_or_else(|| std::io::Error::other("the child was reaped before its pid was read"))?;
+    // Before any await: the zombie reaper (PID 1, --delegate) must leave it
+    // to us.
+    super::reaper::manage(pid);
     let pidfd = sys::async_fd(sys::pidfd_open(pid)?, tokio::io::Interest::READABLE)?;
     let mut notify = plan.notify;
     if let Some(ns) = notify.as_mut() {
@@ -245,9 +291,11 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
         started: Instant::now(),
         exe,
         notify,
+        probe_port: plan.probe_port,
         child,
         pidfd,
         status: None,
+        exit_code: None,
     })
 }
 
@@ -296,7 +344,32 @@ impl GenProc {
         }
         self.kill_group();
         let s = match tokio::time::timeout(REAP_TIMEOUT, self.child.wait()).await {
-            Ok(Ok(st)) => describe_exit(&st),
+            Ok(Ok(st)) => {
+                self.exit_code = Some(shell_status(&st));
+                describe_exit(&st)
+            }
+            Ok(Err(e)) => format!("unknown status ({e})"),
+            Err(_) => format!("not reaped within {REAP_TIMEOUT:?}"),
+        };
+        if self.exit_code.is_some() {
+            super::reaper::forget(self.pid);
+        }
+        self.status = Some(s.clone());
+        s
+    }
+
+    /// After the main process exited: reap it, leaving its process group
+    /// alone (delegate mode: the server's next generation lives in it).
+    pub async fn reap_alone(&mut self) -> String {
+        if let Some(s) = &self.status {
+            return s.clone();
+        }
+        let s = match tokio::time::timeout(REAP_TIMEOUT, self.child.wait()).await {
+            Ok(Ok(st)) => {
+                self.exit_code = Some(shell_status(&st));
+                super::reaper::forget(self.pid);
+                describe_exit(&st)
+            }
             Ok(Err(e)) => format!("unknown status ({e})"),
             Err(_) => format!("not reaped within {REAP_TIMEOUT:?}"),
         };
@@ -346,9 +419,75 @@ impl GenProc {
         }
     }
 
+    /// How it ended (exit code, or 128 + signal), once reaped.
+    pub fn exit_code(&self) -> Option<u8> {
+        self.exit_code
+    }
+
     /// The command line, for logs and status.
     pub fn command_line(&self) -> String {
         join_argv(&self.argv)
+    }
+}
+
+/// Every process of the tree rooted at `root`, `root` first (through
+/// `/proc/PID/task/TID/children`, bounded).
+pub fn process_tree(root: u32) -> Vec<u32> {
+    const MAX_PROCESSES: usize = 65_536;
+    let mut pids = vec![root];
+    let mut i = 0;
+    while i < pids.len() && pids.len() < MAX_PROCESSES {
+        let p = pids[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+                    for c in text
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok())
+                    {
+                        if !pids.contains(&c) {
+                            pids.push(c);
+                        }
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    pids
+}
+
+/// This process's `oom_score_adj` (0 if it cannot be read).
+pub fn own_oom_score_adj() -> i32 {
+    std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+impl GenProc {
+    /// Set the `oom_score_adj` of every process of this generation (after
+    /// the overlap: the newcomer is no longer the first to sacrifice). Best
+    /// effort: lowering it may need `CAP_SYS_RESOURCE`.
+    pub fn set_oom_score_adj(&self, adj: i32) {
+        if self.status.is_some() {
+            return;
+        }
+        let mut failed = 0;
+        for p in process_tree(self.pid) {
+            if std::fs::write(format!("/proc/{p}/oom_score_adj"), adj.to_string()).is_err() {
+                failed += 1;
+            }
+        }
+        if failed > 0 {
+            tracing::debug!(
+                generation = self.generation,
+                pid = self.pid,
+                failed,
+                oom_score_adj = adj,
+                "could not set oom_score_adj of every process"
+            );
+        }
     }
 }
 

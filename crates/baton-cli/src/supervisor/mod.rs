@@ -14,9 +14,13 @@
 //! checks), `child` (a generation's process), `owner` (the single task that
 //! owns all of it: one upgrade at a time falls out of the structure).
 
+mod admission;
 mod child;
+mod delegate;
+mod metrics;
 mod owner;
 mod ready;
+mod reaper;
 mod sockets;
 
 use std::ffi::OsString;
@@ -30,6 +34,9 @@ use rustix::process::Signal;
 use tokio::sync::mpsc;
 
 use crate::exit::{self, CliError};
+
+/// Default `--canary-percent`.
+pub const DEFAULT_CANARY_PERCENT: u32 = 10;
 
 /// Service name when `--name` is not given.
 pub const DEFAULT_NAME: &str = "baton";
@@ -63,11 +70,26 @@ sends new connections to the ready generation's socket, the old one empties its
 queue, and only then gets --stop-signal. Unix sockets, systemd sockets without
 ReusePort=yes and --no-steer use one shared socket (said in the log and status).
 
+Safety: before anything is spawned, the executable is checked (exists, is
+executable, matches `baton upgrade --expect-sha256`), --check must exit 0 and
+memory headroom must allow a second generation (refused: exit 3, nothing
+changes). --canary DUR shares new connections between both generations and
+--observe DUR keeps the old one standing by; either rolls the new one back if
+it dies or fails --health.
+
+Containers: as PID 1, baton reaps every zombie and exits with the app's status.
+--delegate runs a library-mode baton server that upgrades itself and follows
+its MAINPID= notifications (`baton upgrade` is forwarded to --app-control).
+
 Signals: SIGHUP upgrades; SIGTERM/SIGINT stop gracefully (a second one kills).
-Exit status: 0 after a requested stop, 1 if baton could not start, 2 usage.
+Exit status: 0 after a requested stop (as PID 1 or with --delegate: the app's
+exit status, 128+N if killed by signal N), 1 if baton could not start, 2 usage.
 
 Examples:
   baton run --name web --listen http=0.0.0.0:8080 -- gunicorn --workers 4 app:app
+  baton run --listen 127.0.0.1:8000 --observe 30s --health http://127.0.0.1:8000/health -- ./server
+  baton run --delegate --listen http=0.0.0.0:8080 --app-control /run/app.sock \
+      -- /app/server --listen http=0.0.0.0:8080 --control /run/app.sock
   baton run --listen 127.0.0.1:8000 -- uvicorn --fd 3 app:app
   baton run --listen 127.0.0.1:3000 --ready http://127.0.0.1:3000/health -- node server.js";
 
@@ -109,6 +131,74 @@ pub struct RunArgs {
     /// troubleshooting).
     #[arg(long)]
     no_steer: bool,
+    /// Pre-flight check run (with `sh -c`) before every upgrade and every
+    /// restart; it must exit 0, e.g. `"/srv/app/bin/app --config-test"`.
+    #[arg(long, value_name = "CMD")]
+    check: Option<String>,
+    /// Time the --check command may run.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_dur)]
+    check_timeout: Duration,
+    /// Refuse an upgrade that would bring memory use above this share of the
+    /// tightest limit (cgroup v2/v1, else the machine).
+    #[arg(long, value_name = "PCT", default_value_t = baton::admission::DEFAULT_MAX_MEMORY_PERCENT, value_parser = parse_percent)]
+    max_memory_percent: f64,
+    /// Use this memory limit instead of the cgroup's or the machine's
+    /// (e.g. 512M, 2G).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    memory_limit: Option<u64>,
+    /// Assume a new generation needs this much memory [default: what the
+    /// serving generation's process tree uses, PSS].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    memory_estimate: Option<u64>,
+    /// Skip the memory headroom check.
+    #[arg(long)]
+    no_memory_check: bool,
+    /// Added to baton's own oom_score_adj for a new generation while the
+    /// old one still runs, so that the kernel sacrifices the newcomer first
+    /// (0 = off).
+    #[arg(long, value_name = "N", default_value_t = baton::DEFAULT_NEWCOMER_OOM_SCORE_ADJ, allow_hyphen_values = true)]
+    newcomer_oom_score_adj: i32,
+    /// Observation window after the new generation takes the new
+    /// connections: the old one keeps running, idle, and takes them back if
+    /// the new one dies or fails --health (0 = off).
+    #[arg(long, value_name = "DUR", default_value = "0s", value_parser = parse_dur)]
+    observe: Duration,
+    /// Canary before that: for DUR, both generations take new connections
+    /// (--canary-percent of them go to the new one); the new one is rolled
+    /// back if it dies or fails --health.
+    #[arg(long, value_name = "DUR", value_parser = parse_dur)]
+    canary: Option<Duration>,
+    /// Share of new connections the new generation gets during --canary.
+    #[arg(long, value_name = "PCT", default_value_t = DEFAULT_CANARY_PERCENT, value_parser = clap::value_parser!(u32).range(1..=99))]
+    canary_percent: u32,
+    /// Health check during --canary and --observe: http://HOST:PORT/PATH on
+    /// a steered listener's port (routed to the new generation only), or
+    /// http://127.0.0.1:{port}/PATH (its $BATON_PROBE_PORT); 2xx/3xx is
+    /// healthy [default: the --ready URL, if it is one].
+    #[arg(long, value_name = "URL", value_parser = parse_health)]
+    health: Option<ready::HttpUrl>,
+    /// Interval between health checks.
+    #[arg(long, value_name = "DUR", default_value = "250ms", value_parser = parse_dur)]
+    health_interval: Duration,
+    /// Serve baton's own Prometheus metrics at http://ADDR/metrics
+    /// (upgrades by result, durations, restarts, generation).
+    #[arg(long, value_name = "IP:PORT", conflicts_with = "delegate")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Delegate mode, for a library-mode baton server (a container's PID
+    /// 1): start it once with a NOTIFY_SOCKET of baton's, and follow its own
+    /// upgrades through its MAINPID= notifications instead of starting
+    /// generations; reap every process, forward SIGTERM/SIGINT, exit with
+    /// its status.
+    #[arg(long, conflicts_with_all = ["ready", "check", "observe", "canary", "health", "no_steer"])]
+    delegate: bool,
+    /// Delegate mode: the server's own control socket (its --control), to
+    /// which `baton upgrade` is forwarded.
+    #[arg(long, value_name = "PATH", requires = "delegate")]
+    app_control: Option<PathBuf>,
+    /// Delegate mode: the signal SIGHUP to baton is turned into for the
+    /// server (a library-mode server upgrades itself on SIGUSR2).
+    #[arg(long, value_name = "SIG", default_value = "USR2", value_parser = parse_signal, requires = "delegate")]
+    upgrade_signal: Signal,
     /// The app's command line.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -120,6 +210,21 @@ fn parse_listen(s: &str) -> Result<ListenSpec, String> {
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
     baton::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    baton::parse_bytes(s).map_err(|e| e.to_string())
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim().trim_end_matches('%').parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 100.0 => Ok(p),
+        _ => Err(format!("'{s}' is not a percentage between 0 and 100")),
+    }
+}
+
+fn parse_health(s: &str) -> Result<ready::HttpUrl, String> {
+    s.parse()
 }
 
 fn parse_ready(s: &str) -> Result<ready::ReadySpec, String> {
@@ -196,6 +301,16 @@ pub struct RunConfig {
     pub drain_timeout: Duration,
     /// Private directory for notify sockets.
     pub run_dir: PathBuf,
+    /// Pre-flight and memory gates.
+    pub admission: admission::AdmissionConfig,
+    /// `--observe` (zero: off).
+    pub observe: Duration,
+    /// `--canary`.
+    pub canary: Option<Duration>,
+    /// `--canary-percent`.
+    pub canary_percent: u32,
+    /// `--health-interval`.
+    pub health_interval: Duration,
 }
 
 /// The control socket file, removed when baton exits (if it is still
@@ -325,10 +440,31 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             anyhow::anyhow!("installing signal handlers: {e}"),
         )
     })?;
+    // As PID 1 (a container's init) every orphan of the container becomes
+    // baton's child; in delegate mode each generation of the server becomes
+    // one when its predecessor exits. Reap them all.
+    let pid1 = baton::sys::getpid() == 1;
+    if pid1 || args.delegate {
+        reaper::start().map_err(|e| {
+            CliError::new(
+                exit::FAILED,
+                anyhow::anyhow!("starting the zombie reaper: {e}"),
+            )
+        })?;
+        if !pid1 {
+            baton::sys::set_child_subreaper().map_err(|e| {
+                CliError::new(exit::FAILED, anyhow::anyhow!("PR_SET_CHILD_SUBREAPER: {e}"))
+            })?;
+        }
+        tracing::info!(pid1, "reaping every exited process");
+    }
     let control_path = args
         .control
         .clone()
         .unwrap_or_else(|| baton::control::default_socket_path(&args.name));
+    if args.delegate {
+        return run_delegate(args, signals, control_path).await;
+    }
     let listeners = sockets::ListenerSet::open(&args.listen, args.no_steer, baton::DEFAULT_BACKLOG)
         .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?;
     let plan = ready::plan(&ready_spec, &listeners).map_err(|e| {
@@ -339,26 +475,42 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         }
     })?;
     tracing::info!(readiness = %plan.describe(&listeners), "readiness check");
-    let (tx, rx) = mpsc::channel(64);
-    let _control = open_control(&control_path, tx.clone())
-        .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("control socket: {e}")))?;
-    tracing::info!(path = %control_path.display(), "control socket");
-    let run_dir = control_path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let _pid_file = match &args.pid_file {
-        Some(p) => {
-            baton::write_pid_file(p, baton::sys::getpid()).map_err(|e| {
-                CliError::new(
-                    exit::FAILED,
-                    anyhow::anyhow!("pid file {}: {e}", p.display()),
-                )
-            })?;
-            Some(PidFile(p.clone()))
+    let windowed = !args.observe.is_zero() || args.canary.is_some();
+    if windowed && !listeners.any_steered() {
+        return Err(CliError::usage(
+            "--observe and --canary need a TCP listener that baton steers (to send new connections to one generation or the other); none is steered here",
+        ));
+    }
+    let health = match (&args.health, &plan) {
+        (Some(url), _) => Some(ready::health_plan(url, &listeners).map_err(CliError::usage)?),
+        (None, ready::ReadyPlan::Http { .. }) => Some(plan.clone()),
+        (None, _) => None,
+    };
+    if windowed {
+        match &health {
+            Some(h) => {
+                tracing::info!(health = %h.describe(&listeners), "health check during the canary and the observation window")
+            }
+            None => tracing::info!(
+                "no --health: during the canary and the observation window only the new generation's exit rolls it back"
+            ),
+        }
+    }
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let l = metrics::bind(addr)
+                .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?;
+            tracing::info!(%addr, "metrics at http://{addr}/metrics");
+            Some(l)
         }
         None => None,
     };
+    let (rx, run_dir, _control, _pid_file) = open_common(&control_path, args.pid_file.as_deref())?;
+    let mut memory = baton::admission::MemoryPolicy::default();
+    memory.enabled = !args.no_memory_check;
+    memory.max_percent = args.max_memory_percent;
+    memory.limit = args.memory_limit;
+    memory.estimate = args.memory_estimate;
     let cfg = RunConfig {
         name: args.name,
         argv: args.command,
@@ -366,9 +518,92 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         stop_signal: args.stop_signal,
         drain_timeout: args.drain_timeout,
         run_dir,
+        admission: admission::AdmissionConfig {
+            check: args
+                .check
+                .map(|c| vec!["sh".to_owned(), "-c".to_owned(), c]),
+            check_timeout: args.check_timeout,
+            memory,
+            newcomer_oom_score_adj: args.newcomer_oom_score_adj,
+        },
+        observe: args.observe,
+        canary: args.canary,
+        canary_percent: args.canary_percent,
+        health_interval: args.health_interval,
     };
-    owner::run(cfg, listeners, plan, rx, signals).await;
-    Ok(ExitCode::SUCCESS)
+    let status = owner::run(cfg, listeners, plan, health, rx, signals, metrics).await;
+    // A container's init exits with its app's status; under systemd or a
+    // shell, a requested stop is a success.
+    Ok(if pid1 {
+        ExitCode::from(status.unwrap_or(0))
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+type Common = (
+    mpsc::Receiver<baton::control::Command>,
+    PathBuf,
+    ControlSocketFile,
+    Option<PidFile>,
+);
+
+/// The control socket, the private directory next to it, the pid file.
+fn open_common(control_path: &Path, pid_file: Option<&Path>) -> Result<Common, CliError> {
+    let (tx, rx) = mpsc::channel(64);
+    let control = open_control(control_path, tx)
+        .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("control socket: {e}")))?;
+    tracing::info!(path = %control_path.display(), "control socket");
+    let run_dir = control_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let pid_file = match pid_file {
+        Some(p) => {
+            baton::write_pid_file(p, baton::sys::getpid()).map_err(|e| {
+                CliError::new(
+                    exit::FAILED,
+                    anyhow::anyhow!("pid file {}: {e}", p.display()),
+                )
+            })?;
+            Some(PidFile(p.to_path_buf()))
+        }
+        None => None,
+    };
+    Ok((rx, run_dir, control, pid_file))
+}
+
+/// `baton run --delegate`.
+async fn run_delegate(
+    args: RunArgs,
+    signals: owner::Signals,
+    control_path: PathBuf,
+) -> Result<ExitCode, CliError> {
+    let inherited = std::env::var_os("LISTEN_FDS").is_some();
+    let listeners = if args.listen.is_empty() && !inherited {
+        None
+    } else {
+        // One shared socket per listener: the server hands them on itself.
+        Some(
+            sockets::ListenerSet::open(&args.listen, true, baton::DEFAULT_BACKLOG)
+                .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?,
+        )
+    };
+    let (rx, run_dir, _control, _pid_file) = open_common(&control_path, args.pid_file.as_deref())?;
+    let cfg = delegate::DelegateConfig {
+        name: args.name,
+        argv: args.command,
+        ready_timeout: args.ready_timeout,
+        stop_signal: args.stop_signal,
+        drain_timeout: args.drain_timeout,
+        upgrade_signal: args.upgrade_signal,
+        app_control: args.app_control,
+        run_dir,
+    };
+    let status = delegate::run(cfg, listeners, rx, signals)
+        .await
+        .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?;
+    Ok(ExitCode::from(status.unwrap_or(0)))
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use baton::carry::CarriedHistogram;
 use baton::control::{
     Command, Counters, Event, Failure, FailureKind, LastUpgrade, StatusReport, UpgradeReport,
 };
@@ -20,9 +21,10 @@ use baton::notify::Notifier;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::admission;
 use super::child::{self, ExecHow, GenProc, KeptExe, SpawnPlan, join_argv};
 use super::ready::{self, NotifySocket, ReadyCtx, ReadyPlan, Route};
-use super::sockets::ListenerSet;
+use super::sockets::{ListenerSet, Steer};
 use super::{
     RESTART_BACKOFF_INITIAL, RESTART_BACKOFF_MAX, RESTART_BACKOFF_RESET_AFTER, RunConfig,
     STEER_QUIET_PERIOD, STEER_SETTLE_TIMEOUT,
@@ -42,8 +44,11 @@ pub struct Signals {
     hup: tokio::signal::unix::Signal,
 }
 
-enum Sig {
+/// What a signal asks for.
+pub(super) enum Sig {
+    /// SIGTERM or SIGINT.
     Stop(&'static str),
+    /// SIGHUP.
     Upgrade,
 }
 
@@ -59,7 +64,7 @@ impl Signals {
         })
     }
 
-    async fn recv(&mut self) -> Sig {
+    pub(super) async fn recv(&mut self) -> Sig {
         tokio::select! {
             _ = self.term.recv() => Sig::Stop("SIGTERM"),
             _ = self.int.recv() => Sig::Stop("SIGINT"),
@@ -89,6 +94,12 @@ struct View {
     counters: Counters,
     recent: Vec<String>,
     down_reason: Option<String>,
+    /// Histograms and counters for `--metrics` (status has the rest).
+    upgrade_seconds: CarriedHistogram,
+    ready_seconds: CarriedHistogram,
+    drain_seconds: CarriedHistogram,
+    closed_at_drain: u64,
+    relayed: u64,
 }
 
 type SharedView = Arc<Mutex<View>>;
@@ -118,6 +129,10 @@ impl View {
         let (result, reason, report) = match res {
             Ok(r) => {
                 self.counters.upgrades_succeeded += 1;
+                self.upgrade_seconds.observe(r.total_ms as f64 / 1000.0);
+                self.ready_seconds.observe(r.ready_ms as f64 / 1000.0);
+                self.drain_seconds.observe(r.drain_ms as f64 / 1000.0);
+                self.closed_at_drain += r.closed_at_deadline;
                 ("success", None, Some(r.clone()))
             }
             Err(f) if f.kind == FailureKind::Failed => {
@@ -143,6 +158,27 @@ fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The supervisor's metrics (`--metrics`).
+fn metrics_snapshot(v: &View, started_unix_secs: f64) -> baton::metrics::Snapshot {
+    let mut s = baton::metrics::Snapshot::default();
+    s.generation = v.generation;
+    s.process_start_time_seconds = started_unix_secs;
+    s.upgrades_succeeded = v.counters.upgrades_succeeded;
+    s.upgrades_failed = v.counters.upgrades_failed;
+    s.upgrades_refused = v.counters.upgrades_refused;
+    s.upgrade_seconds = v.upgrade_seconds.data();
+    s.ready_seconds = v.ready_seconds.data();
+    s.drain_seconds = v.drain_seconds.data();
+    s.connections_closed_at_drain = v.closed_at_drain;
+    s.restarts = Some(v.counters.restarts);
+    s.counters = vec![(
+        "baton_connections_relayed".into(),
+        "Connections that queued for a generation that died, relayed to the serving one".into(),
+        v.relayed,
+    )];
+    s
 }
 
 /// Fixed at start-up, for status.
@@ -204,6 +240,12 @@ struct Sup {
     view: SharedView,
     systemd: Option<Notifier>,
     announced_ready: bool,
+    /// `--health` (or the `http` readiness check), for the canary and the
+    /// observation window.
+    health: Option<ReadyPlan>,
+    /// How the last generation ended when baton stopped it (exit code, or
+    /// 128 + signal).
+    final_status: Option<u8>,
 }
 
 impl Sup {
@@ -295,14 +337,17 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Run the supervisor until it is stopped.
+/// Run the supervisor until it is stopped. Returns how the last generation
+/// ended (exit code, or 128 + signal), if one was running.
 pub async fn run(
     cfg: RunConfig,
     listeners: ListenerSet,
     plan: ReadyPlan,
+    health: Option<ReadyPlan>,
     mut rx: mpsc::Receiver<Command>,
     mut signals: Signals,
-) {
+    metrics: Option<tokio::net::TcpListener>,
+) -> Option<u8> {
     let mut static_notes = vec![format!("readiness: {}", plan.describe(&listeners))];
     for l in &listeners.items {
         if let Some(r) = &l.shared_reason {
@@ -332,7 +377,17 @@ pub async fn run(
         view: Arc::clone(&shared),
         systemd: Notifier::from_env(),
         announced_ready: false,
+        health,
+        final_status: None,
     });
+    if let Some(l) = metrics {
+        let v = Arc::clone(&shared);
+        let started = unix_ms() as f64 / 1000.0;
+        // Runs until the runtime ends.
+        drop(tokio::spawn(super::metrics::serve(l, move || {
+            baton::metrics::render(&metrics_snapshot(&view(&v), started))
+        })));
+    }
     let mut job: Option<Job> = None;
     let mut stopping: Option<CancellationToken> = None;
     let mut restart_at: Option<tokio::time::Instant> = None;
@@ -340,7 +395,13 @@ pub async fn run(
     let mut control_closed = false;
 
     if let Some(s) = sup.take() {
-        job = Some(start_job(s, StartKind::Initial, None, None, None));
+        job = Some(start_job(
+            s,
+            StartKind::Initial,
+            UpgradeReq::default(),
+            None,
+            None,
+        ));
     }
 
     loop {
@@ -380,7 +441,7 @@ pub async fn run(
                 Sig::Upgrade => {
                     tracing::info!("SIGHUP: upgrade requested");
                     let (etx, _erx) = mpsc::unbounded_channel();
-                    on_upgrade(&mut sup, &mut job, &stopping, &mut restart_at, None, etx, None);
+                    on_upgrade(&mut sup, &mut job, &stopping, &mut restart_at, UpgradeReq::default(), etx, None);
                 }
             },
             (s, res) = poll_job(&mut job) => {
@@ -412,13 +473,11 @@ pub async fn run(
                         let _ = reply.send(status_report(&view(&shared), &statics, in_progress));
                     }
                     Command::Upgrade { opts, events, reply } => {
-                        if opts.expect_sha256.is_some() {
-                            let _ = reply.send(Err(failed(FailureKind::Invalid,
-                                "checksum verification (expect_sha256) is only available in library mode".into())));
-                            continue;
-                        }
-                        let command = opts.command.map(|c| c.into_iter().map(OsString::from).collect::<Vec<_>>());
-                        on_upgrade(&mut sup, &mut job, &stopping, &mut restart_at, command, events, Some(reply));
+                        let req = UpgradeReq {
+                            command: opts.command.map(|c| c.into_iter().map(OsString::from).collect()),
+                            expect_sha256: opts.expect_sha256,
+                        };
+                        on_upgrade(&mut sup, &mut job, &stopping, &mut restart_at, req, events, Some(reply));
                     }
                     Command::Stop { reply } => {
                         if stopping.is_none() {
@@ -438,7 +497,7 @@ pub async fn run(
                 restart_at = None;
                 if let Some(s) = sup.take() {
                     view(&shared).counters.restarts += 1;
-                    job = Some(start_job(s, StartKind::Restart, None, None, None));
+                    job = Some(start_job(s, StartKind::Restart, UpgradeReq::default(), None, None));
                 }
             }
         }
@@ -447,6 +506,7 @@ pub async fn run(
         s.notify_systemd(&["STOPPING=1".into(), "STATUS=stopped".into()]);
     }
     tracing::info!("baton stopped");
+    sup.and_then(|s| s.final_status)
 }
 
 fn begin_stop(
@@ -464,13 +524,21 @@ fn begin_stop(
     *stopping = Some(token);
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What an upgrade request asks for.
+#[derive(Debug, Default)]
+struct UpgradeReq {
+    /// A new command line.
+    command: Option<Vec<OsString>>,
+    /// Pin the executable's content.
+    expect_sha256: Option<String>,
+}
+
 fn on_upgrade(
     sup: &mut Option<Sup>,
     job: &mut Option<Job>,
     stopping: &Option<CancellationToken>,
     restart_at: &mut Option<tokio::time::Instant>,
-    command: Option<Vec<OsString>>,
+    req: UpgradeReq,
     events: Events,
     reply: Option<oneshot::Sender<Result<UpgradeReport, Failure>>>,
 ) {
@@ -502,7 +570,7 @@ fn on_upgrade(
         };
         return answer(reply, failed(FailureKind::InProgress, msg));
     }
-    if let Some(c) = &command
+    if let Some(c) = &req.command
         && c.is_empty()
     {
         return answer(
@@ -520,24 +588,18 @@ fn on_upgrade(
         );
     };
     if s.serving.is_some() {
-        *job = Some(upgrade_job(s, command, events, reply));
+        *job = Some(upgrade_job(s, req, events, reply));
     } else {
         // Nothing serves (a crash loop, or a refused restart): the upgrade
         // is the start.
         *restart_at = None;
-        *job = Some(start_job(
-            s,
-            StartKind::Requested,
-            command,
-            Some(events),
-            reply,
-        ));
+        *job = Some(start_job(s, StartKind::Requested, req, Some(events), reply));
     }
 }
 
 fn upgrade_job(
     mut sup: Sup,
-    command: Option<Vec<OsString>>,
+    req: UpgradeReq,
     events: Events,
     reply: Option<oneshot::Sender<Result<UpgradeReport, Failure>>>,
 ) -> Job {
@@ -547,7 +609,7 @@ fn upgrade_job(
     Job {
         kind: JobKind::Upgrade,
         fut: Box::pin(async move {
-            let r = upgrade(&mut sup, command, &events, &c, &h).await;
+            let r = upgrade(&mut sup, req, &events, &c, &h).await;
             (sup, r)
         }),
         cancel,
@@ -560,7 +622,7 @@ fn upgrade_job(
 fn start_job(
     mut sup: Sup,
     kind: StartKind,
-    command: Option<Vec<OsString>>,
+    req: UpgradeReq,
     events: Option<Events>,
     reply: Option<oneshot::Sender<Result<UpgradeReport, Failure>>>,
 ) -> Job {
@@ -570,7 +632,7 @@ fn start_job(
     Job {
         kind: JobKind::Start(kind),
         fut: Box::pin(async move {
-            let r = start(&mut sup, kind, command, &events, &c).await;
+            let r = start(&mut sup, kind, req, &events, &c).await;
             (sup, r)
         }),
         cancel,
@@ -706,16 +768,19 @@ async fn old_exited(old: &Option<GenProc>) {
 /// is killed and reaped, steering is back on `route.regular`, and the reason is
 /// returned. `old` (the serving generation, during an upgrade) is watched:
 /// if it dies meanwhile it is reaped and set to `None`.
+#[allow(clippy::too_many_arguments)]
 async fn launch(
     sup: &mut Sup,
     argv: Vec<OsString>,
     exec: ExecHow,
-    route: Route,
+    oom_score_adj: Option<i32>,
+    // (the serving generation's slot, the new generation's slot)
+    route: (usize, usize),
     events: &Events,
     cancel: &CancellationToken,
     old: &mut Option<GenProc>,
 ) -> Result<(GenProc, Duration), String> {
-    let Route { regular, new: slot } = route;
+    let (regular, slot) = route;
     let generation = sup.next_generation;
     sup.next_generation += 1;
     let notify = if sup.plan.wants_notify() {
@@ -726,7 +791,9 @@ async fn launch(
     } else {
         None
     };
-    let probe_port = if sup.plan.wants_probe_port() {
+    let probe_port = if sup.plan.wants_probe_port()
+        || sup.health.as_ref().is_some_and(ReadyPlan::wants_probe_port)
+    {
         Some(ready::free_probe_port().map_err(|e| format!("finding a probe port: {e}"))?)
     } else {
         None
@@ -745,6 +812,9 @@ async fn launch(
         fd_names: sup.listeners.fd_names(),
         notify,
         probe_port,
+        oom_score_adj,
+        notify_env: None,
+        generation_env: true,
     })
     .map_err(|e| format!("could not start generation {generation} ({command}): {e}"))?;
     tracing::info!(generation, pid = child_gen.pid, socket_slot = slot, %command, kept_executable = kept, "spawned");
@@ -762,7 +832,10 @@ async fn launch(
         let ctx = ReadyCtx {
             plan: &sup.plan,
             listeners: &sup.listeners,
-            route: Route { regular, new: slot },
+            route: Route {
+                regular: Steer::Slot(regular),
+                new: slot,
+            },
             probe_port,
             notify: child_gen.notify.as_ref(),
         };
@@ -832,24 +905,199 @@ async fn launch(
     }
 }
 
-/// The old generation's queue is empty and stayed so for the quiet period
-/// (`Ok`), or the new generation died meanwhile (`Err`).
+/// Which window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Window {
+    Canary,
+    Observe,
+}
+
+impl Window {
+    fn name(self) -> &'static str {
+        match self {
+            Window::Canary => "canary",
+            Window::Observe => "observation window",
+        }
+    }
+}
+
+/// Watch the new generation for `length` (a canary or an observation
+/// window), with a health check every `--health-interval` when there is
+/// one. `Err` says why it must be rolled back: it died, failed
+/// [`baton::observe::HEALTH_FAILURES_TO_ROLL_BACK`] checks in a row, or
+/// baton is stopping. If the old generation dies meanwhile there is nothing
+/// to roll back to: the window ends and the new one stays.
+#[allow(clippy::too_many_arguments)]
+async fn watch_window(
+    sup: &mut Sup,
+    kind: Window,
+    length: Duration,
+    new: &GenProc,
+    old: &mut Option<GenProc>,
+    route: Route,
+    cancel: &CancellationToken,
+    events: &Events,
+) -> Result<(), String> {
+    use baton::observe::HEALTH_FAILURES_TO_ROLL_BACK;
+    let name = kind.name();
+    let deadline = tokio::time::Instant::now() + length;
+    let interval = sup.cfg.health_interval;
+    let mut next_check = tokio::time::Instant::now() + interval;
+    let mut failures = 0u32;
+    let mut checks = 0u32;
+    let has_health = sup.health.is_some();
+    loop {
+        tokio::select! {
+            biased;
+            () = new.exited() => {
+                return Err(format!("the new generation died during the {name}"));
+            }
+            () = cancel.cancelled() => {
+                return Err(format!("the {name} was abandoned because baton is stopping"));
+            }
+            () = old_exited(old) => {
+                if let Some(mut o) = old.take() {
+                    let st = o.reap().await;
+                    tracing::error!(generation = o.generation, pid = o.pid, status = %st,
+                        "the old generation died during the {name}: nothing to roll back to, the new one stays");
+                    emit(events, Event::Note(format!(
+                        "generation {} (pid {}) died during the {name} ({st}); generation {} stays",
+                        o.generation, o.pid, new.generation
+                    )));
+                }
+                return Ok(());
+            }
+            () = tokio::time::sleep_until(next_check), if has_health => {
+                checks += 1;
+                let res = match &sup.health {
+                    Some(plan) => ready::health_once(&sup.listeners, plan, route, new.probe_port).await,
+                    None => Ok(()),
+                };
+                // Drop the probe rule the check added.
+                let back = match route.regular {
+                    Steer::Split { old, .. } => old,
+                    Steer::Slot(s) => s,
+                };
+                if let Err(e) = sup.listeners.steer_to(route.regular, back) {
+                    tracing::warn!(error = %e, "could not reset the steering program after a health check");
+                }
+                match res {
+                    Ok(()) => failures = 0,
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(generation = new.generation, pid = new.pid, failures, error = %e, "health check failed during the {name}");
+                        if failures >= HEALTH_FAILURES_TO_ROLL_BACK {
+                            return Err(format!(
+                                "the health check of generation {} (pid {}) failed {failures} times in a row during the {name}: {e}",
+                                new.generation, new.pid
+                            ));
+                        }
+                    }
+                }
+                next_check = tokio::time::Instant::now() + interval;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                let line = if has_health {
+                    format!("{name} passed ({checks} health checks)")
+                } else {
+                    format!("{name} passed (no health check: the generation stayed alive)")
+                };
+                tracing::info!(generation = new.generation, pid = new.pid, "{line}");
+                emit(events, Event::Note(line));
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Roll back an upgrade whose new generation already took new connections
+/// (a canary, an observation window, or right after promotion). New
+/// connections go to the old generation again — it never stopped
+/// accepting. The new one, if alive, first accepts what queued for it and
+/// then gets the stop signal (its requests finish); if it died, what is left
+/// in its queue is reset (and counted).
+async fn roll_back(
+    sup: &mut Sup,
+    old: Option<GenProc>,
+    mut new: GenProc,
+    (old_slot, new_slot): (usize, usize),
+    why: String,
+    hurry: &CancellationToken,
+) -> Failure {
+    if let Err(e) = sup.listeners.steer(old_slot, old_slot) {
+        tracing::error!(error = %e, "could not steer connections back to the old generation");
+    }
+    sup.serving_slot = old_slot;
+    let (generation, pid) = (new.generation, new.pid);
+    let ended = if new.has_exited() {
+        format!("died ({})", new.abort().await)
+    } else {
+        if let Some(o) = &old {
+            let _ = settle(&sup.listeners, new_slot, o, &new).await;
+        }
+        tracing::info!(
+            generation,
+            pid,
+            signal = super::signal_name(sup.cfg.stop_signal),
+            "rolling back: stopping the new generation"
+        );
+        let out = new
+            .stop(sup.cfg.stop_signal, sup.cfg.drain_timeout, hurry)
+            .await;
+        format!("was stopped ({})", out.status)
+    };
+    // What queued for it and was never accepted: relayed to the old
+    // generation if it is alive (no process has read those connections).
+    let (relayed, lost) = match &old {
+        Some(o) if !o.has_exited() => sup.listeners.relay_pending(new_slot, sup.cfg.drain_timeout),
+        _ => (0, sup.listeners.close_pending(new_slot)),
+    };
+    view(&sup.view).relayed += relayed as u64;
+    let back_to = match &old {
+        Some(o) => format!(
+            "new connections go to generation {} (pid {}) again",
+            o.generation, o.pid
+        ),
+        None => "the old generation died too: starting one again".into(),
+    };
+    sup.serving = old;
+    if let Some(s) = &sup.serving {
+        view(&sup.view).serving(s);
+    }
+    let mut msg = format!("{why}; generation {generation} (pid {pid}) {ended}; {back_to}");
+    if relayed > 0 {
+        msg.push_str(&format!(
+            "; {relayed} connections that had queued for it were relayed to the old generation"
+        ));
+    }
+    if lost > 0 {
+        msg.push_str(&format!(
+            "; {lost} connections that had queued for it were reset"
+        ));
+    }
+    tracing::error!(reason = %msg, "upgrade rolled back");
+    sup.announce_ready(&format!("last upgrade rolled back: {why}"));
+    failed(FailureKind::Failed, msg)
+}
+
+/// `leaver`'s accept queue (in `slot`) is empty and stayed so for the quiet
+/// period, or `leaver` exited (`Ok`); or `keeper` died meanwhile (`Err`).
 async fn settle(
     listeners: &ListenerSet,
-    old_slot: usize,
-    new: &GenProc,
-    old: &GenProc,
+    slot: usize,
+    keeper: &GenProc,
+    leaver: &GenProc,
 ) -> Result<Duration, ()> {
     let t = Instant::now();
     let mut empty_since: Option<Instant> = None;
     loop {
-        if new.has_exited() {
+        if keeper.has_exited() {
             return Err(());
         }
-        if old.has_exited() {
+        if leaver.has_exited() {
             return Ok(t.elapsed());
         }
-        match listeners.pending(old_slot) {
+        match listeners.pending(slot) {
             Ok(false) => {
                 let since = *empty_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= STEER_QUIET_PERIOD {
@@ -858,13 +1106,14 @@ async fn settle(
             }
             Ok(true) => empty_since = None,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot look at the old generation's accept queue; stopping it now");
+                tracing::warn!(error = %e, generation = leaver.generation, "cannot look at the leaving generation's accept queue; stopping it now");
                 return Ok(t.elapsed());
             }
         }
         if t.elapsed() > STEER_SETTLE_TIMEOUT {
             tracing::warn!(
-                "the old generation's accept queue is still not empty after {STEER_SETTLE_TIMEOUT:?}; stopping it anyway"
+                generation = leaver.generation,
+                "the leaving generation's accept queue is still not empty after {STEER_SETTLE_TIMEOUT:?}; stopping it anyway"
             );
             return Ok(t.elapsed());
         }
@@ -884,7 +1133,7 @@ fn record_good(sup: &mut Sup, g: &GenProc) {
 /// stop the old one.
 async fn upgrade(
     sup: &mut Sup,
-    command: Option<Vec<OsString>>,
+    req: UpgradeReq,
     events: &Events,
     cancel: &CancellationToken,
     hurry: &CancellationToken,
@@ -894,16 +1143,25 @@ async fn upgrade(
     let Some((from_generation, old_pid)) = old.as_ref().map(|o| (o.generation, o.pid)) else {
         return Err(failed(FailureKind::Refused, "no generation serves".into()));
     };
-    let argv = command
+    let argv = req
+        .command
         .or_else(|| sup.last_good.as_ref().map(|l| l.argv.clone()))
         .unwrap_or_else(|| sup.cfg.argv.clone());
-    if let Err(e) = child::resolve_program(argv.first().map_or("".as_ref(), |a| a.as_os_str())) {
-        sup.serving = old;
-        return Err(failed(
-            FailureKind::Refused,
-            format!("cannot run the new command: {e}; nothing changed"),
-        ));
-    }
+    // Admission: nothing is spawned unless every gate passes.
+    let exec = match admit(sup, &argv, req.expect_sha256.as_deref(), Some(old_pid)).await {
+        Ok(x) => x,
+        Err(e) => {
+            sup.serving = old;
+            let msg = format!(
+                "{e}; nothing changed: generation {from_generation} (pid {old_pid}) still serves"
+            );
+            tracing::warn!(reason = %msg, "upgrade refused");
+            return Err(failed(FailureKind::Refused, msg));
+        }
+    };
+    let newcomer_adj = sup.cfg.admission.newcomer_oom_score_adj;
+    let own_adj = child::own_oom_score_adj();
+    let oom_score_adj = (newcomer_adj != 0).then(|| (own_adj + newcomer_adj).clamp(-1000, 1000));
     let old_slot = sup.serving_slot;
     let steering = sup.listeners.any_steered();
     let new_slot = if steering { 1 - old_slot } else { old_slot };
@@ -929,11 +1187,9 @@ async fn upgrade(
     let launched = launch(
         sup,
         argv,
-        ExecHow::Disk,
-        Route {
-            regular: old_slot,
-            new: new_slot,
-        },
+        exec,
+        oom_score_adj,
+        (old_slot, new_slot),
         events,
         cancel,
         &mut old,
@@ -962,6 +1218,56 @@ async fn upgrade(
             after_ms: ready_after.as_millis() as u64,
         },
     );
+    // A canary: both generations take new connections for a while.
+    if let Some(length) = sup.cfg.canary
+        && steering
+        && old.is_some()
+    {
+        let split = Steer::Split {
+            new: new_slot,
+            old: old_slot,
+            percent: sup.cfg.canary_percent,
+        };
+        if let Err(e) = sup.listeners.steer_to(split, old_slot) {
+            let status = new.abort().await;
+            sup.serving = old;
+            let msg = format!(
+                "could not start the canary of generation {generation}: {e}; it was killed ({status}) and generation {from_generation} still serves"
+            );
+            sup.announce_ready("last upgrade failed");
+            return Err(failed(FailureKind::Failed, msg));
+        }
+        tracing::info!(generation, pid, percent = sup.cfg.canary_percent, window = ?length, "canary: both generations take new connections");
+        emit(
+            events,
+            Event::Note(format!(
+                "canary: generation {generation} (pid {pid}) gets {}% of new connections for {length:?}",
+                sup.cfg.canary_percent
+            )),
+        );
+        view(&sup.view).phase = "canary";
+        let route = Route {
+            regular: split,
+            new: new_slot,
+        };
+        match watch_window(
+            sup,
+            Window::Canary,
+            length,
+            &new,
+            &mut old,
+            route,
+            cancel,
+            events,
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(why) => {
+                return Err(roll_back(sup, old, new, (old_slot, new_slot), why, hurry).await);
+            }
+        }
+    }
     // The commit point: new connections go to the new generation.
     if steering {
         if let Err(e) = sup.listeners.steer(new_slot, old_slot) {
@@ -974,16 +1280,53 @@ async fn upgrade(
             return Err(failed(FailureKind::Failed, msg));
         }
         tracing::info!(generation, pid, "new connections now go to this generation");
+        let next = if sup.cfg.observe.is_zero() {
+            format!("waiting for generation {from_generation}'s queue to empty")
+        } else {
+            format!("generation {from_generation} stands by")
+        };
         emit(
             events,
             Event::Note(format!(
-                "new connections go to generation {generation} (pid {pid}); waiting for generation {from_generation}'s queue to empty"
+                "new connections go to generation {generation} (pid {pid}); {next}"
             )),
         );
     }
     sup.serving_slot = new_slot;
     emit(events, Event::Promoted { pid });
     view(&sup.view).serving(&new);
+    // The observation window: the old generation keeps running, idle, ready
+    // to take the connections back.
+    if !sup.cfg.observe.is_zero() && steering && old.is_some() {
+        let length = sup.cfg.observe;
+        tracing::info!(generation, pid, window = ?length, "observation window: the old generation stands by");
+        emit(
+            events,
+            Event::Note(format!(
+                "observing generation {generation} (pid {pid}) for {length:?}; generation {from_generation} stands by"
+            )),
+        );
+        view(&sup.view).phase = "observing";
+        let route = Route {
+            regular: Steer::Slot(new_slot),
+            new: new_slot,
+        };
+        if let Err(why) = watch_window(
+            sup,
+            Window::Observe,
+            length,
+            &new,
+            &mut old,
+            route,
+            cancel,
+            events,
+        )
+        .await
+        {
+            return Err(roll_back(sup, old, new, (old_slot, new_slot), why, hurry).await);
+        }
+        view(&sup.view).phase = "upgrading";
+    }
     let drain_start = Instant::now();
     if steering && let Some(o) = &old {
         match settle(&sup.listeners, old_slot, &new, o).await {
@@ -998,27 +1341,8 @@ async fn upgrade(
             Err(()) => {
                 // The new generation died right after promotion: steer back
                 // to the old one, which never stopped accepting.
-                let _ = sup.listeners.steer(old_slot, old_slot);
-                sup.serving_slot = old_slot;
-                let status = new.abort().await;
-                let lost = sup.listeners.close_pending(new_slot);
-                sup.serving = old;
-                let msg = format!(
-                    "generation {generation} (pid {pid}) died right after promotion ({status}); new connections go to generation {from_generation} (pid {old_pid}) again{}",
-                    if lost > 0 {
-                        format!(
-                            "; {lost} connections that had queued for the new generation were reset"
-                        )
-                    } else {
-                        String::new()
-                    }
-                );
-                tracing::error!(reason = %msg, "upgrade rolled back");
-                if let Some(s) = &sup.serving {
-                    view(&sup.view).serving(s);
-                }
-                sup.announce_ready("last upgrade rolled back");
-                return Err(failed(FailureKind::Failed, msg));
+                let why = "the new generation died right after promotion".to_owned();
+                return Err(roll_back(sup, old, new, (old_slot, new_slot), why, hurry).await);
             }
         }
     }
@@ -1067,13 +1391,25 @@ async fn upgrade(
             closed,
         },
     );
-    record_good(sup, &new);
     if new.has_exited() {
-        tracing::warn!(
-            generation,
-            pid,
-            "the new generation exited while the old one was draining"
+        // It died while the old one drained (which had its stop signal and
+        // cannot take connections back): nothing serves. The owner starts
+        // the last command that worked after the restart backoff; the new
+        // generation's socket keeps queueing connections for it.
+        let status = new.reap().await;
+        let msg = format!(
+            "generation {generation} (pid {pid}) died ({status}) while generation {from_generation} (pid {old_pid}) drained; no generation serves: starting the last command that worked again (connections wait in the queue meanwhile)"
         );
+        tracing::error!(reason = %msg, "upgrade failed after promotion");
+        view(&sup.view).note(format!(
+            "generation {generation} (pid {pid}) died ({status}) during the drain of generation {from_generation}"
+        ));
+        return Err(failed(FailureKind::Failed, msg));
+    }
+    record_good(sup, &new);
+    if oom_score_adj.is_some() {
+        // The overlap is over: the newcomer is no longer the first to go.
+        new.set_oom_score_adj(own_adj);
     }
     sup.serving = Some(new);
     let total_ms = t0.elapsed().as_millis() as u64;
@@ -1099,6 +1435,36 @@ async fn upgrade(
         closed_at_deadline: closed,
         state_bytes: 0,
         pause_ms: None,
+    })
+}
+
+/// The gates before a new generation is spawned: pre-flight of the
+/// executable (pinned with `expect_sha256`), the `--check` command, and,
+/// next to a serving generation, memory headroom. Returns how to exec it.
+async fn admit(
+    sup: &Sup,
+    argv: &[OsString],
+    expect_sha256: Option<&str>,
+    serving_pid: Option<u32>,
+) -> Result<ExecHow, String> {
+    let cfg = &sup.cfg.admission;
+    let program = admission::preflight(
+        argv.first().map_or("".as_ref(), |a| a.as_os_str()),
+        expect_sha256,
+    )
+    .map_err(|e| format!("pre-flight: {e}"))?;
+    admission::check(cfg).await?;
+    if let Some(pid) = serving_pid
+        && let Some(line) = admission::memory(cfg, pid)?
+    {
+        tracing::info!("{line}");
+    }
+    Ok(match program.pinned {
+        Some(k) => {
+            tracing::info!(path = %program.path.display(), "SHA-256 verified; the hashed file will be executed through its open fd");
+            ExecHow::Kept(k)
+        }
+        None => ExecHow::Disk,
     })
 }
 
@@ -1134,7 +1500,7 @@ fn restart_command(sup: &Sup) -> Result<(Vec<OsString>, ExecHow), String> {
 async fn start(
     sup: &mut Sup,
     kind: StartKind,
-    command: Option<Vec<OsString>>,
+    req: UpgradeReq,
     events: &Events,
     cancel: &CancellationToken,
 ) -> Result<UpgradeReport, Failure> {
@@ -1143,21 +1509,31 @@ async fn start(
     let (argv, exec) = match kind {
         StartKind::Initial => (sup.cfg.argv.clone(), ExecHow::Disk),
         StartKind::Requested => {
-            let argv = command
+            let argv = req
+                .command
                 .or_else(|| sup.last_good.as_ref().map(|l| l.argv.clone()))
                 .unwrap_or_else(|| sup.cfg.argv.clone());
-            if let Err(e) =
-                child::resolve_program(argv.first().map_or("".as_ref(), |a| a.as_os_str()))
-            {
-                return Err(failed(
-                    FailureKind::Refused,
-                    format!("cannot run the new command: {e}"),
-                ));
+            match admit(sup, &argv, req.expect_sha256.as_deref(), None).await {
+                Ok(exec) => (argv, exec),
+                Err(e) => {
+                    tracing::warn!(reason = %e, "start refused");
+                    return Err(failed(FailureKind::Refused, e));
+                }
             }
-            (argv, ExecHow::Disk)
         }
         StartKind::Restart => match restart_command(sup) {
-            Ok(x) => x,
+            Ok(x) => {
+                if let Err(e) = admission::check(&sup.cfg.admission).await {
+                    // Try again after the backoff: the check may pass later
+                    // (a configuration being fixed).
+                    let reason = format!("not restarting yet: {e}");
+                    tracing::error!(%reason, "restart refused by the pre-flight check");
+                    view(&sup.view).note(reason.clone());
+                    sup.notify_systemd(&[format!("STATUS={reason}")]);
+                    return Err(failed(FailureKind::Refused, reason));
+                }
+                x
+            }
             Err(reason) => {
                 tracing::error!(%reason, "no generation serves");
                 let mut v = view(&sup.view);
@@ -1178,10 +1554,8 @@ async fn start(
         sup,
         argv,
         exec,
-        Route {
-            regular: slot,
-            new: slot,
-        },
+        None,
+        (slot, slot),
         events,
         cancel,
         &mut none,
@@ -1239,5 +1613,6 @@ async fn stop(sup: &mut Sup, hurry: &CancellationToken) {
             .stop(sup.cfg.stop_signal, sup.cfg.drain_timeout, hurry)
             .await;
         tracing::info!(generation = g.generation, pid = g.pid, status = %out.status, after_ms = out.after.as_millis() as u64, graceful = out.graceful, "generation stopped");
+        sup.final_status = g.exit_code();
     }
 }

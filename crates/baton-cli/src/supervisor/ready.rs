@@ -32,7 +32,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::sockets::ListenerSet;
+use super::sockets::{ListenerSet, Steer};
 
 /// Pause between two HTTP probe attempts.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
@@ -310,54 +310,68 @@ pub fn plan(spec: &ReadySpec, listeners: &ListenerSet) -> Result<ReadyPlan, Stri
             };
             Ok(ReadyPlan::Tcp(probe))
         }
-        ReadySpec::Http(url) => match url.port {
-            ProbePort::PerGeneration => Ok(ReadyPlan::Http {
-                via: None,
-                url: url.clone(),
-            }),
-            ProbePort::Fixed(port) => {
-                let found = listeners.items.iter().enumerate().find(|(_, l)| {
-                    l.tcp_addr().is_some_and(|a| {
-                        a.port() == port
-                            && (a.ip() == url.ip
-                                || (a.ip().is_unspecified()
-                                    && (url.ip.is_loopback() || url.ip.is_unspecified())))
-                    })
-                });
-                let Some((i, l)) = found else {
-                    return Err(format!(
-                        "--ready {url}: no listener has that address. The probe must go to a listener baton steers (so it reaches the new generation only), or use {{port}}: http://127.0.0.1:{{port}}{} with the app serving it on $BATON_PROBE_PORT",
-                        url.path
-                    ));
-                };
-                if !l.steered() {
-                    return Err(format!(
-                        "--ready {url}: listener '{}' is a shared socket ({}), so the old generation could answer the probe. Use --ready notify, or http://127.0.0.1:{{port}}{} with the app serving it on $BATON_PROBE_PORT",
-                        l.name,
-                        l.shared_reason.as_deref().unwrap_or(""),
-                        url.path
-                    ));
-                }
-                let target = SocketAddr::new(
-                    if url.ip.is_unspecified() {
-                        match l.tcp_addr().map(|a| a.ip()) {
-                            Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-                            _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                        }
-                    } else {
-                        url.ip
-                    },
-                    port,
-                );
-                Ok(ReadyPlan::Http {
-                    via: Some(ListenerProbe {
-                        listener: i,
-                        target,
-                    }),
-                    url: url.clone(),
+        ReadySpec::Http(url) => http_plan("--ready", url, listeners),
+    }
+}
+
+/// Check `--health` against the listeners: like an `http` readiness check,
+/// it must reach the new generation only.
+///
+/// # Errors
+/// Why the check could be answered by another generation, and what to use
+/// instead.
+pub fn health_plan(url: &HttpUrl, listeners: &ListenerSet) -> Result<ReadyPlan, String> {
+    http_plan("--health", url, listeners)
+}
+
+fn http_plan(flag: &str, url: &HttpUrl, listeners: &ListenerSet) -> Result<ReadyPlan, String> {
+    match url.port {
+        ProbePort::PerGeneration => Ok(ReadyPlan::Http {
+            via: None,
+            url: url.clone(),
+        }),
+        ProbePort::Fixed(port) => {
+            let found = listeners.items.iter().enumerate().find(|(_, l)| {
+                l.tcp_addr().is_some_and(|a| {
+                    a.port() == port
+                        && (a.ip() == url.ip
+                            || (a.ip().is_unspecified()
+                                && (url.ip.is_loopback() || url.ip.is_unspecified())))
                 })
+            });
+            let Some((i, l)) = found else {
+                return Err(format!(
+                    "{flag} {url}: no listener has that address. The probe must go to a listener baton steers (so it reaches the new generation only), or use {{port}}: http://127.0.0.1:{{port}}{} with the app serving it on $BATON_PROBE_PORT",
+                    url.path
+                ));
+            };
+            if !l.steered() {
+                return Err(format!(
+                    "{flag} {url}: listener '{}' is a shared socket ({}), so the old generation could answer the probe. Use http://127.0.0.1:{{port}}{} with the app serving it on $BATON_PROBE_PORT",
+                    l.name,
+                    l.shared_reason.as_deref().unwrap_or(""),
+                    url.path
+                ));
             }
-        },
+            let target = SocketAddr::new(
+                if url.ip.is_unspecified() {
+                    match l.tcp_addr().map(|a| a.ip()) {
+                        Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                        _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    }
+                } else {
+                    url.ip
+                },
+                port,
+            );
+            Ok(ReadyPlan::Http {
+                via: Some(ListenerProbe {
+                    listener: i,
+                    target,
+                }),
+                url: url.clone(),
+            })
+        }
     }
 }
 
@@ -370,8 +384,9 @@ pub fn free_probe_port() -> std::io::Result<u16> {
 /// Where the probe of one generation goes, and with which steering.
 #[derive(Debug, Clone, Copy)]
 pub struct Route {
-    /// Slot new connections go to meanwhile (the serving generation's).
-    pub regular: usize,
+    /// Where new connections go meanwhile (the serving generation's slot,
+    /// or a canary's split).
+    pub regular: Steer,
     /// The new generation's slot.
     pub new: usize,
 }
@@ -530,6 +545,43 @@ async fn http_once(
     }
 }
 
+/// One health check of the generation in `route.new` (`plan` is an `Http`
+/// plan from [`health_plan`]), bounded by [`baton::observe::HEALTH_TIMEOUT`].
+///
+/// # Errors
+/// Why it failed, in words.
+pub async fn health_once(
+    listeners: &ListenerSet,
+    plan: &ReadyPlan,
+    route: Route,
+    probe_port: Option<u16>,
+) -> Result<(), String> {
+    let ReadyPlan::Http { via, url } = plan else {
+        return Ok(());
+    };
+    let check = async {
+        let mut stream = match via {
+            Some(p) => routed_connect(listeners, p, route).await?,
+            None => {
+                let to = SocketAddr::new(url.ip, probe_port.unwrap_or(0));
+                tokio::net::TcpStream::connect(to)
+                    .await
+                    .map_err(|e| format!("connect to {to} (BATON_PROBE_PORT): {e}"))?
+            }
+        };
+        let last_error = Mutex::new(String::new());
+        if http_once(&mut stream, url, &last_error).await {
+            Ok(())
+        } else {
+            Err(last_error.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        }
+    };
+    let limit = baton::observe::HEALTH_TIMEOUT;
+    tokio::time::timeout(limit, check)
+        .await
+        .map_err(|_| format!("GET {url}: no answer within {limit:?}"))?
+}
+
 /// What a generation's readiness wait needs.
 #[derive(Debug)]
 pub struct ReadyCtx<'a> {
@@ -602,6 +654,41 @@ pub async fn wait_ready(ctx: &ReadyCtx<'_>, last_error: &Mutex<String>) {
     }
 }
 
+/// Bind a notification socket `NAME.notify.TAG` in the private directory
+/// `dir` (an abstract address if the path would be too long), with
+/// `SO_PASSCRED`, non-blocking, `CLOEXEC`. Returns it, the value for
+/// `NOTIFY_SOCKET`, and the path to remove when done.
+///
+/// # Errors
+/// The OS error.
+pub fn bind_notify(
+    dir: &Path,
+    name: &str,
+    tag: &str,
+) -> std::io::Result<(
+    std::os::unix::net::UnixDatagram,
+    std::ffi::OsString,
+    Option<PathBuf>,
+)> {
+    let path = dir.join(format!("{name}.notify.{tag}"));
+    let (sock, env_value, path) = if path.as_os_str().len() < 100 {
+        let _ = std::fs::remove_file(&path);
+        let s = std::os::unix::net::UnixDatagram::bind(&path)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        (s, path.clone().into_os_string(), Some(path))
+    } else {
+        use std::os::linux::net::SocketAddrExt;
+        let abs = format!("baton/{}/{name}/{tag}", baton::sys::getpid());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())?;
+        let s = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
+        (s, format!("@{abs}").into(), None)
+    };
+    baton::sys::set_passcred(sock.as_fd())?;
+    sock.set_nonblocking(true)?;
+    Ok((sock, env_value, path))
+}
+
 /// A generation's own `NOTIFY_SOCKET`.
 #[derive(Debug)]
 pub struct NotifySocket {
@@ -633,22 +720,7 @@ impl NotifySocket {
     /// the private directory `dir` (an abstract address if the path would
     /// be too long).
     pub fn bind(dir: &Path, name: &str, generation: u64) -> std::io::Result<NotifySocket> {
-        let path = dir.join(format!("{name}.notify.{generation}"));
-        let (sock, env_value, path) = if path.as_os_str().len() < 100 {
-            let _ = std::fs::remove_file(&path);
-            let s = std::os::unix::net::UnixDatagram::bind(&path)?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-            (s, path.clone().into_os_string(), Some(path))
-        } else {
-            use std::os::linux::net::SocketAddrExt;
-            let abs = format!("baton/{}/{name}/{generation}", baton::sys::getpid());
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())?;
-            let s = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
-            (s, format!("@{abs}").into(), None)
-        };
-        baton::sys::set_passcred(sock.as_fd())?;
-        sock.set_nonblocking(true)?;
+        let (sock, env_value, path) = bind_notify(dir, name, &generation.to_string())?;
         let (tx, rx) = watch::channel(false);
         Ok(NotifySocket {
             env_value,
@@ -738,7 +810,7 @@ impl NotifySocket {
 
 /// Whether `pid` is `root` or one of its descendants (walks `/proc`
 /// parents, bounded).
-fn in_tree(pid: u32, root: u32) -> bool {
+pub fn in_tree(pid: u32, root: u32) -> bool {
     let mut p = pid;
     for _ in 0..64 {
         if p == root {

@@ -27,6 +27,10 @@
 //! closed, indices never move. It also keeps every listener's address bound
 //! at every instant, so a connection is never refused.
 //!
+//! A canary splits new connections between the two sockets: the program
+//! draws a random number per connection (the `SKF_AD_RANDOM` ancillary
+//! load) and sends a fixed share of them to the new generation.
+//!
 //! Readiness probes reach the new generation only: the probe connects from
 //! a socket baton bound first, and while the new generation is not yet
 //! promoted the program also says "a SYN from exactly this source address
@@ -50,29 +54,69 @@ mod op {
     pub const LD_H_ABS: u16 = 0x28;
     pub const LD_B_ABS: u16 = 0x30;
     pub const ALU_RSH_K: u16 = 0x74;
+    pub const ALU_MOD_K: u16 = 0x94;
     pub const JMP_JEQ_K: u16 = 0x15;
+    pub const JMP_JGE_K: u16 = 0x35;
     pub const RET_K: u16 = 0x06;
+    /// `SKF_AD_OFF + SKF_AD_RANDOM`: a load from here is a random `u32`.
+    pub const AD_RANDOM: u32 = (-0x1000_i32 + 56) as u32;
     /// `SKF_NET_OFF`: negative offsets from here address the network
     /// header (the program's data starts after the TCP header).
     pub const NET_OFF: u32 = (-0x10_0000_i32) as u32;
 }
 
-/// The steering program: every connection goes to group index `regular`,
-/// except a SYN from exactly `probe.0` (the readiness probe's own address),
-/// which goes to `probe.1`.
+/// Where new connections go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steer {
+    /// Every one to this group index.
+    Slot(usize),
+    /// `percent` % of them (drawn at random, per connection) to index
+    /// `new`, the others to index `old` (a canary).
+    Split {
+        /// The canary's index.
+        new: usize,
+        /// The serving generation's index.
+        old: usize,
+        /// Share of new connections for `new`, 0 to 100.
+        percent: u32,
+    },
+}
+
+impl Steer {
+    /// The instructions that return the index for a regular connection.
+    fn block(self) -> Vec<CbpfInsn> {
+        let ins = |code, jt, jf, k| CbpfInsn { code, jt, jf, k };
+        match self {
+            Steer::Slot(i) => vec![ins(op::RET_K, 0, 0, i as u32)],
+            Steer::Split { new, old, percent } => vec![
+                ins(op::LD_W_ABS, 0, 0, op::AD_RANDOM),
+                ins(op::ALU_MOD_K, 0, 0, 100),
+                // random % 100 >= percent: the old one; else the new one.
+                ins(op::JMP_JGE_K, 1, 0, percent.min(100)),
+                ins(op::RET_K, 0, 0, new as u32),
+                ins(op::RET_K, 0, 0, old as u32),
+            ],
+        }
+    }
+}
+
+/// The steering program: every connection goes where `regular` says,
+/// except a SYN from exactly `probe.0` (a readiness or health probe's own
+/// address), which goes to group index `probe.1`.
 ///
 /// The probe's packets come from this host with no IP options, so the
 /// TCP source port sits right after the fixed IPv4 (20 bytes) or IPv6
 /// (40 bytes) header.
-pub fn steer_program(regular: u32, probe: Option<(SocketAddr, u32)>) -> Vec<CbpfInsn> {
+pub fn steer_program(regular: Steer, probe: Option<(SocketAddr, u32)>) -> Vec<CbpfInsn> {
     let ins = |code, k| CbpfInsn {
         code,
         jt: 0,
         jf: 0,
         k,
     };
+    let block = regular.block();
     let Some((src, probe_index)) = probe else {
-        return vec![ins(op::RET_K, regular)];
+        return block;
     };
     // Each check is "load; jeq value, next, regular". Build the loads and
     // values, then fill in the jumps to the two `ret`s at the end.
@@ -109,7 +153,7 @@ pub fn steer_program(regular: u32, probe: Option<(SocketAddr, u32)>) -> Vec<Cbpf
         prog.push(ins(op::JMP_JEQ_K, *value));
     }
     let regular_at = prog.len();
-    let probe_at = regular_at + 1;
+    let probe_at = regular_at + block.len();
     let last_check = prog.len() - 1;
     for (i, insn) in prog.iter_mut().enumerate() {
         if insn.code == op::JMP_JEQ_K {
@@ -120,7 +164,7 @@ pub fn steer_program(regular: u32, probe: Option<(SocketAddr, u32)>) -> Vec<Cbpf
             insn.jf = to(regular_at);
         }
     }
-    prog.push(ins(op::RET_K, regular));
+    prog.extend(block);
     prog.push(ins(op::RET_K, probe_index));
     prog
 }
@@ -310,12 +354,21 @@ impl ListenerSet {
     /// Send every new connection of every steered listener to `slot`. On an
     /// error, the listeners already switched are switched back to `back`.
     pub fn steer(&self, slot: usize, back: usize) -> std::io::Result<()> {
+        self.steer_to(Steer::Slot(slot), back)
+    }
+
+    /// Steer every new connection of every steered listener as `to` says.
+    /// On an error, the listeners already switched are switched back to
+    /// `back`.
+    pub fn steer_to(&self, to: Steer, back: usize) -> std::io::Result<()> {
         let steered: Vec<&Listener> = self.items.iter().filter(|l| l.steered()).collect();
         for (i, l) in steered.iter().enumerate() {
-            if let Err(e) = sys::attach_reuseport_cbpf(l.fd(0), &steer_program(slot as u32, None)) {
+            if let Err(e) = sys::attach_reuseport_cbpf(l.fd(0), &steer_program(to, None)) {
                 for undo in &steered[..i] {
-                    let _ =
-                        sys::attach_reuseport_cbpf(undo.fd(0), &steer_program(back as u32, None));
+                    let _ = sys::attach_reuseport_cbpf(
+                        undo.fd(0),
+                        &steer_program(Steer::Slot(back), None),
+                    );
                 }
                 return Err(std::io::Error::new(
                     e.kind(),
@@ -326,12 +379,12 @@ impl ListenerSet {
         Ok(())
     }
 
-    /// Steer listener `index` to `regular`, except connections from `probe`
-    /// (a local socket address), which go to `probe_slot`.
+    /// Steer listener `index` as `regular` says, except connections from
+    /// `probe` (a local socket address), which go to `probe_slot`.
     pub fn steer_probe(
         &self,
         index: usize,
-        regular: usize,
+        regular: Steer,
         probe: SocketAddr,
         probe_slot: usize,
     ) -> std::io::Result<()> {
@@ -344,7 +397,7 @@ impl ListenerSet {
         }
         sys::attach_reuseport_cbpf(
             l.fd(0),
-            &steer_program(regular as u32, Some((probe, probe_slot as u32))),
+            &steer_program(regular, Some((probe, probe_slot as u32))),
         )
     }
 
@@ -374,9 +427,67 @@ impl ListenerSet {
         n
     }
 
+    /// Take the connections waiting in the steered sockets of `slot` —
+    /// they queued for a generation that died before accepting them — and
+    /// relay each one to its listener's own address, which the steering
+    /// program now sends to the serving generation. No process ever read
+    /// them, so the client sees an answer instead of a reset (the serving
+    /// app sees baton as the peer). A relay ends when both sides are done,
+    /// or after `limit`. Returns how many were relayed and how many could
+    /// only be closed.
+    pub fn relay_pending(&self, slot: usize, limit: std::time::Duration) -> (usize, usize) {
+        let (mut relayed, mut closed) = (0, 0);
+        for l in self.items.iter().filter(|l| l.steered()) {
+            let conns = match sys::accept_pending_connections(l.fd(slot), 100_000) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(listener = %l.name, error = %e, "could not take the connections queued for a dead generation");
+                    closed += sys::close_pending_connections(l.fd(slot), 100_000).unwrap_or(0);
+                    continue;
+                }
+            };
+            let Some(target) = l.local_target() else {
+                closed += conns.len();
+                continue;
+            };
+            for c in conns {
+                relayed += 1;
+                tokio::spawn(relay(c, target, limit));
+            }
+        }
+        (relayed, closed)
+    }
+
     /// Status lines.
     pub fn infos(&self) -> Vec<ListenerInfo> {
         self.items.iter().map(Listener::info).collect()
+    }
+}
+
+/// Relay one connection to `target` until both directions are done, at
+/// most `limit`.
+async fn relay(client: OwnedFd, target: SocketAddr, limit: std::time::Duration) {
+    let client = std::net::TcpStream::from(client);
+    let mut client = match client
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpStream::from_std(client))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "relay: cannot use a queued connection");
+            return;
+        }
+    };
+    let work = async {
+        let mut upstream = tokio::net::TcpStream::connect(target).await?;
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+    };
+    match tokio::time::timeout(limit, work).await {
+        Ok(Ok((up, down))) => {
+            tracing::debug!(%target, bytes_up = up, bytes_down = down, "relayed a queued connection")
+        }
+        Ok(Err(e)) => tracing::warn!(%target, error = %e, "relaying a queued connection failed"),
+        Err(_) => tracing::warn!(%target, ?limit, "relayed connection cut after the limit"),
     }
 }
 
@@ -552,7 +663,9 @@ fn bind(spec: &ListenSpec, backlog: i32, no_steer: bool) -> Result<Listener, Ope
 fn add_second_socket(l: &mut Listener, addr: SocketAddr, backlog: i32) {
     // The program goes on first: the second socket must get nothing from
     // the moment it joins the group.
-    if let Err(e) = sys::attach_reuseport_cbpf(l.sockets[0].as_fd(), &steer_program(0, None)) {
+    if let Err(e) =
+        sys::attach_reuseport_cbpf(l.sockets[0].as_fd(), &steer_program(Steer::Slot(0), None))
+    {
         l.shared_reason = Some(format!("cannot attach a reuseport BPF program: {e}"));
         return;
     }
@@ -619,7 +732,7 @@ mod tests {
     #[test]
     fn plain_program_is_one_return() {
         assert_eq!(
-            steer_program(1, None),
+            steer_program(Steer::Slot(1), None),
             vec![CbpfInsn {
                 code: op::RET_K,
                 jt: 0,
@@ -632,7 +745,7 @@ mod tests {
     #[test]
     fn probe_program_jumps_land_on_the_returns() {
         for src in ["127.0.0.1:40000", "[::1]:40000"] {
-            let p = steer_program(0, Some((src.parse().unwrap(), 1)));
+            let p = steer_program(Steer::Slot(0), Some((src.parse().unwrap(), 1)));
             let n = p.len();
             assert_eq!(p[n - 2].k, 0);
             assert_eq!(p[n - 1].k, 1);
@@ -693,7 +806,7 @@ mod tests {
         let probe = std::net::TcpListener::bind(SocketAddr::new(target.ip(), 0)).unwrap();
         let src = probe.local_addr().unwrap();
         drop(probe);
-        set.steer_probe(0, 0, src, 1).unwrap();
+        set.steer_probe(0, Steer::Slot(0), src, 1).unwrap();
         let regular = std::net::TcpStream::connect(target).unwrap();
         let from_src = connect_from(src, target);
         std::thread::sleep(std::time::Duration::from_millis(30));
@@ -721,6 +834,65 @@ mod tests {
             s.bind(src).unwrap();
             s.connect(to).await.unwrap().into_std().unwrap()
         })
+    }
+
+    #[test]
+    fn a_split_program_shares_new_connections_and_keeps_the_probe_rule() {
+        let split = Steer::Split {
+            new: 1,
+            old: 0,
+            percent: 30,
+        };
+        let p = steer_program(split, Some(("127.0.0.1:40000".parse().unwrap(), 1)));
+        // Every probe check's false branch lands on the split block.
+        let block_at = p.len() - 6;
+        assert_eq!(p[block_at].k, op::AD_RANDOM);
+        for (i, insn) in p.iter().enumerate() {
+            if insn.code == op::JMP_JEQ_K {
+                assert_eq!(i + 1 + insn.jf as usize, block_at, "false branch of {i}");
+            }
+        }
+        // A backlog for all 400 (connects past it would wait for retries).
+        let spec: ListenSpec = "http=127.0.0.1:0".parse().unwrap();
+        let set = ListenerSet::open(&[spec], false, 1024).unwrap();
+        let l = &set.items[0];
+        let addr = l.local_target().unwrap();
+        set.steer_to(split, 0).unwrap();
+        let conns: Vec<_> = (0..400)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let new = sys::close_pending_connections(l.fd(1), 1000).unwrap();
+        let old = sys::close_pending_connections(l.fd(0), 1000).unwrap();
+        drop(conns);
+        assert_eq!(new + old, 400);
+        // 30 % of 400 = 120; the chance of falling outside 60..=180 is nil.
+        assert!((60..=180).contains(&new), "{new} of 400 to the canary");
+        // 0 % and 100 % are exact.
+        for (percent, want_new) in [(0, 0), (100, 50)] {
+            set.steer_to(
+                Steer::Split {
+                    new: 1,
+                    old: 0,
+                    percent,
+                },
+                0,
+            )
+            .unwrap();
+            let conns: Vec<_> = (0..50)
+                .map(|_| std::net::TcpStream::connect(addr).unwrap())
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            assert_eq!(
+                sys::close_pending_connections(l.fd(1), 100).unwrap(),
+                want_new
+            );
+            assert_eq!(
+                sys::close_pending_connections(l.fd(0), 100).unwrap(),
+                50 - want_new
+            );
+            drop(conns);
+        }
     }
 
     #[test]
