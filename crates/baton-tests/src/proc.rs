@@ -108,3 +108,40 @@ pub fn env_var(pid: u32, name: &str) -> Option<String> {
         kv.strip_prefix(&format!("{name}=")).map(str::to_owned)
     })
 }
+
+/// Established TCP connections (IPv4 and IPv6) held by `pid` whose local port
+/// is `port`: the connections a server process is serving on that port.
+pub fn established_on_port(pid: u32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| {
+                let target = std::fs::read_link(e.ok()?.path()).ok()?;
+                let t = target.to_str()?;
+                t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    let mut n = 0;
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(st), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let local_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if *st == "01"
+                && local_port == Some(port)
+                && inode.parse().is_ok_and(|i: u64| inodes.contains(&i))
+            {
+                n += 1;
+            }
+        }
+    }
+    n
+}

@@ -272,6 +272,12 @@ fn kill_the_old_generation_during_the_drain_leaves_the_new_one_unaffected() {
         s.try_pid().filter(|p| *p != old.pid)
     });
     assert!(proc::alive(old.pid), "the old one is draining");
+    // The old generation finishes the short requests it had accepted before
+    // the promotion; killing it then leaves it holding only the slow one,
+    // which is the request this test expects to die with it.
+    wait_for(T, "the old generation down to its slow request", || {
+        (proc::established_on_port(old.pid, addr.port()) <= 1).then_some(())
+    });
     proc::signal(old.pid, rustix::process::Signal::KILL);
     wait_for(T, "the old generation gone", || {
         (!proc::alive(old.pid)).then_some(())
