@@ -11,7 +11,7 @@ import sys
 
 PEER_LABEL = {
     "baton-demo": "baton-demo (library mode)",
-    "baton-run": "`baton run` + plain hyper (HOOK)",
+    "baton-run": "`baton run` + plain hyper",
     "nginx-binary": "nginx binary upgrade (USR2, WINCH, QUIT)",
     "nginx-reload": "nginx -s reload (HUP)",
     "haproxy": "HAProxy reload (master-worker, USR2)",
@@ -336,7 +336,9 @@ def main():
             val = f"{int(kib) / 1024:.1f} MiB" if kib else r.get("note", "—")
             p(f"| {r['what']} | {val} |")
             if "supervisor" in r["what"] and kib:
-                bars.append(("supervisor RSS ≤ 4 MiB", int(kib) <= 4096, f"{int(kib) / 1024:.1f} MiB"))
+                build = r["what"].rpartition("(")[2].rstrip(")") if "(" in r["what"] else ""
+                bars.append((f"supervisor RSS ≤ 4 MiB{f' ({build})' if build else ''}", int(kib) <= 4096,
+                             f"{int(kib) / 1024:.1f} MiB"))
         p("")
 
     # ------------------------------------------------------------ skipped ---

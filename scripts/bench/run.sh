@@ -115,8 +115,8 @@ if [[ -n $BIN_DIR ]]; then
   HANDOFF_BIN=$BIN_DIR/bench-handoff
   cp "$BIN_DIR/baton-demo" "$BIN/baton-demo"
 else
-  log "building baton-demo and bench-handoff (release)"
-  cargo build --release -q -p baton-demo -p baton-tests --bins >&2
+  log "building baton-demo, baton and bench-handoff (release)"
+  cargo build --release -q -p baton-demo -p baton-cli -p baton-tests --bins >&2
   HANDOFF_BIN=target/release/bench-handoff
   cp target/release/baton-demo "$BIN/baton-demo"
 fi
@@ -125,13 +125,21 @@ skip() { SKIP+=("$1=$2"); record kind=skip peer="$1" reason="$2"; log "skip $1: 
 
 BATON_CLI=""
 if want_peer baton-run; then
-  # HOOK (issue 9): `baton run` is being written on another branch. This row
-  # runs as soon as target/release/baton has a `run` subcommand; the flags
-  # below follow PRODUCT.md/DESIGN.md and must be checked when it lands.
-  if [[ -x target/release/baton ]] && target/release/baton run --help >/dev/null 2>&1; then
-    cp target/release/baton "$BIN/baton"; BATON_CLI=$BIN/baton
+  # `baton run` supervising the plain hyper server (socket activation,
+  # READY=1): the static build (scripts/build-static.sh), the one for
+  # containers; the memory scenario also measures the default dynamic one.
+  # With --bin-dir, the `baton` found there.
+  cli=${BIN_DIR:-target/release}/baton
+  if [[ -z $BIN_DIR ]]; then
+    log "building baton statically (scripts/build-static.sh)"
+    static=$("$ROOT/scripts/build-static.sh") || static=""
+    [[ -n $static ]] && cp "$static" "$BIN/baton-static"
+  fi
+  if [[ -x $cli ]]; then
+    cp "$cli" "$BIN/baton"; BATON_CLI=$BIN/baton
+    [[ -x $BIN/baton-static ]] && BATON_CLI=$BIN/baton-static
   else
-    skip baton-run "TODO: target/release/baton has no \`run\` subcommand yet (the supervisor lands later)"
+    skip baton-run "no $cli (cargo build --release -p baton-cli)"
   fi
 fi
 if want_peer nginx-binary || want_peer nginx-reload; then
@@ -205,7 +213,6 @@ start_peer() {
       ;;
     baton-run)
       KIND=baton-run
-      # HOOK: flags per PRODUCT.md / DESIGN.md; check them when `baton run` lands.
       "$BATON_CLI" run --listen "http=127.0.0.1:$port" --control "$dir/ctl/ctl.sock" --ready notify \
         -- "$BIN/baton-demo" --plain --log warn >>"$dir/log" 2>&1 &
       echo $! > "$dir/pid"
@@ -381,14 +388,18 @@ if want memory; then
   fi
   if want_peer baton-run; then
     if skipped baton-run; then
-      record kind=memory what="\`baton run\` supervisor (HOOK)" kib="" note="skipped: no \`baton run\` yet"
+      record kind=memory what="\`baton run\` supervisor" kib="" note="skipped: no \`baton\` binary"
     else
-      newdir baton-run; sdir=$NEWDIR; sport=$(free_port)
-      if start_peer baton-run "$sdir" "$sport"; then
-        sleep 1
-        record kind=memory what="\`baton run\` supervisor only, idle" kib="$("${PROBE[@]}" rss "$(cat "$sdir/pid")")"
-      fi
-      stop_peer "$sdir"
+      for cli in "$BIN/baton-static" "$BIN/baton"; do
+        [[ -x $cli ]] || continue
+        what="\`baton run\` supervisor only, idle ($([[ $cli == */baton-static ]] && echo "static build" || echo "default build, shared glibc"))"
+        newdir baton-run; sdir=$NEWDIR; sport=$(free_port)
+        if BATON_CLI=$cli start_peer baton-run "$sdir" "$sport"; then
+          sleep 1
+          record kind=memory what="$what" kib="$("${PROBE[@]}" rss "$(cat "$sdir/pid")")"
+        fi
+        stop_peer "$sdir"
+      done
     fi
   fi
 fi
