@@ -159,6 +159,12 @@ pub struct Args {
     /// Interval between health checks.
     #[arg(long, value_name = "DUR", default_value = "250ms", value_parser = parse_dur)]
     pub health_interval: Duration,
+    /// Consecutive failed health checks that roll the new generation back.
+    #[arg(long, value_name = "N", default_value_t = baton::observe::HEALTH_FAILURES_TO_ROLL_BACK, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_failures: u32,
+    /// How long one health check may take.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_dur)]
+    pub health_timeout: Duration,
     /// Canary: both generations accept for DUR; the new one is promoted only
     /// if its 5xx rate is not worse than the old one's (refused with state
     /// handoff).
@@ -170,6 +176,11 @@ pub struct Args {
     /// Canary: allowed increase of the 5xx rate, in percentage points.
     #[arg(long, value_name = "POINTS", default_value_t = baton::observe::DEFAULT_CANARY_MAX_ERROR_INCREASE * 100.0)]
     pub canary_max_error_increase: f64,
+    /// Canary: how many times the window is extended when the new generation
+    /// served fewer than --canary-min-requests; after that it is rolled back
+    /// (0: roll back at once).
+    #[arg(long, value_name = "N", default_value_t = baton::observe::DEFAULT_CANARY_EXTENSIONS)]
+    pub canary_extensions: u32,
     /// Serve Prometheus metrics at http://ADDR/metrics (a listener like the
     /// others: handed over at each upgrade). Counters are cumulative across
     /// upgrades.
@@ -355,10 +366,13 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
     config.observe = args.observe;
     config.health_url = args.health.clone();
     config.health_interval = args.health_interval;
+    config.health_failures = args.health_failures;
+    config.health_timeout = args.health_timeout;
     config.canary = args.canary.map(|w| {
         let mut c = baton::observe::CanaryPolicy::new(w);
         c.min_requests = args.canary_min_requests;
         c.max_error_increase = args.canary_max_error_increase / 100.0;
+        c.extensions = args.canary_extensions;
         c
     });
     let baton = Baton::start(config).await?;

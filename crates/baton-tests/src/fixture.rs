@@ -18,6 +18,10 @@
 //! * `state-fill:BYTES` — put BYTES of filler in the cache at start.
 //! * `health-bad-after:MS` — `GET /health` answers 503 from MS after start.
 //! * `error-rate:PCT` — answer 500 to PCT % of requests (every n-th).
+//! * `self-upgrade:MS` — MS after it is ready, upgrade itself through the
+//!   library call `Baton::upgrade` and log the result.
+//! * `nofile:N` — lower this process's `RLIMIT_NOFILE` (soft and hard) to N
+//!   before baton starts, so a batch of handed-over connections cannot fit.
 //! * `tls-state:garbage` / `tls-state:v2` — export, for the *next*
 //!   generation, TLS session-ticket state that is not a ticket-key state at
 //!   all / claims format version 2 (so that generation must refuse it).
@@ -109,6 +113,33 @@ pub fn main(version: &str) -> ExitCode {
                     ((i * pct) % 100 < pct)
                         .then(|| error_response(500, "injected error (fixture)\n"))
                 }));
+            }
+            "self-upgrade" => {
+                let ms: u64 = arg.parse().unwrap_or(500);
+                custom.before_ready = Some(Box::new(move |b| {
+                    let b = b.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        match b.upgrade(baton::control::UpgradeOptions::default()).await {
+                            Ok(r) => eprintln!(
+                                "fixture: self-upgrade ok: {} -> {} (generation {} -> {})",
+                                r.old_pid, r.new_pid, r.from_generation, r.to_generation
+                            ),
+                            Err(e) => eprintln!("fixture: self-upgrade failed: {e}"),
+                        }
+                    });
+                    Ok(())
+                }));
+            }
+            "nofile" => {
+                let n: u64 = arg.parse().unwrap_or(128);
+                let lim = rustix::process::Rlimit {
+                    current: Some(n),
+                    maximum: Some(n),
+                };
+                if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::Nofile, lim) {
+                    eprintln!("fixture: setrlimit(NOFILE, {n}): {e}");
+                }
             }
             "state-schema" => custom.state_schema = arg.parse().ok(),
             "export-garbage" => custom.export_garbage = true,

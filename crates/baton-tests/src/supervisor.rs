@@ -26,6 +26,9 @@ pub struct RunOpts {
     pub no_wait: bool,
     /// No `http` TCP listener (give others in `args`).
     pub no_tcp: bool,
+    /// No `--control`: the default path from `--name` under
+    /// `XDG_RUNTIME_DIR=<test dir>/xdg` (so `<test dir>/xdg/baton/NAME.sock`).
+    pub default_control: bool,
 }
 
 /// The output of one `baton` CLI call.
@@ -79,14 +82,19 @@ impl Supervised {
         init();
         let dir = TestDir::new(name);
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let control = dir.join("ctl/control.sock");
         let log = dir.join("baton.log");
         let mut cmd = Command::new(apps::baton_bin());
-        cmd.arg("run")
-            .arg("--name")
-            .arg(name)
-            .arg("--control")
-            .arg(&control);
+        cmd.arg("run").arg("--name").arg(name);
+        let control = if opts.default_control {
+            let xdg = dir.join("xdg");
+            cmd.env("XDG_RUNTIME_DIR", &xdg)
+                .env_remove("RUNTIME_DIRECTORY");
+            xdg.join(format!("baton/{name}.sock"))
+        } else {
+            let control = dir.join("ctl/control.sock");
+            cmd.arg("--control").arg(&control);
+            control
+        };
         if !opts.no_tcp {
             cmd.arg("--listen").arg(format!("http={addr}"));
         }

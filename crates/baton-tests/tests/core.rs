@@ -469,3 +469,21 @@ fn flipping_a_current_symlink_upgrades_to_the_new_release() {
     let _ = child.kill();
     let _ = child.wait(); // already reaped by the test's reaper, most likely
 }
+
+/// `Baton::upgrade` — the programmatic trigger — runs the same upgrade as
+/// SIGUSR2 and returns its report to the caller.
+#[test]
+fn the_library_call_upgrades_and_returns_the_report() {
+    let s = Server::start(Path::new(FIXTURE), "lib-upgrade");
+    let first = s.version();
+    s.arm_fault("self-upgrade:300");
+    let second = s.upgrade(T);
+    let third = s.wait_upgraded(second.pid, second.generation, T);
+    assert_eq!(third.generation, first.generation + 2);
+    let log = s.log();
+    let line = format!(
+        "fixture: self-upgrade ok: {} -> {} (generation {} -> {})",
+        second.pid, third.pid, second.generation, third.generation
+    );
+    assert!(log.contains(&line), "{line} not in:\n{log}");
+}

@@ -23,12 +23,16 @@ fn upgrade_via_control(s: &Server) -> UpgradeReport {
     }
 }
 
+/// 600 connections: more than two batches of 253 fds (the per-message
+/// limit), so batching and per-batch acknowledgements are exercised.
+const IDLE_CONNS: usize = 600;
+
 #[test]
-fn two_hundred_idle_keepalive_connections_move_to_the_new_generation_on_the_same_socket() {
-    let s = Server::start(Path::new(FIXTURE), "idle200");
+fn six_hundred_idle_keepalive_connections_move_to_the_new_generation_on_the_same_socket() {
+    let s = Server::start(Path::new(FIXTURE), "idle600");
     let old = s.version();
     let mut conns = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..IDLE_CONNS {
         let mut c = http::connect(s.addr).unwrap();
         let r = c.get("/version").unwrap();
         let v = Version::parse(&r.body).unwrap();
@@ -38,7 +42,10 @@ fn two_hundred_idle_keepalive_connections_move_to_the_new_generation_on_the_same
     }
     let report = upgrade_via_control(&s);
     eprintln!("{report:?}");
-    assert_eq!(report.handed_over, 200, "every idle connection handed over");
+    assert_eq!(
+        report.handed_over, IDLE_CONNS as u64,
+        "every idle connection handed over"
+    );
     wait_for(T, "the old generation to exit", || {
         (!proc::alive(old.pid)).then_some(())
     });
@@ -59,9 +66,108 @@ fn two_hundred_idle_keepalive_connections_move_to_the_new_generation_on_the_same
         );
         ok += 1;
     }
-    assert_eq!(ok, 200);
+    assert_eq!(ok, IDLE_CONNS);
     let st = baton_tests::control_status(&s.control);
-    assert_eq!(st.counters.conns_received, 200);
+    assert_eq!(st.counters.conns_received, IDLE_CONNS as u64);
+}
+
+/// A new generation whose fd limit cannot take a batch refuses it
+/// (`MSG_CTRUNC` → `ConnsNack`): the old generation keeps those connections
+/// and answers their next request itself; nothing fails, nothing is served
+/// twice, and the new generation serves on.
+#[test]
+fn a_batch_the_new_generation_cannot_take_stays_with_the_old_one() {
+    let s = Server::start(Path::new(FIXTURE), "nofile");
+    let old = s.version();
+    let mut conns = Vec::new();
+    for _ in 0..300 {
+        let mut c = http::connect(s.addr).unwrap();
+        assert_eq!(c.get("/version").unwrap().status, 200);
+        conns.push(c);
+    }
+    s.arm_fault("nofile:64");
+    // The upgrade ends when the old generation has drained, which takes
+    // these connections' next requests: send them meanwhile.
+    let control = s.control.clone();
+    let upgrading = std::thread::spawn(move || {
+        baton_tests::block_on(async {
+            let c = baton::control::Client::connect(&control).await.unwrap();
+            c.call(&Request::Upgrade(Default::default()), |_| {})
+                .await
+                .unwrap()
+        })
+    });
+    wait_for(T, "the refused batch", || {
+        s.log().contains("refused a connection batch").then_some(())
+    });
+    let mut by_old = 0;
+    for c in &mut conns {
+        let r = c.get("/version").expect("the next request is answered");
+        assert_eq!(r.status, 200);
+        let v = Version::parse(&r.body).unwrap();
+        if v.pid == old.pid {
+            by_old += 1;
+        }
+    }
+    drop(conns);
+    let report = match upgrading.join().unwrap() {
+        Reply::Upgraded(r) => r,
+        other => panic!("upgrade failed: {other:?}"),
+    };
+    eprintln!("{report:?}");
+    assert!(
+        report.handed_over < 300,
+        "a batch of up to 253 fds cannot fit under 64: {report:?}"
+    );
+    assert_eq!(
+        by_old,
+        300 - report.handed_over,
+        "every connection not handed over was answered by the old generation"
+    );
+    assert!(
+        s.log().contains("refused a connection batch"),
+        "the old generation says why it kept them"
+    );
+    wait_for(T, "the old generation to exit", || {
+        (!proc::alive(old.pid)).then_some(())
+    });
+    let v = http::get(s.addr, "/version").unwrap();
+    assert_eq!(Version::parse(&v.body).unwrap().pid, report.new_pid);
+}
+
+/// A keep-alive connection busy with a slow request when the drain starts
+/// finishes it on the old generation, then moves: its next request, sent at
+/// once on the same socket, is answered by the new generation, and neither
+/// response closes the connection.
+#[test]
+fn a_busy_keepalive_connection_moves_after_its_request_finishes() {
+    let s = Server::start(Path::new(FIXTURE), "busy-moves");
+    let old = s.version();
+    let mut c = http::connect(s.addr).unwrap();
+    assert_eq!(c.get("/version").unwrap().status, 200);
+    let local = c.stream.local_addr().unwrap().to_string();
+    let client = std::thread::spawn(move || {
+        let slow = c.get("/slow?ms=1500").expect("the slow request");
+        let next = c.get("/version").expect("the next request, same socket");
+        (slow, next)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let report = upgrade_via_control(&s);
+    let (slow, next) = client.join().unwrap();
+    assert_eq!(slow.status, 200);
+    assert!(
+        slow.text().contains(&format!("pid {}", old.pid)),
+        "the slow request finished on the old generation: {}",
+        slow.text()
+    );
+    assert!(!slow.closes(), "no Connection: close on the slow response");
+    assert_eq!(next.status, 200);
+    assert!(!next.closes());
+    let v = Version::parse(&next.body).unwrap();
+    assert_eq!(v.pid, report.new_pid, "answered by the new generation");
+    assert!(v.handed_over);
+    assert_eq!(v.peer, local, "same TCP connection");
+    assert_eq!(report.handed_over, 1, "{report:?}");
 }
 
 #[test]

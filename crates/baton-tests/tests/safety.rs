@@ -1,7 +1,7 @@
 //! Issue 6 (library mode): admission gates, observation window, canary,
 //! and fault injection at every phase of the handoff.
 //!
-//! Soak: `BATON_SOAK=1 cargo test -p baton-tests --test safety -- --include-ignored`
+//! Soak: `scripts/soak.sh` (`BATON_SOAK=1 cargo test -p baton-tests --test safety -- --test-threads 1`).
 //! runs 25 kills per phase and 1000 upgrades in a row.
 
 use std::path::Path;
@@ -349,6 +349,8 @@ fn observation(bad: bool) {
                 "5s".into(),
                 "--health-interval".into(),
                 "200ms".into(),
+                "--health-failures".into(),
+                "3".into(),
             ],
             health_path: Some("/health".into()),
             ..ServerOpts::default()
@@ -358,7 +360,7 @@ fn observation(bad: bool) {
     wait_load(&load, 20);
     let old = s.version();
     if bad {
-        s.arm_fault("health-bad-after:2000");
+        s.arm_fault("health-bad-after:3000");
     }
     let r = upgrade(&s);
     wait_load(&load, 50);
@@ -375,6 +377,10 @@ fn observation(bad: bool) {
     if bad {
         let m = expect_failure(r, FailureKind::Failed);
         assert!(m.contains("health check"), "{m}");
+        assert!(
+            m.contains("failed 3 times in a row"),
+            "--health-failures 3: {m}"
+        );
         let v = s.version();
         assert_eq!(v.pid, old.pid, "the old generation serves again");
         assert_eq!(s.pid(), old.pid, "the pid file never left it");

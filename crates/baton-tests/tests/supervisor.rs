@@ -1022,14 +1022,73 @@ fn socket_activated_baton_uses_the_inherited_socket_and_falls_back_to_sharing_it
     let l = &st.listeners[0];
     assert!(l.origin.contains("inherited from systemd"), "{l:?}");
     assert!(l.origin.contains("without ReusePort=yes"), "{l:?}");
-    let out = baton_cli(&["upgrade", "--control", &control.display().to_string()]);
-    assert_eq!(out.code, 0, "{out:?}");
+    // Five upgrades under no-retry `Connection: close` clients: the shared
+    // socket's queue outlives every generation, so nothing fails.
+    let load = Load::start(addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
+    wait_for(T, "load", || (load.done() > 20).then_some(()));
+    for _ in 0..5 {
+        let before = load.done();
+        let out = baton_cli(&["upgrade", "--control", &control.display().to_string()]);
+        assert_eq!(out.code, 0, "{out:?}");
+        wait_for(T, "load progress", || {
+            (load.done() > before + 20).then_some(())
+        });
+    }
+    let stats = load.stop();
+    eprintln!(
+        "socket-activated baton run, 5 upgrades: {} ok, {} failed",
+        stats.ok, stats.failed
+    );
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
     let r = http::get(addr, "/version").unwrap();
     let v = baton_tests::Version::parse(&r.body).unwrap();
-    assert_eq!(v.generation, 2);
+    assert_eq!(v.generation, 6);
     proc::signal(child.0.id(), Signal::TERM);
     let st = baton_tests::wait_owned(&mut child.0, T).expect("baton exits");
     assert_eq!(st.code(), Some(0));
+}
+
+/// Without `--control`, the control socket's path comes from `--name`:
+/// `$XDG_RUNTIME_DIR/baton/NAME.sock` (or `$RUNTIME_DIRECTORY/NAME.sock`
+/// under systemd), in a 0700 directory, mode 0600; `baton upgrade --name`
+/// and `baton status --name` find it the same way.
+#[test]
+fn the_control_socket_path_follows_the_service_name() {
+    use std::os::unix::fs::PermissionsExt;
+    let sup = Supervised::start(
+        "named",
+        RunOpts {
+            command: pyapp(&[]),
+            default_control: true,
+            ..RunOpts::default()
+        },
+    );
+    let xdg = sup.dir.join("xdg");
+    assert_eq!(sup.control, xdg.join("baton/named.sock"));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&sup.control), 0o600);
+    assert_eq!(mode(&xdg.join("baton")), 0o700);
+    let cli = |env: (&str, &Path), args: &[&str]| {
+        let mut cmd = std::process::Command::new(apps::baton_bin());
+        cmd.args(args)
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("RUNTIME_DIRECTORY")
+            .env(env.0, env.1);
+        baton_tests::supervisor::baton_cli_with(&mut cmd)
+    };
+    let out = cli(("XDG_RUNTIME_DIR", &xdg), &["upgrade", "--name", "named"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    // systemd's RuntimeDirectory= names the directory itself.
+    let out = cli(
+        ("RUNTIME_DIRECTORY", &xdg.join("baton")),
+        &["status", "--name", "named", "--json"],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["generation"], 2, "{}", out.stdout);
+    // Another name finds nothing, and says where it looked.
+    let out = cli(("XDG_RUNTIME_DIR", &xdg), &["status", "--name", "other"]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("other.sock"), "{out:?}");
 }
 
 /// A crash after a broken deploy of a *script*: baton cannot run a kept

@@ -2,7 +2,7 @@
 //! window, canary, and kill -9 at every phase of an upgrade. Real processes
 //! (a stdlib Python server, a Go net/http server), real load, exact counts.
 //!
-//! Soak: `BATON_SOAK=1 cargo test -p baton-tests --test supervisor_safety -- --test-threads 1`
+//! Soak: `scripts/soak.sh` (`BATON_SOAK=1 cargo test -p baton-tests --test supervisor_safety -- --test-threads 1`).
 //! runs 25 kills per phase and 1000 upgrades in a row (longer than nextest's
 //! per-test limit).
 
@@ -278,7 +278,17 @@ fn observation(bad: bool) {
     } else {
         "sup-observe-good"
     };
-    let (sup, fault_file, _fault) = windowed(name, &["--observe", "6s"]);
+    let (sup, fault_file, _fault) = windowed(
+        name,
+        &[
+            "--observe",
+            "6s",
+            "--health-failures",
+            "3",
+            "--health-timeout",
+            "1s",
+        ],
+    );
     let load = Load::start(sup.addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
     wait_load(&load, 20);
     let old = sup.version();
@@ -312,6 +322,10 @@ fn observation(bad: bool) {
         assert!(
             m.contains("health check") && m.contains("observation window"),
             "{m}"
+        );
+        assert!(
+            m.contains("failed 3 times in a row"),
+            "--health-failures 3: {m}"
         );
         assert!(elapsed >= Duration::from_secs(3), "{elapsed:?}");
         let ready_ms = j["events"][1]["after_ms"].as_u64().unwrap();

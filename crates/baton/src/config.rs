@@ -95,6 +95,12 @@ pub struct Config {
     pub health_url: Option<String>,
     /// Interval between health checks.
     pub health_interval: Duration,
+    /// Consecutive failed health checks that roll the new generation back
+    /// (default [`HEALTH_FAILURES_TO_ROLL_BACK`](crate::observe::HEALTH_FAILURES_TO_ROLL_BACK); at least 1).
+    pub health_failures: u32,
+    /// How long one health check may take (default
+    /// [`HEALTH_TIMEOUT`](crate::observe::HEALTH_TIMEOUT)).
+    pub health_timeout: Duration,
     /// Canary: both generations accept for a window; the new one is
     /// promoted only if its error rate is good enough.
     pub canary: Option<crate::observe::CanaryPolicy>,
@@ -164,6 +170,8 @@ impl Default for Config {
             observe: Duration::ZERO,
             health_url: None,
             health_interval: DEFAULT_HEALTH_INTERVAL,
+            health_failures: crate::observe::HEALTH_FAILURES_TO_ROLL_BACK,
+            health_timeout: crate::observe::HEALTH_TIMEOUT,
             canary: None,
         }
     }

@@ -8,8 +8,8 @@
 //! `MAINPID=` and the pid file until the window ends. The new generation's
 //! health URL is polled meanwhile (in library mode a fresh connection can
 //! only reach the new generation: the old one does not accept). If the new
-//! generation dies or fails [`HEALTH_FAILURES_TO_ROLL_BACK`] checks in a
-//! row, the old one resumes accepting and tells the new one to stop
+//! generation dies or fails `Config::health_failures` (default
+//! [`HEALTH_FAILURES_TO_ROLL_BACK`]) checks in a row, the old one resumes accepting and tells the new one to stop
 //! gracefully (`Demote`): its in-flight requests complete. **What a rollback
 //! loses**: state written on the new generation during the window, and any
 //! connection it was serving idle (closed).
@@ -27,9 +27,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Consecutive failed health checks that roll the new generation back.
+/// Default: consecutive failed health checks that roll the new generation
+/// back (`Config::health_failures`, `--health-failures`).
 pub const HEALTH_FAILURES_TO_ROLL_BACK: u32 = 2;
-/// How long one health check may take.
+/// Default: how long one health check may take (`Config::health_timeout`,
+/// `--health-timeout`).
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default canary: minimum requests the new generation must serve.
 pub const DEFAULT_CANARY_MIN_REQUESTS: u64 = 100;

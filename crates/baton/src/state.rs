@@ -14,8 +14,8 @@
 //! old one keeps serving with its state intact.
 //!
 //! Small state travels inline on the handoff channel; larger state (over
-//! 64 KiB in all) in a sealed memfd, so 100 MB moves without copying through
-//! the socket. [`Config::state_limit`](crate::Config::state_limit) caps what
+//! 96 KiB in all, or a blob over 64 KiB) in sealed memfds, one per blob, so
+//! 100 MB moves without copying through the socket. [`Config::state_limit`](crate::Config::state_limit) caps what
 //! the new side accepts.
 //!
 //! ## Consistency

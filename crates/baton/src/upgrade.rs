@@ -809,7 +809,8 @@ async fn observe(
     events: &mpsc::UnboundedSender<Event>,
     confirmed: &mut bool,
 ) -> Result<(), String> {
-    use crate::observe::{HEALTH_FAILURES_TO_ROLL_BACK, HEALTH_TIMEOUT, probe};
+    use crate::observe::probe;
+    let max_failures = inner.config.health_failures.max(1);
     let window = inner.config.observe;
     // Stop accepting (the new generation takes every new connection) but
     // keep serving what we have, and keep the listeners.
@@ -834,12 +835,12 @@ async fn observe(
             () = tokio::time::sleep_until(next_probe), if inner.config.health_url.is_some() => {
                 if let Some(url) = &inner.config.health_url {
                     checks += 1;
-                    match probe(url, HEALTH_TIMEOUT).await {
+                    match probe(url, inner.config.health_timeout).await {
                         Ok(()) => failures = 0,
                         Err(e) => {
                             failures += 1;
                             tracing::warn!(%url, failures, error = %e, "health check failed");
-                            if failures >= HEALTH_FAILURES_TO_ROLL_BACK {
+                            if failures >= max_failures {
                                 return Err(format!(
                                     "health check {url} failed {failures} times in a row during the observation window: {e}"
                                 ));

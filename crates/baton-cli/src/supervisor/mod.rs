@@ -180,6 +180,12 @@ pub struct RunArgs {
     /// Interval between health checks.
     #[arg(long, value_name = "DUR", default_value = "250ms", value_parser = parse_dur)]
     health_interval: Duration,
+    /// Consecutive failed health checks that roll the new generation back.
+    #[arg(long, value_name = "N", default_value_t = baton::observe::HEALTH_FAILURES_TO_ROLL_BACK, value_parser = clap::value_parser!(u32).range(1..))]
+    health_failures: u32,
+    /// How long one health check may take.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_dur)]
+    health_timeout: Duration,
     /// Serve baton's own Prometheus metrics at http://ADDR/metrics
     /// (upgrades by result, durations, restarts, generation).
     #[arg(long, value_name = "IP:PORT", conflicts_with = "delegate")]
@@ -311,6 +317,10 @@ pub struct RunConfig {
     pub canary_percent: u32,
     /// `--health-interval`.
     pub health_interval: Duration,
+    /// `--health-failures`.
+    pub health_failures: u32,
+    /// `--health-timeout`.
+    pub health_timeout: Duration,
 }
 
 /// The control socket file, removed when baton exits (if it is still
@@ -530,6 +540,8 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         canary: args.canary,
         canary_percent: args.canary_percent,
         health_interval: args.health_interval,
+        health_failures: args.health_failures,
+        health_timeout: args.health_timeout,
     };
     let status = owner::run(cfg, listeners, plan, health, rx, signals, metrics).await;
     // A container's init exits with its app's status; under systemd or a

@@ -175,7 +175,7 @@ fn metrics_snapshot(v: &View, started_unix_secs: f64) -> baton::metrics::Snapsho
     s.restarts = Some(v.counters.restarts);
     s.counters = vec![(
         "baton_connections_relayed".into(),
-        "Connections that queued for a generation that died, relayed to the serving one".into(),
+        "Connections that queued for a generation that died or exited without accepting them, relayed to the serving one".into(),
         v.relayed,
     )];
     s
@@ -924,7 +924,7 @@ impl Window {
 /// Watch the new generation for `length` (a canary or an observation
 /// window), with a health check every `--health-interval` when there is
 /// one. `Err` says why it must be rolled back: it died, failed
-/// [`baton::observe::HEALTH_FAILURES_TO_ROLL_BACK`] checks in a row, or
+/// `--health-failures` checks in a row, or
 /// baton is stopping. If the old generation dies meanwhile there is nothing
 /// to roll back to: the window ends and the new one stays.
 #[allow(clippy::too_many_arguments)]
@@ -938,8 +938,9 @@ async fn watch_window(
     cancel: &CancellationToken,
     events: &Events,
 ) -> Result<(), String> {
-    use baton::observe::HEALTH_FAILURES_TO_ROLL_BACK;
     let name = kind.name();
+    let max_failures = sup.cfg.health_failures.max(1);
+    let health_timeout = sup.cfg.health_timeout;
     let deadline = tokio::time::Instant::now() + length;
     let interval = sup.cfg.health_interval;
     let mut next_check = tokio::time::Instant::now() + interval;
@@ -970,7 +971,7 @@ async fn watch_window(
             () = tokio::time::sleep_until(next_check), if has_health => {
                 checks += 1;
                 let res = match &sup.health {
-                    Some(plan) => ready::health_once(&sup.listeners, plan, route, new.probe_port).await,
+                    Some(plan) => ready::health_once(&sup.listeners, plan, route, new.probe_port, health_timeout).await,
                     None => Ok(()),
                 };
                 // Drop the probe rule the check added.
@@ -986,7 +987,7 @@ async fn watch_window(
                     Err(e) => {
                         failures += 1;
                         tracing::warn!(generation = new.generation, pid = new.pid, failures, error = %e, "health check failed during the {name}");
-                        if failures >= HEALTH_FAILURES_TO_ROLL_BACK {
+                        if failures >= max_failures {
                             return Err(format!(
                                 "the health check of generation {} (pid {}) failed {failures} times in a row during the {name}: {e}",
                                 new.generation, new.pid
@@ -1370,11 +1371,21 @@ async fn upgrade(
             );
         }
     }
-    // Whatever is left in the old socket's queue (the old generation did
-    // not accept it before it exited, or it died during the upgrade) would
-    // otherwise wait there until a later generation gets this socket.
+    // Whatever is left in the old socket's queue (a handshake that
+    // completed after the quiet period, or the old generation died during
+    // the upgrade) would otherwise wait there until a later generation gets
+    // this socket. No process read those connections: relay them to the new
+    // generation (the steering program sends there now).
     if steering {
-        closed = sup.listeners.close_pending(old_slot) as u64;
+        let (relayed, lost) = sup.listeners.relay_pending(old_slot, sup.cfg.drain_timeout);
+        view(&sup.view).relayed += relayed as u64;
+        closed = lost as u64;
+        if relayed > 0 {
+            tracing::info!(
+                connections = relayed,
+                "connections left unaccepted in the old generation's queue were relayed to the new generation"
+            );
+        }
         if closed > 0 {
             tracing::warn!(
                 connections = closed,

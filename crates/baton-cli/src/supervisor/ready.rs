@@ -546,7 +546,7 @@ async fn http_once(
 }
 
 /// One health check of the generation in `route.new` (`plan` is an `Http`
-/// plan from [`health_plan`]), bounded by [`baton::observe::HEALTH_TIMEOUT`].
+/// plan from [`health_plan`]), bounded by `limit` (`--health-timeout`).
 ///
 /// # Errors
 /// Why it failed, in words.
@@ -555,6 +555,7 @@ pub async fn health_once(
     plan: &ReadyPlan,
     route: Route,
     probe_port: Option<u16>,
+    limit: Duration,
 ) -> Result<(), String> {
     let ReadyPlan::Http { via, url } = plan else {
         return Ok(());
@@ -576,7 +577,6 @@ pub async fn health_once(
             Err(last_error.lock().unwrap_or_else(|p| p.into_inner()).clone())
         }
     };
-    let limit = baton::observe::HEALTH_TIMEOUT;
     tokio::time::timeout(limit, check)
         .await
         .map_err(|_| format!("GET {url}: no answer within {limit:?}"))?

@@ -114,6 +114,17 @@ impl OldSide {
                 memfds.push(fd);
             }
         }
+        tracing::info!(
+            bytes = total,
+            blobs = metas.len(),
+            in_memfds = memfds.len(),
+            "sending state ({})",
+            if memfds.is_empty() {
+                "inline"
+            } else {
+                "sealed memfds"
+            }
+        );
         let fds: Vec<BorrowedFd<'_>> = memfds.iter().map(AsFd::as_fd).collect();
         self.chan.send(&Msg::State(metas), &fds).await
     }
