@@ -299,7 +299,7 @@ fn http2_streams_survive_ten_upgrades() {
     );
 }
 
-/// h2load (nghttp2's benchmark) against ten upgrades. It does not reconnect
+/// h2load (nghttp2's benchmark), run back to back, against ten upgrades. It does not reconnect
 /// after a GOAWAY, and counts requests it queued but never sent as
 /// "started" and failed, so only what it saw *done* is checked: every
 /// completed stream has a 2xx status, and the run is otherwise error-free
@@ -309,9 +309,12 @@ fn h2load_sees_no_error_status_across_upgrades() {
     let s = Server::start(Path::new(FIXTURE), "h2load");
     let h2load = which("h2load").expect("h2load is required (apt-get install nghttp2-client)");
     let addr = s.addr;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
     let runner = std::thread::spawn(move || {
         let mut outs = Vec::new();
-        for _ in 0..10 {
+        // Back-to-back h2load runs until the upgrades are over (bounded).
+        while outs.len() < 300 && !stop.load(std::sync::atomic::Ordering::SeqCst) {
             let out = baton_tests::output(
                 std::process::Command::new(&h2load)
                     .args(["-n", "2000", "-c", "4", "-m", "8", "-t", "1", "-T", "10"])
@@ -322,7 +325,7 @@ fn h2load_sees_no_error_status_across_upgrades() {
         }
         outs
     });
-    for _ in 0..5 {
+    for _ in 0..10 {
         let old = s.pid();
         upgrade_via_control(&s);
         wait_for(T, "the old generation to exit", || {
@@ -330,7 +333,11 @@ fn h2load_sees_no_error_status_across_upgrades() {
         });
         std::thread::sleep(Duration::from_millis(100));
     }
-    for o in runner.join().unwrap() {
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let outs = runner.join().unwrap();
+    eprintln!("{} h2load runs across 10 upgrades", outs.len());
+    assert!(outs.len() >= 2, "h2load ran during the upgrades");
+    for o in outs {
         let status = o
             .lines()
             .find(|l| l.starts_with("status codes:"))
