@@ -220,12 +220,13 @@ if args.probe_port:
 
 
 def on_term(signum, frame):
-    log("SIGTERM: stopping")
+    log(f"{signal.Signals(signum).name}: stopping")
     for srv in [server] + others:
         threading.Thread(target=srv.shutdown, daemon=True).start()
 
 
 signal.signal(signal.SIGTERM, on_term)
+signal.signal(signal.SIGQUIT, on_term)  # for baton run --stop-signal QUIT
 
 if args.notify:
     def notify():

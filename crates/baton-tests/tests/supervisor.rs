@@ -909,6 +909,44 @@ fn sighup_upgrades_and_sigterm_stops_gracefully() {
     );
 }
 
+/// `--stop-signal QUIT`: an upgrade stops the old generation with SIGQUIT,
+/// and so does SIGINT to the supervisor (a terminal's ^C), which then
+/// exits 0.
+#[test]
+fn the_stop_signal_is_configurable_and_sigint_stops_gracefully() {
+    let mut sup = Supervised::start(
+        "stopsig",
+        RunOpts {
+            args: s(&["--stop-signal", "QUIT"]),
+            command: pyapp(&[]),
+            ..RunOpts::default()
+        },
+    );
+    let v1 = sup.version();
+    sup.signal(Signal::HUP);
+    let v2 = sup.wait_generation(2, T);
+    wait_for(T, "generation 1 to exit", || {
+        (!proc::alive(v1.pid)).then_some(())
+    });
+    let log = sup.log_text();
+    assert!(
+        log.contains("SIGQUIT: stopping"),
+        "the old generation got SIGQUIT: {log}"
+    );
+    sup.signal(Signal::INT);
+    let st = sup.wait_exit(T).expect("baton exits after SIGINT");
+    assert_eq!(st.code(), Some(0), "{st:?}");
+    assert!(!proc::alive(v2.pid), "the app is gone");
+    let log = sup.log_text();
+    assert!(log.contains("SIGINT: stopping gracefully"), "{log}");
+    assert_eq!(
+        log.matches("SIGQUIT: stopping").count(),
+        2,
+        "both generations got SIGQUIT: {log}"
+    );
+    assert!(!log.contains("SIGTERM: stopping"), "{log}");
+}
+
 #[test]
 fn baton_stop_stops_the_supervisor() {
     let mut sup = Supervised::start(
