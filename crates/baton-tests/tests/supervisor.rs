@@ -1129,6 +1129,88 @@ fn the_control_socket_path_follows_the_service_name() {
     assert!(out.stderr.contains("other.sock"), "{out:?}");
 }
 
+/// A socket systemd passes with `ReusePort=yes` is steered like one baton
+/// bound itself: baton adds the second socket of the pair to its reuseport
+/// group. Here a small activator does what systemd does (bind with
+/// SO_REUSEPORT, listen, exec baton with the socket at fd 3 and
+/// `LISTEN_PID` = its own pid, which the exec keeps).
+#[test]
+fn an_inherited_reuseport_socket_is_steered_through_upgrades_under_load() {
+    let port = baton_tests::free_port();
+    let dir = baton_tests::TestDir::new("activated-reuseport");
+    let control = dir.join("ctl/c.sock");
+    let activator = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(128)
+if s.fileno() != 3:
+    os.dup2(s.fileno(), 3)
+os.set_inheritable(3, sys.argv[2] == "inherit")
+os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="http", LISTEN_PID=str(os.getpid()))
+os.execv(sys.argv[3], sys.argv[3:])
+"#;
+    let activate = |mode: &str| {
+        let mut cmd = std::process::Command::new(apps::venv_tool("python"));
+        cmd.arg("-c")
+            .arg(activator)
+            .arg(port.to_string())
+            .arg(mode)
+            .arg(apps::baton_bin())
+            .args(["run", "--name", "activated-rp", "--control"])
+            .arg(&control)
+            .args(["--ready", "notify", "--"])
+            .args(pyapp(&["--notify"]))
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("baton.log")).unwrap());
+        cmd
+    };
+    // A socket passed close-on-exec is gone in baton: whatever baton opens
+    // at fd 3 meanwhile must not be taken for it. A clear error, no crash.
+    let mut bad = activate("cloexec");
+    let mut child = Reap(baton_tests::spawn_owned(&mut bad).unwrap());
+    let st = baton_tests::wait_owned(&mut child.0, T).expect("baton exits");
+    let log = std::fs::read_to_string(dir.join("baton.log")).unwrap();
+    assert_eq!(st.code(), Some(1), "{st:?}: {log}");
+    assert!(
+        log.contains("named by LISTEN_FDS is not a listening socket"),
+        "{log}"
+    );
+    let mut cmd = activate("inherit");
+    let mut child = Reap(baton_tests::spawn_owned(&mut cmd).unwrap());
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let r = wait_for(T, "the first request", || http::get(addr, "/version").ok());
+    assert_eq!(r.status, 200);
+    let st = baton_tests::control_status(&control);
+    let l = &st.listeners[0];
+    assert!(l.origin.contains("inherited from systemd"), "{l:?}");
+    assert!(l.origin.contains("steered"), "{l:?}");
+    let load = Load::start(addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
+    wait_for(T, "load", || (load.done() > 20).then_some(()));
+    for _ in 0..3 {
+        let before = load.done();
+        let out = baton_cli(&["upgrade", "--control", &control.display().to_string()]);
+        assert_eq!(out.code, 0, "{out:?}");
+        wait_for(T, "load progress", || {
+            (load.done() > before + 20).then_some(())
+        });
+    }
+    let stats = load.stop();
+    eprintln!(
+        "inherited ReusePort socket, 3 upgrades: {} ok, {} failed",
+        stats.ok, stats.failed
+    );
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    let v = baton_tests::Version::parse(&http::get(addr, "/version").unwrap().body).unwrap();
+    assert_eq!(v.generation, 4);
+    proc::signal(child.0.id(), Signal::TERM);
+    let st = baton_tests::wait_owned(&mut child.0, T).expect("baton exits");
+    assert_eq!(st.code(), Some(0));
+}
+
 /// A crash after a broken deploy of a *script*: baton cannot run a kept
 /// copy of a script, so it refuses to restart, says why, and the next
 /// `baton upgrade` starts the service again.

@@ -1025,10 +1025,17 @@ fn adopt_systemd_listeners(registry: &Registry) -> Result<(), Error> {
             .filter(|s| !s.is_empty())
             .cloned()
             .unwrap_or_else(|| "unknown".to_owned());
-        match sys::adopt_inherited_fd(raw) {
-            Ok(Some(fd)) => registry.add_inherited(&name, None, fd, Origin::Systemd)?,
+        match sys::adopt_inherited_listener(raw) {
+            Ok(Some((fd, _))) => registry.add_inherited(&name, None, fd, Origin::Systemd)?,
             Ok(None) => tracing::warn!(fd = raw, "LISTEN_FDS names fd {raw} but it is not open"),
-            Err(e) => return Err(Error::io(format!("adopting LISTEN_FDS fd {raw}"), e)),
+            Err(e) => {
+                return Err(Error::io(
+                    format!(
+                        "fd {raw} named by LISTEN_FDS is not a listening socket (was it passed close-on-exec?)"
+                    ),
+                    e,
+                ));
+            }
         }
     }
     tracing::info!(count = n, "adopted systemd socket-activation listeners");

@@ -100,6 +100,35 @@ pub fn adopt_inherited_fd(raw: RawFd) -> io::Result<Option<OwnedFd>> {
     Ok(Some(owned))
 }
 
+/// Adopt an inherited fd that must be a listening stream socket
+/// (`LISTEN_FDS`). The check runs *before* the fd is owned: if the number
+/// is open but is something else — typically because the parent left it
+/// closed and this process has since opened an fd of its own there (an
+/// epoll, a pipe) — it is refused and left alone, never closed.
+///
+/// Returns `Ok(None)` when nothing is open at that number.
+///
+/// # Errors
+/// `InvalidInput` naming what the fd is instead.
+pub fn adopt_inherited_listener(raw: RawFd) -> io::Result<Option<(OwnedFd, SocketKind)>> {
+    if raw < 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("refusing to adopt fd {raw}: inherited fds start at 3"),
+        ));
+    }
+    // SAFETY: the borrow is used only for the probes right here; an fd
+    // number that is not open makes the kernel answer EBADF.
+    let probe = unsafe { BorrowedFd::borrow_raw(raw) };
+    match rustix::io::fcntl_getfd(probe) {
+        Ok(_) => {}
+        Err(rustix::io::Errno::BADF) => return Ok(None),
+        Err(e) => return Err(to_io(e)),
+    }
+    let kind = listening_socket_kind(probe)?;
+    Ok(adopt_inherited_fd(raw)?.map(|fd| (fd, kind)))
+}
+
 /// Send one datagram with fds attached. Non-blocking sockets answer
 /// `WouldBlock`.
 pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {

@@ -549,17 +549,17 @@ fn adopt_systemd() -> Result<Vec<(String, OwnedFd, sys::SocketKind)>, OpenError>
             .filter(|s| !s.is_empty())
             .cloned()
             .unwrap_or_else(|| format!("LISTEN_FD_{raw}"));
-        match sys::adopt_inherited_fd(raw) {
-            Ok(Some(fd)) => {
-                let kind = sys::listening_socket_kind(fd.as_fd()).map_err(|e| {
-                    format!("fd {raw} ('{name}') from systemd is not a listening socket: {e}")
-                })?;
-                out.push((name, fd, kind));
-            }
+        match sys::adopt_inherited_listener(raw) {
+            Ok(Some((fd, kind))) => out.push((name, fd, kind)),
             Ok(None) => {
                 tracing::warn!(fd = raw, "LISTEN_FDS names fd {raw} but it is not open")
             }
-            Err(e) => return Err(format!("adopting LISTEN_FDS fd {raw}: {e}")),
+            Err(e) => {
+                return Err(format!(
+                    "fd {raw} ('{name}') named by LISTEN_FDS is not a listening socket ({e}); \
+                     was it passed close-on-exec?"
+                ));
+            }
         }
     }
     tracing::info!(
