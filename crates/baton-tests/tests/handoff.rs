@@ -492,3 +492,55 @@ fn an_axum_router_hands_its_idle_connections_over() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A successor that dies after its promotion but before it acknowledged
+/// any connection batch takes none with it: the old generation takes every
+/// unacknowledged batch back, serves again, and each idle client's next
+/// request on its own socket is answered by the old generation. Nothing is
+/// counted lost.
+#[test]
+fn idle_connections_stay_when_the_successor_dies_before_acknowledging_them() {
+    let s = Server::start(Path::new(FIXTURE), "successor-dies");
+    let old = s.version();
+    let mut conns: Vec<_> = (0..50)
+        .map(|_| {
+            let mut c = http::connect(s.addr).unwrap();
+            assert_eq!(c.get("/version").unwrap().status, 200);
+            c
+        })
+        .collect();
+    s.arm_fault("stop-at:promoted");
+    s.usr2();
+    let new_pid = wait_for(T, "the successor stopped at its promotion", || {
+        proc::children(old.pid)
+            .into_iter()
+            .find(|p| proc::state(*p) == Some('T'))
+    });
+    // Let the old generation queue its idle connections for the successor.
+    std::thread::sleep(Duration::from_millis(300));
+    proc::signal(new_pid, rustix::process::Signal::KILL);
+    wait_for(T, "the old generation to serve again", || {
+        (s.try_pid() == Some(old.pid)).then_some(())
+    });
+    for c in &mut conns {
+        let r = c
+            .get("/version")
+            .expect("the next request on the same socket");
+        assert_eq!(r.status, 200);
+        assert_eq!(Version::parse(&r.body).unwrap().pid, old.pid);
+    }
+    let log = s.log();
+    for l in log
+        .lines()
+        .filter(|l| l.contains("taking back") || l.contains("resum") || l.contains("died"))
+    {
+        eprintln!("{l}");
+    }
+    assert!(
+        log.contains("taking back a connection batch"),
+        "batches were in flight to the successor when it died: {log}"
+    );
+    let st = baton_tests::control_status(&s.control);
+    assert_eq!(st.counters.conns_lost, 0, "{:?}", st.counters);
+    assert_eq!(st.pid, old.pid);
+}
