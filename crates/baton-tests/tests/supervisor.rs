@@ -853,6 +853,19 @@ fn baton_upgrade_drives_a_library_mode_server() {
     let out = baton_cli(&["upgrade", "--json", "--control", &control]);
     assert_eq!(out.code, 1, "{out:?}");
     assert_eq!(out.json()["result"], "failed");
+    // A pre-flight refusal: code 3, the reason, nothing spawned.
+    let zeros = "0".repeat(64);
+    let out = baton_cli(&[
+        "upgrade",
+        "--json",
+        "--control",
+        &control,
+        "--expect-sha256",
+        &zeros,
+    ]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert_eq!(out.json()["result"], "refused", "{out:?}");
+    assert!(out.stdout.contains("SHA-256"), "{out:?}");
     let out = baton_cli(&["status", "--json", "--control", &control]);
     assert_eq!(out.code, 0, "{out:?}");
     let j = out.json();
