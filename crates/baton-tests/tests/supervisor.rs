@@ -930,7 +930,7 @@ fn the_stop_signal_is_configurable_and_sigint_stops_gracefully() {
     let mut sup = Supervised::start(
         "stopsig",
         RunOpts {
-            args: s(&["--stop-signal", "QUIT"]),
+            args: s(&["--stop-signal", "QUIT", "--steer-quiet", "20ms"]),
             command: pyapp(&[]),
             ..RunOpts::default()
         },
@@ -942,6 +942,14 @@ fn the_stop_signal_is_configurable_and_sigint_stops_gracefully() {
         (!proc::alive(v1.pid)).then_some(())
     });
     let log = sup.log_text();
+    // --steer-quiet 20ms instead of the default 250 ms.
+    let settle_ms: u64 = log
+        .lines()
+        .find(|l| l.contains("accept queue is empty"))
+        .and_then(|l| l.split("settle_ms=").nth(1))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no settle time logged: {log}"));
+    assert!(settle_ms < 250, "settled after {settle_ms} ms: {log}");
     assert!(
         log.contains("SIGQUIT: stopping"),
         "the old generation got SIGQUIT: {log}"

@@ -41,10 +41,6 @@ pub const DEFAULT_CANARY_PERCENT: u32 = 10;
 /// Service name when `--name` is not given.
 pub const DEFAULT_NAME: &str = "baton";
 
-/// After the old generation's accept queue is empty, how long it must stay
-/// empty before the old generation is told to stop (connections whose
-/// handshake was in flight when steering switched land in it meanwhile).
-pub const STEER_QUIET_PERIOD: Duration = Duration::from_millis(250);
 /// Longest wait for the old generation's accept queue to empty after
 /// steering (an app that stopped accepting would never empty it).
 pub const STEER_SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -131,6 +127,12 @@ pub struct RunArgs {
     /// troubleshooting).
     #[arg(long)]
     no_steer: bool,
+    /// With steering: how long the old generation's accept queue must stay
+    /// empty after new connections go to the new one, before the old one is
+    /// stopped (a handshake begun before the switch lands there up to one
+    /// round trip later). Raise it for clients far away; 0 stops at once.
+    #[arg(long, value_name = "DUR", default_value = "250ms", value_parser = parse_dur)]
+    steer_quiet: Duration,
     /// Pre-flight check run (with `sh -c`) before every upgrade and every
     /// restart; it must exit 0, e.g. `"/srv/app/bin/app --config-test"`.
     #[arg(long, value_name = "CMD")]
@@ -317,6 +319,8 @@ pub struct RunConfig {
     pub canary_percent: u32,
     /// `--health-interval`.
     pub health_interval: Duration,
+    /// `--steer-quiet`.
+    pub steer_quiet: Duration,
     /// `--health-failures`.
     pub health_failures: u32,
     /// `--health-timeout`.
@@ -540,6 +544,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         canary: args.canary,
         canary_percent: args.canary_percent,
         health_interval: args.health_interval,
+        steer_quiet: args.steer_quiet,
         health_failures: args.health_failures,
         health_timeout: args.health_timeout,
     };

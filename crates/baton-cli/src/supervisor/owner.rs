@@ -27,7 +27,7 @@ use super::ready::{self, NotifySocket, ReadyCtx, ReadyPlan, Route};
 use super::sockets::{ListenerSet, Steer};
 use super::{
     RESTART_BACKOFF_INITIAL, RESTART_BACKOFF_MAX, RESTART_BACKOFF_RESET_AFTER, RunConfig,
-    STEER_QUIET_PERIOD, STEER_SETTLE_TIMEOUT,
+    STEER_SETTLE_TIMEOUT,
 };
 
 /// How often the old generation's accept queue is looked at after
@@ -1034,7 +1034,7 @@ async fn roll_back(
         format!("died ({})", new.abort().await)
     } else {
         if let Some(o) = &old {
-            let _ = settle(&sup.listeners, new_slot, o, &new).await;
+            let _ = settle(&sup.listeners, new_slot, o, &new, sup.cfg.steer_quiet).await;
         }
         tracing::info!(
             generation,
@@ -1088,6 +1088,7 @@ async fn settle(
     slot: usize,
     keeper: &GenProc,
     leaver: &GenProc,
+    quiet: Duration,
 ) -> Result<Duration, ()> {
     let t = Instant::now();
     let mut empty_since: Option<Instant> = None;
@@ -1101,7 +1102,7 @@ async fn settle(
         match listeners.pending(slot) {
             Ok(false) => {
                 let since = *empty_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= STEER_QUIET_PERIOD {
+                if since.elapsed() >= quiet {
                     return Ok(t.elapsed());
                 }
             }
@@ -1330,7 +1331,7 @@ async fn upgrade(
     }
     let drain_start = Instant::now();
     if steering && let Some(o) = &old {
-        match settle(&sup.listeners, old_slot, &new, o).await {
+        match settle(&sup.listeners, old_slot, &new, o, sup.cfg.steer_quiet).await {
             Ok(after) => {
                 tracing::info!(
                     generation = from_generation,
