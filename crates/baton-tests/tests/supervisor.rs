@@ -1075,30 +1075,11 @@ fn socket_activated_baton_uses_the_inherited_socket_and_falls_back_to_sharing_it
     let mut child = Reap(baton_tests::spawn_owned(&mut c).unwrap());
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // The first connection starts baton and waits in the queue for the app.
-    let r = wait_for(T, "the first request", || http::get(addr, "/version").ok());
-    assert_eq!(r.status, 200);
-    let st = baton_tests::control_status(&control);
-    let l = &st.listeners[0];
-    assert!(l.origin.contains("inherited from systemd"), "{l:?}");
+    let l = first_listener_once_serving(addr, &control);
     assert!(l.origin.contains("without ReusePort=yes"), "{l:?}");
     // Five upgrades under no-retry `Connection: close` clients: the shared
     // socket's queue outlives every generation, so nothing fails.
-    let load = Load::start(addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
-    wait_for(T, "load", || (load.done() > 20).then_some(()));
-    for _ in 0..5 {
-        let before = load.done();
-        let out = baton_cli(&["upgrade", "--control", &control.display().to_string()]);
-        assert_eq!(out.code, 0, "{out:?}");
-        wait_for(T, "load progress", || {
-            (load.done() > before + 20).then_some(())
-        });
-    }
-    let stats = load.stop();
-    eprintln!(
-        "socket-activated baton run, 5 upgrades: {} ok, {} failed",
-        stats.ok, stats.failed
-    );
-    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    upgrades_under_close_load(addr, &control, 5, "socket-activated baton run");
     let r = http::get(addr, "/version").unwrap();
     let v = baton_tests::Version::parse(&r.body).unwrap();
     assert_eq!(v.generation, 6);
@@ -1148,6 +1129,38 @@ fn the_control_socket_path_follows_the_service_name() {
     let out = cli(("XDG_RUNTIME_DIR", &xdg), &["status", "--name", "other"]);
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("other.sock"), "{out:?}");
+}
+
+/// Wait for a socket-activated service's first answer; its first listener
+/// must be the one systemd passed.
+fn first_listener_once_serving(addr: std::net::SocketAddr, control: &Path) -> baton::ListenerInfo {
+    let r = wait_for(T, "the first request", || http::get(addr, "/version").ok());
+    assert_eq!(r.status, 200);
+    let st = baton_tests::control_status(control);
+    let l = st.listeners[0].clone();
+    assert!(l.origin.contains("inherited from systemd"), "{l:?}");
+    l
+}
+
+/// `n` upgrades through the control socket under 8 no-retry
+/// `Connection: close` clients: none may fail.
+fn upgrades_under_close_load(addr: std::net::SocketAddr, control: &Path, n: usize, what: &str) {
+    let load = Load::start(addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
+    wait_for(T, "load", || (load.done() > 20).then_some(()));
+    for _ in 0..n {
+        let before = load.done();
+        let out = baton_cli(&["upgrade", "--control", &control.display().to_string()]);
+        assert_eq!(out.code, 0, "{out:?}");
+        wait_for(T, "load progress", || {
+            (load.done() > before + 20).then_some(())
+        });
+    }
+    let stats = load.stop();
+    eprintln!(
+        "{what}, {n} upgrades: {} ok, {} failed",
+        stats.ok, stats.failed
+    );
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
 }
 
 /// A socket systemd passes with `ReusePort=yes` is steered like one baton
@@ -1203,28 +1216,9 @@ os.execv(sys.argv[3], sys.argv[3:])
     let mut cmd = activate("inherit");
     let mut child = Reap(baton_tests::spawn_owned(&mut cmd).unwrap());
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let r = wait_for(T, "the first request", || http::get(addr, "/version").ok());
-    assert_eq!(r.status, 200);
-    let st = baton_tests::control_status(&control);
-    let l = &st.listeners[0];
-    assert!(l.origin.contains("inherited from systemd"), "{l:?}");
+    let l = first_listener_once_serving(addr, &control);
     assert!(l.origin.contains("steered"), "{l:?}");
-    let load = Load::start(addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
-    wait_for(T, "load", || (load.done() > 20).then_some(()));
-    for _ in 0..3 {
-        let before = load.done();
-        let out = baton_cli(&["upgrade", "--control", &control.display().to_string()]);
-        assert_eq!(out.code, 0, "{out:?}");
-        wait_for(T, "load progress", || {
-            (load.done() > before + 20).then_some(())
-        });
-    }
-    let stats = load.stop();
-    eprintln!(
-        "inherited ReusePort socket, 3 upgrades: {} ok, {} failed",
-        stats.ok, stats.failed
-    );
-    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    upgrades_under_close_load(addr, &control, 3, "inherited ReusePort socket");
     let v = baton_tests::Version::parse(&http::get(addr, "/version").unwrap().body).unwrap();
     assert_eq!(v.generation, 4);
     proc::signal(child.0.id(), Signal::TERM);
