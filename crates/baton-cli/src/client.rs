@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use baton::control::{Client, Event, Reply, Request, StatusReport, UpgradeOptions, UpgradeReport};
+use baton::control::{
+    Client, Event, Failure, Reply, Request, StatusReport, UpgradeOptions, UpgradeReport,
+};
 
 use crate::exit::{self, CliError};
 
@@ -17,6 +19,38 @@ async fn connect(path: &Path) -> Result<Client, CliError> {
     Client::connect(path)
         .await
         .map_err(|e| CliError::new(exit::CANNOT_CONNECT, anyhow::anyhow!("{e}")))
+}
+
+/// One request over the control socket, progress events to `on_event`,
+/// the whole exchange bounded by `timeout` (`--timeout`); `late` words the
+/// error when it runs out.
+async fn call(
+    path: &Path,
+    req: &Request,
+    on_event: impl FnMut(&Event),
+    timeout: Duration,
+    late: impl FnOnce(Duration) -> String,
+) -> Result<Reply, CliError> {
+    let exchange = async {
+        connect(path)
+            .await?
+            .call(req, on_event)
+            .await
+            .map_err(|e| CliError::internal(anyhow::anyhow!("{e}")))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| CliError::new(exit::TIMEOUT, anyhow::anyhow!("{}", late(timeout))))?
+}
+
+/// The answer of a server that refused or failed a request.
+fn failed(f: Failure) -> CliError {
+    CliError::new(exit::for_failure(f.kind), anyhow::anyhow!("{}", f.message))
+}
+
+/// `--timeout` ran out waiting for a short request.
+fn no_answer(timeout: Duration) -> String {
+    format!("no answer within {timeout:?} (--timeout)")
 }
 
 /// One line of progress for an event.
@@ -167,36 +201,25 @@ async fn upgrade_inner(
         }
         opts.command = Some(argv);
     }
-    let call = async {
-        let client = connect(path).await?;
-        client
-            .call(&Request::Upgrade(opts), |e| {
-                let line = event_line(e);
-                if json {
-                    eprintln!("{line}");
-                    events.push(event_json(e));
-                } else {
-                    println!("{line}");
-                    let _ = std::io::stdout().flush();
-                }
-            })
-            .await
-            .map_err(|e| CliError::new(exit::INTERNAL, anyhow::anyhow!("{e}")))
+    let on_event = |e: &Event| {
+        let line = event_line(e);
+        if json {
+            eprintln!("{line}");
+            events.push(event_json(e));
+        } else {
+            println!("{line}");
+            let _ = std::io::stdout().flush();
+        }
     };
-    let reply = tokio::time::timeout(timeout, call).await.map_err(|_| {
-        CliError::new(
-            exit::TIMEOUT,
-            anyhow::anyhow!(
-                "no result within {timeout:?} (--timeout); the upgrade may still finish: check `baton status`"
-            ),
+    let reply = call(path, &Request::Upgrade(opts), on_event, timeout, |t| {
+        format!(
+            "no result within {t:?} (--timeout); the upgrade may still finish: check `baton status`"
         )
-    })??;
+    })
+    .await?;
     match reply {
         Reply::Upgraded(r) => Ok(r),
-        Reply::Failed(f) => Err(CliError::new(
-            exit::for_failure(f.kind),
-            anyhow::anyhow!("{}", f.message),
-        )),
+        Reply::Failed(f) => Err(failed(f)),
         other => Err(CliError::internal(anyhow::anyhow!(
             "unexpected answer to an upgrade request: {other:?}"
         ))),
@@ -205,19 +228,7 @@ async fn upgrade_inner(
 
 /// `baton status`.
 pub async fn status(path: &Path, json: bool, timeout: Duration) -> Result<ExitCode, CliError> {
-    let call = async {
-        let client = connect(path).await?;
-        client
-            .call(&Request::Status, |_| {})
-            .await
-            .map_err(|e| CliError::internal(anyhow::anyhow!("{e}")))
-    };
-    let reply = tokio::time::timeout(timeout, call).await.map_err(|_| {
-        CliError::new(
-            exit::TIMEOUT,
-            anyhow::anyhow!("no answer within {timeout:?} (--timeout)"),
-        )
-    })??;
+    let reply = call(path, &Request::Status, |_| {}, timeout, no_answer).await?;
     match reply {
         Reply::Status(s) => {
             if json {
@@ -229,10 +240,7 @@ pub async fn status(path: &Path, json: bool, timeout: Duration) -> Result<ExitCo
             }
             Ok(ExitCode::SUCCESS)
         }
-        Reply::Failed(f) => Err(CliError::new(
-            exit::for_failure(f.kind),
-            anyhow::anyhow!("{}", f.message),
-        )),
+        Reply::Failed(f) => Err(failed(f)),
         other => Err(CliError::internal(anyhow::anyhow!(
             "unexpected answer to a status request: {other:?}"
         ))),
@@ -241,28 +249,13 @@ pub async fn status(path: &Path, json: bool, timeout: Duration) -> Result<ExitCo
 
 /// `baton stop`.
 pub async fn stop(path: &Path, timeout: Duration) -> Result<ExitCode, CliError> {
-    let call = async {
-        let client = connect(path).await?;
-        client
-            .call(&Request::Stop, |_| {})
-            .await
-            .map_err(|e| CliError::internal(anyhow::anyhow!("{e}")))
-    };
-    let reply = tokio::time::timeout(timeout, call).await.map_err(|_| {
-        CliError::new(
-            exit::TIMEOUT,
-            anyhow::anyhow!("no answer within {timeout:?} (--timeout)"),
-        )
-    })??;
+    let reply = call(path, &Request::Stop, |_| {}, timeout, no_answer).await?;
     match reply {
         Reply::Stopping => {
             println!("stopping");
             Ok(ExitCode::SUCCESS)
         }
-        Reply::Failed(f) => Err(CliError::new(
-            exit::for_failure(f.kind),
-            anyhow::anyhow!("{}", f.message),
-        )),
+        Reply::Failed(f) => Err(failed(f)),
         other => Err(CliError::internal(anyhow::anyhow!(
             "unexpected answer to a stop request: {other:?}"
         ))),
