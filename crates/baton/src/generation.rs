@@ -1001,32 +1001,13 @@ fn inherited_handoff_fd() -> Result<Option<std::os::fd::OwnedFd>, Error> {
 
 /// Adopt systemd socket-activation fds (`LISTEN_FDS`) meant for this pid.
 fn adopt_systemd_listeners(registry: &Registry) -> Result<(), Error> {
-    let Some(n) = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|s| s.parse::<i32>().ok())
-    else {
+    let Some(passed) = crate::listeners::ListenFds::from_env() else {
         return Ok(());
     };
-    let for_us = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-        .is_some_and(|p| p == sys::getpid());
-    if !for_us {
-        tracing::debug!("LISTEN_FDS is set for another process; ignoring it");
-        return Ok(());
-    }
-    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-        .map(|s| s.split(':').map(str::to_owned).collect())
-        .unwrap_or_default();
-    for i in 0..n.clamp(0, 1024) {
-        let raw = 3 + i;
-        let name = names
-            .get(i as usize)
-            .filter(|s| !s.is_empty())
-            .cloned()
-            .unwrap_or_else(|| "unknown".to_owned());
+    for (raw, name) in passed.fds() {
+        let name = name.unwrap_or("unknown");
         match sys::adopt_inherited_listener(raw) {
-            Ok(Some((fd, _))) => registry.add_inherited(&name, None, fd, Origin::Systemd)?,
+            Ok(Some((fd, _))) => registry.add_inherited(name, None, fd, Origin::Systemd)?,
             Ok(None) => tracing::warn!(fd = raw, "LISTEN_FDS names fd {raw} but it is not open"),
             Err(e) => {
                 return Err(Error::io(
@@ -1038,6 +1019,9 @@ fn adopt_systemd_listeners(registry: &Registry) -> Result<(), Error> {
             }
         }
     }
-    tracing::info!(count = n, "adopted systemd socket-activation listeners");
+    tracing::info!(
+        count = passed.count(),
+        "adopted systemd socket-activation listeners"
+    );
     Ok(())
 }

@@ -113,6 +113,8 @@ pub use generation::{
     write_pid_file,
 };
 pub use handoff::HandoffConn;
-pub use listeners::{Listener, ListenerInfo, Stream, StreamAddr, bind_unix as bind_unix_listener};
+pub use listeners::{
+    ListenFds, Listener, ListenerInfo, Stream, StreamAddr, bind_unix as bind_unix_listener,
+};
 pub use spawn::{ChildProcess, OsSpawner, SpawnSpec, Spawner};
 pub use state::{Schema, StateMode};

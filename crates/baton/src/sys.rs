@@ -78,26 +78,7 @@ pub fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
 /// adopt each number at most once (the listener registry reads the
 /// environment once per process).
 pub fn adopt_inherited_fd(raw: RawFd) -> io::Result<Option<OwnedFd>> {
-    if raw < 3 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("refusing to adopt fd {raw}: inherited fds start at 3"),
-        ));
-    }
-    // SAFETY: the borrow is used only for the `fcntl(F_GETFD)` probe right
-    // here; an fd number that is not open makes the kernel answer EBADF.
-    let probe = unsafe { BorrowedFd::borrow_raw(raw) };
-    match rustix::io::fcntl_getfd(probe) {
-        Ok(_) => {}
-        Err(rustix::io::Errno::BADF) => return Ok(None),
-        Err(e) => return Err(to_io(e)),
-    }
-    // SAFETY: the number is open and was handed to this process on purpose by
-    // its parent (the LISTEN_FDS / BATON_HANDOFF_FD conventions); nothing else
-    // in this process owns it, because it is adopted once, at start-up.
-    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-    set_cloexec(owned.as_fd())?;
-    Ok(Some(owned))
+    Ok(adopt_checked(raw, |_| Ok(()))?.map(|(fd, ())| fd))
 }
 
 /// Adopt an inherited fd that must be a listening stream socket
@@ -111,6 +92,16 @@ pub fn adopt_inherited_fd(raw: RawFd) -> io::Result<Option<OwnedFd>> {
 /// # Errors
 /// `InvalidInput` naming what the fd is instead.
 pub fn adopt_inherited_listener(raw: RawFd) -> io::Result<Option<(OwnedFd, SocketKind)>> {
+    adopt_checked(raw, listening_socket_kind)
+}
+
+/// Probe `raw`, run `check` on it while it is only borrowed, and take
+/// ownership (`CLOEXEC`) only if both succeed. `Ok(None)`: nothing is open
+/// there.
+fn adopt_checked<T>(
+    raw: RawFd,
+    check: impl FnOnce(BorrowedFd<'_>) -> io::Result<T>,
+) -> io::Result<Option<(OwnedFd, T)>> {
     if raw < 3 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -125,8 +116,13 @@ pub fn adopt_inherited_listener(raw: RawFd) -> io::Result<Option<(OwnedFd, Socke
         Err(rustix::io::Errno::BADF) => return Ok(None),
         Err(e) => return Err(to_io(e)),
     }
-    let kind = listening_socket_kind(probe)?;
-    Ok(adopt_inherited_fd(raw)?.map(|fd| (fd, kind)))
+    let checked = check(probe)?;
+    // SAFETY: the number is open and was handed to this process on purpose by
+    // its parent (the LISTEN_FDS / BATON_HANDOFF_FD conventions); nothing else
+    // in this process owns it, because it is adopted once, at start-up.
+    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+    set_cloexec(owned.as_fd())?;
+    Ok(Some((owned, checked)))
 }
 
 /// Send one datagram with fds attached. Non-blocking sockets answer

@@ -394,17 +394,7 @@ fn open_control(
 /// left alone: the listener set adopts them. Call it first thing, before
 /// any thread or runtime opens fds of its own.
 pub fn cloexec_inherited_fds() {
-    let listen = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|n| n.trim().parse::<i32>().ok())
-        .filter(|_| {
-            std::env::var("LISTEN_PID")
-                .ok()
-                .and_then(|p| p.trim().parse::<u32>().ok())
-                == Some(baton::sys::getpid())
-        })
-        .unwrap_or(0)
-        .clamp(0, 1024);
+    let listen = baton::ListenFds::from_env().map_or(0, |l| l.count());
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };

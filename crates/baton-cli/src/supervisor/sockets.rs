@@ -524,31 +524,12 @@ fn same_address(fd: &OwnedFd, want: &ListenAddr) -> bool {
 
 /// systemd's `LISTEN_FDS` meant for this process: (name, fd, kind).
 fn adopt_systemd() -> Result<Vec<(String, OwnedFd, sys::SocketKind)>, OpenError> {
-    let Some(n) = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-    else {
+    let Some(passed) = baton::ListenFds::from_env() else {
         return Ok(Vec::new());
     };
-    let for_us = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok())
-        .is_some_and(|p| p == sys::getpid());
-    if !for_us {
-        tracing::debug!("LISTEN_FDS is set for another process; ignoring it");
-        return Ok(Vec::new());
-    }
-    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-        .map(|s| s.split(':').map(str::to_owned).collect())
-        .unwrap_or_default();
     let mut out = Vec::new();
-    for i in 0..n.clamp(0, 1024) {
-        let raw = 3 + i;
-        let name = names
-            .get(i as usize)
-            .filter(|s| !s.is_empty())
-            .cloned()
-            .unwrap_or_else(|| format!("LISTEN_FD_{raw}"));
+    for (raw, name) in passed.fds() {
+        let name = name.map_or_else(|| format!("LISTEN_FD_{raw}"), str::to_owned);
         match sys::adopt_inherited_listener(raw) {
             Ok(Some((fd, kind))) => out.push((name, fd, kind)),
             Ok(None) => {
