@@ -92,14 +92,29 @@ pub fn venv_tool(name: &str) -> PathBuf {
 
 /// A program from `PATH`.
 pub fn in_path(name: &str, install_hint: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let c = dir.join(name);
-        if c.is_file() {
-            return c;
-        }
-    }
-    panic!("{name} is not in PATH: {install_hint}");
+    which(name).unwrap_or_else(|| panic!("{name} is not in PATH: {install_hint}"))
+}
+
+/// A program from `PATH`, if there is one.
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Owned copies of string literals (command lines).
+pub fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// `python pyapp.py ARGS...` from the venv (the supervisor tests' app).
+pub fn pyapp(args: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        venv_tool("python").display().to_string(),
+        apps_dir().join("pyapp.py").display().to_string(),
+    ];
+    v.extend(strings(args));
+    v
 }
 
 /// `node`.

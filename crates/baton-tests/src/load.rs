@@ -141,6 +141,14 @@ impl Load {
         self.done.load(Ordering::Relaxed)
     }
 
+    /// Wait (at most `timeout`) until `n` more requests have finished.
+    pub fn wait_progress(&self, n: u64, timeout: Duration) {
+        let start = self.done();
+        crate::wait_for(timeout, "load progress", || {
+            (self.done() >= start + n).then_some(())
+        });
+    }
+
     /// A copy of the stats so far.
     pub fn snapshot(&self) -> Stats {
         self.stats.lock().unwrap().clone()

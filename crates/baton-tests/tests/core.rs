@@ -18,18 +18,11 @@ fn fixture() -> &'static Path {
 }
 
 /// Wait until the load client has made progress (so requests are in flight).
-fn wait_load_progress(load: &Load, at_least: u64) {
-    let start = load.done();
-    wait_for(T, "load progress", || {
-        (load.done() >= start + at_least).then_some(())
-    });
-}
-
 #[test]
 fn twenty_upgrades_under_connection_close_load_fail_nothing() {
     let s = Server::start(fixture(), "twenty");
     let load = Load::start(s.addr, Mode::Close, 16, Duration::from_secs(240), u64::MAX);
-    wait_load_progress(&load, 50);
+    load.wait_progress(50, T);
     let mut pids = BTreeSet::from([s.pid()]);
     let mut in_flight_at_trigger = Vec::new();
     for i in 0..20 {
@@ -40,7 +33,7 @@ fn twenty_upgrades_under_connection_close_load_fail_nothing() {
         let after = s.wait_upgraded(before.pid, before.generation, T);
         pids.insert(after.pid);
         // Keep the load going between upgrades.
-        wait_load_progress(&load, 20);
+        load.wait_progress(20, T);
     }
     let stats = load.stop();
     eprintln!("load: {stats:?}\nin flight at each trigger: {in_flight_at_trigger:?}");
@@ -67,7 +60,7 @@ fn killed_after_ready(point: &str) {
     let s = Server::start(fixture(), &format!("killed-{point}"));
     let old = s.version();
     let load = Load::start(s.addr, Mode::Close, 8, Duration::from_secs(60), u64::MAX);
-    wait_load_progress(&load, 20);
+    load.wait_progress(20, T);
     // A long request keeps the old generation draining after a promotion, so
     // it is still there to resume when the successor dies.
     let addr = s.addr;
@@ -99,7 +92,7 @@ fn killed_after_ready(point: &str) {
             && http::get(s.addr, "/version").is_ok_and(|r| r.status == 200))
         .then_some(())
     });
-    wait_load_progress(&load, 50);
+    load.wait_progress(50, T);
     let stats = load.stop();
     eprintln!("load: {stats:?}");
     let refused = stats
@@ -185,7 +178,7 @@ fn rollback_case(name: &str, arm: impl FnOnce(&Server), extra_args: &[&str]) {
     );
     let old = s.version();
     let load = Load::start(s.addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
-    wait_load_progress(&load, 20);
+    load.wait_progress(20, T);
     arm(&s);
     let t = Instant::now();
     let reply = baton_tests::block_on(async {
@@ -204,7 +197,7 @@ fn rollback_case(name: &str, arm: impl FnOnce(&Server), extra_args: &[&str]) {
         }
         other => panic!("expected a failure, got {other:?}"),
     }
-    wait_load_progress(&load, 20);
+    load.wait_progress(20, T);
     let stats = load.stop();
     assert_eq!(
         stats.failed, 0,

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use baton::control::{Reply, Request, UpgradeReport};
+use baton_tests::apps::which;
 use baton_tests::load::{Load, Mode};
 use baton_tests::{Server, Version, http, proc, wait_for};
 
@@ -345,12 +346,6 @@ fn h2load_sees_no_error_status_across_upgrades() {
         eprintln!("{status}");
         assert!(status.contains(" 0 3xx, 0 4xx, 0 5xx"), "{o}");
     }
-}
-
-fn which(name: &str) -> Option<std::path::PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.exists())
 }
 
 fn open_echo(s: &Server) -> http::Conn {

@@ -22,12 +22,7 @@ fn upgrade(s: &Server) -> Reply {
 }
 
 fn which(name: &str) -> std::path::PathBuf {
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join(name))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| {
-            panic!("{name} is required for this test (see scripts/setup-test-deps.sh)")
-        })
+    baton_tests::apps::in_path(name, "see scripts/setup-test-deps.sh")
 }
 
 #[test]

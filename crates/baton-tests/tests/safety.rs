@@ -57,13 +57,6 @@ fn expect_failure(r: Reply, kind: FailureKind) -> String {
     }
 }
 
-fn wait_load(load: &Load, n: u64) {
-    let start = load.done();
-    wait_for(T, "load progress", || {
-        (load.done() >= start + n).then_some(())
-    });
-}
-
 #[test]
 fn preflight_refusals_change_nothing() {
     let dir = baton_tests::TestDir::new("check-flag");
@@ -74,7 +67,7 @@ fn preflight_refusals_change_nothing() {
     );
     let before = s.version();
     let load = Load::start(s.addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
-    wait_load(&load, 20);
+    load.wait_progress(20, T);
 
     // A failing --check.
     let m = expect_failure(upgrade(&s), FailureKind::Refused);
@@ -101,7 +94,7 @@ fn preflight_refusals_change_nothing() {
     assert!(m.contains("cannot be used"), "{m}");
     std::fs::rename(&aside, &s.exe).unwrap();
 
-    wait_load(&load, 20);
+    load.wait_progress(20, T);
     let v = s.version();
     assert_eq!(
         (v.pid, v.generation),
@@ -157,7 +150,7 @@ fn memory_headroom_refuses_with_numbers_and_admits_when_it_fits() {
 fn kill_new_generation_at(point: &str, runs: usize) {
     let s = start(&format!("kill-{point}"), &[]);
     let load = Load::start(s.addr, Mode::Close, 8, Duration::from_secs(600), u64::MAX);
-    wait_load(&load, 20);
+    load.wait_progress(20, T);
     let old = s.version();
     let fds_before = proc::open_fds(old.pid);
     for run in 0..runs {
@@ -192,7 +185,7 @@ fn kill_new_generation_at(point: &str, runs: usize) {
                 .expect("the long request completes on the old generation");
             assert_eq!(r.status, 200);
         }
-        wait_load(&load, 10);
+        load.wait_progress(10, T);
         assert!(
             proc::children(old.pid).is_empty(),
             "run {run}: no child left"
@@ -262,7 +255,7 @@ fn kill_the_new_generation_during_the_drain() {
 fn kill_the_old_generation_during_the_drain_leaves_the_new_one_unaffected() {
     let s = start("kill-old", &[]);
     let load = Load::start(s.addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
-    wait_load(&load, 20);
+    load.wait_progress(20, T);
     let old = s.version();
     let addr = s.addr;
     let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=5000"));
@@ -282,7 +275,7 @@ fn kill_the_old_generation_during_the_drain_leaves_the_new_one_unaffected() {
     wait_for(T, "the old generation gone", || {
         (!proc::alive(old.pid)).then_some(())
     });
-    wait_load(&load, 100);
+    load.wait_progress(100, T);
     let stats = load.stop();
     assert_eq!(stats.failed, 0, "{:?}", stats.errors);
     assert!(
@@ -357,13 +350,13 @@ fn observation(bad: bool) {
         },
     );
     let load = Load::start(s.addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
-    wait_load(&load, 20);
+    load.wait_progress(20, T);
     let old = s.version();
     if bad {
         s.arm_fault("health-bad-after:3000");
     }
     let r = upgrade(&s);
-    wait_load(&load, 50);
+    load.wait_progress(50, T);
     let stats = load.stop();
     eprintln!(
         "observe (bad={bad}): {r:?}\n  load {} ok {} failed {:?}",
@@ -409,7 +402,7 @@ fn canary(error_rate: Option<u32>) -> Reply {
         ],
     );
     let load = Load::start(s.addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
-    wait_load(&load, 20);
+    load.wait_progress(20, T);
     if let Some(p) = error_rate {
         s.arm_fault(&format!("error-rate:{p}"));
     }

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use baton_tests::apps::{pyapp, strings as s};
 use baton_tests::load::{Load, Mode, Stats};
 use baton_tests::supervisor::{RunOpts, Supervised, baton_cli};
 use baton_tests::{apps, http, proc, wait_for};
@@ -14,32 +15,11 @@ use rustix::process::Signal;
 const T: Duration = Duration::from_secs(30);
 const FIXTURE: &str = env!("CARGO_BIN_EXE_baton-fixture");
 
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
-
-/// `python pyapp.py ARGS...` from the venv.
-fn pyapp(args: &[&str]) -> Vec<String> {
-    let mut v = vec![
-        apps::venv_tool("python").display().to_string(),
-        apps::apps_dir().join("pyapp.py").display().to_string(),
-    ];
-    v.extend(s(args));
-    v
-}
-
-fn wait_load_progress(load: &Load, at_least: u64) {
-    let start = load.done();
-    wait_for(T, "load progress", || {
-        (load.done() >= start + at_least).then_some(())
-    });
-}
-
 /// Ten `baton upgrade`s under a no-retry `Connection: close` load.
 /// Returns the load's stats and the pid of every generation.
 fn ten_upgrades_under_load(sup: &Supervised, label: &str) -> (Stats, BTreeSet<u32>) {
     let load = Load::start(sup.addr, Mode::Close, 8, Duration::from_secs(200), u64::MAX);
-    wait_load_progress(&load, 50);
+    load.wait_progress(50, T);
     let first = sup.status();
     let mut pids = BTreeSet::from([first.pid]);
     let mut in_flight = Vec::new();
@@ -58,7 +38,7 @@ fn ten_upgrades_under_load(sup: &Supervised, label: &str) -> (Stats, BTreeSet<u3
                 .contains(&generation)
                 .then_some(())
         });
-        wait_load_progress(&load, 20);
+        load.wait_progress(20, T);
     }
     let stats = load.stop();
     eprintln!(
@@ -326,7 +306,7 @@ fn notify_readiness_waits_for_a_late_ready_from_the_generation_itself() {
         st.notes
     );
     let load = Load::start(sup.addr, Mode::Close, 4, Duration::from_secs(60), u64::MAX);
-    wait_load_progress(&load, 20);
+    load.wait_progress(20, T);
     // The next generation serves at once but says READY=1 only after 3 s.
     std::fs::write(&fault_file, "notify-delay:3\n").unwrap();
     let t = Instant::now();
@@ -413,7 +393,7 @@ fn tcp_readiness_waits_until_the_app_accepts() {
         },
     );
     let load = Load::start(sup.addr, Mode::Close, 4, Duration::from_secs(60), u64::MAX);
-    wait_load_progress(&load, 20);
+    load.wait_progress(20, T);
     // The kernel completes a connect to the new socket at once; the app
     // accepts only after 2 s.
     std::fs::write(&fault_file, "start-delay:2\n").unwrap();
@@ -421,7 +401,7 @@ fn tcp_readiness_waits_until_the_app_accepts() {
     assert_eq!(out.code, 0, "{out:?}");
     let ready_ms = out.json()["ready_ms"].as_u64().unwrap();
     assert!(ready_ms >= 1900, "ready after {ready_ms} ms");
-    wait_load_progress(&load, 20);
+    load.wait_progress(20, T);
     let stats = load.stop();
     assert_eq!(stats.failed, 0, "{:?}", stats.errors);
 }
@@ -458,7 +438,7 @@ fn a_never_ready_generation_is_killed_and_the_old_one_keeps_serving_in_every_mod
         );
         let old = sup.version();
         let load = Load::start(sup.addr, Mode::Close, 4, Duration::from_secs(60), u64::MAX);
-        wait_load_progress(&load, 20);
+        load.wait_progress(20, T);
         std::fs::write(&fault_file, "hang\n").unwrap();
         let t = Instant::now();
         let out = sup.upgrade(&["--json"]);
@@ -476,7 +456,7 @@ fn a_never_ready_generation_is_killed_and_the_old_one_keeps_serving_in_every_mod
         wait_for(T, "the hung generation to be gone", || {
             (!proc::alive(hung)).then_some(())
         });
-        wait_load_progress(&load, 20);
+        load.wait_progress(20, T);
         let stats = load.stop();
         assert_eq!(stats.failed, 0, "{label}: {:?}", stats.errors);
         let v = sup.version();
@@ -902,7 +882,7 @@ fn sighup_upgrades_and_sigterm_stops_gracefully() {
     });
     // SIGTERM: the app gets its stop signal and baton exits 0.
     let load = Load::start(sup.addr, Mode::Close, 2, Duration::from_secs(30), u64::MAX);
-    wait_load_progress(&load, 10);
+    load.wait_progress(10, T);
     sup.signal(Signal::TERM);
     let st = sup.wait_exit(T).expect("baton exits after SIGTERM");
     let stats = load.stop();

@@ -3,32 +3,13 @@
 
 use std::time::Duration;
 
+use baton_tests::apps::{pyapp, strings as s, which};
 use baton_tests::load::{Load, Mode};
 use baton_tests::notify::NotifySocket;
 use baton_tests::supervisor::{RunOpts, Supervised};
 use baton_tests::{TestDir, apps, http, proc, wait_for};
 
 const T: Duration = Duration::from_secs(60);
-
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
-
-/// `python pyapp.py ARGS...` from the venv.
-fn pyapp(args: &[&str]) -> Vec<String> {
-    let mut v = vec![
-        apps::venv_tool("python").display().to_string(),
-        apps::apps_dir().join("pyapp.py").display().to_string(),
-    ];
-    v.extend(s(args));
-    v
-}
-
-fn which(name: &str) -> Option<std::path::PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
 
 /// Scrape `/metrics`, check it parses, return the samples.
 fn scrape(addr: std::net::SocketAddr) -> (Vec<(String, f64)>, String) {

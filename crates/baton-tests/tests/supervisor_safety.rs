@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use baton_tests::apps::{pyapp, strings as s};
 use baton_tests::load::{Load, Mode};
 use baton_tests::supervisor::{CliOut, RunOpts, Supervised};
 use baton_tests::{TestDir, apps, http, proc, wait_for};
@@ -16,27 +17,6 @@ const T: Duration = Duration::from_secs(60);
 
 fn soak() -> bool {
     std::env::var_os("BATON_SOAK").is_some()
-}
-
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
-
-/// `python pyapp.py ARGS...` from the venv.
-fn pyapp(args: &[&str]) -> Vec<String> {
-    let mut v = vec![
-        apps::venv_tool("python").display().to_string(),
-        apps::apps_dir().join("pyapp.py").display().to_string(),
-    ];
-    v.extend(s(args));
-    v
-}
-
-fn wait_load(load: &Load, n: u64) {
-    let start = load.done();
-    wait_for(T, "load progress", || {
-        (load.done() >= start + n).then_some(())
-    });
 }
 
 fn refused(out: &CliOut, what: &str) {
@@ -72,7 +52,7 @@ fn preflight_refusals_change_nothing_and_the_hashed_file_is_the_one_executed() {
     );
     let before = sup.version();
     let load = Load::start(sup.addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
-    wait_load(&load, 20);
+    load.wait_progress(20, T);
 
     // A failing --check.
     refused(&sup.upgrade(&["--json"]), "pre-flight check");
@@ -101,7 +81,7 @@ fn preflight_refusals_change_nothing_and_the_hashed_file_is_the_one_executed() {
         "not found in PATH",
     );
 
-    wait_load(&load, 20);
+    load.wait_progress(20, T);
     let v = sup.version();
     assert_eq!(
         (v.pid, v.generation),
@@ -152,7 +132,7 @@ fn preflight_refusals_change_nothing_and_the_hashed_file_is_the_one_executed() {
             target.display()
         );
     }
-    wait_load(&load, 20);
+    load.wait_progress(20, T);
     let stats = load.stop();
     eprintln!(
         "pre-flight: load {} ok, {} failed {:?}",
@@ -290,7 +270,7 @@ fn observation(bad: bool) {
         ],
     );
     let load = Load::start(sup.addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
-    wait_load(&load, 20);
+    load.wait_progress(20, T);
     let old = sup.version();
     if bad {
         std::fs::write(&fault_file, "health-bad-after:3\n").unwrap();
@@ -298,7 +278,7 @@ fn observation(bad: bool) {
     let t = Instant::now();
     let out = sup.upgrade(&["--json"]);
     let elapsed = t.elapsed();
-    wait_load(&load, 50);
+    load.wait_progress(50, T);
     let stats = load.stop();
     eprintln!(
         "observe (bad={bad}) after {elapsed:?}: {out:?}\n  load {} ok, {} failed {:?}; pids {:?}",
@@ -372,13 +352,13 @@ fn canary(bad: bool) {
     };
     let (sup, fault_file, _fault) = windowed(name, &["--canary", "3s", "--canary-percent", "50"]);
     let load = Load::start(sup.addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
-    wait_load(&load, 20);
+    load.wait_progress(20, T);
     let old = sup.version();
     if bad {
         std::fs::write(&fault_file, "health-bad-after:1\n").unwrap();
     }
     let out = sup.upgrade(&["--json"]);
-    wait_load(&load, 50);
+    load.wait_progress(50, T);
     let stats = load.stop();
     eprintln!(
         "canary (bad={bad}): {out:?}\n  load {} ok, {} failed {:?}; pids {:?}",
@@ -476,7 +456,7 @@ fn kill_new_generation_at(phase: &str, runs: usize) {
         &["--ready", "http://{addr}/health", "--drain-timeout", "20s"],
     );
     let load = Load::start(sup.addr, Mode::Close, 8, Duration::from_secs(600), u64::MAX);
-    wait_load(&load, 20);
+    load.wait_progress(20, T);
     let fds_before = proc::open_fds(sup.pid);
     let mut outcomes = Vec::new();
     for run in 0..runs {
@@ -543,7 +523,7 @@ fn kill_new_generation_at(phase: &str, runs: usize) {
         wait_for(T, "one generation left", || {
             (proc::children(sup.pid) == vec![now.pid]).then_some(())
         });
-        wait_load(&load, 20);
+        load.wait_progress(20, T);
     }
     let stats = load.stop();
     let refused = stats
@@ -614,7 +594,7 @@ fn kill_the_old_generation_during_its_drain_leaves_the_new_one_unaffected() {
         },
     );
     let load = Load::start(sup.addr, Mode::Close, 8, Duration::from_secs(120), u64::MAX);
-    wait_load(&load, 20);
+    load.wait_progress(20, T);
     let old = sup.version();
     let addr = sup.addr;
     // Never released: the old generation is killed while it serves this.
@@ -631,7 +611,7 @@ fn kill_the_old_generation_during_its_drain_leaves_the_new_one_unaffected() {
     proc::signal(old.pid, rustix::process::Signal::KILL);
     let out = upgrade.join().unwrap();
     assert_eq!(out.code, 0, "{out:?}");
-    wait_load(&load, 100);
+    load.wait_progress(100, T);
     let stats = load.stop();
     eprintln!(
         "kill the old one during its drain: {out:?}; load {} ok, {} failed",
@@ -669,7 +649,7 @@ fn many_upgrades_in_a_row_do_not_grow_the_supervisors_rss_or_fds() {
         Duration::from_secs(3600),
         u64::MAX,
     );
-    wait_load(&load, 20);
+    load.wait_progress(20, T);
     let warm_up = 10;
     let (mut rss, mut fds) = (Vec::new(), Vec::new());
     for i in 0..n {
