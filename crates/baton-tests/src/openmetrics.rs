@@ -64,3 +64,26 @@ pub fn check(text: &str) -> Result<Vec<(String, f64)>, String> {
     }
     Ok(samples)
 }
+
+/// When the machine has `promtool`, it must accept `text` too (else only
+/// [`check`] has judged it; said on stderr).
+pub fn check_with_promtool(text: &str) {
+    let Some(promtool) = crate::apps::which("promtool") else {
+        eprintln!("promtool not installed: checked with the built-in OpenMetrics parser only");
+        return;
+    };
+    let dir = crate::TestDir::new("promtool");
+    let f = dir.join("m.txt");
+    std::fs::write(&f, text).unwrap();
+    let out = crate::output(
+        std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::fs::File::open(&f).unwrap()),
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -224,27 +224,7 @@ fn metrics_survive_upgrades_and_parse() {
         "the duration histogram carries its observations"
     );
     // promtool, when the machine has it, agrees.
-    if let Some(promtool) = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join("promtool"))
-        .find(|p| p.exists())
-    {
-        let dir = TestDir::new("promtool");
-        let f = dir.join("m.txt");
-        std::fs::write(&f, &text).unwrap();
-        let out = baton_tests::output(
-            std::process::Command::new(promtool)
-                .args(["check", "metrics"])
-                .stdin(std::fs::File::open(&f).unwrap()),
-        )
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "promtool: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    } else {
-        eprintln!("promtool not installed: checked with the built-in OpenMetrics parser only");
-    }
+    baton_tests::openmetrics::check_with_promtool(&text);
 }
 
 #[test]

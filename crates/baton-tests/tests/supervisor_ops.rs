@@ -101,27 +101,7 @@ fn metrics_count_upgrades_restarts_and_parse() {
     );
     assert_eq!(http::get(maddr, "/other").unwrap().status, 404);
     // promtool, when the machine has it, agrees.
-    match which("promtool") {
-        Some(promtool) => {
-            let dir = TestDir::new("sup-promtool");
-            let f = dir.join("m.txt");
-            std::fs::write(&f, &text).unwrap();
-            let out = baton_tests::output(
-                std::process::Command::new(promtool)
-                    .args(["check", "metrics"])
-                    .stdin(std::fs::File::open(&f).unwrap()),
-            )
-            .unwrap();
-            assert!(
-                out.status.success(),
-                "promtool: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        None => {
-            eprintln!("promtool not installed: checked with the built-in OpenMetrics parser only")
-        }
-    }
+    baton_tests::openmetrics::check_with_promtool(&text);
 }
 
 /// `baton run` under systemd (`Type=notify`, `NotifyAccess=main`): its own
