@@ -104,25 +104,9 @@ fn read_notes(sock: std::os::unix::net::UnixDatagram) -> std::io::Result<mpsc::R
     drop(tokio::spawn(async move {
         let ours = baton::sys::euid();
         let mut buf = vec![0u8; MAX_NOTIFY_DATAGRAM];
-        loop {
-            if sock.readable().await.is_err() {
-                return;
-            }
-            let got = sock.try_io(tokio::io::Interest::READABLE, || {
-                baton::sys::recv_with_creds(sock.as_fd(), &mut buf)
-            });
-            let d = match got {
-                Ok(d) => d,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "notify socket read failed");
-                    continue;
-                }
-            };
-            let Some(c) = d.creds else {
-                tracing::warn!("notification without credentials ignored");
-                continue;
-            };
+        while let Some((c, len, truncated)) =
+            super::ready::recv_notification(&sock, &mut buf, None).await
+        {
             if c.uid != ours && c.uid != 0 {
                 tracing::warn!(
                     sender_pid = c.pid,
@@ -131,14 +115,14 @@ fn read_notes(sock: std::os::unix::net::UnixDatagram) -> std::io::Result<mpsc::R
                 );
                 continue;
             }
-            if d.truncated {
+            if truncated {
                 tracing::warn!(
                     sender_pid = c.pid,
                     "notification larger than {MAX_NOTIFY_DATAGRAM} bytes ignored"
                 );
                 continue;
             }
-            let text = String::from_utf8_lossy(&buf[..d.len]);
+            let text = String::from_utf8_lossy(&buf[..len]);
             let lines = text
                 .lines()
                 .filter_map(|l| l.split_once('='))

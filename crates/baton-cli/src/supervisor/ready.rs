@@ -744,25 +744,9 @@ impl NotifySocket {
         self.task = Some(tokio::spawn(async move {
             let ours = baton::sys::euid();
             let mut buf = vec![0u8; MAX_NOTIFY_DATAGRAM];
-            loop {
-                if sock.readable().await.is_err() {
-                    return;
-                }
-                let got = sock.try_io(tokio::io::Interest::READABLE, || {
-                    baton::sys::recv_with_creds(sock.as_fd(), &mut buf)
-                });
-                let d = match got {
-                    Ok(d) => d,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => {
-                        tracing::warn!(generation, error = %e, "notify socket read failed");
-                        continue;
-                    }
-                };
-                let Some(c) = d.creds else {
-                    tracing::warn!(generation, "notification without credentials ignored");
-                    continue;
-                };
+            while let Some((c, len, truncated)) =
+                recv_notification(&sock, &mut buf, Some(generation)).await
+            {
                 if (c.uid != ours && c.uid != 0) || !in_tree(c.pid, pid) {
                     tracing::warn!(
                         generation,
@@ -772,7 +756,7 @@ impl NotifySocket {
                     );
                     continue;
                 }
-                if d.truncated {
+                if truncated {
                     tracing::warn!(
                         generation,
                         sender_pid = c.pid,
@@ -780,7 +764,7 @@ impl NotifySocket {
                     );
                     continue;
                 }
-                let text = String::from_utf8_lossy(&buf[..d.len]).into_owned();
+                let text = String::from_utf8_lossy(&buf[..len]).into_owned();
                 for line in text.lines() {
                     let Some((k, v)) = line.split_once('=') else {
                         continue;
@@ -805,6 +789,37 @@ impl NotifySocket {
             }
         }));
         Ok(())
+    }
+}
+
+/// The next datagram on a notify socket that carries its sender's
+/// credentials (`SO_PASSCRED`): the sender, the datagram's length in `buf`,
+/// and whether it was truncated. Read errors and datagrams without
+/// credentials are logged (with `generation`, if any) and skipped; `None`
+/// once the socket can no longer be read.
+pub async fn recv_notification(
+    sock: &tokio::net::UnixDatagram,
+    buf: &mut [u8],
+    generation: Option<u64>,
+) -> Option<(baton::sys::SenderCreds, usize, bool)> {
+    loop {
+        sock.readable().await.ok()?;
+        let got = sock.try_io(tokio::io::Interest::READABLE, || {
+            baton::sys::recv_with_creds(sock.as_fd(), buf)
+        });
+        let d = match got {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::warn!(generation, error = %e, "notify socket read failed");
+                continue;
+            }
+        };
+        let Some(c) = d.creds else {
+            tracing::warn!(generation, "notification without credentials ignored");
+            continue;
+        };
+        return Some((c, d.len, d.truncated));
     }
 }
 
