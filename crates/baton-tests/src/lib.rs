@@ -510,15 +510,61 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 /// Ask a control socket for status.
 pub fn control_status(path: &Path) -> baton::control::StatusReport {
+    match control_call(path, &baton::control::Request::Status, |_| {}) {
+        baton::control::Reply::Status(s) => *s,
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+/// Status over a control socket, if it answers within 5 s.
+pub fn try_control_status(path: &Path) -> Option<baton::control::StatusReport> {
     block_on(async {
-        let c = baton::control::Client::connect(path).await.unwrap();
-        match c
-            .call(&baton::control::Request::Status, |_| {})
-            .await
-            .unwrap()
-        {
-            baton::control::Reply::Status(s) => *s,
-            other => panic!("unexpected reply {other:?}"),
+        let c = baton::control::Client::connect(path).await.ok()?;
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.call(&baton::control::Request::Status, |_| {}),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        match reply {
+            baton::control::Reply::Status(s) => Some(*s),
+            _ => None,
         }
     })
+}
+
+/// One request over a control socket and its final answer (progress events
+/// to `on_event`), within 300 s; panics on I/O errors.
+pub fn control_call(
+    path: &Path,
+    req: &baton::control::Request,
+    on_event: impl FnMut(&baton::control::Event),
+) -> baton::control::Reply {
+    control_call_within(path, req, on_event, Duration::from_secs(300))
+}
+
+/// [`control_call`] with its own bound.
+pub fn control_call_within(
+    path: &Path,
+    req: &baton::control::Request,
+    on_event: impl FnMut(&baton::control::Event),
+    timeout: Duration,
+) -> baton::control::Reply {
+    block_on(async {
+        let c = baton::control::Client::connect(path).await.unwrap();
+        tokio::time::timeout(timeout, c.call(req, on_event))
+            .await
+            .unwrap_or_else(|_| panic!("no answer from {} within {timeout:?}", path.display()))
+            .unwrap()
+    })
+}
+
+/// An upgrade with default options over a control socket: its answer.
+pub fn control_upgrade(path: &Path) -> baton::control::Reply {
+    control_call(
+        path,
+        &baton::control::Request::Upgrade(Default::default()),
+        |_| {},
+    )
 }

@@ -140,20 +140,7 @@ impl Supervised {
 
     /// Status over the control socket, if it answers.
     pub fn try_status(&self) -> Option<StatusReport> {
-        crate::block_on(async {
-            let c = baton::control::Client::connect(&self.control).await.ok()?;
-            let reply = tokio::time::timeout(
-                Duration::from_secs(5),
-                c.call(&baton::control::Request::Status, |_| {}),
-            )
-            .await
-            .ok()?
-            .ok()?;
-            match reply {
-                baton::control::Reply::Status(s) => Some(*s),
-                _ => None,
-            }
-        })
+        crate::try_control_status(&self.control)
     }
 
     /// Status over the control socket.

@@ -181,15 +181,11 @@ fn rollback_case(name: &str, arm: impl FnOnce(&Server), extra_args: &[&str]) {
     load.wait_progress(20, T);
     arm(&s);
     let t = Instant::now();
-    let reply = baton_tests::block_on(async {
-        let c = baton::control::Client::connect(&s.control).await.unwrap();
-        c.call(
-            &baton::control::Request::Upgrade(baton::control::UpgradeOptions::default()),
-            |e| eprintln!("event: {e:?}"),
-        )
-        .await
-        .unwrap()
-    });
+    let reply = baton_tests::control_call(
+        &s.control,
+        &baton::control::Request::Upgrade(baton::control::UpgradeOptions::default()),
+        |e| eprintln!("event: {e:?}"),
+    );
     eprintln!("{name}: {reply:?} after {:?}", t.elapsed());
     match &reply {
         baton::control::Reply::Failed(f) => {
@@ -307,27 +303,9 @@ fn a_second_upgrade_request_during_an_upgrade_is_told_in_progress() {
     let s = Server::start(fixture(), "in-progress");
     s.arm_fault("slow-start:1500");
     let path = s.control.clone();
-    let first = std::thread::spawn(move || {
-        baton_tests::block_on(async {
-            let c = baton::control::Client::connect(&path).await.unwrap();
-            c.call(
-                &baton::control::Request::Upgrade(Default::default()),
-                |_| {},
-            )
-            .await
-            .unwrap()
-        })
-    });
+    let first = std::thread::spawn(move || baton_tests::control_upgrade(&path));
     std::thread::sleep(Duration::from_millis(300));
-    let second = baton_tests::block_on(async {
-        let c = baton::control::Client::connect(&s.control).await.unwrap();
-        c.call(
-            &baton::control::Request::Upgrade(Default::default()),
-            |_| {},
-        )
-        .await
-        .unwrap()
-    });
+    let second = baton_tests::control_upgrade(&s.control);
     match second {
         baton::control::Reply::Failed(f) => {
             assert_eq!(f.kind, baton::control::FailureKind::InProgress, "{f:?}")
@@ -396,15 +374,7 @@ fn a_request_longer_than_the_drain_timeout_is_cut_and_counted() {
     let addr = s.addr;
     let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=10000"));
     std::thread::sleep(Duration::from_millis(200));
-    let reply = baton_tests::block_on(async {
-        let c = baton::control::Client::connect(&s.control).await.unwrap();
-        c.call(
-            &baton::control::Request::Upgrade(Default::default()),
-            |_| {},
-        )
-        .await
-        .unwrap()
-    });
+    let reply = baton_tests::control_upgrade(&s.control);
     match reply {
         baton::control::Reply::Upgraded(r) => {
             assert_eq!(

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use baton::control::{Reply, Request, UpgradeReport};
+use baton::control::{Reply, UpgradeReport};
 use baton_tests::apps::which;
 use baton_tests::load::{Load, Mode};
 use baton_tests::{Server, Version, http, proc, wait_for};
@@ -12,13 +12,7 @@ const FIXTURE: &str = env!("CARGO_BIN_EXE_baton-fixture");
 const T: Duration = Duration::from_secs(30);
 
 fn upgrade_via_control(s: &Server) -> UpgradeReport {
-    let reply = baton_tests::block_on(async {
-        let c = baton::control::Client::connect(&s.control).await.unwrap();
-        c.call(&Request::Upgrade(Default::default()), |_| {})
-            .await
-            .unwrap()
-    });
-    match reply {
+    match baton_tests::control_upgrade(&s.control) {
         Reply::Upgraded(r) => r,
         other => panic!("upgrade failed: {other:?}"),
     }
@@ -90,14 +84,7 @@ fn a_batch_the_new_generation_cannot_take_stays_with_the_old_one() {
     // The upgrade ends when the old generation has drained, which takes
     // these connections' next requests: send them meanwhile.
     let control = s.control.clone();
-    let upgrading = std::thread::spawn(move || {
-        baton_tests::block_on(async {
-            let c = baton::control::Client::connect(&control).await.unwrap();
-            c.call(&Request::Upgrade(Default::default()), |_| {})
-                .await
-                .unwrap()
-        })
-    });
+    let upgrading = std::thread::spawn(move || baton_tests::control_upgrade(&control));
     wait_for(T, "the refused batch", || {
         s.log().contains("refused a connection batch").then_some(())
     });
@@ -372,14 +359,7 @@ fn an_upgraded_connection_stays_on_the_old_generation_until_it_closes() {
     let mut ws = open_echo(&s);
     assert_eq!(echo(&mut ws, b"ping 1"), b"ping 1");
     let ctl = s.control.clone();
-    let up = std::thread::spawn(move || {
-        baton_tests::block_on(async {
-            let c = baton::control::Client::connect(&ctl).await.unwrap();
-            c.call(&Request::Upgrade(Default::default()), |_| {})
-                .await
-                .unwrap()
-        })
-    });
+    let up = std::thread::spawn(move || baton_tests::control_upgrade(&ctl));
     let new = wait_for(T, "the new generation to serve", || {
         let v = Version::parse(&http::get(s.addr, "/version").ok()?.body)?;
         (v.pid != old.pid).then_some(v)

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use baton::control::{Reply, Request};
+use baton::control::Reply;
 use baton_tests::load::{Load, Mode};
 use baton_tests::notify::NotifySocket;
 use baton_tests::{Server, ServerOpts, TestDir, http, proc, wait_for};
@@ -13,12 +13,7 @@ const FIXTURE: &str = env!("CARGO_BIN_EXE_baton-fixture");
 const T: Duration = Duration::from_secs(60);
 
 fn upgrade(s: &Server) -> Reply {
-    baton_tests::block_on(async {
-        let c = baton::control::Client::connect(&s.control).await.unwrap();
-        c.call(&Request::Upgrade(Default::default()), |_| {})
-            .await
-            .unwrap()
-    })
+    baton_tests::control_upgrade(&s.control)
 }
 
 fn which(name: &str) -> std::path::PathBuf {

@@ -34,11 +34,8 @@ fn start(name: &str, args: &[&str]) -> Server {
 }
 
 fn upgrade_with(s: &Server, opts: UpgradeOptions) -> Reply {
-    baton_tests::block_on(async {
-        let c = baton::control::Client::connect(&s.control).await.unwrap();
-        c.call(&Request::Upgrade(opts), |e| eprintln!("  event: {e:?}"))
-            .await
-            .unwrap()
+    baton_tests::control_call(&s.control, &Request::Upgrade(opts), |e| {
+        eprintln!("  event: {e:?}")
     })
 }
 

@@ -406,17 +406,7 @@ fn delegate_mode_follows_a_library_mode_server_that_upgrades_itself() {
     assert_eq!(ns_pid(baton), Some(1), "baton is PID 1 in the namespace");
     let status = || baton_tests::control_status(&control);
     let first = wait_for(T, "the server to serve", || {
-        let st = baton_tests::block_on(async {
-            let c = baton::control::Client::connect(&control).await.ok()?;
-            match c
-                .call(&baton::control::Request::Status, |_| {})
-                .await
-                .ok()?
-            {
-                baton::control::Reply::Status(s) => Some(*s),
-                _ => None,
-            }
-        })?;
+        let st = baton_tests::try_control_status(&control)?;
         (st.phase == "serving").then_some(st)
     });
     assert_eq!(first.mode, "delegate");

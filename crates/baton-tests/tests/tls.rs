@@ -24,18 +24,12 @@ fn fixture() -> &'static Path {
 }
 
 fn upgrade_reply(s: &TlsServer) -> Reply {
-    baton_tests::block_on(async {
-        let c = baton::control::Client::connect(&s.server.control)
-            .await
-            .unwrap();
-        tokio::time::timeout(
-            Duration::from_secs(120),
-            c.call(&Request::Upgrade(Default::default()), |_| {}),
-        )
-        .await
-        .expect("the upgrade answered within 120 s")
-        .unwrap()
-    })
+    baton_tests::control_call_within(
+        &s.server.control,
+        &Request::Upgrade(Default::default()),
+        |_| {},
+        Duration::from_secs(120),
+    )
 }
 
 /// Upgrade through the control socket and wait until the old process is
