@@ -78,6 +78,7 @@ pub(crate) async fn owner(inner: Arc<Inner>, mut rx: mpsc::Receiver<Command>) {
                             }));
                             continue;
                         }
+                        settle_exited_predecessor(&inner).await;
                         if let Err(e) = upgrade_allowed(&inner) {
                             tracing::warn!(reason = %e, "upgrade not started");
                             if matches!(e, Error::Refused(_)) {
@@ -151,6 +152,36 @@ fn record(inner: &Inner, res: &Result<&UpgradeReport, &Error>) {
         at_unix_ms: unix_ms(),
         report,
     });
+}
+
+/// The previous generation has exited, but the end of its handoff channel
+/// (its last messages, then EOF) is still being read: wait for that, at most
+/// [`PREDECESSOR_EOF_WAIT`], so an upgrade asked for right after its exit is
+/// not told that it is still draining. A predecessor that still runs is not
+/// waited for.
+async fn settle_exited_predecessor(inner: &Inner) {
+    let Some(pid) = inner.predecessor_pid else {
+        return;
+    };
+    if !*inner.predecessor_alive.borrow() || !process_exited(pid) {
+        return;
+    }
+    let mut alive = inner.predecessor_alive.subscribe();
+    let _ = tokio::time::timeout(PREDECESSOR_EOF_WAIT, alive.wait_for(|a| !a)).await;
+}
+
+/// Longest wait for an exited predecessor's channel to be read to the end.
+const PREDECESSOR_EOF_WAIT: Duration = Duration::from_secs(1);
+
+/// `pid` is gone or a zombie (`/proc/PID/stat`).
+fn process_exited(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    matches!(state, Some('Z' | 'X'))
 }
 
 fn upgrade_allowed(inner: &Inner) -> Result<(), Error> {
