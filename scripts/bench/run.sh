@@ -2,12 +2,12 @@
 # baton against its peers, side by side, in one run (issue 9).
 #
 #   scripts/bench/run.sh [--quick] [--only NAME[,NAME]] [--duration S] [--rounds N]
-#                        [--latency-count N] [--bin-dir DIR] [--keep]
+#                        [--upgrades N] [--latency-count N] [--bin-dir DIR] [--keep]
 #
 # Prints one Markdown report on stdout (progress goes to stderr) and keeps a
 # copy in target/bench/latest.md. Scenarios:
 #   load     wrk -t2 -c64 -d25s --latency, keep-alive and Connection: close,
-#            5 upgrades during each run (longer -d for slow peers)
+#            5 upgrades (--upgrades) during each run (longer -d for slow peers)
 #   idle     64 keep-alive connections idle through one upgrade
 #   steady   baton-demo vs the same handler on plain hyper (--plain)
 #   latency  trigger -> new generation ready -> old generation gone, 20 upgrades
@@ -31,7 +31,7 @@ cd "$ROOT"
 HERE=$ROOT/scripts/bench
 PROBE=(python3 "$HERE/probe.py")
 
-QUICK=0 ONLY="" DUR="" ROUNDS="" LATN="" KEEP=0 BIN_DIR=""
+QUICK=0 ONLY="" DUR="" ROUNDS="" LATN="" KEEP=0 BIN_DIR="" UPGRADES=""
 ARGS_ECHO="$*"
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -40,6 +40,7 @@ while [[ $# -gt 0 ]]; do
     --only=*) ONLY="${1#--only=}" ;;
     --duration) DUR="$2"; shift ;;
     --rounds) ROUNDS="$2"; shift ;;
+    --upgrades) UPGRADES="$2"; shift ;;
     --latency-count) LATN="$2"; shift ;;
     --bin-dir) BIN_DIR="$2"; shift ;;
     --keep) KEEP=1 ;;
@@ -52,10 +53,10 @@ done
 ALL_PEERS="baton-demo baton-run nginx-binary nginx-reload haproxy haproxy-idle-close tableflip pingora stop-start"
 ALL_SCEN="load idle steady latency handoff memory"
 if [[ $QUICK == 1 ]]; then
-  DUR=${DUR:-3}; ROUNDS=${ROUNDS:-1}; LATN=${LATN:-5}; UPGRADES=2; SCALE="200"; FIRST=0.5
+  DUR=${DUR:-3}; ROUNDS=${ROUNDS:-1}; LATN=${LATN:-5}; UPGRADES=${UPGRADES:-2}; SCALE="200"; FIRST=0.5
   PEERS="baton-demo"
 else
-  DUR=${DUR:-25}; ROUNDS=${ROUNDS:-3}; LATN=${LATN:-20}; UPGRADES=5; SCALE="1000 10000"; FIRST=2
+  DUR=${DUR:-25}; ROUNDS=${ROUNDS:-3}; LATN=${LATN:-20}; UPGRADES=${UPGRADES:-5}; SCALE="1000 10000"; FIRST=2
   PEERS=$ALL_PEERS
 fi
 SCEN=$ALL_SCEN
