@@ -198,7 +198,7 @@ start_peer() {
     baton-demo)
       KIND=baton
       # --no-state: none of the peers carries state; the demo's own state
-      # handoff is measured in the README's state section.
+      # handoff is measured in docs/state.md.
       "$BIN/baton-demo" --listen "127.0.0.1:$port" --pid-file "$dir/pid" \
         --control "$dir/ctl/ctl.sock" --no-state --log warn >>"$dir/log" 2>&1 &
       ;;
