@@ -16,6 +16,7 @@
 //! open fd.
 
 use std::ffi::OsString;
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 
@@ -58,10 +59,10 @@ pub fn main(args: ShimArgs) -> ExitCode {
     // inherit it.
     let mut _keep = None;
     let program: OsString = match args.exec_fd {
-        Some(fd) => match baton::sys::adopt_inherited_fd(fd) {
+        Some(fd) => match baton_sys::fd::adopt_inherited_fd(fd) {
             Ok(Some(owned)) => {
                 if args.keep_exec_fd
-                    && let Err(e) = rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::empty())
+                    && let Err(e) = baton_sys::fd::clear_cloexec(owned.as_fd())
                 {
                     eprintln!("baton: exec shim: fd {fd}: {e}");
                     return ExitCode::from(126);

@@ -87,10 +87,10 @@ fn listener(args: &Args) -> anyhow::Result<tokio::net::TcpListener> {
         == Some(std::process::id());
     let fds = std::env::var("LISTEN_FDS").ok();
     let std_listener = if for_us && fds.as_deref() == Some("1") {
-        let (fd, kind) = baton::sys::adopt_inherited_listener(3)
+        let (fd, kind) = baton_sys::fd::adopt_inherited_listener(3)
             .map_err(|e| anyhow::anyhow!("fd 3 named by LISTEN_FDS: {e}"))?
             .ok_or_else(|| anyhow::anyhow!("LISTEN_FDS=1 but fd 3 is not open"))?;
-        if kind != baton::sys::SocketKind::Tcp {
+        if kind != baton_sys::socket::SocketKind::Tcp {
             anyhow::bail!("fd 3 is a {kind:?} listener; --plain serves TCP only");
         }
         std::net::TcpListener::from(fd)

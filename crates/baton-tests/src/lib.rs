@@ -61,7 +61,7 @@ fn reap_orphans() {
     let Some(children) = our_children() else {
         // No /proc/PID/task/TID/children: reap anything (owned children may
         // then see ECHILD).
-        while let Ok(Some(_)) = baton::sys::reap_any() {}
+        while let Ok(Some(_)) = baton_sys::process::reap_any() {}
         return;
     };
     let owned = owned();
@@ -82,7 +82,7 @@ fn reap_orphans() {
 pub fn init() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
-        baton::sys::set_child_subreaper().expect("PR_SET_CHILD_SUBREAPER");
+        baton_sys::process::set_child_subreaper().expect("PR_SET_CHILD_SUBREAPER");
         std::thread::Builder::new()
             .name("reaper".into())
             .spawn(|| {

@@ -52,7 +52,7 @@ pub fn processes_with_exe_prefix(dir: &Path) -> Vec<u32> {
 
 /// Send a signal (errors ignored: the process may be gone).
 pub fn signal(pid: u32, sig: rustix::process::Signal) {
-    let _ = baton::sys::kill(pid, sig);
+    let _ = baton_sys::process::kill(pid, sig);
 }
 
 /// Number of open fds of a process.

@@ -236,7 +236,7 @@ pub fn kill_tree(pid: u32) {
     proc::signal(pid, rustix::process::Signal::KILL);
     for d in &desc {
         if let Some(g) = proc::pgid(*d) {
-            let _ = baton::sys::kill_group(g, rustix::process::Signal::KILL);
+            let _ = baton_sys::process::kill_group(g, rustix::process::Signal::KILL);
         }
         proc::signal(*d, rustix::process::Signal::KILL);
     }

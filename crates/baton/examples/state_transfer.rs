@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::time::Instant;
 
 use baton::protocol::MAX_FRAME;
-use baton::sys;
+use baton_sys as sys;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sizes: Vec<usize> = std::env::args()
@@ -50,18 +50,18 @@ fn best_of(n: usize, mut f: impl FnMut() -> std::io::Result<f64>) -> std::io::Re
 /// The old side writes a sealed memfd and sends its fd; the new side checks
 /// the seals and reads it.
 fn memfd_path(data: &[u8]) -> std::io::Result<f64> {
-    let (a, b) = sys::seqpacket_pair()?;
+    let (a, b) = sys::fd::seqpacket_pair()?;
     let t = Instant::now();
-    let fd = sys::sealed_memfd("bench", data)?;
-    sys::send_with_fds(a.as_fd(), b"state", &[fd.as_fd()])?;
+    let fd = sys::fd::sealed_memfd("bench", data)?;
+    sys::fd::send_with_fds(a.as_fd(), b"state", &[fd.as_fd()])?;
     drop(fd);
     let mut buf = [0u8; 64];
-    let mut got = sys::recv_with_fds(b.as_fd(), &mut buf)?;
+    let mut got = sys::fd::recv_with_fds(b.as_fd(), &mut buf)?;
     let fd = got
         .fds
         .pop()
         .ok_or_else(|| std::io::Error::other("no fd"))?;
-    let back = sys::read_sealed_memfd(fd, data.len() as u64, u64::MAX)?;
+    let back = sys::fd::read_sealed_memfd(fd, data.len() as u64, u64::MAX)?;
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(back.len(), data.len());
     Ok(secs)
@@ -70,20 +70,20 @@ fn memfd_path(data: &[u8]) -> std::io::Result<f64> {
 /// The same bytes in MAX_FRAME datagrams through the socketpair (a reader
 /// thread reassembles them).
 fn inline_path(data: &[u8]) -> std::io::Result<f64> {
-    let (a, b) = sys::seqpacket_pair()?;
+    let (a, b) = sys::fd::seqpacket_pair()?;
     let total = data.len();
     let t = Instant::now();
     let reader = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
         let mut out = Vec::with_capacity(total);
         let mut buf = vec![0u8; MAX_FRAME];
         while out.len() < total {
-            let got = sys::recv_with_fds(b.as_fd(), &mut buf)?;
+            let got = sys::fd::recv_with_fds(b.as_fd(), &mut buf)?;
             out.extend_from_slice(&buf[..got.len]);
         }
         Ok(out)
     });
     for chunk in data.chunks(MAX_FRAME - 64) {
-        sys::send_with_fds(a.as_fd(), chunk, &[])?;
+        sys::fd::send_with_fds(a.as_fd(), chunk, &[])?;
     }
     let back = reader
         .join()

@@ -9,7 +9,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::error::Error;
 use crate::protocol::{self, MAX_FRAME, Msg};
-use crate::sys;
+use baton_sys as sys;
 
 /// One end of the handoff channel.
 #[derive(Debug)]
@@ -20,8 +20,8 @@ pub(crate) struct Channel {
 impl Channel {
     /// Wrap a seqpacket socket (made non-blocking here).
     pub(crate) fn new(fd: OwnedFd) -> Result<Self, Error> {
-        sys::set_nonblocking(fd.as_fd(), true).map_err(|e| Error::io("handoff channel", e))?;
-        let fd = sys::async_fd(fd, Interest::READABLE | Interest::WRITABLE)
+        sys::fd::set_nonblocking(fd.as_fd(), true).map_err(|e| Error::io("handoff channel", e))?;
+        let fd = sys::fd::async_fd(fd, Interest::READABLE | Interest::WRITABLE)
             .map_err(|e| Error::io("registering the handoff channel", e))?;
         Ok(Channel { fd })
     }
@@ -38,7 +38,8 @@ impl Channel {
                 .writable()
                 .await
                 .map_err(|e| Error::io("handoff channel", e))?;
-            match guard.try_io(|inner| sys::send_with_fds(inner.get_ref().as_fd(), &frame, fds)) {
+            match guard.try_io(|inner| sys::fd::send_with_fds(inner.get_ref().as_fd(), &frame, fds))
+            {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
                     return Err(Error::PeerGone(format!(
@@ -78,7 +79,7 @@ impl Channel {
     /// readiness cache is bypassed). `Ok(None)`: nothing queued, or EOF.
     pub(crate) fn try_recv_now(&self) -> Result<Option<Msg>, Error> {
         let mut buf = vec![0u8; MAX_FRAME + 1];
-        match sys::recv_with_fds(self.fd.get_ref().as_fd(), &mut buf) {
+        match sys::fd::recv_with_fds(self.fd.get_ref().as_fd(), &mut buf) {
             Ok(got) if got.len == 0 && got.fds.is_empty() => Ok(None),
             Ok(got) if got.truncated || got.fds_truncated => {
                 Err(Error::Protocol("truncated frame".into()))
@@ -108,13 +109,14 @@ impl Channel {
                 .readable()
                 .await
                 .map_err(|e| Error::io("handoff channel", e))?;
-            let got =
-                match guard.try_io(|inner| sys::recv_with_fds(inner.get_ref().as_fd(), &mut buf)) {
-                    Ok(Ok(got)) => got,
-                    Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
-                    Ok(Err(e)) => return Err(Error::io("receiving on the handoff channel", e)),
-                    Err(_would_block) => continue,
-                };
+            let got = match guard
+                .try_io(|inner| sys::fd::recv_with_fds(inner.get_ref().as_fd(), &mut buf))
+            {
+                Ok(Ok(got)) => got,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
+                Ok(Err(e)) => return Err(Error::io("receiving on the handoff channel", e)),
+                Err(_would_block) => continue,
+            };
             if got.len == 0 && got.fds.is_empty() && !got.truncated {
                 return Ok(None);
             }
@@ -143,7 +145,7 @@ mod tests {
 
     #[tokio::test]
     async fn messages_and_fds_cross_a_socketpair() {
-        let (a, b) = sys::seqpacket_pair().unwrap();
+        let (a, b) = sys::fd::seqpacket_pair().unwrap();
         let (a, b) = (Channel::new(a).unwrap(), Channel::new(b).unwrap());
         let hello = Msg::Hello(Hello {
             protocol: PROTOCOL_VERSION,
@@ -170,7 +172,7 @@ mod tests {
         let (m, mut fds) = b.recv().await.unwrap().unwrap();
         assert_eq!(m, batch);
         let fd = fds.pop().unwrap();
-        assert!(sys::is_cloexec(fd.as_fd()).unwrap());
+        assert!(sys::fd::is_cloexec(fd.as_fd()).unwrap());
         let got = std::os::unix::net::UnixStream::from(fd);
         use std::io::{Read, Write};
         (&got).write_all(b"hi").unwrap();
@@ -187,18 +189,18 @@ mod tests {
 
     #[tokio::test]
     async fn garbage_and_wrong_fd_counts_are_errors() {
-        let (a, b) = sys::seqpacket_pair().unwrap();
+        let (a, b) = sys::fd::seqpacket_pair().unwrap();
         let b = Channel::new(b).unwrap();
-        sys::send_with_fds(a.as_fd(), b"garbage", &[]).unwrap();
+        sys::fd::send_with_fds(a.as_fd(), b"garbage", &[]).unwrap();
         assert!(matches!(b.recv().await, Err(Error::Protocol(_))));
         // Promote must carry no fds.
         let f = protocol::encode(&Msg::Promote).unwrap();
         let (x, _y) = std::os::unix::net::UnixStream::pair().unwrap();
-        sys::send_with_fds(a.as_fd(), &f, &[x.as_fd()]).unwrap();
+        sys::fd::send_with_fds(a.as_fd(), &f, &[x.as_fd()]).unwrap();
         assert!(matches!(b.recv().await, Err(Error::Protocol(_))));
         // After rejecting bad frames the channel still works.
         let f = protocol::encode(&Msg::WantState).unwrap();
-        sys::send_with_fds(a.as_fd(), &f, &[]).unwrap();
+        sys::fd::send_with_fds(a.as_fd(), &f, &[]).unwrap();
         assert_eq!(b.recv().await.unwrap().unwrap().0, Msg::WantState);
     }
 }

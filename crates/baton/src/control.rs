@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
 use crate::listeners::ListenerInfo;
-use crate::sys;
+use baton_sys as sys;
 
 /// Control protocol version.
 pub const CONTROL_VERSION: u8 = 1;
@@ -345,12 +345,12 @@ pub fn prepare_dir(path: &Path) -> Result<(), Error> {
     }
     let meta =
         std::fs::metadata(dir).map_err(|e| Error::Control(format!("{}: {e}", dir.display())))?;
-    if meta.uid() != sys::euid() {
+    if meta.uid() != sys::process::euid() {
         return Err(Error::Control(format!(
             "{} belongs to uid {}, not to us (uid {}): pick a private directory",
             dir.display(),
             meta.uid(),
-            sys::euid()
+            sys::process::euid()
         )));
     }
     if meta.mode() & 0o022 != 0 {
@@ -384,16 +384,16 @@ pub fn default_socket_path(name: &str) -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
         return PathBuf::from(d).join("baton").join(file);
     }
-    if sys::euid() == 0 {
+    if sys::process::euid() == 0 {
         return PathBuf::from("/run/baton").join(file);
     }
-    PathBuf::from(format!("/tmp/baton-{}", sys::euid())).join(file)
+    PathBuf::from(format!("/tmp/baton-{}", sys::process::euid())).join(file)
 }
 
 /// Serve one control connection: check the peer, read one request, forward
 /// it to the owner, stream the answer back.
 pub async fn serve_connection(mut s: UnixStream, owner: mpsc::Sender<Command>) {
-    let ours = sys::euid();
+    let ours = sys::process::euid();
     // tokio's peer_cred copes with a peer in another PID namespace (pid 0).
     match s
         .peer_cred()
@@ -548,9 +548,9 @@ impl Client {
             };
             Error::Control(format!("cannot connect to {}: {e}{hint}", path.display()))
         })?;
-        let (uid, _, pid) = sys::peer_cred(stream.as_fd())
+        let (uid, _, pid) = sys::socket::peer_cred(stream.as_fd())
             .map_err(|e| Error::Control(format!("SO_PEERCRED: {e}")))?;
-        let ours = sys::euid();
+        let ours = sys::process::euid();
         if !uid_allowed(uid, ours) {
             return Err(Error::Control(format!(
                 "the server at {} runs as uid {uid} (pid {pid}), not as us (uid {ours}); refusing to talk to it",

@@ -24,7 +24,7 @@ use crate::listeners::{Listener, Origin, Registry};
 use crate::notify::Notifier;
 use crate::protocol::ReadyInfo;
 use crate::spawn::{OsSpawner, Spawner};
-use crate::sys;
+use baton_sys as sys;
 
 /// Environment variable naming the handoff channel's fd in a new generation.
 pub const ENV_HANDOFF_FD: &str = "BATON_HANDOFF_FD";
@@ -208,7 +208,7 @@ impl Baton {
         config: Config,
         spawner: Arc<dyn Spawner>,
     ) -> Result<Baton, Error> {
-        match sys::raise_nofile_limit() {
+        match sys::process::raise_nofile_limit() {
             Ok(n) => tracing::debug!(
                 nofile = n,
                 "raised RLIMIT_NOFILE soft limit to the hard limit"
@@ -228,7 +228,7 @@ impl Baton {
             arg0,
             args,
         };
-        let pid = sys::getpid();
+        let pid = sys::process::getpid();
         let registry = Registry::new(config.backlog);
 
         let mut generation = 1;
@@ -972,7 +972,7 @@ fn inherited_handoff_fd() -> Result<Option<std::os::fd::OwnedFd>, Error> {
     let parent_ok = std::env::var(ENV_PARENT_PID)
         .ok()
         .and_then(|p| p.parse::<u32>().ok())
-        .is_some_and(|p| p == sys::getppid());
+        .is_some_and(|p| p == sys::process::getppid());
     if !parent_ok {
         tracing::warn!(
             "{ENV_HANDOFF_FD} is set but {ENV_PARENT_PID} is not our parent: \
@@ -984,14 +984,14 @@ fn inherited_handoff_fd() -> Result<Option<std::os::fd::OwnedFd>, Error> {
         .to_str()
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| Error::Protocol(format!("{ENV_HANDOFF_FD}={v:?} is not an fd number")))?;
-    let fd = sys::adopt_inherited_fd(raw)
+    let fd = sys::fd::adopt_inherited_fd(raw)
         .map_err(|e| Error::io(format!("adopting the handoff channel fd {raw}"), e))?
         .ok_or_else(|| {
             Error::Protocol(format!(
                 "{ENV_HANDOFF_FD}={raw} but nothing is open at fd {raw}"
             ))
         })?;
-    if !sys::is_seqpacket(std::os::fd::AsFd::as_fd(&fd)) {
+    if !sys::socket::is_seqpacket(std::os::fd::AsFd::as_fd(&fd)) {
         return Err(Error::Protocol(format!(
             "fd {raw} is not a SOCK_SEQPACKET Unix socket"
         )));
@@ -1006,7 +1006,7 @@ fn adopt_systemd_listeners(registry: &Registry) -> Result<(), Error> {
     };
     for (raw, name) in passed.fds() {
         let name = name.unwrap_or("unknown");
-        match sys::adopt_inherited_listener(raw) {
+        match sys::fd::adopt_inherited_listener(raw) {
             Ok(Some((fd, _))) => registry.add_inherited(name, None, fd, Origin::Systemd)?,
             Ok(None) => tracing::warn!(fd = raw, "LISTEN_FDS names fd {raw} but it is not open"),
             Err(e) => {

@@ -74,7 +74,7 @@
 //! * [`Listener::accept`] waits while the generation is not serving; spawn
 //!   connection tasks on [`Baton::tracker`] so the drain can wait for them.
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admission;
@@ -95,9 +95,6 @@ pub mod protocol;
 pub mod spawn;
 pub mod state;
 mod upgrade;
-
-#[allow(unsafe_code)]
-pub mod sys;
 
 pub use config::{
     Config, DEFAULT_BACKLOG, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDOFF_ACK_TIMEOUT,

@@ -25,7 +25,7 @@ use crate::config::ListenAddr;
 use crate::drain::{AcceptGate, Phase};
 use crate::error::Error;
 use crate::protocol::{ListenerKind, ListenerMeta};
-use crate::sys;
+use baton_sys as sys;
 
 /// The sockets systemd's socket activation passed to this process: fds 3,
 /// 4, ... (`LISTEN_FDS`, at most 1024 of them), named by `LISTEN_FDNAMES`.
@@ -44,7 +44,7 @@ impl ListenFds {
         let for_us = std::env::var("LISTEN_PID")
             .ok()
             .and_then(|p| p.parse::<u32>().ok())
-            .is_some_and(|p| p == sys::getpid());
+            .is_some_and(|p| p == sys::process::getpid());
         if !for_us {
             tracing::debug!("LISTEN_FDS is set for another process; ignoring it");
             return None;
@@ -124,19 +124,19 @@ pub(crate) struct Registry {
     backlog: i32,
 }
 
-fn kind_of(k: sys::SocketKind) -> ListenerKind {
+fn kind_of(k: sys::socket::SocketKind) -> ListenerKind {
     match k {
-        sys::SocketKind::Tcp => ListenerKind::Tcp,
-        sys::SocketKind::Unix => ListenerKind::Unix,
+        sys::socket::SocketKind::Tcp => ListenerKind::Tcp,
+        sys::socket::SocketKind::Unix => ListenerKind::Unix,
     }
 }
 
 fn describe_fd(kind: ListenerKind, fd: &OwnedFd) -> String {
     match kind {
-        ListenerKind::Tcp => sys::tcp_local_addr(fd.as_fd())
+        ListenerKind::Tcp => sys::socket::tcp_local_addr(fd.as_fd())
             .map(|a| a.to_string())
             .unwrap_or_else(|e| format!("<{e}>")),
-        ListenerKind::Unix => match sys::unix_local_path(fd.as_fd()) {
+        ListenerKind::Unix => match sys::socket::unix_local_path(fd.as_fd()) {
             Ok(Some(p)) => format!("unix:{}", p.display()),
             Ok(None) => "unix:<unnamed>".into(),
             Err(e) => format!("<{e}>"),
@@ -146,11 +146,10 @@ fn describe_fd(kind: ListenerKind, fd: &OwnedFd) -> String {
 
 fn same_address(kind: ListenerKind, fd: &OwnedFd, want: &ListenAddr) -> bool {
     match (kind, want) {
-        (ListenerKind::Tcp, ListenAddr::Tcp(a)) => sys::tcp_local_addr(fd.as_fd())
+        (ListenerKind::Tcp, ListenAddr::Tcp(a)) => sys::socket::tcp_local_addr(fd.as_fd())
             .is_ok_and(|got| got == *a || (a.port() == 0 && got.ip() == a.ip())),
-        (ListenerKind::Unix, ListenAddr::Unix(p)) => {
-            sys::unix_local_path(fd.as_fd()).is_ok_and(|got| got.as_deref() == Some(p.as_path()))
-        }
+        (ListenerKind::Unix, ListenAddr::Unix(p)) => sys::socket::unix_local_path(fd.as_fd())
+            .is_ok_and(|got| got.as_deref() == Some(p.as_path())),
         _ => false,
     }
 }
@@ -178,7 +177,7 @@ impl Registry {
         fd: OwnedFd,
         origin: Origin,
     ) -> Result<(), Error> {
-        let kind = sys::listening_socket_kind(fd.as_fd())
+        let kind = sys::socket::listening_socket_kind(fd.as_fd())
             .map(kind_of)
             .map_err(|e| Error::listener(name, format!("inherited fd is unusable: {e}")))?;
         if let Some(a) = announced
@@ -260,7 +259,7 @@ impl Registry {
                 e.name = name.to_owned();
             }
             let dup =
-                sys::dup(e.fd.as_fd()).map_err(|err| Error::listener(name, err.to_string()))?;
+                sys::fd::dup(e.fd.as_fd()).map_err(|err| Error::listener(name, err.to_string()))?;
             return Ok((e.kind, dup, e.origin));
         }
         let (kind, fd) = match addr {
@@ -270,7 +269,7 @@ impl Registry {
                 bind_unix(name, p, self.backlog, unix_mode)?,
             ),
         };
-        let dup = sys::dup(fd.as_fd()).map_err(|err| Error::listener(name, err.to_string()))?;
+        let dup = sys::fd::dup(fd.as_fd()).map_err(|err| Error::listener(name, err.to_string()))?;
         tracing::info!(listener = name, addr = %describe_fd(kind, &fd), "bound listener");
         entries.push(Entry {
             name: name.to_owned(),
@@ -337,9 +336,9 @@ pub(crate) fn bind_tcp(
     backlog: i32,
     reuseport: bool,
 ) -> Result<OwnedFd, Error> {
-    sys::bind_tcp(
+    sys::socket::bind_tcp(
         addr,
-        sys::TcpBindOptions {
+        sys::socket::TcpBindOptions {
             backlog,
             reuseport,
             nonblocking: true,
@@ -371,7 +370,7 @@ pub fn bind_unix(
     backlog: i32,
     mode: Option<u32>,
 ) -> Result<OwnedFd, Error> {
-    let fd = match sys::bind_unix(path, backlog, true) {
+    let fd = match sys::socket::bind_unix(path, backlog, true) {
         Ok(fd) => fd,
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
             let meta = std::fs::symlink_metadata(path).map_err(|e| {
@@ -401,7 +400,7 @@ pub fn bind_unix(
                             format!("cannot remove stale {}: {e}", path.display()),
                         )
                     })?;
-                    sys::bind_unix(path, backlog, true).map_err(|e| {
+                    sys::socket::bind_unix(path, backlog, true).map_err(|e| {
                         Error::listener(name, format!("cannot bind {}: {e}", path.display()))
                     })?
                 }
@@ -479,7 +478,8 @@ impl Listener {
         fd: OwnedFd,
         gate: AcceptGate,
     ) -> Result<Self, Error> {
-        sys::set_nonblocking(fd.as_fd(), true).map_err(|e| Error::listener(name, e.to_string()))?;
+        sys::fd::set_nonblocking(fd.as_fd(), true)
+            .map_err(|e| Error::listener(name, e.to_string()))?;
         let io = match kind {
             ListenerKind::Tcp => ListenerIo::Tcp(
                 tokio::net::TcpListener::from_std(std::net::TcpListener::from(fd))
@@ -600,12 +600,12 @@ impl Stream {
     /// # Errors
     /// The fd is not a stream socket, or registering it with tokio failed.
     pub fn from_owned_fd(fd: OwnedFd) -> io::Result<Self> {
-        sys::set_nonblocking(fd.as_fd(), true)?;
-        Ok(match sys::socket_family_kind(fd.as_fd())? {
-            sys::SocketKind::Tcp => Stream::Tcp(tokio::net::TcpStream::from_std(
+        sys::fd::set_nonblocking(fd.as_fd(), true)?;
+        Ok(match sys::socket::socket_family_kind(fd.as_fd())? {
+            sys::socket::SocketKind::Tcp => Stream::Tcp(tokio::net::TcpStream::from_std(
                 std::net::TcpStream::from(fd),
             )?),
-            sys::SocketKind::Unix => Stream::Unix(tokio::net::UnixStream::from_std(
+            sys::socket::SocketKind::Unix => Stream::Unix(tokio::net::UnixStream::from_std(
                 std::os::unix::net::UnixStream::from(fd),
             )?),
         })
@@ -615,12 +615,12 @@ impl Stream {
     /// connection handed over by the previous generation: `O_NONBLOCK` is a
     /// flag of the open file description, which the old side's tokio set).
     /// Saves two syscalls per connection when thousands arrive at once.
-    pub(crate) fn from_handed_fd(fd: OwnedFd, kind: sys::SocketKind) -> io::Result<Self> {
+    pub(crate) fn from_handed_fd(fd: OwnedFd, kind: sys::socket::SocketKind) -> io::Result<Self> {
         Ok(match kind {
-            sys::SocketKind::Tcp => Stream::Tcp(tokio::net::TcpStream::from_std(
+            sys::socket::SocketKind::Tcp => Stream::Tcp(tokio::net::TcpStream::from_std(
                 std::net::TcpStream::from(fd),
             )?),
-            sys::SocketKind::Unix => Stream::Unix(tokio::net::UnixStream::from_std(
+            sys::socket::SocketKind::Unix => Stream::Unix(tokio::net::UnixStream::from_std(
                 std::os::unix::net::UnixStream::from(fd),
             )?),
         })
@@ -717,7 +717,7 @@ mod tests {
         let (kind, fd, origin) = reg.take_or_bind("http", &addr, None).unwrap();
         assert_eq!(kind, ListenerKind::Tcp);
         assert_eq!(origin, Origin::Bound);
-        assert!(sys::is_cloexec(fd.as_fd()).unwrap());
+        assert!(sys::fd::is_cloexec(fd.as_fd()).unwrap());
         assert!(reg.take_or_bind("http", &addr, None).is_err(), "take-once");
         let set = reg.handoff_set();
         assert_eq!(set.len(), 1);

@@ -60,8 +60,7 @@ impl Notifier {
     /// The OS error, or a timeout.
     pub fn barrier(&self, timeout: Duration) -> io::Result<()> {
         use std::os::fd::AsFd;
-        let (r, w) =
-            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(io::Error::from)?;
+        let (r, w) = baton_sys::fd::pipe_cloexec()?;
         let sock = UnixDatagram::unbound()?;
         match &self.addr {
             NotifyAddr::Path(p) => sock.connect(p)?,
@@ -70,14 +69,10 @@ impl Notifier {
                 sock.connect_addr(&std::os::unix::net::SocketAddr::from_abstract_name(name)?)?;
             }
         }
-        crate::sys::send_with_fds(sock.as_fd(), b"BARRIER=1", &[w.as_fd()])?;
+        baton_sys::fd::send_with_fds(sock.as_fd(), b"BARRIER=1", &[w.as_fd()])?;
         drop(w);
         // Wait for POLLHUP on the read end.
-        let mut fds = [rustix::event::PollFd::new(&r, rustix::event::PollFlags::IN)];
-        let ts = rustix::time::Timespec::try_from(timeout)
-            .map_err(|_| io::Error::other("bad timeout"))?;
-        let n = rustix::event::poll(&mut fds, Some(&ts)).map_err(io::Error::from)?;
-        if n == 0 {
+        if !baton_sys::fd::poll_readable(r.as_fd(), timeout)? {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "systemd did not answer BARRIER=1",
@@ -89,6 +84,5 @@ impl Notifier {
 
 /// `MONOTONIC_USEC=` value for `RELOADING=1`.
 pub fn monotonic_usec() -> u64 {
-    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    (ts.tv_sec as u64).saturating_mul(1_000_000) + (ts.tv_nsec as u64) / 1000
+    baton_sys::process::monotonic_usec()
 }

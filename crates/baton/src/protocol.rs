@@ -35,7 +35,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::sys::SCM_MAX_FD;
+use baton_sys::fd::SCM_MAX_FD;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u8 = 1;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::ExitStatus;
 
-use crate::sys;
+use baton_sys as sys;
 
 /// What to start.
 #[derive(Debug, Default)]
@@ -122,10 +122,10 @@ impl Spawner for OsSpawner {
         let top = spec.fds.iter().map(|(_, t)| *t).max().unwrap_or(2) + 1;
         let mut placements = Vec::with_capacity(spec.fds.len());
         for (fd, target) in spec.fds {
-            let src = sys::dup_at_least(fd.as_fd(), top.max(10))?;
-            placements.push(sys::FdPlacement { src, target });
+            let src = sys::fd::dup_at_least(fd.as_fd(), top.max(10))?;
+            placements.push(sys::process::FdPlacement { src, target });
         }
-        sys::place_fds_before_exec(&mut cmd, placements);
+        sys::process::place_fds_before_exec(&mut cmd, placements);
         let child = cmd.spawn()?;
         let pid = child
             .id()

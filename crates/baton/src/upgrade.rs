@@ -28,7 +28,7 @@ use crate::generation::{
 use crate::handoff::send::{HandshakeLog, OldSide, SentBatch, StateSource, fits_batch, hello};
 use crate::protocol::Msg;
 use crate::spawn::{ChildProcess, SpawnSpec};
-use crate::sys;
+use baton_sys as sys;
 
 /// How long a killed child may take to be reaped before we give up waiting.
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -393,7 +393,7 @@ async fn run_upgrade(
     ]);
 
     let (ours, theirs) =
-        sys::seqpacket_pair().map_err(|e| Error::io("creating the handoff channel", e))?;
+        sys::fd::seqpacket_pair().map_err(|e| Error::io("creating the handoff channel", e))?;
     // A pinned executable is exec'd through its open fd (the hashed
     // content); argv[0] keeps the real path, from which the new generation
     // resolves its own next upgrade.

@@ -14,8 +14,8 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton::sys;
-use rustix::process::Signal;
+use baton_sys as sys;
+use baton_sys::process::Signal;
 use tokio::io::unix::AsyncFd;
 
 use super::ready::NotifySocket;
@@ -217,7 +217,7 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
         .collect::<Vec<(OwnedFd, RawFd)>>();
     let (exe, exec_fd) = match &plan.exec {
         ExecHow::Kept(k) => {
-            fds.push((sys::dup(k.file.as_fd())?, 3 + n));
+            fds.push((sys::fd::dup(k.file.as_fd())?, 3 + n));
             if !k.elf {
                 // A script: its interpreter opens /proc/self/fd/N after
                 // the exec.
@@ -266,12 +266,12 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
     let top = fds.iter().map(|(_, t)| *t).max().unwrap_or(2) + 1;
     let mut placements = Vec::with_capacity(fds.len());
     for (fd, target) in fds {
-        placements.push(sys::FdPlacement {
-            src: sys::dup_at_least(fd.as_fd(), top.max(10))?,
+        placements.push(sys::process::FdPlacement {
+            src: sys::fd::dup_at_least(fd.as_fd(), top.max(10))?,
             target,
         });
     }
-    sys::place_fds_before_exec(&mut cmd, placements);
+    sys::process::place_fds_before_exec(&mut cmd, placements);
     let child = cmd.spawn()?;
     let pid = child
         .id()
@@ -279,7 +279,10 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
     // Before any await: the zombie reaper (PID 1, --delegate) must leave it
     // to us.
     super::reaper::manage(pid);
-    let pidfd = sys::async_fd(sys::pidfd_open(pid)?, tokio::io::Interest::READABLE)?;
+    let pidfd = sys::fd::async_fd(
+        sys::process::pidfd_open(pid)?,
+        tokio::io::Interest::READABLE,
+    )?;
     let mut notify = plan.notify;
     if let Some(ns) = notify.as_mut() {
         ns.start(plan.generation, pid)?;
@@ -316,13 +319,13 @@ impl GenProc {
     /// Whether the main process has exited.
     pub fn has_exited(&self) -> bool {
         self.status.is_some()
-            || sys::poll_readable_now(self.pidfd.get_ref().as_fd()).unwrap_or(false)
+            || sys::fd::poll_readable_now(self.pidfd.get_ref().as_fd()).unwrap_or(false)
     }
 
     /// Send a signal to the main process.
     pub fn signal(&self, sig: Signal) {
         if self.status.is_none()
-            && let Err(e) = sys::kill(self.pid, sig)
+            && let Err(e) = sys::process::kill(self.pid, sig)
         {
             tracing::debug!(generation = self.generation, pid = self.pid, error = %e, "signal not sent");
         }
@@ -332,7 +335,7 @@ impl GenProc {
     /// started that stayed in its group).
     fn kill_group(&self) {
         if self.status.is_none() {
-            let _ = sys::kill_group(self.pid, Signal::KILL);
+            let _ = sys::process::kill_group(self.pid, Signal::KILL);
         }
     }
 

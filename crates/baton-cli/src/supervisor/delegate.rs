@@ -48,7 +48,7 @@ use baton::control::{
     UpgradeReport,
 };
 use baton::notify::Notifier;
-use rustix::process::Signal;
+use baton_sys::process::Signal;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 
@@ -102,7 +102,7 @@ fn read_notes(sock: std::os::unix::net::UnixDatagram) -> std::io::Result<mpsc::R
     let sock = tokio::net::UnixDatagram::from_std(sock)?;
     let (tx, rx) = mpsc::channel(256);
     drop(tokio::spawn(async move {
-        let ours = baton::sys::euid();
+        let ours = baton_sys::process::euid();
         let mut buf = vec![0u8; MAX_NOTIFY_DATAGRAM];
         while let Some((c, len, truncated)) =
             super::ready::recv_notification(&sock, &mut buf, None).await
@@ -151,8 +151,8 @@ impl Tracked {
     fn follow(pid: u32) -> std::io::Result<Tracked> {
         Ok(Tracked {
             pid,
-            pidfd: baton::sys::async_fd(
-                baton::sys::pidfd_open(pid)?,
+            pidfd: baton_sys::fd::async_fd(
+                baton_sys::process::pidfd_open(pid)?,
                 tokio::io::Interest::READABLE,
             )?,
             started: None,
@@ -172,7 +172,7 @@ impl Tracked {
     }
 
     fn has_exited(&self) -> bool {
-        baton::sys::poll_readable_now(self.pidfd.get_ref().as_fd()).unwrap_or(false)
+        baton_sys::fd::poll_readable_now(self.pidfd.get_ref().as_fd()).unwrap_or(false)
     }
 
     /// How it ended (exit code, or 128 + signal), once it has exited.
@@ -191,7 +191,9 @@ impl Tracked {
             }
             // Not (or no longer) our child: its parent, a previous
             // generation, collects its status.
-            if proc_ppid(self.pid) != Some(baton::sys::getpid()) || Instant::now() > deadline {
+            if proc_ppid(self.pid) != Some(baton_sys::process::getpid())
+                || Instant::now() > deadline
+            {
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -478,7 +480,7 @@ impl State {
         if new == from {
             return;
         }
-        if !in_tree(new, baton::sys::getpid()) {
+        if !in_tree(new, baton_sys::process::getpid()) {
             tracing::warn!(
                 from,
                 new,
@@ -575,7 +577,7 @@ impl State {
         self.view().phase = "stopping";
         self.systemd(&["STOPPING=1".into(), "STATUS=stopping".into()]);
         if let Some(m) = &self.main {
-            if let Err(e) = baton::sys::kill(m.pid, self.cfg.stop_signal) {
+            if let Err(e) = baton_sys::process::kill(m.pid, self.cfg.stop_signal) {
                 tracing::debug!(pid = m.pid, error = %e, "stop signal not sent");
             }
         }
@@ -588,11 +590,11 @@ impl State {
         for pid in pids {
             // The server's generations share the process group of the one
             // baton started.
-            let _ = baton::sys::kill_group(pid, Signal::KILL);
-            let _ = baton::sys::kill(pid, Signal::KILL);
+            let _ = baton_sys::process::kill_group(pid, Signal::KILL);
+            let _ = baton_sys::process::kill(pid, Signal::KILL);
         }
         if let Some(g) = self.main.as_ref().and_then(|m| m.started.as_ref()) {
-            let _ = baton::sys::kill_group(g.pid, Signal::KILL);
+            let _ = baton_sys::process::kill_group(g.pid, Signal::KILL);
         }
     }
 
@@ -618,7 +620,7 @@ impl State {
             app_version: join_argv(&self.cfg.argv),
             generation: v.generation,
             pid: v.main_pid,
-            answered_by: baton::sys::getpid(),
+            answered_by: baton_sys::process::getpid(),
             uptime_ms: v.since.map_or(0, |t| t.elapsed().as_millis() as u64),
             phase: v.phase.into(),
             upgrade_in_progress: v.phase == "upgrading",
@@ -756,7 +758,7 @@ pub async fn run(
                 super::owner::Sig::Upgrade => match &st.main {
                     Some(m) if !st.stopping => {
                         tracing::info!(pid = m.pid, signal = super::signal_name(st.cfg.upgrade_signal), "SIGHUP: asking the server to upgrade itself");
-                        if let Err(e) = baton::sys::kill(m.pid, st.cfg.upgrade_signal) {
+                        if let Err(e) = baton_sys::process::kill(m.pid, st.cfg.upgrade_signal) {
                             tracing::warn!(pid = m.pid, error = %e, "could not signal the server");
                         }
                     }
@@ -772,8 +774,8 @@ pub async fn run(
                     tracing::error!(pid = m.pid, timeout = ?st.cfg.ready_timeout,
                         "the server sent no READY=1 within --ready-timeout: killing it");
                     st.view().note(format!("pid {} was not ready within {:?}", m.pid, st.cfg.ready_timeout));
-                    let _ = baton::sys::kill_group(m.pid, Signal::KILL);
-                    let _ = baton::sys::kill(m.pid, Signal::KILL);
+                    let _ = baton_sys::process::kill_group(m.pid, Signal::KILL);
+                    let _ = baton_sys::process::kill(m.pid, Signal::KILL);
                 }
             }
             () = sleep_until_opt(st.restart_at), if !st.stopping => {

@@ -30,7 +30,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use baton::ListenSpec;
-use rustix::process::Signal;
+use baton_sys::process::Signal;
 use tokio::sync::mpsc;
 
 use crate::exit::{self, CliError};
@@ -349,7 +349,7 @@ impl Drop for PidFile {
         let ours = std::fs::read_to_string(&self.0)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
-            == Some(baton::sys::getpid());
+            == Some(baton_sys::process::getpid());
         if ours {
             let _ = std::fs::remove_file(&self.0);
         }
@@ -407,7 +407,7 @@ pub fn cloexec_inherited_fds() {
             continue;
         }
         // The directory's own fd is closed by now: adopting answers None.
-        if let Ok(Some(owned)) = baton::sys::adopt_inherited_fd(fd) {
+        if let Ok(Some(owned)) = baton_sys::fd::adopt_inherited_fd(fd) {
             kept.push(owned);
         }
     }
@@ -434,7 +434,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             args.ready_timeout
         )));
     }
-    if let Err(e) = baton::sys::raise_nofile_limit() {
+    if let Err(e) = baton_sys::process::raise_nofile_limit() {
         tracing::debug!(error = %e, "could not raise RLIMIT_NOFILE");
     }
     // Signal handlers before anything can announce readiness.
@@ -447,7 +447,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     // As PID 1 (a container's init) every orphan of the container becomes
     // baton's child; in delegate mode each generation of the server becomes
     // one when its predecessor exits. Reap them all.
-    let pid1 = baton::sys::getpid() == 1;
+    let pid1 = baton_sys::process::getpid() == 1;
     if pid1 || args.delegate {
         reaper::start().map_err(|e| {
             CliError::new(
@@ -456,7 +456,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             )
         })?;
         if !pid1 {
-            baton::sys::set_child_subreaper().map_err(|e| {
+            baton_sys::process::set_child_subreaper().map_err(|e| {
                 CliError::new(exit::FAILED, anyhow::anyhow!("PR_SET_CHILD_SUBREAPER: {e}"))
             })?;
         }
@@ -567,7 +567,7 @@ fn open_common(control_path: &Path, pid_file: Option<&Path>) -> Result<Common, C
         .unwrap_or_else(|| PathBuf::from("."));
     let pid_file = match pid_file {
         Some(p) => {
-            baton::write_pid_file(p, baton::sys::getpid()).map_err(|e| {
+            baton::write_pid_file(p, baton_sys::process::getpid()).map_err(|e| {
                 CliError::new(
                     exit::FAILED,
                     anyhow::anyhow!("pid file {}: {e}", p.display()),

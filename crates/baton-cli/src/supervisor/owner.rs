@@ -212,7 +212,7 @@ fn status_report(v: &View, s: &Statics, in_progress: bool) -> StatusReport {
         app_version: v.command.clone(),
         generation: v.generation,
         pid: v.pid,
-        answered_by: baton::sys::getpid(),
+        answered_by: baton_sys::process::getpid(),
         uptime_ms: v
             .started
             .map(|t| t.elapsed().as_millis() as u64)

@@ -460,8 +460,10 @@ async fn accept_check(
             }
             // The server side of the connection has an inode once a process
             // holds it; a closed one is no longer ESTABLISHED.
-            match baton::sys::proc_tcp_entry(peer, local) {
-                Ok(Some(e)) if e.inode != 0 || e.state != baton::sys::TCP_ESTABLISHED => return,
+            match baton_sys::procfs::proc_tcp_entry(peer, local) {
+                Ok(Some(e)) if e.inode != 0 || e.state != baton_sys::procfs::TCP_ESTABLISHED => {
+                    return;
+                }
                 Ok(_) => {}
                 Err(e) => set(last_error, format!("reading /proc/net/tcp: {e}")),
             }
@@ -679,12 +681,12 @@ pub fn bind_notify(
         (s, path.clone().into_os_string(), Some(path))
     } else {
         use std::os::linux::net::SocketAddrExt;
-        let abs = format!("baton/{}/{name}/{tag}", baton::sys::getpid());
+        let abs = format!("baton/{}/{name}/{tag}", baton_sys::process::getpid());
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())?;
         let s = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
         (s, format!("@{abs}").into(), None)
     };
-    baton::sys::set_passcred(sock.as_fd())?;
+    baton_sys::socket::set_passcred(sock.as_fd())?;
     sock.set_nonblocking(true)?;
     Ok((sock, env_value, path))
 }
@@ -742,7 +744,7 @@ impl NotifySocket {
         let sock = tokio::net::UnixDatagram::from_std(sock)?;
         let status = Arc::clone(&self.status);
         self.task = Some(tokio::spawn(async move {
-            let ours = baton::sys::euid();
+            let ours = baton_sys::process::euid();
             let mut buf = vec![0u8; MAX_NOTIFY_DATAGRAM];
             while let Some((c, len, truncated)) =
                 recv_notification(&sock, &mut buf, Some(generation)).await
@@ -801,11 +803,11 @@ pub async fn recv_notification(
     sock: &tokio::net::UnixDatagram,
     buf: &mut [u8],
     generation: Option<u64>,
-) -> Option<(baton::sys::SenderCreds, usize, bool)> {
+) -> Option<(baton_sys::socket::SenderCreds, usize, bool)> {
     loop {
         sock.readable().await.ok()?;
         let got = sock.try_io(tokio::io::Interest::READABLE, || {
-            baton::sys::recv_with_creds(sock.as_fd(), buf)
+            baton_sys::socket::recv_with_creds(sock.as_fd(), buf)
         });
         let d = match got {
             Ok(d) => d,
@@ -932,7 +934,7 @@ mod tests {
     fn process_tree() {
         let me = std::process::id();
         assert!(in_tree(me, me));
-        assert!(in_tree(me, baton::sys::getppid()));
+        assert!(in_tree(me, baton_sys::process::getppid()));
         assert!(!in_tree(1, me));
     }
 }

@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use baton_sys::process::ChildExit;
+
 /// How often the reaper looks for zombies even without a `SIGCHLD`.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(500);
 /// Most exit statuses kept for [`take_status`].
@@ -146,19 +148,11 @@ pub fn reap_now() {
         if lock(&r.managed).contains(&pid) || !is_zombie(pid) {
             continue;
         }
-        let Some(p) = i32::try_from(pid)
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-        else {
-            continue;
-        };
-        if let Ok(Some((_, st))) =
-            rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG)
-        {
-            let status = match (st.exit_status(), st.terminating_signal()) {
-                (Some(c), _) => c as Status,
-                (None, Some(sig)) => 128u8.saturating_add(sig as u8),
-                _ => 1,
+        if let Ok(Some(exit)) = baton_sys::process::try_reap(pid) {
+            let status = match exit {
+                ChildExit::Code(c) => c as Status,
+                ChildExit::Signal(sig) => 128u8.saturating_add(sig as u8),
+                ChildExit::Other => 1,
             };
             tracing::debug!(pid, status, "reaped");
             r.reaped.fetch_add(1, Ordering::Relaxed);

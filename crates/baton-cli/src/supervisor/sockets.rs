@@ -45,8 +45,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
-use baton::sys::{self, CbpfInsn};
 use baton::{ListenAddr, ListenSpec, ListenerInfo};
+use baton_sys as sys;
+use baton_sys::socket::CbpfInsn;
 
 /// Classic BPF opcodes (`linux/filter.h`).
 mod op {
@@ -348,7 +349,10 @@ impl ListenerSet {
     /// `CLOEXEC` duplicates of the sockets a generation in `slot` gets, in fd
     /// order.
     pub fn dup_for(&self, slot: usize) -> std::io::Result<Vec<OwnedFd>> {
-        self.items.iter().map(|l| sys::dup(l.fd(slot))).collect()
+        self.items
+            .iter()
+            .map(|l| sys::fd::dup(l.fd(slot)))
+            .collect()
     }
 
     /// Send every new connection of every steered listener to `slot`. On an
@@ -363,9 +367,9 @@ impl ListenerSet {
     pub fn steer_to(&self, to: Steer, back: usize) -> std::io::Result<()> {
         let steered: Vec<&Listener> = self.items.iter().filter(|l| l.steered()).collect();
         for (i, l) in steered.iter().enumerate() {
-            if let Err(e) = sys::attach_reuseport_cbpf(l.fd(0), &steer_program(to, None)) {
+            if let Err(e) = sys::socket::attach_reuseport_cbpf(l.fd(0), &steer_program(to, None)) {
                 for undo in &steered[..i] {
-                    let _ = sys::attach_reuseport_cbpf(
+                    let _ = sys::socket::attach_reuseport_cbpf(
                         undo.fd(0),
                         &steer_program(Steer::Slot(back), None),
                     );
@@ -395,7 +399,7 @@ impl ListenerSet {
                 l.name
             )));
         }
-        sys::attach_reuseport_cbpf(
+        sys::socket::attach_reuseport_cbpf(
             l.fd(0),
             &steer_program(regular, Some((probe, probe_slot as u32))),
         )
@@ -405,7 +409,7 @@ impl ListenerSet {
     /// waiting to be accepted.
     pub fn pending(&self, slot: usize) -> std::io::Result<bool> {
         for l in self.items.iter().filter(|l| l.steered()) {
-            if sys::accept_queue_nonempty(l.fd(slot))? {
+            if sys::socket::accept_queue_nonempty(l.fd(slot))? {
                 return Ok(true);
             }
         }
@@ -417,7 +421,7 @@ impl ListenerSet {
     pub fn close_pending(&self, slot: usize) -> usize {
         let mut n = 0;
         for l in self.items.iter().filter(|l| l.steered()) {
-            match sys::close_pending_connections(l.fd(slot), 100_000) {
+            match sys::socket::close_pending_connections(l.fd(slot), 100_000) {
                 Ok(k) => n += k,
                 Err(e) => {
                     tracing::warn!(listener = %l.name, error = %e, "could not empty an idle socket's queue")
@@ -438,11 +442,12 @@ impl ListenerSet {
     pub fn relay_pending(&self, slot: usize, limit: std::time::Duration) -> (usize, usize) {
         let (mut relayed, mut closed) = (0, 0);
         for l in self.items.iter().filter(|l| l.steered()) {
-            let conns = match sys::accept_pending_connections(l.fd(slot), 100_000) {
+            let conns = match sys::socket::accept_pending_connections(l.fd(slot), 100_000) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(listener = %l.name, error = %e, "could not take the connections queued for a dead generation");
-                    closed += sys::close_pending_connections(l.fd(slot), 100_000).unwrap_or(0);
+                    closed +=
+                        sys::socket::close_pending_connections(l.fd(slot), 100_000).unwrap_or(0);
                     continue;
                 }
             };
@@ -491,20 +496,20 @@ async fn relay(client: OwnedFd, target: SocketAddr, limit: std::time::Duration) 
     }
 }
 
-fn kind_name(k: sys::SocketKind) -> &'static str {
+fn kind_name(k: sys::socket::SocketKind) -> &'static str {
     match k {
-        sys::SocketKind::Tcp => "TCP",
-        sys::SocketKind::Unix => "Unix",
+        sys::socket::SocketKind::Tcp => "TCP",
+        sys::socket::SocketKind::Unix => "Unix",
     }
 }
 
-fn describe(fd: &OwnedFd, kind: sys::SocketKind) -> Result<ListenAddr, OpenError> {
+fn describe(fd: &OwnedFd, kind: sys::socket::SocketKind) -> Result<ListenAddr, OpenError> {
     match kind {
-        sys::SocketKind::Tcp => sys::tcp_local_addr(fd.as_fd())
+        sys::socket::SocketKind::Tcp => sys::socket::tcp_local_addr(fd.as_fd())
             .map(ListenAddr::Tcp)
             .map_err(|e| format!("inherited {} socket: {e}", kind_name(kind))),
-        sys::SocketKind::Unix => Ok(ListenAddr::Unix(
-            sys::unix_local_path(fd.as_fd())
+        sys::socket::SocketKind::Unix => Ok(ListenAddr::Unix(
+            sys::socket::unix_local_path(fd.as_fd())
                 .ok()
                 .flatten()
                 .unwrap_or_else(|| PathBuf::from("<unnamed>")),
@@ -514,23 +519,22 @@ fn describe(fd: &OwnedFd, kind: sys::SocketKind) -> Result<ListenAddr, OpenError
 
 fn same_address(fd: &OwnedFd, want: &ListenAddr) -> bool {
     match want {
-        ListenAddr::Tcp(a) => sys::tcp_local_addr(fd.as_fd())
+        ListenAddr::Tcp(a) => sys::socket::tcp_local_addr(fd.as_fd())
             .is_ok_and(|got| got == *a || (a.port() == 0 && got.ip() == a.ip())),
-        ListenAddr::Unix(p) => {
-            sys::unix_local_path(fd.as_fd()).is_ok_and(|got| got.as_deref() == Some(p.as_path()))
-        }
+        ListenAddr::Unix(p) => sys::socket::unix_local_path(fd.as_fd())
+            .is_ok_and(|got| got.as_deref() == Some(p.as_path())),
     }
 }
 
 /// systemd's `LISTEN_FDS` meant for this process: (name, fd, kind).
-fn adopt_systemd() -> Result<Vec<(String, OwnedFd, sys::SocketKind)>, OpenError> {
+fn adopt_systemd() -> Result<Vec<(String, OwnedFd, sys::socket::SocketKind)>, OpenError> {
     let Some(passed) = baton::ListenFds::from_env() else {
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
     for (raw, name) in passed.fds() {
         let name = name.map_or_else(|| format!("LISTEN_FD_{raw}"), str::to_owned);
-        match sys::adopt_inherited_listener(raw) {
+        match sys::fd::adopt_inherited_listener(raw) {
             Ok(Some((fd, kind))) => out.push((name, fd, kind)),
             Ok(None) => {
                 tracing::warn!(fd = raw, "LISTEN_FDS names fd {raw} but it is not open")
@@ -563,7 +567,7 @@ fn count_listeners(addr: SocketAddr) -> std::io::Result<usize> {
             if cols.len() < 4 || cols[3] != "0A" {
                 continue;
             }
-            if sys::parse_proc_net_tcp_addr(cols[1]) == Some(addr) {
+            if sys::procfs::parse_proc_net_tcp_addr(cols[1]) == Some(addr) {
                 n += 1;
             }
         }
@@ -590,7 +594,7 @@ fn bind(spec: &ListenSpec, backlog: i32, no_steer: bool) -> Result<Listener, Ope
                 baton::bind_unix_listener(name, path, backlog, None).map_err(|e| e.to_string())?;
             // Sockets passed systemd-style are blocking; apps set what they
             // need.
-            sys::set_nonblocking(fd.as_fd(), false)
+            sys::fd::set_nonblocking(fd.as_fd(), false)
                 .map_err(|e| format!("listener '{name}': {e}"))?;
             Ok(Listener {
                 name: name.clone(),
@@ -601,15 +605,15 @@ fn bind(spec: &ListenSpec, backlog: i32, no_steer: bool) -> Result<Listener, Ope
             })
         }
         ListenAddr::Tcp(addr) => {
-            let opts = |reuseport| sys::TcpBindOptions {
+            let opts = |reuseport| sys::socket::TcpBindOptions {
                 backlog,
                 reuseport,
                 nonblocking: false,
             };
             if no_steer {
-                let fd = sys::bind_tcp(*addr, opts(false))
+                let fd = sys::socket::bind_tcp(*addr, opts(false))
                     .map_err(|e| tcp_bind_error(name, *addr, &e))?;
-                let actual = sys::tcp_local_addr(fd.as_fd()).map_err(|e| e.to_string())?;
+                let actual = sys::socket::tcp_local_addr(fd.as_fd()).map_err(|e| e.to_string())?;
                 return Ok(Listener {
                     name: name.clone(),
                     addr: ListenAddr::Tcp(actual),
@@ -623,9 +627,9 @@ fn bind(spec: &ListenSpec, backlog: i32, no_steer: bool) -> Result<Listener, Ope
             if addr.port() != 0 {
                 std::net::TcpListener::bind(addr).map_err(|e| tcp_bind_error(name, *addr, &e))?;
             }
-            let first =
-                sys::bind_tcp(*addr, opts(true)).map_err(|e| tcp_bind_error(name, *addr, &e))?;
-            let actual = sys::tcp_local_addr(first.as_fd()).map_err(|e| e.to_string())?;
+            let first = sys::socket::bind_tcp(*addr, opts(true))
+                .map_err(|e| tcp_bind_error(name, *addr, &e))?;
+            let actual = sys::socket::tcp_local_addr(first.as_fd()).map_err(|e| e.to_string())?;
             let mut l = Listener {
                 name: name.clone(),
                 addr: ListenAddr::Tcp(actual),
@@ -644,15 +648,16 @@ fn bind(spec: &ListenSpec, backlog: i32, no_steer: bool) -> Result<Listener, Ope
 fn add_second_socket(l: &mut Listener, addr: SocketAddr, backlog: i32) {
     // The program goes on first: the second socket must get nothing from
     // the moment it joins the group.
-    if let Err(e) =
-        sys::attach_reuseport_cbpf(l.sockets[0].as_fd(), &steer_program(Steer::Slot(0), None))
-    {
+    if let Err(e) = sys::socket::attach_reuseport_cbpf(
+        l.sockets[0].as_fd(),
+        &steer_program(Steer::Slot(0), None),
+    ) {
         l.shared_reason = Some(format!("cannot attach a reuseport BPF program: {e}"));
         return;
     }
-    let second = match sys::bind_tcp(
+    let second = match sys::socket::bind_tcp(
         addr,
-        sys::TcpBindOptions {
+        sys::socket::TcpBindOptions {
             backlog,
             reuseport: true,
             nonblocking: false,
@@ -686,7 +691,7 @@ fn setup_inherited_steering(l: &mut Listener, no_steer: bool) {
         l.shared_reason = Some("--no-steer".into());
         return;
     }
-    match sys::socket_reuseport(l.sockets[0].as_fd()) {
+    match sys::socket::socket_reuseport(l.sockets[0].as_fd()) {
         Ok(true) => add_second_socket(l, addr, baton::DEFAULT_BACKLOG),
         Ok(false) => {
             l.shared_reason =
@@ -792,8 +797,14 @@ mod tests {
         let from_src = connect_from(src, target);
         std::thread::sleep(std::time::Duration::from_millis(30));
         // Exactly one connection on each socket.
-        assert_eq!(sys::close_pending_connections(l.fd(0), 10).unwrap(), 1);
-        assert_eq!(sys::close_pending_connections(l.fd(1), 10).unwrap(), 1);
+        assert_eq!(
+            sys::socket::close_pending_connections(l.fd(0), 10).unwrap(),
+            1
+        );
+        assert_eq!(
+            sys::socket::close_pending_connections(l.fd(1), 10).unwrap(),
+            1
+        );
         drop((regular, from_src));
     }
 
@@ -843,8 +854,8 @@ mod tests {
             .map(|_| std::net::TcpStream::connect(addr).unwrap())
             .collect();
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let new = sys::close_pending_connections(l.fd(1), 1000).unwrap();
-        let old = sys::close_pending_connections(l.fd(0), 1000).unwrap();
+        let new = sys::socket::close_pending_connections(l.fd(1), 1000).unwrap();
+        let old = sys::socket::close_pending_connections(l.fd(0), 1000).unwrap();
         drop(conns);
         assert_eq!(new + old, 400);
         // 30 % of 400 = 120; the chance of falling outside 60..=180 is nil.
@@ -865,11 +876,11 @@ mod tests {
                 .collect();
             std::thread::sleep(std::time::Duration::from_millis(30));
             assert_eq!(
-                sys::close_pending_connections(l.fd(1), 100).unwrap(),
+                sys::socket::close_pending_connections(l.fd(1), 100).unwrap(),
                 want_new
             );
             assert_eq!(
-                sys::close_pending_connections(l.fd(0), 100).unwrap(),
+                sys::socket::close_pending_connections(l.fd(0), 100).unwrap(),
                 50 - want_new
             );
             drop(conns);
@@ -900,7 +911,7 @@ mod tests {
         let mut c = std::os::unix::net::UnixStream::connect(&path).unwrap();
         c.write_all(b"x").unwrap();
         let (mut s, _) =
-            std::os::unix::net::UnixListener::from(sys::dup(set.items[0].fd(1)).unwrap())
+            std::os::unix::net::UnixListener::from(sys::fd::dup(set.items[0].fd(1)).unwrap())
                 .accept()
                 .unwrap();
         let mut b = [0u8; 1];

@@ -36,7 +36,7 @@ fn main() {
     } else {
         sizes
     };
-    let limit = baton::sys::raise_nofile_limit().unwrap_or(0);
+    let limit = baton_sys::process::raise_nofile_limit().unwrap_or(0);
     println!(
         "handoff scale ({}; RLIMIT_NOFILE {limit}; {} cores)",
         server.display(),
@@ -127,7 +127,7 @@ fn run(server: &PathBuf, n: usize) {
         total.as_secs_f64() * 1000.0,
     );
     drop(conns);
-    let _ = baton::sys::kill(report.new_pid, rustix::process::Signal::KILL);
+    let _ = baton_sys::process::kill(report.new_pid, rustix::process::Signal::KILL);
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);

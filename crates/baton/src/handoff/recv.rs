@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::handoff::HandoffConn;
 use crate::listeners::Stream;
 use crate::protocol::{BlobData, Hello, ListenerMeta, Msg, ReadyInfo};
-use crate::sys;
+use baton_sys as sys;
 
 /// How long the new side waits for the old side's first messages.
 pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,7 +124,7 @@ impl NewSide {
                     let fd = fds.next().ok_or_else(|| {
                         Error::Protocol("State message is missing a memfd".into())
                     })?;
-                    sys::read_sealed_memfd(fd, len, limit.saturating_sub(total))
+                    sys::fd::read_sealed_memfd(fd, len, limit.saturating_sub(total))
                         .map_err(|e| Error::State(format!("state '{}': {e}", m.name)))?
                 }
             };
@@ -193,7 +193,7 @@ impl NewSide {
         activity: Arc<crate::generation::Activity>,
         events: mpsc::UnboundedSender<PeerEvent>,
     ) {
-        let mut kinds: Vec<(String, crate::sys::SocketKind)> = Vec::new();
+        let mut kinds: Vec<(String, baton_sys::socket::SocketKind)> = Vec::new();
         loop {
             let (msg, fds, truncated) = match self.chan.recv_detail().await {
                 Ok(Some(m)) => m,
@@ -280,11 +280,10 @@ impl NewSide {
                 // it once per listener, not once per connection.
                 let kind = match kinds.iter().find(|(n, _)| *n == meta.listener) {
                     Some((_, k)) => Ok(*k),
-                    None => {
-                        crate::sys::socket_family_kind(std::os::fd::AsFd::as_fd(&fd)).inspect(|k| {
+                    None => baton_sys::socket::socket_family_kind(std::os::fd::AsFd::as_fd(&fd))
+                        .inspect(|k| {
                             kinds.push((meta.listener.clone(), *k));
-                        })
-                    }
+                        }),
                 };
                 match kind.and_then(|k| Stream::from_handed_fd(fd, k)) {
                     Ok(stream) => ready.push(HandoffConn {

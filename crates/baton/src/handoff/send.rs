@@ -10,7 +10,8 @@ use crate::protocol::{
     BlobData, BlobMeta, ConnMeta, Hello, ListenerMeta, MAX_CONN_PREFIX, MAX_FRAME, MAX_INLINE_BLOB,
     Msg, PROTOCOL_VERSION, ReadyInfo,
 };
-use crate::sys::{self, SCM_MAX_FD};
+use baton_sys as sys;
+use baton_sys::fd::SCM_MAX_FD;
 
 /// Produces the state blobs when the new side asks for them.
 pub(crate) trait StateSource: Send + Sync {
@@ -103,7 +104,7 @@ impl OldSide {
                     data: BlobData::Inline(bytes),
                 });
             } else {
-                let fd = sys::sealed_memfd(&format!("baton-state-{name}"), &bytes)
+                let fd = sys::fd::sealed_memfd(&format!("baton-state-{name}"), &bytes)
                     .map_err(|e| Error::io("writing state to a memfd", e))?;
                 metas.push(BlobMeta {
                     name,
@@ -280,7 +281,7 @@ pub(crate) fn hello(app_version: &str, generation: u64) -> Hello {
         protocol: PROTOCOL_VERSION,
         app_version: app_version.chars().take(200).collect(),
         generation,
-        pid: sys::getpid(),
+        pid: sys::process::getpid(),
     }
 }
 

@@ -1,0 +1,39 @@
+//! # baton-sys — every system call baton makes, in one place
+//!
+//! This is the only crate of the workspace that contains `unsafe` code;
+//! every other crate is `#![forbid(unsafe_code)]`. Almost everything here is
+//! a thin, safe wrapper over `rustix`, split by role:
+//!
+//! * [`fd`] — fds: `CLOEXEC` by default, duplication, adopting inherited fd
+//!   numbers, `SCM_RIGHTS` passing, sealed memfds, tokio registration;
+//! * [`process`] — ids, signals, pidfds, reaping, and placing fds in a child
+//!   between `fork` and `exec`;
+//! * [`socket`] — binding and checking listeners, the accept queue, peer
+//!   credentials, reuseport steering with classic BPF;
+//! * [`procfs`] — `/proc/net/tcp{,6}` parsing.
+//!
+//! The `unsafe` blocks, each with its `// SAFETY:` line, are: placing
+//! inherited fds at fixed numbers in a child between `fork` and `exec`
+//! ([`process::place_fds_before_exec`]: `pre_exec` runs in a forked child of
+//! a multi-threaded process), adopting fd numbers inherited from our parent
+//! ([`fd::adopt_inherited_fd`]), registering an owned fd with tokio
+//! ([`fd::async_fd`]), and one raw `setsockopt`
+//! ([`socket::attach_reuseport_cbpf`], which rustix does not wrap).
+//!
+//! Every fd this crate creates is `CLOEXEC`; functions return [`OwnedFd`]
+//! and take [`BorrowedFd`].
+//!
+//! [`OwnedFd`]: std::os::fd::OwnedFd
+//! [`BorrowedFd`]: std::os::fd::BorrowedFd
+
+#![allow(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod fd;
+pub mod process;
+pub mod procfs;
+pub mod socket;
+
+fn to_io(e: rustix::io::Errno) -> std::io::Error {
+    std::io::Error::from(e)
+}
