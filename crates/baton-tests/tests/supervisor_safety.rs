@@ -526,11 +526,7 @@ fn kill_new_generation_at(phase: &str, runs: usize) {
         load.wait_progress(20, T);
     }
     let stats = load.stop();
-    let refused = stats
-        .errors
-        .iter()
-        .filter(|e| e.contains("refused"))
-        .count();
+    let refused = stats.failures.refused;
     let fds_after = proc::open_fds(sup.pid);
     eprintln!(
         "kill at {phase}: {runs} kills; load {} ok, {} failed {:?}; baton fds {fds_before} before, {fds_after} after\n  last outcome: {}",
@@ -539,7 +535,11 @@ fn kill_new_generation_at(phase: &str, runs: usize) {
         stats.errors,
         outcomes.last().unwrap()
     );
-    assert_eq!(refused, 0, "refused connections: {:?}", stats.errors);
+    assert_eq!(
+        refused, 0,
+        "refused connections: {:?} {:?}",
+        stats.failures, stats.errors
+    );
     if phase != "drain" {
         // Before ready it had no connection; right after, the ones that
         // queued for it were relayed to the old generation. (During the
