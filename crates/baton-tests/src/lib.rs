@@ -13,6 +13,7 @@
 pub mod apps;
 pub mod fixture;
 pub mod h2load;
+pub mod h2node;
 pub mod http;
 pub mod load;
 pub mod notify;
