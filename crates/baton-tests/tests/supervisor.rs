@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use baton_tests::apps::{pyapp, strings as s};
 use baton_tests::load::{Load, Mode, Stats};
-use baton_tests::supervisor::{RunOpts, Supervised, baton_cli};
+use baton_tests::supervisor::{RunOpts, Supervised, baton_cli, upgrade_in_thread};
 use baton_tests::{apps, http, proc, wait_for};
 use rustix::process::Signal;
 
@@ -248,25 +248,6 @@ fn listen_pid_is_the_childs_own_pid_and_only_the_sockets_are_inherited() {
         Some(st.pid.to_string())
     );
     assert_eq!(proc::env_var(st.pid, "NOTIFY_SOCKET"), None);
-}
-
-/// Start an upgrade in a thread; returns its handle.
-fn upgrade_in_thread(
-    sup: &Supervised,
-    args: &[&str],
-) -> std::thread::JoinHandle<baton_tests::supervisor::CliOut> {
-    let control = sup.control.clone();
-    let args = s(args);
-    std::thread::spawn(move || {
-        let mut a = vec![
-            "upgrade".to_string(),
-            "--control".into(),
-            control.display().to_string(),
-        ];
-        a.extend(args);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        baton_cli(&a)
-    })
 }
 
 /// The next generation's pid, once it is spawned.
