@@ -75,6 +75,23 @@ pub fn baton_cli_with(cmd: &mut Command) -> CliOut {
     }
 }
 
+/// Start `baton upgrade --control PATH ARGS...` for `sup` in a thread (to
+/// act on the supervisor while the upgrade runs); returns its handle.
+pub fn upgrade_in_thread(sup: &Supervised, args: &[&str]) -> std::thread::JoinHandle<CliOut> {
+    let control = sup.control.clone();
+    let args = apps::strings(args);
+    std::thread::spawn(move || {
+        let mut a = vec![
+            "upgrade".to_string(),
+            "--control".into(),
+            control.display().to_string(),
+        ];
+        a.extend(args);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        baton_cli(&a)
+    })
+}
+
 impl Supervised {
     /// Start `baton run --listen http=127.0.0.1:PORT ... -- COMMAND` and wait
     /// until generation 1 serves.
