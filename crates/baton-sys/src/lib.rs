@@ -12,10 +12,12 @@
 //!   credentials, reuseport steering with classic BPF;
 //! * [`procfs`] — `/proc/net/tcp{,6}` parsing.
 //!
-//! The `unsafe` blocks, each with its `// SAFETY:` line, are: placing
-//! inherited fds at fixed numbers in a child between `fork` and `exec`
+//! The `unsafe` blocks, each with its `// SAFETY:` line, are: starting a
+//! process with `posix_spawn` and its file actions ([`process::spawn`]: no
+//! copy of the address space, fds placed by `dup2` actions), placing fds at
+//! fixed numbers in a child between `fork` and `exec`
 //! ([`process::place_fds_before_exec`]: `pre_exec` runs in a forked child of
-//! a multi-threaded process), adopting fd numbers inherited from our parent
+//! a multi-threaded process; raw `dup2`/`fcntl` only), adopting fd numbers inherited from our parent
 //! ([`fd::adopt_inherited_fd`]), registering an owned fd with tokio
 //! ([`fd::async_fd`]), and one raw `setsockopt`
 //! ([`socket::attach_reuseport_cbpf`], which rustix does not wrap).

@@ -77,11 +77,7 @@ impl NodeH2 {
                 }
             }
         });
-        NodeH2 {
-            child,
-            stdin,
-            ok,
-        }
+        NodeH2 { child, stdin, ok }
     }
 
     /// Streams answered 200 so far (updated a few times a second).

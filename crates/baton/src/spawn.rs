@@ -71,18 +71,25 @@ pub trait Spawner: Send + Sync + Debug {
     /// Start `spec`.
     ///
     /// # Errors
-    /// The OS error from fork/exec (e.g. ENOENT, EACCES, ENOEXEC).
+    /// The OS error from the spawn (e.g. ENOENT, EACCES, ENOEXEC).
     fn spawn(&self, spec: SpawnSpec) -> io::Result<Box<dyn ChildProcess>>;
 }
 
-/// The real spawner: fork + exec via tokio.
+/// The real spawner: `posix_spawn` (in glibc, `clone(CLONE_VM |
+/// CLONE_VFORK)` then `execve`), so the cost of starting the next generation does not grow
+/// with this process's resident memory, as a `fork` would (it copies the
+/// page tables, with the parent stalled meanwhile). The child is watched
+/// through a pidfd.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct OsSpawner;
 
 #[derive(Debug)]
 struct OsChild {
     pid: u32,
-    child: tokio::process::Child,
+    /// Readable once the child exits.
+    pidfd: tokio::io::unix::AsyncFd<OwnedFd>,
+    /// Its status, once reaped.
+    status: Option<ExitStatus>,
 }
 
 impl ChildProcess for OsChild {
@@ -91,53 +98,124 @@ impl ChildProcess for OsChild {
     }
 
     fn kill(&mut self) -> io::Result<()> {
-        self.child.start_kill()
+        if self.status.is_some() {
+            return Ok(());
+        }
+        sys::process::pidfd_signal(self.pidfd.get_ref().as_fd(), sys::process::Signal::KILL)
     }
 
     fn wait(&mut self) -> WaitFuture<'_> {
-        Box::pin(self.child.wait())
+        let OsChild { pid, pidfd, status } = self;
+        Box::pin(async move {
+            loop {
+                if let Some(st) = reap(*pid, status)? {
+                    return Ok(st);
+                }
+                let mut ready = pidfd.readable().await?;
+                if reap(*pid, status)?.is_none() {
+                    ready.clear_ready();
+                }
+            }
+        })
     }
 
     fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
-        self.child.try_wait()
+        reap(self.pid, &mut self.status)
     }
+}
+
+/// Reap `pid` into `status` if it exited (once).
+fn reap(pid: u32, status: &mut Option<ExitStatus>) -> io::Result<Option<ExitStatus>> {
+    if status.is_none()
+        && let Some(raw) = sys::process::try_reap_status(pid)?
+    {
+        use std::os::unix::process::ExitStatusExt;
+        *status = Some(ExitStatus::from_raw(raw));
+    }
+    Ok(*status)
 }
 
 impl Spawner for OsSpawner {
     fn spawn(&self, spec: SpawnSpec) -> io::Result<Box<dyn ChildProcess>> {
-        let mut cmd = tokio::process::Command::new(&spec.program);
-        if let Some(a0) = &spec.arg0 {
-            cmd.arg0(a0);
-        }
-        cmd.args(&spec.args);
-        for k in &spec.env_remove {
-            cmd.env_remove(k);
-        }
-        for (k, v) in &spec.env_set {
-            cmd.env(k, v);
-        }
-        cmd.kill_on_drop(false);
+        let argv: Vec<OsString> = std::iter::once(
+            spec.arg0
+                .clone()
+                .unwrap_or_else(|| spec.program.clone().into_os_string()),
+        )
+        .chain(spec.args.iter().cloned())
+        .collect();
+        let env = child_env(std::env::vars_os(), &spec.env_remove, &spec.env_set);
         // Move every source fd above every target number first, so placing
         // one never clobbers another's source.
         let top = spec.fds.iter().map(|(_, t)| *t).max().unwrap_or(2) + 1;
-        let mut placements = Vec::with_capacity(spec.fds.len());
-        for (fd, target) in spec.fds {
-            let src = sys::fd::dup_at_least(fd.as_fd(), top.max(10))?;
-            placements.push(sys::process::FdPlacement { src, target });
+        let mut sources = Vec::with_capacity(spec.fds.len());
+        for (fd, target) in &spec.fds {
+            sources.push((sys::fd::dup_at_least(fd.as_fd(), top.max(10))?, *target));
         }
-        sys::process::place_fds_before_exec(&mut cmd, placements);
-        let child = cmd.spawn()?;
-        let pid = child
-            .id()
-            .ok_or_else(|| io::Error::other("child exited before its pid was read"))?;
+        let fds: Vec<_> = sources.iter().map(|(fd, t)| (fd.as_fd(), *t)).collect();
+        let pid = sys::process::spawn(&sys::process::SpawnRequest {
+            program: &spec.program,
+            argv: &argv,
+            env: &env,
+            fds: &fds,
+        })?;
+        // Ours until reaped, so the pid cannot be reused before this.
+        let pidfd = sys::process::pidfd_open(pid)
+            .and_then(|fd| sys::fd::async_fd(fd, tokio::io::Interest::READABLE));
+        let pidfd = match pidfd {
+            Ok(p) => p,
+            Err(e) => {
+                // Never leave a child nobody watches.
+                let _ = sys::process::kill(pid, sys::process::Signal::KILL);
+                let _ = reap_blocking(pid);
+                return Err(e);
+            }
+        };
         if let Some(adj) = spec.oom_score_adj {
             // Best effort: a container may forbid it.
             if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), adj.to_string()) {
                 tracing::debug!(pid, error = %e, "could not set oom_score_adj");
             }
         }
-        Ok(Box::new(OsChild { pid, child }))
+        Ok(Box::new(OsChild {
+            pid,
+            pidfd,
+            status: None,
+        }))
     }
+}
+
+/// Reap a child we just killed (it dies at once; bounded anyway).
+fn reap_blocking(pid: u32) -> io::Result<()> {
+    for _ in 0..1000 {
+        if sys::process::try_reap_status(pid)?.is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("child {pid} did not exit after SIGKILL"),
+    ))
+}
+
+/// The child's environment, `KEY=VALUE` each: ours, minus `remove` and the
+/// keys `set` overrides, plus `set`.
+fn child_env(
+    ours: impl Iterator<Item = (OsString, OsString)>,
+    remove: &[OsString],
+    set: &[(OsString, OsString)],
+) -> Vec<OsString> {
+    let kv = |k: &OsString, v: &OsString| {
+        let mut e = k.clone();
+        e.push("=");
+        e.push(v);
+        e
+    };
+    ours.filter(|(k, _)| !remove.contains(k) && !set.iter().any(|(s, _)| s == k))
+        .map(|(k, v)| kv(&k, &v))
+        .chain(set.iter().map(|(k, v)| kv(k, v)))
+        .collect()
 }
 
 /// Work out, once at start-up, which file to exec at upgrade: argv\[0\] made
