@@ -1,11 +1,15 @@
-//! The end of a generation: its accept queue empties once new connections
-//! go elsewhere, then the stop signal, `--drain-timeout`, SIGKILL.
+//! The drain: the end of a generation. After an upgrade the old one's
+//! accept queue empties once new connections go to the new one (`settle`),
+//! then it gets the stop signal, `--drain-timeout`, SIGKILL, and what is left
+//! in its queue is relayed to the new one (`stop_old`). When baton exits,
+//! the serving generation gets the same stop signal and bound (`stop`).
 
 use std::time::{Duration, Instant};
 
+use baton::control::Event;
 use tokio_util::sync::CancellationToken;
 
-use super::Sup;
+use super::{Events, Sup, emit, view};
 use crate::supervisor::child::GenProc;
 use crate::supervisor::sockets::ListenerSet;
 use crate::supervisor::{STEER_SETTLE_TIMEOUT, signal_name};
@@ -54,6 +58,68 @@ pub(super) async fn settle(
         }
         tokio::time::sleep(SETTLE_POLL).await;
     }
+}
+
+/// Stop the old generation once new connections go to the new one and its
+/// queue settled: the stop signal, then `--drain-timeout`, then SIGKILL (at
+/// once if `hurry` fires). Then what is left in its socket's queue (in
+/// `old_slot`) is relayed to the new generation. Returns how many of those
+/// connections were closed instead.
+pub(super) async fn stop_old(
+    sup: &mut Sup,
+    old: Option<GenProc>,
+    old_slot: usize,
+    steering: bool,
+    events: &Events,
+    hurry: &CancellationToken,
+) -> u64 {
+    let mut closed = 0;
+    if let Some(mut o) = old {
+        tracing::info!(
+            generation = o.generation,
+            pid = o.pid,
+            signal = signal_name(sup.cfg.stop_signal),
+            "stopping the old generation"
+        );
+        let out = o
+            .stop(sup.cfg.stop_signal, sup.cfg.drain_timeout, hurry)
+            .await;
+        if out.graceful {
+            tracing::info!(generation = o.generation, pid = o.pid, status = %out.status, after_ms = out.after.as_millis() as u64, "old generation exited");
+        } else {
+            tracing::warn!(generation = o.generation, pid = o.pid, status = %out.status, "old generation killed after --drain-timeout");
+            emit(
+                events,
+                Event::Note(format!(
+                    "generation {} (pid {}) did not exit within --drain-timeout {:?}: killed",
+                    o.generation, o.pid, sup.cfg.drain_timeout
+                )),
+            );
+        }
+    }
+    // Whatever is left in the old socket's queue (a handshake that
+    // completed after the quiet period, or the old generation died during
+    // the upgrade) would otherwise wait there until a later generation gets
+    // this socket. No process read those connections: relay them to the new
+    // generation (the steering program sends there now).
+    if steering {
+        let (relayed, lost) = sup.listeners.relay_pending(old_slot, sup.cfg.drain_timeout);
+        view(&sup.view).relayed += relayed as u64;
+        closed = lost as u64;
+        if relayed > 0 {
+            tracing::info!(
+                connections = relayed,
+                "connections left unaccepted in the old generation's queue were relayed to the new generation"
+            );
+        }
+        if closed > 0 {
+            tracing::warn!(
+                connections = closed,
+                "connections left unaccepted in the old generation's queue were closed"
+            );
+        }
+    }
+    closed
 }
 
 /// Stop the serving generation (baton is exiting).

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use baton::control::{Event, Failure, FailureKind, UpgradeReport};
 use tokio_util::sync::CancellationToken;
 
-use super::drain::settle;
+use super::drain::{settle, stop_old};
 use super::observe::{Window, watch_window};
 use super::{Events, Sup, UpgradeReq, emit, failed, old_exited, record_good, view};
 use crate::supervisor::admission;
@@ -454,52 +454,7 @@ pub(super) async fn upgrade(
             }
         }
     }
-    let mut closed = 0;
-    if let Some(mut o) = old.take() {
-        tracing::info!(
-            generation = o.generation,
-            pid = o.pid,
-            signal = signal_name(sup.cfg.stop_signal),
-            "stopping the old generation"
-        );
-        let out = o
-            .stop(sup.cfg.stop_signal, sup.cfg.drain_timeout, hurry)
-            .await;
-        if out.graceful {
-            tracing::info!(generation = o.generation, pid = o.pid, status = %out.status, after_ms = out.after.as_millis() as u64, "old generation exited");
-        } else {
-            tracing::warn!(generation = o.generation, pid = o.pid, status = %out.status, "old generation killed after --drain-timeout");
-            emit(
-                events,
-                Event::Note(format!(
-                    "generation {} (pid {}) did not exit within --drain-timeout {:?}: killed",
-                    o.generation, o.pid, sup.cfg.drain_timeout
-                )),
-            );
-        }
-    }
-    // Whatever is left in the old socket's queue (a handshake that
-    // completed after the quiet period, or the old generation died during
-    // the upgrade) would otherwise wait there until a later generation gets
-    // this socket. No process read those connections: relay them to the new
-    // generation (the steering program sends there now).
-    if steering {
-        let (relayed, lost) = sup.listeners.relay_pending(old_slot, sup.cfg.drain_timeout);
-        view(&sup.view).relayed += relayed as u64;
-        closed = lost as u64;
-        if relayed > 0 {
-            tracing::info!(
-                connections = relayed,
-                "connections left unaccepted in the old generation's queue were relayed to the new generation"
-            );
-        }
-        if closed > 0 {
-            tracing::warn!(
-                connections = closed,
-                "connections left unaccepted in the old generation's queue were closed"
-            );
-        }
-    }
+    let closed = stop_old(sup, old, old_slot, steering, events, hurry).await;
     let drain_ms = drain_start.elapsed().as_millis() as u64;
     emit(
         events,
