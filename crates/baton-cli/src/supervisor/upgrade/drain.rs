@@ -10,9 +10,9 @@ use baton::control::Event;
 use tokio_util::sync::CancellationToken;
 
 use super::{Events, Sup, emit, view};
-use crate::supervisor::child::GenProc;
+use crate::supervisor::child::{GenProc, StopOutcome};
 use crate::supervisor::sockets::ListenerSet;
-use crate::supervisor::{STEER_SETTLE_TIMEOUT, signal_name};
+use crate::supervisor::{RunConfig, STEER_SETTLE_TIMEOUT, signal_name};
 
 /// How often the old generation's accept queue is looked at after
 /// steering.
@@ -75,15 +75,7 @@ pub(super) async fn stop_old(
 ) -> u64 {
     let mut closed = 0;
     if let Some(mut o) = old {
-        tracing::info!(
-            generation = o.generation,
-            pid = o.pid,
-            signal = signal_name(sup.cfg.stop_signal),
-            "stopping the old generation"
-        );
-        let out = o
-            .stop(sup.cfg.stop_signal, sup.cfg.drain_timeout, hurry)
-            .await;
+        let out = stop_generation(&sup.cfg, &mut o, "stopping the old generation", hurry).await;
         if out.graceful {
             tracing::info!(generation = o.generation, pid = o.pid, status = %out.status, after_ms = out.after.as_millis() as u64, "old generation exited");
         } else {
@@ -126,16 +118,26 @@ pub(super) async fn stop_old(
 pub(super) async fn stop(sup: &mut Sup, hurry: &CancellationToken) {
     sup.notify_systemd(&["STOPPING=1".into(), "STATUS=stopping".into()]);
     if let Some(mut g) = sup.serving.take() {
-        tracing::info!(
-            generation = g.generation,
-            pid = g.pid,
-            signal = signal_name(sup.cfg.stop_signal),
-            "stopping the serving generation"
-        );
-        let out = g
-            .stop(sup.cfg.stop_signal, sup.cfg.drain_timeout, hurry)
-            .await;
+        let out = stop_generation(&sup.cfg, &mut g, "stopping the serving generation", hurry).await;
         tracing::info!(generation = g.generation, pid = g.pid, status = %out.status, after_ms = out.after.as_millis() as u64, graceful = out.graceful, "generation stopped");
         sup.final_status = g.exit_code();
     }
+}
+
+/// Send `g` the stop signal and wait until it exits: at most
+/// `--drain-timeout`, then SIGKILL (at once if `hurry` fires). `what` is the
+/// log line that says which generation is stopped, and why.
+pub(super) async fn stop_generation(
+    cfg: &RunConfig,
+    g: &mut GenProc,
+    what: &str,
+    hurry: &CancellationToken,
+) -> StopOutcome {
+    tracing::info!(
+        generation = g.generation,
+        pid = g.pid,
+        signal = signal_name(cfg.stop_signal),
+        "{what}"
+    );
+    g.stop(cfg.stop_signal, cfg.drain_timeout, hurry).await
 }

@@ -10,13 +10,12 @@ use std::time::{Duration, Instant};
 use baton::control::{Event, Failure, FailureKind, UpgradeReport};
 use tokio_util::sync::CancellationToken;
 
-use super::drain::{settle, stop_old};
+use super::drain::{settle, stop_generation, stop_old};
 use super::observe::{Window, watch_window};
 use super::{Events, Sup, UpgradeReq, emit, failed, old_exited, record_good, view};
 use crate::supervisor::admission;
 use crate::supervisor::child::{self, ExecHow, GenProc, SpawnPlan, join_argv};
 use crate::supervisor::ready::{self, NotifySocket, ReadyCtx, ReadyPlan, Route};
-use crate::supervisor::signal_name;
 use crate::supervisor::sockets::Steer;
 
 /// How the readiness wait ended badly.
@@ -192,15 +191,13 @@ async fn roll_back(
         if let Some(o) = &old {
             let _ = settle(&sup.listeners, new_slot, o, &new, sup.cfg.steer_quiet).await;
         }
-        tracing::info!(
-            generation,
-            pid,
-            signal = signal_name(sup.cfg.stop_signal),
-            "rolling back: stopping the new generation"
-        );
-        let out = new
-            .stop(sup.cfg.stop_signal, sup.cfg.drain_timeout, hurry)
-            .await;
+        let out = stop_generation(
+            &sup.cfg,
+            &mut new,
+            "rolling back: stopping the new generation",
+            hurry,
+        )
+        .await;
         format!("was stopped ({})", out.status)
     };
     // What queued for it and was never accepted: relayed to the old
