@@ -53,9 +53,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 
 use super::child::{self, ExecHow, GenProc, SpawnPlan, join_argv};
-use super::owner::Signals;
 use super::ready::{bind_notify, in_tree};
 use super::sockets::ListenerSet;
+use super::upgrade::Signals;
 use super::{RESTART_BACKOFF_INITIAL, RESTART_BACKOFF_MAX, RESTART_BACKOFF_RESET_AFTER, reaper};
 
 /// Largest notification datagram read.
@@ -754,8 +754,8 @@ pub async fn run(
         }
         tokio::select! {
             sig = signals.recv() => match sig {
-                super::owner::Sig::Stop(name) => st.begin_stop(name),
-                super::owner::Sig::Upgrade => match &st.main {
+                super::upgrade::Sig::Stop(name) => st.begin_stop(name),
+                super::upgrade::Sig::Upgrade => match &st.main {
                     Some(m) if !st.stopping => {
                         tracing::info!(pid = m.pid, signal = super::signal_name(st.cfg.upgrade_signal), "SIGHUP: asking the server to upgrade itself");
                         if let Err(e) = baton_sys::process::kill(m.pid, st.cfg.upgrade_signal) {

@@ -11,17 +11,18 @@
 //! queueing connections.
 //!
 //! Structure: `sockets` (listeners and steering), `ready` (readiness
-//! checks), `child` (a generation's process), `owner` (the single task that
-//! owns all of it: one upgrade at a time falls out of the structure).
+//! checks), `child` (a generation's process), `upgrade` (the single task
+//! that owns all of it: one upgrade at a time falls out of the structure;
+//! its phases are files of their own: `start`, `run`, `observe`, `drain`).
 
 mod admission;
 mod child;
 mod delegate;
 mod metrics;
-mod owner;
 mod ready;
 mod reaper;
 mod sockets;
+mod upgrade;
 
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
@@ -438,7 +439,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         tracing::debug!(error = %e, "could not raise RLIMIT_NOFILE");
     }
     // Signal handlers before anything can announce readiness.
-    let signals = owner::Signals::install().map_err(|e| {
+    let signals = upgrade::Signals::install().map_err(|e| {
         CliError::new(
             exit::FAILED,
             anyhow::anyhow!("installing signal handlers: {e}"),
@@ -538,7 +539,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         health_failures: args.health_failures,
         health_timeout: args.health_timeout,
     };
-    let status = owner::run(cfg, listeners, plan, health, rx, signals, metrics).await;
+    let status = upgrade::run(cfg, listeners, plan, health, rx, signals, metrics).await;
     // A container's init exits with its app's status; under systemd or a
     // shell, a requested stop is a success.
     Ok(if pid1 {
@@ -583,7 +584,7 @@ fn open_common(control_path: &Path, pid_file: Option<&Path>) -> Result<Common, C
 /// `baton run --delegate`.
 async fn run_delegate(
     args: RunArgs,
-    signals: owner::Signals,
+    signals: upgrade::Signals,
     control_path: PathBuf,
 ) -> Result<ExitCode, CliError> {
     let inherited = std::env::var_os("LISTEN_FDS").is_some();
