@@ -211,6 +211,11 @@ pub struct Args {
     /// one to two periods, across upgrades [default: 6h].
     #[arg(long, value_name = "DUR", value_parser = parse_dur)]
     pub tls_ticket_rotation: Option<Duration>,
+    /// Benchmark aid: once ready, allocate and touch this many MiB, so that
+    /// this generation is a parent with a large resident set at its next
+    /// upgrade (the cost of starting a child must not grow with it).
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    pub ballast_mib: usize,
     /// Log filter, e.g. `info`, `debug`, `baton=debug,info`.
     #[arg(long, value_name = "FILTER", default_value = "info", env = "BATON_LOG")]
     pub log: String,
@@ -471,7 +476,17 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
         anyhow::bail!("start-up failed: {reason}");
     }
     baton.ready().await?;
+    // Touched page by page, after ready (not to delay it), kept until exit.
+    let ballast = (args.ballast_mib > 0).then(|| {
+        let mut b = vec![0u8; args.ballast_mib << 20];
+        for page in b.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        tracing::info!(mib = args.ballast_mib, "ballast resident");
+        b
+    });
     baton.done().await;
+    drop(ballast);
     tracing::info!(generation = baton.generation(), "exiting");
     Ok(())
 }
