@@ -14,13 +14,8 @@ use crate::to_io;
 /// `getsockopt(TCP_INFO)` struct layout, no unsafe.
 pub fn tcp_accept_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
     let inode = rustix::fs::fstat(fd).map_err(to_io)?.st_ino;
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        if let Some(n) = parse_proc_net_tcp_queue(&text, inode as u64) {
-            return Ok(n);
-        }
+    if let Some(n) = find_in_tcp_tables(|line| tcp_line_queue(line, inode as u64))? {
+        return Ok(n);
     }
     Err(io::Error::new(
         io::ErrorKind::NotFound,
@@ -30,18 +25,77 @@ pub fn tcp_accept_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
 
 /// Find the `rx_queue` of the socket with `inode` in a `/proc/net/tcp` table.
 pub fn parse_proc_net_tcp_queue(text: &str, inode: u64) -> Option<u32> {
-    for line in text.lines().skip(1) {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        if cols.len() < 10 {
-            continue;
-        }
-        if cols[9].parse::<u64>().ok() != Some(inode) {
-            continue;
-        }
-        let rx = cols[4].split(':').nth(1)?;
-        return u32::from_str_radix(rx, 16).ok();
+    text.lines().skip(1).find_map(|l| tcp_line_queue(l, inode))
+}
+
+/// The `rx_queue` of one table line, if it is the socket with `inode`.
+fn tcp_line_queue(line: &str, inode: u64) -> Option<u32> {
+    let mut cols = line.split_whitespace();
+    let rx = cols.nth(4)?;
+    if cols.nth(4)?.parse::<u64>().ok() != Some(inode) {
+        return None;
     }
-    None
+    u32::from_str_radix(rx.split(':').nth(1)?, 16).ok()
+}
+
+/// The TCP tables, IPv4 then IPv6.
+const TCP_TABLES: [&str; 2] = ["/proc/net/tcp", "/proc/net/tcp6"];
+
+/// Run `f` on each socket line of `/proc/net/tcp` then `/proc/net/tcp6`
+/// (header skipped) until it returns `Some`. The tables are streamed through
+/// one small buffer, never read whole: with many sockets (TIME_WAIT after a
+/// load) a table is megabytes, and one large allocation raises glibc's
+/// dynamic mmap threshold, so that the supervisor's heap keeps that much
+/// resident afterwards. A missing table (no IPv6) is skipped.
+///
+/// # Errors
+/// A read error other than a missing table.
+pub fn find_in_tcp_tables<T>(mut f: impl FnMut(&str) -> Option<T>) -> io::Result<Option<T>> {
+    use std::io::BufRead;
+    let mut line = String::with_capacity(256);
+    for table in TCP_TABLES {
+        let file = match std::fs::File::open(table) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let mut r = io::BufReader::with_capacity(16 * 1024, file);
+        let mut first = true;
+        loop {
+            line.clear();
+            if r.read_line(&mut line)? == 0 {
+                break;
+            }
+            if std::mem::take(&mut first) {
+                continue;
+            }
+            if let Some(t) = f(&line) {
+                return Ok(Some(t));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// TCP state `LISTEN` in `/proc/net/tcp`.
+pub const TCP_LISTEN: u8 = 0x0A;
+
+/// Count the listening sockets bound to exactly `addr`.
+///
+/// # Errors
+/// A read error of the tables.
+pub fn count_tcp_listeners(addr: SocketAddr) -> io::Result<usize> {
+    let mut n = 0;
+    find_in_tcp_tables(|line| {
+        let mut cols = line.split_whitespace();
+        let local = cols.nth(1).and_then(parse_proc_net_tcp_addr);
+        let state = cols.nth(1).and_then(|s| u8::from_str_radix(s, 16).ok());
+        if state == Some(TCP_LISTEN) && local == Some(addr) {
+            n += 1;
+        }
+        None::<()>
+    })?;
+    Ok(n)
 }
 
 /// A TCP connection as `/proc/net/tcp{,6}` shows it.
@@ -61,15 +115,7 @@ pub const TCP_ESTABLISHED: u8 = 1;
 /// Look up the socket whose local address is `local` and remote address is
 /// `remote` in `/proc/net/tcp` and `/proc/net/tcp6`.
 pub fn proc_tcp_entry(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<ProcTcpEntry>> {
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        if let Some(e) = parse_proc_net_tcp_entry(&text, local, remote) {
-            return Ok(Some(e));
-        }
-    }
-    Ok(None)
+    find_in_tcp_tables(|line| tcp_line_entry(line, local, remote))
 }
 
 /// Parse `/proc/net/tcp{,6}` address notation: hex IP in host order per
@@ -113,26 +159,28 @@ pub fn parse_proc_net_tcp_entry(
     local: SocketAddr,
     remote: SocketAddr,
 ) -> Option<ProcTcpEntry> {
-    for line in text.lines().skip(1) {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        if cols.len() < 10 {
-            continue;
-        }
-        let (Some(l), Some(r)) = (
-            parse_proc_net_tcp_addr(cols[1]),
-            parse_proc_net_tcp_addr(cols[2]),
-        ) else {
-            continue;
-        };
-        if !same_endpoint(l, local) || !same_endpoint(r, remote) {
-            continue;
-        }
-        return Some(ProcTcpEntry {
-            state: u8::from_str_radix(cols[3], 16).ok()?,
-            inode: cols[9].parse().ok()?,
-        });
+    text.lines()
+        .skip(1)
+        .find_map(|l| tcp_line_entry(l, local, remote))
+}
+
+/// One table line as a [`ProcTcpEntry`], if it is `local` ↔ `remote`.
+fn tcp_line_entry(line: &str, local: SocketAddr, remote: SocketAddr) -> Option<ProcTcpEntry> {
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    if cols.len() < 10 {
+        return None;
     }
-    None
+    let (l, r) = (
+        parse_proc_net_tcp_addr(cols[1])?,
+        parse_proc_net_tcp_addr(cols[2])?,
+    );
+    if !same_endpoint(l, local) || !same_endpoint(r, remote) {
+        return None;
+    }
+    Some(ProcTcpEntry {
+        state: u8::from_str_radix(cols[3], 16).ok()?,
+        inode: cols[9].parse().ok()?,
+    })
 }
 
 #[cfg(test)]
@@ -154,6 +202,15 @@ mod tests {
             Some("127.0.0.1:80".parse().unwrap())
         );
         assert_eq!(parse_proc_net_tcp_addr("zz:1"), None);
+    }
+
+    #[test]
+    fn listeners_are_counted_by_address() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        assert_eq!(count_tcp_listeners(addr).unwrap(), 1);
+        drop(l);
+        assert_eq!(count_tcp_listeners(addr).unwrap(), 0);
     }
 
     #[test]

@@ -676,6 +676,52 @@ fn many_upgrades_in_a_row_do_not_grow_the_supervisors_rss_or_fds() {
     assert!(zombies(sup.pid).is_empty());
 }
 
+/// Issue 14, item 5: the supervisor's anonymous memory grew by megabytes
+/// at some upgrade and never came back. The readiness check read
+/// `/proc/net/tcp` whole; on a host with many sockets that table is
+/// megabytes, and one large allocation raises glibc's dynamic mmap
+/// threshold so the heap keeps it. Here the test holds thousands of
+/// connections open (a table of megabytes) across ten `--ready tcp`
+/// upgrades: baton's anonymous RSS may not grow by more than 512 KiB.
+#[test]
+fn a_large_proc_net_tcp_does_not_grow_the_supervisors_memory() {
+    let sup = Supervised::start(
+        "sup-proc-net-tcp",
+        RunOpts {
+            ready: Some("tcp".into()),
+            command: vec![apps::go_server().display().to_string()],
+            ..RunOpts::default()
+        },
+    );
+    let before = proc::rss_anon_kib(sup.pid).unwrap();
+    // Connected pairs held by this test process: each is two lines of the
+    // table (about 150 bytes each).
+    let limit = baton_sys::process::raise_nofile_limit().unwrap_or(1024);
+    let pairs = usize::try_from(limit.min(16_384)).unwrap_or(1024) / 2 - 200;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::with_capacity(pairs * 2);
+    for _ in 0..pairs {
+        held.push(std::net::TcpStream::connect(addr).unwrap());
+        held.push(listener.accept().unwrap().0);
+    }
+    let table = std::fs::read_to_string("/proc/net/tcp").map_or(0, |t| t.len());
+    assert!(table > 1 << 20, "/proc/net/tcp is only {table} bytes");
+    for i in 0..10 {
+        let out = sup.upgrade(&[]);
+        assert_eq!(out.code, 0, "upgrade {i}: {out:?}");
+    }
+    let after = proc::rss_anon_kib(sup.pid).unwrap();
+    drop(held);
+    eprintln!(
+        "/proc/net/tcp {table} bytes ({pairs} connection pairs held); baton anon RSS {before} KiB before, {after} KiB after 10 upgrades"
+    );
+    assert!(
+        after <= before + 512,
+        "baton's anonymous RSS grew from {before} to {after} KiB"
+    );
+}
+
 /// `--expect-sha256` on a script: its interpreter reads the hashed file
 /// through the fd baton kept open (`/proc/self/fd/N`), not the path.
 #[test]

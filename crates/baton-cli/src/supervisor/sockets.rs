@@ -554,27 +554,6 @@ fn adopt_systemd() -> Result<Vec<(String, OwnedFd, sys::socket::SocketKind)>, Op
     Ok(out)
 }
 
-/// Count the listening sockets bound to exactly `addr` (in
-/// `/proc/net/tcp{,6}`).
-fn count_listeners(addr: SocketAddr) -> std::io::Result<usize> {
-    let mut n = 0;
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 4 || cols[3] != "0A" {
-                continue;
-            }
-            if sys::procfs::parse_proc_net_tcp_addr(cols[1]) == Some(addr) {
-                n += 1;
-            }
-        }
-    }
-    Ok(n)
-}
-
 fn tcp_bind_error(name: &str, addr: SocketAddr, e: &std::io::Error) -> String {
     let hint = match e.kind() {
         std::io::ErrorKind::AddrInUse => {
@@ -671,7 +650,7 @@ fn add_second_socket(l: &mut Listener, addr: SocketAddr, backlog: i32) {
             return;
         }
     };
-    match count_listeners(addr) {
+    match sys::procfs::count_tcp_listeners(addr) {
         Ok(2) => l.sockets.push(second),
         Ok(n) => {
             l.shared_reason = Some(format!(
@@ -751,7 +730,7 @@ mod tests {
         let l = &set.items[0];
         assert!(l.steered(), "{:?}", l.shared_reason);
         assert_eq!(
-            count_listeners(l.tcp_addr().unwrap()).unwrap(),
+            sys::procfs::count_tcp_listeners(l.tcp_addr().unwrap()).unwrap(),
             2,
             "both sockets listen"
         );
