@@ -238,7 +238,9 @@ impl Load {
     /// Wait (at most `timeout`) until `n` requests have finished in all,
     /// then stop and return the final stats.
     pub fn stop_after(self, n: u64, timeout: Duration) -> Stats {
-        crate::wait_for(timeout, "load progress", || (self.done() >= n).then_some(()));
+        crate::wait_for(timeout, "load progress", || {
+            (self.done() >= n).then_some(())
+        });
         self.stop()
     }
 
