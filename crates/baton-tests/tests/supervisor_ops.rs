@@ -467,6 +467,20 @@ fn delegate_mode_follows_a_library_mode_server_that_upgrades_itself() {
         stats.ok, stats.failed, stats.closes, stats.errors
     );
     assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    // The server hands its idle keep-alive connections to each successor:
+    // none is closed (`Connection: close`), and every generation, the last
+    // one included, answered on them.
+    assert_eq!(
+        stats.closes, 0,
+        "keep-alive connections closed instead of handed over: {stats:?}"
+    );
+    assert_eq!(
+        stats.pids,
+        pids.iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<u32>>(),
+        "the pids the load saw (inside the namespace) are the 6 generations'"
+    );
     let st = status();
     assert_eq!(st.counters.upgrades_succeeded, 5, "{st:?}");
     assert!(
