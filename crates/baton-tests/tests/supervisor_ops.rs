@@ -512,12 +512,14 @@ fn delegate_mode_follows_a_library_mode_server_that_upgrades_itself() {
     assert_eq!(status().pid, serving);
     // The new generation dies right after its promotion: the old one takes
     // the service back (MAINPID=<its own pid>), and baton follows it back.
-    // (A long request keeps the old one draining meanwhile.)
-    let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=2000"));
-    std::thread::sleep(Duration::from_millis(100));
+    // (A request held open keeps the old one draining meanwhile; a
+    // `/slow?ms=2000` one could end first on a busy machine, and the old
+    // generation exit before its successor died.)
+    let held = http::hold(http::connect(addr).unwrap()).expect("a held request");
     std::fs::write(&fault, "exit-at:promoted\n").unwrap();
     let out = upgrade();
-    assert_eq!(slow.join().unwrap().unwrap().status, 200);
+    let (r, _) = held.release().expect("the held request completes");
+    assert_eq!(r.status, 200);
     eprintln!("new generation dies after promotion: {out:?}");
     assert_eq!(out.code, 1, "{out:?}");
     let back = wait_for(T, "the old generation to serve again", || {
