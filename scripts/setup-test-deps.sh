@@ -9,8 +9,10 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v wrk >/dev/null || need_apt+=(wrk)
 command -v h2load >/dev/null || need_apt+=(nghttp2-client)
 command -v go >/dev/null || need_apt+=(golang-go)
+command -v node >/dev/null || need_apt+=(nodejs)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
-command -v systemd-socket-activate >/dev/null || need_apt+=(systemd)
+# systemd-socket-activate and systemd-analyze (the unit-file test).
+{ command -v systemd-socket-activate && command -v systemd-analyze; } >/dev/null || need_apt+=(systemd)
 command -v openssl >/dev/null || need_apt+=(openssl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 
@@ -26,10 +28,35 @@ if ((${#need_apt[@]})); then
   $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
-if [[ ! -x .venv/bin/gunicorn || ! -x .venv/bin/uvicorn ]]; then
-  echo "setup: creating .venv with gunicorn and uvicorn"
+# The venv, pinned: gunicorn and uvicorn for the supervisor tests,
+# prometheus_client for its OpenMetrics parser (the metrics tests). A pin
+# that is missing or at another version is (re)installed.
+PY_PINS=(gunicorn==27.0.1 uvicorn==0.55.0 prometheus_client==0.26.0)
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv"
   python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check gunicorn uvicorn
+fi
+# (A command substitution, not `< <(...)`: a broken venv python must stop
+# the set-up under `set -e`.)
+missing=$(.venv/bin/python - "${PY_PINS[@]}" <<'PY'
+import sys
+from importlib import metadata
+missing = []
+for pin in sys.argv[1:]:
+    name, want = pin.split("==")
+    try:
+        have = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        have = None
+    if have != want:
+        missing.append(pin)
+print(" ".join(missing))
+PY
+)
+read -r -a need_pip <<<"$missing"
+if ((${#need_pip[@]})); then
+  echo "setup: installing into .venv: ${need_pip[*]}"
+  .venv/bin/pip install -q --disable-pip-version-check "${need_pip[@]}"
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -79,12 +79,13 @@ pub fn baton_bin() -> PathBuf {
     .clone()
 }
 
-/// A tool in the repository's Python venv (`.venv/bin/NAME`).
+/// A tool in the repository's Python venv (`.venv/bin/NAME`); a missing
+/// one fails the test with a message saying to run the set-up.
 pub fn venv_tool(name: &str) -> PathBuf {
     let p = workspace_root().join(".venv/bin").join(name);
     assert!(
         p.exists(),
-        "{} is missing: run scripts/setup-test-deps.sh (it creates .venv with gunicorn and uvicorn)",
+        "{} is missing: run scripts/setup-test-deps.sh (it creates .venv with gunicorn, uvicorn and prometheus_client)",
         p.display()
     );
     p

@@ -8,6 +8,9 @@
 //! * `never-ready` — set up, then never report ready.
 //! * `fail-ready:REASON` — report `Failed{REASON}` and exit 1.
 //! * `slow-start:MS` — sleep MS before reporting ready.
+//! * `ready-when:PATH` — report ready only once PATH exists, so a test
+//!   holds an upgrade in progress for as long as it needs (at most 60 s,
+//!   then report `Failed`).
 //! * `exit-at:POINT` — exit 4 at a handoff point (`started`, `listeners`,
 //!   `state`, `ready`, `promoted`).
 //! * `stop-at:POINT` — SIGSTOP itself at that point (the test then kills it).
@@ -91,6 +94,19 @@ pub fn main(version: &str) -> ExitCode {
                 let ms: u64 = arg.parse().unwrap_or(1000);
                 custom.before_ready = Some(Box::new(move |_| {
                     std::thread::sleep(Duration::from_millis(ms));
+                    Ok(())
+                }));
+            }
+            "ready-when" => {
+                let path = std::path::PathBuf::from(arg);
+                custom.before_ready = Some(Box::new(move |_| {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                    while !path.exists() {
+                        if std::time::Instant::now() > deadline {
+                            return Err(format!("{} did not appear within 60 s", path.display()));
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                     Ok(())
                 }));
             }

@@ -184,6 +184,95 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// A request held open for as long as the test wants: `POST /echo` with
+/// `Expect: 100-continue`, whose body the client sends only when
+/// [`Held::release`] is called.
+///
+/// Why not `GET /slow?ms=N`: that request ends after N ms whatever the test
+/// is doing, so a test that needs it in flight (to keep an old generation
+/// draining, or to be cut) races its own waits, and loses on a busy
+/// machine. And a test had to sleep, hoping the request had reached the
+/// handler before the upgrade started. A held request has neither race:
+/// [`hold`] returns only once the handler runs (hyper answers
+/// `100 Continue` when the handler first reads the body), and from then on
+/// the request is in flight on that process until it is released, cut at
+/// the drain deadline, or dies with its process.
+#[derive(Debug)]
+pub struct Held {
+    conn: Conn,
+}
+
+/// The body a held request sends when released (and gets back).
+const HELD_BODY: &[u8] = b"held until released";
+
+/// Start a held request on `conn` (fresh, or kept alive and idle); returns
+/// once the server's handler is running.
+pub fn hold(mut conn: Conn) -> io::Result<Held> {
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        HELD_BODY.len()
+    );
+    conn.send_raw(head.as_bytes())?;
+    let r = conn.read_response()?;
+    if r.status != 100 {
+        return Err(io::Error::other(format!(
+            "a held request needs 100 Continue, got {} {:?}",
+            r.status,
+            r.text()
+        )));
+    }
+    Ok(Held { conn })
+}
+
+impl Held {
+    /// The client's end of the connection: the server sees the request
+    /// come from this port.
+    pub fn local_port(&self) -> u16 {
+        self.conn
+            .stream
+            .local_addr()
+            .expect("local address of a connected socket")
+            .port()
+    }
+
+    /// Send the body: the handler answers with it (checked). Returns the
+    /// response and the connection, kept alive unless the response says
+    /// otherwise.
+    pub fn release(mut self) -> io::Result<(Resp, Conn)> {
+        self.conn.send_raw(HELD_BODY)?;
+        let r = self.conn.read_response()?;
+        if r.status == 200 && r.body != HELD_BODY {
+            return Err(io::Error::other(format!(
+                "the held request's echo came back as {:?}",
+                r.text()
+            )));
+        }
+        Ok((r, self.conn))
+    }
+
+    /// Wait at most `timeout` for the server to end the connection with no
+    /// answer (EOF or reset): the request was cut, or died with its
+    /// process. `Err` says what happened instead (an answer, a timeout).
+    pub fn wait_cut(mut self, timeout: Duration) -> Result<(), String> {
+        self.conn
+            .stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let mut b = [0u8; 1024];
+        match self.conn.stream.read(&mut b) {
+            Ok(0) => Ok(()),
+            Ok(n) => Err(format!(
+                "the server answered the held request: {:?}",
+                String::from_utf8_lossy(&b[..n])
+            )),
+            Err(e) if crate::load::FailKind::of(&e) == crate::load::FailKind::Reset => Ok(()),
+            Err(e) => Err(format!(
+                "the held request was not cut within {timeout:?}: {e}"
+            )),
+        }
+    }
+}
+
 /// One request on a fresh connection with `Connection: close`.
 pub fn get(addr: SocketAddr, path: &str) -> io::Result<Resp> {
     let mut c = connect(addr)?;

@@ -119,9 +119,9 @@ pub fn env_var(pid: u32, name: &str) -> Option<String> {
     })
 }
 
-/// Established TCP connections (IPv4 and IPv6) held by `pid` whose local port
-/// is `port`: the connections a server process is serving on that port.
-pub fn established_on_port(pid: u32, port: u16) -> usize {
+/// Established TCP connections (IPv4 and IPv6) held by `pid`: the local and
+/// the remote port of each.
+pub fn established(pid: u32) -> Vec<(u16, u16)> {
     let inodes: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {
             d.filter_map(|e| {
@@ -132,26 +132,41 @@ pub fn established_on_port(pid: u32, port: u16) -> usize {
             .collect()
         })
         .unwrap_or_default();
-    let mut n = 0;
+    let port = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    let mut out = Vec::new();
     for table in ["tcp", "tcp6"] {
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
             continue;
         };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(st), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+            let (Some(local), Some(remote), Some(st), Some(inode)) =
+                (f.get(1), f.get(2), f.get(3), f.get(9))
+            else {
                 continue;
             };
-            let local_port = local
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
             if *st == "01"
-                && local_port == Some(port)
                 && inode.parse().is_ok_and(|i: u64| inodes.contains(&i))
+                && let (Some(l), Some(r)) = (port(local), port(remote))
             {
-                n += 1;
+                out.push((l, r));
             }
         }
     }
-    n
+    out
+}
+
+/// Established TCP connections held by `pid` whose local port is `port`:
+/// the connections a server process is serving on that port.
+pub fn established_on_port(pid: u32, port: u16) -> usize {
+    established(pid).iter().filter(|(l, _)| *l == port).count()
+}
+
+/// `pid` holds the server end of the connection from the client port
+/// `peer` to `port` (which process is serving that request).
+pub fn serves_connection(pid: u32, port: u16, peer: u16) -> bool {
+    established(pid).contains(&(port, peer))
 }

@@ -247,12 +247,16 @@ impl Supervised {
     }
 }
 
-/// Kill `pid` and everything in the process groups of its descendants.
+/// Kill `pid` and everything in the process groups of its descendants —
+/// except the test's own group: a descendant that never left it (`unshare`
+/// and what it forks, for one) would otherwise take the test down with it,
+/// and a failing test would die by SIGKILL before reporting.
 pub fn kill_tree(pid: u32) {
     let desc = proc::descendants(pid);
+    let own = proc::pgid(std::process::id());
     proc::signal(pid, rustix::process::Signal::KILL);
     for d in &desc {
-        if let Some(g) = proc::pgid(*d) {
+        if let Some(g) = proc::pgid(*d).filter(|g| Some(*g) != own) {
             let _ = baton_sys::process::kill_group(g, rustix::process::Signal::KILL);
         }
         proc::signal(*d, rustix::process::Signal::KILL);

@@ -61,11 +61,10 @@ fn killed_after_ready(point: &str) {
     let old = s.version();
     let load = Load::start(s.addr, Mode::Close, 8, Duration::from_secs(60), u64::MAX);
     load.wait_progress(20, T);
-    // A long request keeps the old generation draining after a promotion, so
-    // it is still there to resume when the successor dies.
-    let addr = s.addr;
-    let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=4000"));
-    std::thread::sleep(Duration::from_millis(100));
+    // A request held open keeps the old generation draining after a
+    // promotion, so it is still there to resume when the successor dies
+    // (a `/slow?ms=N` one could end first on a busy machine).
+    let held = http::hold(http::connect(s.addr).unwrap()).expect("a held request");
     s.arm_fault(&format!("stop-at:{point}"));
     s.usr2();
     // Find the stopped child.
@@ -109,7 +108,7 @@ fn killed_after_ready(point: &str) {
         // (the listening socket and its queue survive in the old one).
         eprintln!("requests lost with the killed generation: {}", stats.failed);
     }
-    let r = slow.join().unwrap().expect("the long request completes");
+    let (r, _) = held.release().expect("the held request completes");
     assert_eq!(r.status, 200);
     let v = s.version();
     assert_eq!(v.pid, old.pid);
@@ -137,15 +136,17 @@ fn new_generation_killed_right_after_promotion_old_one_resumes_and_rewrites_pid_
     killed_after_ready("promoted");
 }
 
+/// A request in flight when the upgrade starts finishes on the old
+/// generation, which drains until then while the new one serves.
 #[test]
 fn a_slow_request_completes_on_the_old_generation() {
     let s = Server::start(fixture(), "slow");
     let old = s.version();
-    let addr = s.addr;
-    let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=3000"));
-    std::thread::sleep(Duration::from_millis(300));
+    // Held open until the test releases it (no fixed duration to outlast).
+    let held = http::hold(http::connect(s.addr).unwrap()).expect("a held request");
+    let peer = held.local_port();
     s.usr2();
-    // The new generation serves while the slow request is still running.
+    // The new generation serves while the request is still running.
     let new = wait_for(T, "the new generation", || {
         let v = baton_tests::Version::parse(&http::get(s.addr, "/version").ok()?.body)?;
         (v.pid != old.pid).then_some(v)
@@ -154,13 +155,13 @@ fn a_slow_request_completes_on_the_old_generation() {
         proc::alive(old.pid),
         "the old generation must still be draining"
     );
-    let r = slow.join().unwrap().expect("slow request");
-    assert_eq!(r.status, 200);
     assert!(
-        r.text().contains(&format!("pid {}", old.pid)),
-        "answered by the old pid: {}",
-        r.text()
+        proc::serves_connection(old.pid, s.addr.port(), peer)
+            && !proc::serves_connection(new.pid, s.addr.port(), peer),
+        "the old generation, only it, holds the request's connection"
     );
+    let (r, _) = held.release().expect("the held request");
+    assert_eq!(r.status, 200);
     assert_eq!(new.generation, old.generation + 1);
     wait_for(T, "the old generation to exit", || {
         (!proc::alive(old.pid)).then_some(())
@@ -301,10 +302,16 @@ fn replacing_the_binary_upgrades_to_the_new_version() {
 #[test]
 fn a_second_upgrade_request_during_an_upgrade_is_told_in_progress() {
     let s = Server::start(fixture(), "in-progress");
-    s.arm_fault("slow-start:1500");
+    let old = s.pid();
+    // The first upgrade stays in progress until the test creates `go` (a
+    // fixed slow start raced the test's own sleep and requests).
+    let go = s.dir.join("go");
+    s.arm_fault(&format!("ready-when:{}", go.display()));
     let path = s.control.clone();
     let first = std::thread::spawn(move || baton_tests::control_upgrade(&path));
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for(T, "the first upgrade to spawn the new generation", || {
+        (!proc::children(old).is_empty()).then_some(())
+    });
     let second = baton_tests::control_upgrade(&s.control);
     match second {
         baton::control::Reply::Failed(f) => {
@@ -314,22 +321,25 @@ fn a_second_upgrade_request_during_an_upgrade_is_told_in_progress() {
     }
     // A SIGUSR2 now is logged and ignored.
     s.usr2();
+    wait_for(T, "the SIGUSR2 to be ignored", || {
+        s.log()
+            .contains("SIGUSR2 upgrade did not happen")
+            .then_some(())
+    });
+    std::fs::write(&go, "").unwrap();
     match first.join().unwrap() {
         baton::control::Reply::Upgraded(r) => assert_eq!(r.to_generation, 2),
         other => panic!("expected success, got {other:?}"),
     }
-    wait_for(T, "generation 2", || {
-        (s.version().generation == 2).then_some(())
-    });
-    std::thread::sleep(Duration::from_millis(500));
+    s.wait_upgraded(old, 1, T);
+    // Refused, not queued: nothing else will start an upgrade.
     assert_eq!(
-        s.version().generation,
+        s.log()
+            .matches("upgrade requested while one is running; ignored")
+            .count(),
         2,
-        "the ignored SIGUSR2 did not start another upgrade"
-    );
-    assert!(
-        s.log().contains("ignored") || s.log().contains("in progress"),
-        "logged"
+        "both the second request and the SIGUSR2 were refused: {}",
+        s.log()
     );
 }
 
@@ -371,9 +381,9 @@ fn a_request_longer_than_the_drain_timeout_is_cut_and_counted() {
             ..ServerOpts::default()
         },
     );
-    let addr = s.addr;
-    let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=10000"));
-    std::thread::sleep(Duration::from_millis(200));
+    // Never released: only the drain deadline can end it (a
+    // `/slow?ms=10000` one would end by itself on a slow enough upgrade).
+    let held = http::hold(http::connect(s.addr).unwrap()).expect("a held request");
     let reply = baton_tests::control_upgrade(&s.control);
     match reply {
         baton::control::Reply::Upgraded(r) => {
@@ -385,7 +395,7 @@ fn a_request_longer_than_the_drain_timeout_is_cut_and_counted() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(slow.join().unwrap().is_err(), "the cut request fails");
+    held.wait_cut(T).expect("the cut request fails");
     let st = baton_tests::control_status(&s.control);
     assert_eq!(
         st.counters.conns_closed_at_deadline, 1,

@@ -123,38 +123,46 @@ fn a_batch_the_new_generation_cannot_take_stays_with_the_old_one() {
     assert_eq!(Version::parse(&v.body).unwrap().pid, report.new_pid);
 }
 
-/// A keep-alive connection busy with a slow request when the drain starts
+/// A keep-alive connection busy with a request when the drain starts
 /// finishes it on the old generation, then moves: its next request, sent at
 /// once on the same socket, is answered by the new generation, and neither
-/// response closes the connection.
+/// response closes the connection. The request is held open until the new
+/// generation serves (a `/slow?ms=1500` one could end before the drain
+/// started, and the connection then moved idle, not busy).
 #[test]
 fn a_busy_keepalive_connection_moves_after_its_request_finishes() {
     let s = Server::start(Path::new(FIXTURE), "busy-moves");
     let old = s.version();
     let mut c = http::connect(s.addr).unwrap();
     assert_eq!(c.get("/version").unwrap().status, 200);
-    let local = c.stream.local_addr().unwrap().to_string();
-    let client = std::thread::spawn(move || {
-        let slow = c.get("/slow?ms=1500").expect("the slow request");
-        let next = c.get("/version").expect("the next request, same socket");
-        (slow, next)
+    let local = c.stream.local_addr().unwrap();
+    let held = http::hold(c).expect("a held request");
+    let ctl = s.control.clone();
+    let up = std::thread::spawn(move || baton_tests::control_upgrade(&ctl));
+    let new = wait_for(T, "the new generation to serve", || {
+        let v = Version::parse(&http::get(s.addr, "/version").ok()?.body)?;
+        (v.pid != old.pid).then_some(v)
     });
-    std::thread::sleep(Duration::from_millis(200));
-    let report = upgrade_via_control(&s);
-    let (slow, next) = client.join().unwrap();
-    assert_eq!(slow.status, 200);
     assert!(
-        slow.text().contains(&format!("pid {}", old.pid)),
-        "the slow request finished on the old generation: {}",
-        slow.text()
+        proc::serves_connection(old.pid, s.addr.port(), local.port())
+            && !proc::serves_connection(new.pid, s.addr.port(), local.port()),
+        "the busy connection stays on the old generation while its request runs"
     );
-    assert!(!slow.closes(), "no Connection: close on the slow response");
+    let (busy, mut c) = held.release().expect("the held request");
+    assert_eq!(busy.status, 200);
+    assert!(!busy.closes(), "no Connection: close on the busy response");
+    let next = c.get("/version").expect("the next request, same socket");
     assert_eq!(next.status, 200);
     assert!(!next.closes());
     let v = Version::parse(&next.body).unwrap();
-    assert_eq!(v.pid, report.new_pid, "answered by the new generation");
+    assert_eq!(v.pid, new.pid, "answered by the new generation");
     assert!(v.handed_over);
-    assert_eq!(v.peer, local, "same TCP connection");
+    assert_eq!(v.peer, local.to_string(), "same TCP connection");
+    let report = match up.join().unwrap() {
+        Reply::Upgraded(r) => r,
+        other => panic!("upgrade failed: {other:?}"),
+    };
+    assert_eq!(report.new_pid, new.pid);
     assert_eq!(report.handed_over, 1, "{report:?}");
 }
 

@@ -151,14 +151,11 @@ fn kill_new_generation_at(point: &str, runs: usize) {
     let old = s.version();
     let fds_before = proc::open_fds(old.pid);
     for run in 0..runs {
-        // For the drain phase, a long request keeps the old one draining.
-        let slow = (point == "promoted").then(|| {
-            let addr = s.addr;
-            std::thread::spawn(move || http::get(addr, "/slow?ms=2500"))
-        });
-        if slow.is_some() {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // For the drain phase, a request held open keeps the old one
+        // draining until it is released (a `/slow?ms=N` one could end
+        // first on a busy machine).
+        let held = (point == "promoted")
+            .then(|| http::hold(http::connect(s.addr).unwrap()).expect("a held request"));
         s.arm_fault(&format!("stop-at:{point}"));
         s.usr2();
         let child = wait_for(T, "the new generation to stop itself", || {
@@ -175,11 +172,10 @@ fn kill_new_generation_at(point: &str, runs: usize) {
                 && http::get(s.addr, "/health").is_ok_and(|r| r.status == 200))
             .then_some(())
         });
-        if let Some(h) = slow {
-            let r = h
-                .join()
-                .unwrap()
-                .expect("the long request completes on the old generation");
+        if let Some(h) = held {
+            let (r, _) = h
+                .release()
+                .expect("the held request completes on the old generation");
             assert_eq!(r.status, 200);
         }
         load.wait_progress(10, T);
@@ -255,18 +251,21 @@ fn kill_the_old_generation_during_the_drain_leaves_the_new_one_unaffected() {
     load.wait_progress(20, T);
     let old = s.version();
     let addr = s.addr;
-    let slow = std::thread::spawn(move || http::get(addr, "/slow?ms=5000"));
-    std::thread::sleep(Duration::from_millis(100));
+    // A request held open on the old generation keeps it draining for as
+    // long as the test needs (a `/slow?ms=5000` one once ended first on a
+    // busy machine, and the old generation exited before the kill).
+    let held = http::hold(http::connect(addr).unwrap()).expect("a held request");
+    let peer = held.local_port();
     s.usr2();
     let new_pid = wait_for(T, "the new generation", || {
         s.try_pid().filter(|p| *p != old.pid)
     });
     assert!(proc::alive(old.pid), "the old one is draining");
     // The old generation finishes the short requests it had accepted before
-    // the promotion; killing it then leaves it holding only the slow one,
+    // the promotion; killing it then leaves it holding only the held one,
     // which is the request this test expects to die with it.
-    wait_for(T, "the old generation down to its slow request", || {
-        (proc::established_on_port(old.pid, addr.port()) <= 1).then_some(())
+    wait_for(T, "the old generation down to its held request", || {
+        (proc::established(old.pid) == [(addr.port(), peer)]).then_some(())
     });
     proc::signal(old.pid, rustix::process::Signal::KILL);
     wait_for(T, "the old generation gone", || {
@@ -275,10 +274,8 @@ fn kill_the_old_generation_during_the_drain_leaves_the_new_one_unaffected() {
     load.wait_progress(100, T);
     let stats = load.stop();
     assert_eq!(stats.failed, 0, "{:?}", stats.errors);
-    assert!(
-        slow.join().unwrap().is_err(),
-        "the request the old one was serving dies with it"
-    );
+    held.wait_cut(T)
+        .expect("the request the old one was serving dies with it");
     let v = s.version();
     assert_eq!(v.pid, new_pid);
     // The new one can upgrade again (its predecessor is gone).
