@@ -16,10 +16,10 @@ use crate::control::{
     self, Command, Counters, Event, Failure, LastUpgrade, StatusReport, UpgradeOptions,
     UpgradeReport,
 };
-use crate::drain::{DrainSignal, Lifecycle, Phase};
 use crate::error::Error;
 use crate::handoff::HandoffConn;
 use crate::handoff::recv::{NewSide, PeerEvent, Promotion};
+use crate::lifecycle::{DrainSignal, Lifecycle, Phase};
 use crate::listeners::{Listener, Origin, Registry};
 use crate::notify::Notifier;
 use crate::protocol::ReadyInfo;

@@ -82,10 +82,10 @@ pub mod carry;
 mod channel;
 mod config;
 pub mod control;
-mod drain;
 mod error;
 mod generation;
 mod handoff;
+mod lifecycle;
 mod listeners;
 #[cfg(feature = "metrics")]
 pub mod metrics;
@@ -103,13 +103,13 @@ pub use config::{
     parse_bytes, parse_duration, validate_listener_name,
 };
 pub use control::{UpgradeOptions, UpgradeReport};
-pub use drain::{DrainSignal, Phase};
 pub use error::Error;
 pub use generation::{
     Activity, Baton, ConnectionToken, ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID,
     write_pid_file,
 };
 pub use handoff::HandoffConn;
+pub use lifecycle::{DrainSignal, Phase};
 pub use listeners::{
     ListenFds, Listener, ListenerInfo, Stream, StreamAddr, bind_unix as bind_unix_listener,
 };

@@ -20,12 +20,12 @@ use crate::channel::Channel;
 use crate::control::{
     Command, Event, Failure, FailureKind, LastUpgrade, UpgradeOptions, UpgradeReport,
 };
-use crate::drain::Phase;
 use crate::error::Error;
 use crate::generation::{
     ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID, HANDOFF_FD, HandoffReq, Inner, lock, unix_ms,
 };
 use crate::handoff::send::{HandshakeLog, OldSide, SentBatch, StateSource, fits_batch, hello};
+use crate::lifecycle::Phase;
 use crate::protocol::Msg;
 use crate::spawn::{ChildProcess, SpawnSpec};
 use baton_sys as sys;
