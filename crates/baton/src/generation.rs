@@ -3,177 +3,34 @@
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ListenAddr};
 use crate::control::{
-    self, Command, Counters, Event, Failure, LastUpgrade, StatusReport, UpgradeOptions,
-    UpgradeReport,
+    self, Command, Counters, Event, Failure, StatusReport, UpgradeOptions, UpgradeReport,
 };
 use crate::error::Error;
 use crate::handoff::HandoffConn;
 use crate::handoff::recv::{NewSide, PeerEvent, Promotion};
-use crate::lifecycle::{DrainSignal, Lifecycle, Phase};
+use crate::inner::{AtomicCounters, ExecPlan, Inner, lock, unix_ms};
+use crate::lifecycle::{Activity, ConnectionToken, DrainSignal, Lifecycle, Phase};
 use crate::listeners::{Listener, Origin, Registry};
 use crate::notify::Notifier;
 use crate::protocol::ReadyInfo;
-use crate::spawn::{OsSpawner, Spawner};
+use crate::spawn::{ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID, OsSpawner, Spawner};
+use crate::state::{Migration, Schema, decode, encode};
 use baton_sys as sys;
 
-/// Environment variable naming the handoff channel's fd in a new generation.
-pub const ENV_HANDOFF_FD: &str = "BATON_HANDOFF_FD";
-/// Environment variable with the old generation's pid (checked against
-/// `getppid()` so a stray copy of the environment is ignored).
-pub const ENV_PARENT_PID: &str = "BATON_PARENT_PID";
-/// Environment variable with the old generation's `oom_score_adj`: the new
-/// one returns to it once its predecessor is gone.
-pub const ENV_OOM_SCORE_ADJ: &str = "BATON_OOM_SCORE_ADJ";
-/// The fd number of the handoff channel in the new generation.
-pub const HANDOFF_FD: RawFd = 3;
 /// Name of the internal listener carrying the control socket.
 pub(crate) const CONTROL_LISTENER: &str = "baton.control";
-
-/// Requests in flight and started, kept by the serving layer (e.g.
-/// baton-http) for the exact state mode.
-#[derive(Debug, Default)]
-pub struct Activity {
-    /// Requests being processed now.
-    pub in_flight: AtomicUsize,
-    /// Requests started since start-up.
-    pub started: AtomicU64,
-    /// Responses sent since start-up.
-    pub responses: AtomicU64,
-    /// 5xx responses sent since start-up.
-    pub errors: AtomicU64,
-    /// Connections open now (held by [`ConnectionToken`]s).
-    pub open_connections: AtomicUsize,
-}
-
-/// Held by a serving layer for each open connection: keeps the drain
-/// waiting (a task-tracker token) and counts the connection, so the drain
-/// deadline can say how many it cut. Drop it when the connection closes or
-/// leaves the process.
-#[derive(Debug)]
-pub struct ConnectionToken {
-    _token: tokio_util::task::task_tracker::TaskTrackerToken,
-    activity: Arc<Activity>,
-}
-
-impl Drop for ConnectionToken {
-    fn drop(&mut self) {
-        self.activity
-            .open_connections
-            .fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Activity {
-    /// Record a request start.
-    pub fn start(&self) {
-        self.started.fetch_add(1, Ordering::SeqCst);
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// Record a request end.
-    pub fn finish(&self) {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-
-    /// Record a response status (the canary compares error rates).
-    pub fn response(&self, status: u16) {
-        self.responses.fetch_add(1, Ordering::Relaxed);
-        if status >= 500 {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// A request to hand a connection over, with where to send it back if that
-/// cannot be done.
-pub(crate) type HandoffReq = (HandoffConn, oneshot::Sender<Result<(), HandoffConn>>);
-
-/// State blobs received from the predecessor: `(name, bytes)`.
-pub(crate) type Blobs = Vec<(String, Vec<u8>)>;
-
-/// Exports one named piece of state.
-pub(crate) type Exporter = Arc<dyn Fn() -> Result<Vec<u8>, String> + Send + Sync>;
-
-/// What to exec at upgrade.
-#[derive(Debug, Clone)]
-pub(crate) struct ExecPlan {
-    pub(crate) program: PathBuf,
-    pub(crate) arg0: OsString,
-    pub(crate) args: Vec<OsString>,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct AtomicCounters {
-    pub(crate) upgrades_succeeded: AtomicU64,
-    pub(crate) upgrades_failed: AtomicU64,
-    pub(crate) upgrades_refused: AtomicU64,
-    pub(crate) conns_handed_over: AtomicU64,
-    pub(crate) conns_received: Arc<AtomicU64>,
-    pub(crate) conns_received_prefix_bytes: Arc<AtomicU64>,
-    pub(crate) conns_closed_at_deadline: AtomicU64,
-    pub(crate) conns_lost: AtomicU64,
-}
-
-pub(crate) struct Inner {
-    pub(crate) config: Config,
-    pub(crate) generation: u64,
-    pub(crate) pid: u32,
-    pub(crate) started: Instant,
-    pub(crate) exec: ExecPlan,
-    pub(crate) registry: Registry,
-    pub(crate) life: Lifecycle,
-    pub(crate) cmd_tx: mpsc::Sender<Command>,
-    pub(crate) spawner: Arc<dyn Spawner>,
-    pub(crate) notifier: Option<Notifier>,
-    /// The new side of the channel to our predecessor, until `ready()`.
-    pub(crate) predecessor: tokio::sync::Mutex<Option<NewSide>>,
-    pub(crate) predecessor_pid: Option<u32>,
-    /// True while the previous generation still runs (it drains).
-    pub(crate) predecessor_alive: watch::Sender<bool>,
-    /// Open while a promoted successor takes connections.
-    pub(crate) handoff_tx: Mutex<Option<mpsc::Sender<HandoffReq>>>,
-    pub(crate) incoming_tx: Mutex<Option<mpsc::UnboundedSender<HandoffConn>>>,
-    pub(crate) incoming_rx: Mutex<Option<mpsc::UnboundedReceiver<HandoffConn>>>,
-    pub(crate) incoming_taken: AtomicBool,
-    pub(crate) exporters: Mutex<Vec<(String, Exporter)>>,
-    pub(crate) imported: tokio::sync::Mutex<Option<Blobs>>,
-    pub(crate) last_upgrade: Mutex<Option<LastUpgrade>>,
-    pub(crate) counters: AtomicCounters,
-    pub(crate) activity: Arc<Activity>,
-    pub(crate) quiesced_at: Mutex<Option<Instant>>,
-    pub(crate) control_tasks: TaskTracker,
-    pub(crate) notes: Mutex<Vec<String>>,
-    pub(crate) successor_pid: Mutex<Option<u32>>,
-    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    pub(crate) started_unix_secs: u64,
-    pub(crate) histograms: crate::carry::Histograms,
-    pub(crate) app_counters: Mutex<Vec<crate::carry::AppCounter>>,
-    pub(crate) pending_carry: crate::carry::Pending,
-}
-
-impl std::fmt::Debug for Inner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inner")
-            .field("generation", &self.generation)
-            .field("pid", &self.pid)
-            .field("phase", &self.life.phase())
-            .finish_non_exhaustive()
-    }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// This process's generation: its listeners, its upgrade machinery, its
 /// lifecycle. Cheap to clone.
@@ -756,6 +613,82 @@ impl Baton {
     }
 }
 
+// Typed state: the envelope of `crate::state` over the raw exporters and
+// importers above.
+impl Baton {
+    /// Export typed state under `name`: `f` runs in this generation when a
+    /// successor asks for state (on a runtime thread: keep it quick, take a
+    /// lock, clone, return).
+    ///
+    /// ```no_run
+    /// # async fn f(baton: baton::Baton) {
+    /// use std::sync::{Arc, Mutex};
+    /// const SCHEMA: baton::Schema = baton::Schema::new("demo.Counter", 1);
+    /// let counter = Arc::new(Mutex::new(0u64));
+    /// let c = counter.clone();
+    /// baton.export_state("counter", SCHEMA, move || *c.lock().unwrap());
+    /// # }
+    /// ```
+    pub fn export_state<T, F>(&self, name: &str, schema: Schema, f: F)
+    where
+        T: Serialize,
+        F: Fn() -> T + Send + Sync + 'static,
+    {
+        self.export_raw(name, move || {
+            encode(schema, &f()).map_err(|e| e.to_string())
+        });
+    }
+
+    /// Import typed state the previous generation exported under `name`.
+    /// `Ok(None)`: first generation, or nothing exported by that name.
+    ///
+    /// The first import asks the old generation for its state; call it after
+    /// everything that does not depend on state is initialized, and before
+    /// [`ready`](Baton::ready). On error, report it with
+    /// [`fail`](Baton::fail) and exit: the old generation keeps serving.
+    ///
+    /// # Errors
+    /// As [`decode`](crate::state::decode), plus channel errors and the size limit.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe.
+    pub async fn import_state<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        schema: Schema,
+    ) -> Result<Option<T>, Error> {
+        self.import_state_with(name, schema, None::<fn(u32, &[u8]) -> Result<T, String>>)
+            .await
+    }
+
+    /// [`import_state`](Baton::import_state) with a migration hook for
+    /// older schema versions: `migrate(old_version, payload)` gets the
+    /// postcard payload of the old version (decode it with
+    /// [`decode_payload`](crate::state::decode_payload)).
+    ///
+    /// # Errors
+    /// As [`import_state`](Baton::import_state).
+    ///
+    /// # Cancel safety
+    /// Not cancel safe.
+    pub async fn import_state_with<T, M>(
+        &self,
+        name: &str,
+        schema: Schema,
+        migrate: Option<M>,
+    ) -> Result<Option<T>, Error>
+    where
+        T: DeserializeOwned,
+        M: Fn(u32, &[u8]) -> Result<T, String>,
+    {
+        let Some(bytes) = self.import_raw(name).await? else {
+            return Ok(None);
+        };
+        let m = migrate.as_ref().map(|m| m as Migration<'_, T>);
+        decode(name, schema, &bytes, m).map(Some)
+    }
+}
+
 /// The newcomer ran with a raised `oom_score_adj` during the overlap; now
 /// that its predecessor is gone it goes back to the old generation's value
 /// (best effort: lowering it needs CAP_SYS_RESOURCE unless the kernel's
@@ -792,177 +725,6 @@ pub(crate) fn failure_to_error(f: Failure) -> Error {
 
 fn strip(s: &str, prefix: &str) -> String {
     s.strip_prefix(prefix).unwrap_or(s).to_owned()
-}
-
-impl Inner {
-    pub(crate) fn notify(&self, lines: &[String]) {
-        if let Some(n) = &self.notifier
-            && let Err(e) = n.send(lines)
-        {
-            tracing::debug!(error = %e, "sd_notify failed");
-        }
-    }
-
-    pub(crate) fn status_line(&self, what: &str) -> String {
-        format!(
-            "STATUS=generation {} (pid {}) {what}",
-            self.generation, self.pid
-        )
-    }
-
-    pub(crate) fn write_pid_file(&self, p: &Path) {
-        if let Err(e) = write_pid_file(p, self.pid) {
-            tracing::error!(path = %p.display(), error = %e, "could not write the pid file");
-        } else {
-            tracing::debug!(path = %p.display(), pid = self.pid, "pid file written");
-        }
-    }
-
-    /// Connections still open at a drain deadline: counted by the serving
-    /// layer's connection tokens, else the tasks on the tracker.
-    pub(crate) fn open_left(&self, tracker: &TaskTracker) -> u64 {
-        match self.activity.open_connections.load(Ordering::Relaxed) {
-            0 => tracker.len() as u64,
-            n => n as u64,
-        }
-    }
-
-    /// Start from the counters the previous generation carried over.
-    pub(crate) fn apply_carried(&self, c: &crate::carry::Carried) {
-        use crate::carry::add;
-        let k = &self.counters;
-        add(&k.upgrades_succeeded, c.upgrades_succeeded);
-        add(&k.upgrades_failed, c.upgrades_failed);
-        add(&k.upgrades_refused, c.upgrades_refused);
-        add(&k.conns_handed_over, c.handed_over);
-        add(&k.conns_closed_at_deadline, c.closed_at_deadline);
-        add(&k.conns_lost, c.lost);
-        self.histograms.upgrade_seconds.absorb(&c.upgrade_seconds);
-        self.histograms.ready_seconds.absorb(&c.ready_seconds);
-        self.histograms.drain_seconds.absorb(&c.drain_seconds);
-        let apps = lock(&self.app_counters);
-        let mut pending = lock(&self.pending_carry.app);
-        for (name, v) in &c.app {
-            match apps.iter().find(|a| &a.name == name) {
-                Some(a) => add(&a.value, *v),
-                None => pending.push((name.clone(), *v)),
-            }
-        }
-    }
-
-    /// What to carry to the next generation.
-    pub(crate) fn carried(&self) -> crate::carry::Carried {
-        let c = self.counters_snapshot();
-        crate::carry::Carried {
-            upgrades_succeeded: c.upgrades_succeeded,
-            upgrades_failed: c.upgrades_failed,
-            upgrades_refused: c.upgrades_refused,
-            handed_over: c.conns_handed_over,
-            closed_at_deadline: c.conns_closed_at_deadline,
-            lost: c.conns_lost,
-            app: lock(&self.app_counters)
-                .iter()
-                .map(|a| (a.name.clone(), a.value.load(Ordering::Relaxed)))
-                .collect(),
-            upgrade_seconds: self.histograms.upgrade_seconds.data(),
-            ready_seconds: self.histograms.ready_seconds.data(),
-            drain_seconds: self.histograms.drain_seconds.data(),
-        }
-    }
-
-    /// The previous generation finished the upgrade that made this one.
-    pub(crate) fn record_done(&self, r: &crate::protocol::DoneReport) {
-        self.counters
-            .upgrades_succeeded
-            .fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .conns_closed_at_deadline
-            .fetch_add(r.closed, Ordering::Relaxed);
-        self.histograms
-            .upgrade_seconds
-            .observe(r.total_ms as f64 / 1000.0);
-        self.histograms
-            .ready_seconds
-            .observe(r.ready_ms as f64 / 1000.0);
-        self.histograms
-            .drain_seconds
-            .observe(r.drain_ms as f64 / 1000.0);
-    }
-
-    pub(crate) fn counters_snapshot(&self) -> Counters {
-        let c = &self.counters;
-        Counters {
-            upgrades_succeeded: c.upgrades_succeeded.load(Ordering::Relaxed),
-            upgrades_failed: c.upgrades_failed.load(Ordering::Relaxed),
-            upgrades_refused: c.upgrades_refused.load(Ordering::Relaxed),
-            // Cumulative across generations: what earlier generations handed
-            // over (carried), what this one received, what it handed over.
-            conns_handed_over: c.conns_handed_over.load(Ordering::Relaxed)
-                + c.conns_received.load(Ordering::Relaxed),
-            conns_received: c.conns_received.load(Ordering::Relaxed),
-            conns_received_prefix_bytes: c.conns_received_prefix_bytes.load(Ordering::Relaxed),
-            conns_closed_at_deadline: c.conns_closed_at_deadline.load(Ordering::Relaxed),
-            conns_lost: c.conns_lost.load(Ordering::Relaxed),
-            restarts: 0,
-        }
-    }
-
-    pub(crate) fn status_report(&self, upgrade_in_progress: bool) -> StatusReport {
-        let mut notes = lock(&self.notes).clone();
-        if *self.predecessor_alive.borrow() {
-            notes.push(format!(
-                "previous generation (pid {}) is still draining",
-                self.predecessor_pid.unwrap_or(0)
-            ));
-        }
-        if let Some(s) = *lock(&self.successor_pid) {
-            notes.push(format!("successor pid {s} serves; this generation drains"));
-        }
-        StatusReport {
-            mode: "library".into(),
-            name: None,
-            app_version: self.config.app_version.clone(),
-            generation: self.generation,
-            pid: self.pid,
-            answered_by: self.pid,
-            uptime_ms: self.started.elapsed().as_millis() as u64,
-            phase: self.life.phase().as_str().into(),
-            upgrade_in_progress,
-            listeners: self.registry.describe(),
-            last_upgrade: lock(&self.last_upgrade).clone(),
-            counters: self.counters_snapshot(),
-            notes,
-        }
-    }
-}
-
-/// Write a pid file atomically: a temporary file in the same directory,
-/// then `rename`.
-///
-/// # Errors
-/// The I/O error.
-pub fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{pid}.tmp"));
-    std::fs::write(&tmp, format!("{pid}\n"))?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn inherited_handoff_fd() -> Result<Option<std::os::fd::OwnedFd>, Error> {

@@ -85,12 +85,14 @@ pub mod control;
 mod error;
 mod generation;
 mod handoff;
+mod inner;
 mod lifecycle;
 mod listeners;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod notify;
 pub mod observe;
+mod pid_file;
 pub mod protocol;
 pub mod spawn;
 pub mod state;
@@ -104,14 +106,14 @@ pub use config::{
 };
 pub use control::{UpgradeOptions, UpgradeReport};
 pub use error::Error;
-pub use generation::{
-    Activity, Baton, ConnectionToken, ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID,
-    write_pid_file,
-};
+pub use generation::Baton;
 pub use handoff::HandoffConn;
-pub use lifecycle::{DrainSignal, Phase};
+pub use lifecycle::{Activity, ConnectionToken, DrainSignal, Phase};
 pub use listeners::{
     ListenFds, Listener, ListenerInfo, Stream, StreamAddr, bind_unix as bind_unix_listener,
 };
-pub use spawn::{ChildProcess, OsSpawner, SpawnSpec, Spawner};
+pub use pid_file::write_pid_file;
+pub use spawn::{
+    ChildProcess, ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID, OsSpawner, SpawnSpec, Spawner,
+};
 pub use state::{Schema, StateMode};

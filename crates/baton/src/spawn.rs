@@ -11,6 +11,22 @@ use std::process::ExitStatus;
 
 use baton_sys as sys;
 
+// The handoff channel has no address anyone else could reach: the old
+// generation spawns the new one with its end at `HANDOFF_FD` and names it
+// in the environment, with its own pid, so that a copy of that environment
+// inherited by some other descendant is not mistaken for a handoff.
+
+/// Environment variable naming the handoff channel's fd in a new generation.
+pub const ENV_HANDOFF_FD: &str = "BATON_HANDOFF_FD";
+/// Environment variable with the old generation's pid (checked against
+/// `getppid()` so a stray copy of the environment is ignored).
+pub const ENV_PARENT_PID: &str = "BATON_PARENT_PID";
+/// Environment variable with the old generation's `oom_score_adj`: the new
+/// one returns to it once its predecessor is gone.
+pub const ENV_OOM_SCORE_ADJ: &str = "BATON_OOM_SCORE_ADJ";
+/// The fd number of the handoff channel in the new generation.
+pub const HANDOFF_FD: RawFd = 3;
+
 /// What to start.
 #[derive(Debug, Default)]
 #[non_exhaustive]

@@ -21,13 +21,13 @@ use crate::control::{
     Command, Event, Failure, FailureKind, LastUpgrade, UpgradeOptions, UpgradeReport,
 };
 use crate::error::Error;
-use crate::generation::{
-    ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID, HANDOFF_FD, HandoffReq, Inner, lock, unix_ms,
-};
 use crate::handoff::send::{HandshakeLog, OldSide, SentBatch, StateSource, fits_batch, hello};
+use crate::inner::{HandoffReq, Inner, lock, unix_ms};
 use crate::lifecycle::Phase;
 use crate::protocol::Msg;
-use crate::spawn::{ChildProcess, SpawnSpec};
+use crate::spawn::{
+    ChildProcess, ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID, HANDOFF_FD, SpawnSpec,
+};
 use baton_sys as sys;
 
 /// How long a killed child may take to be reaped before we give up waiting.
@@ -263,7 +263,7 @@ const QUIESCE_STABLE: Duration = Duration::from_millis(5);
 impl StateSource for Exporters<'_> {
     async fn before_snapshot(&self) -> Result<(), Error> {
         let inner = self.0;
-        if inner.config.state_mode != crate::state::StateMode::Exact {
+        if inner.config.state_mode != crate::config::StateMode::Exact {
             return Ok(());
         }
         // Stop accepting and stop reading new requests; let those in flight
