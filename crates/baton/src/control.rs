@@ -87,6 +87,12 @@ pub enum Event {
     Note(String),
 }
 
+/// Report progress to whoever asked for the upgrade. One who stopped
+/// listening (a client that hung up) does not stop the upgrade.
+pub(crate) fn emit(events: &mpsc::UnboundedSender<Event>, e: Event) {
+    let _ = events.send(e);
+}
+
 /// Why a request failed, by category (the CLI maps each to an exit code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FailureKind {
