@@ -1,36 +1,33 @@
 //! [`Baton`]: this process's generation, and the handle the application
 //! holds.
+//!
+//! Start-up (the inherited handoff channel, systemd's listeners, the
+//! `SIGUSR2` handler, the control socket) is in `start.rs`; state export
+//! and import on the handle in `state.rs`. The shared state behind the
+//! handle is [`Inner`](crate::inner).
 
-use std::ffi::OsString;
-use std::os::fd::RawFd;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod start;
+mod state;
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ListenAddr};
 use crate::control::{
-    self, Command, Counters, Event, Failure, StatusReport, UpgradeOptions, UpgradeReport,
+    Command, Counters, Event, Failure, StatusReport, UpgradeOptions, UpgradeReport,
 };
 use crate::error::Error;
 use crate::handoff::HandoffConn;
-use crate::handoff::recv::{NewSide, PeerEvent, Promotion};
-use crate::inner::{AtomicCounters, ExecPlan, Inner, lock, unix_ms};
-use crate::lifecycle::{Activity, ConnectionToken, DrainSignal, Lifecycle, Phase};
-use crate::listeners::{Listener, Origin, Registry};
-use crate::notify::Notifier;
+use crate::handoff::recv::{PeerEvent, Promotion};
+use crate::inner::{Inner, lock};
+use crate::lifecycle::{Activity, ConnectionToken, DrainSignal, Phase};
+use crate::listeners::Listener;
 use crate::protocol::ReadyInfo;
-use crate::spawn::{ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID, OsSpawner, Spawner};
-use crate::state::{Migration, Schema, decode, encode};
-use baton_sys as sys;
-
-/// Name of the internal listener carrying the control socket.
-pub(crate) const CONTROL_LISTENER: &str = "baton.control";
+use crate::spawn::ENV_OOM_SCORE_ADJ;
 
 /// This process's generation: its listeners, its upgrade machinery, its
 /// lifecycle. Cheap to clone.
@@ -42,193 +39,6 @@ pub struct Baton {
 }
 
 impl Baton {
-    /// Start baton in this process, with the real process spawner.
-    ///
-    /// In a new generation (started by an upgrade) this receives the
-    /// listening sockets from the old generation; otherwise it adopts
-    /// systemd's `LISTEN_FDS` if they are meant for this pid. It installs the
-    /// `SIGUSR2` handler (before anything can announce readiness) and opens
-    /// the control socket if configured. Must run inside a tokio runtime.
-    ///
-    /// # Errors
-    /// A broken handoff channel, unusable inherited sockets, or a control
-    /// socket that cannot be created.
-    pub async fn start(config: Config) -> Result<Baton, Error> {
-        Self::start_with_spawner(config, Arc::new(OsSpawner)).await
-    }
-
-    /// [`start`](Baton::start) with another [`Spawner`] (tests).
-    ///
-    /// # Errors
-    /// As [`start`](Baton::start).
-    pub async fn start_with_spawner(
-        config: Config,
-        spawner: Arc<dyn Spawner>,
-    ) -> Result<Baton, Error> {
-        match sys::process::raise_nofile_limit() {
-            Ok(n) => tracing::debug!(
-                nofile = n,
-                "raised RLIMIT_NOFILE soft limit to the hard limit"
-            ),
-            Err(e) => tracing::warn!(error = %e, "could not raise RLIMIT_NOFILE"),
-        }
-        let mut argv = std::env::args_os();
-        let arg0 = argv.next().unwrap_or_else(|| OsString::from("server"));
-        let args: Vec<OsString> = argv.collect();
-        let program = match &config.executable {
-            Some(p) => p.clone(),
-            None => crate::spawn::resolve_executable(Some(&arg0))
-                .map_err(|e| Error::io("finding this program's executable", e))?,
-        };
-        let exec = ExecPlan {
-            program,
-            arg0,
-            args,
-        };
-        let pid = sys::process::getpid();
-        let registry = Registry::new(config.backlog);
-
-        let mut generation = 1;
-        let mut predecessor = None;
-        let mut predecessor_pid = None;
-        if let Some(fd) = inherited_handoff_fd()? {
-            hook(&config, crate::config::HandoffPoint::Started);
-            let app_version = config.app_version.clone();
-            let (side, listeners) = NewSide::connect(fd, |peer| {
-                crate::handoff::send::hello(&app_version, peer.generation + 1)
-            })
-            .await?;
-            generation = side.peer.generation + 1;
-            predecessor_pid = Some(side.peer.pid);
-            tracing::info!(
-                generation,
-                pid,
-                previous_pid = side.peer.pid,
-                previous_version = %side.peer.app_version,
-                listeners = listeners.len(),
-                "new generation received the listeners of the previous one"
-            );
-            for (meta, fd) in listeners {
-                registry.add_inherited(&meta.name, Some(meta.kind), fd, Origin::Predecessor)?;
-            }
-            hook(&config, crate::config::HandoffPoint::ListenersReceived);
-            predecessor = Some(side);
-        } else {
-            adopt_systemd_listeners(&registry)?;
-        }
-
-        let (cmd_tx, cmd_rx) = mpsc::channel(64);
-        let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
-        let notifier = if config.systemd_notify {
-            Notifier::from_env()
-        } else {
-            None
-        };
-        let inner = Arc::new(Inner {
-            generation,
-            pid,
-            started: Instant::now(),
-            exec,
-            registry,
-            life: Lifecycle::new(),
-            cmd_tx,
-            spawner,
-            notifier,
-            predecessor_alive: watch::Sender::new(predecessor.is_some()),
-            predecessor: tokio::sync::Mutex::new(predecessor),
-            predecessor_pid,
-            handoff_tx: Mutex::new(None),
-            incoming_tx: Mutex::new(Some(incoming_tx)),
-            incoming_rx: Mutex::new(Some(incoming_rx)),
-            incoming_taken: AtomicBool::new(false),
-            exporters: Mutex::new(Vec::new()),
-            imported: tokio::sync::Mutex::new(None),
-            last_upgrade: Mutex::new(None),
-            counters: AtomicCounters::default(),
-            activity: Arc::new(Activity::default()),
-            quiesced_at: Mutex::new(None),
-            control_tasks: TaskTracker::new(),
-            notes: Mutex::new(Vec::new()),
-            successor_pid: Mutex::new(None),
-            started_unix_secs: unix_ms() / 1000,
-            histograms: crate::carry::Histograms::default(),
-            app_counters: Mutex::new(Vec::new()),
-            pending_carry: crate::carry::Pending::default(),
-            config,
-        });
-        tokio::spawn(crate::upgrade::owner(Arc::clone(&inner), cmd_rx));
-        let baton = Baton { inner };
-        if baton.inner.config.upgrade_on_sigusr2 {
-            baton.install_sigusr2()?;
-        }
-        if let Some(path) = baton.inner.config.control_socket.clone() {
-            baton.open_control_socket(&path)?;
-        }
-        Ok(baton)
-    }
-
-    fn install_sigusr2(&self) -> Result<(), Error> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut sig = signal(SignalKind::user_defined2())
-            .map_err(|e| Error::io("installing the SIGUSR2 handler", e))?;
-        let tx = self.inner.cmd_tx.clone();
-        tokio::spawn(async move {
-            while sig.recv().await.is_some() {
-                tracing::info!("SIGUSR2 received: upgrade requested");
-                let (etx, _erx) = mpsc::unbounded_channel();
-                let (rtx, rrx) = oneshot::channel();
-                if tx
-                    .send(Command::Upgrade {
-                        opts: UpgradeOptions::default(),
-                        events: etx,
-                        reply: rtx,
-                    })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                tokio::spawn(async move {
-                    match rrx.await {
-                        Ok(Ok(_)) | Err(_) => {}
-                        Ok(Err(f)) => {
-                            tracing::warn!(reason = %f.message, "SIGUSR2 upgrade did not happen")
-                        }
-                    }
-                });
-            }
-        });
-        Ok(())
-    }
-
-    fn open_control_socket(&self, path: &Path) -> Result<(), Error> {
-        control::prepare_dir(path)?;
-        let (kind, fd, origin) = self.inner.registry.take_or_bind(
-            CONTROL_LISTENER,
-            &ListenAddr::Unix(path.to_path_buf()),
-            Some(0o600),
-        )?;
-        let listener = Listener::new(CONTROL_LISTENER, kind, fd, self.inner.life.gate())?;
-        tracing::debug!(path = %path.display(), origin = origin.as_str(), "control socket");
-        let tx = self.inner.cmd_tx.clone();
-        let tasks = self.inner.control_tasks.clone();
-        tokio::spawn(async move {
-            while let Some(res) = listener.accept().await {
-                match res {
-                    Ok((crate::listeners::Stream::Unix(s), _)) => {
-                        tasks.spawn(control::serve_connection(s, tx.clone()));
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "control socket accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        });
-        Ok(())
-    }
-
     /// This generation's number (1 for a fresh start, +1 per upgrade).
     pub fn generation(&self) -> u64 {
         self.inner.generation
@@ -536,45 +346,6 @@ impl Baton {
         self.inner.counters_snapshot()
     }
 
-    /// Register a state exporter under `name`: called in this generation
-    /// when a successor asks for state.
-    pub fn export_raw(
-        &self,
-        name: &str,
-        f: impl Fn() -> Result<Vec<u8>, String> + Send + Sync + 'static,
-    ) {
-        let mut ex = lock(&self.inner.exporters);
-        ex.retain(|(n, _)| n != name);
-        ex.push((name.to_owned(), Arc::new(f)));
-    }
-
-    /// The state the previous generation exported under `name` (`None` in a
-    /// first generation or when it exported nothing by that name). The first
-    /// call asks the old generation for its state, as late as possible: call
-    /// it after everything that does not depend on state is initialized.
-    ///
-    /// # Errors
-    /// The channel broke, or the state is over the limit.
-    pub async fn import_raw(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
-        let mut imported = self.inner.imported.lock().await;
-        if imported.is_none() {
-            let side = self.inner.predecessor.lock().await;
-            let Some(side) = side.as_ref() else {
-                return Ok(None);
-            };
-            *imported = Some(side.want_state(self.inner.config.state_limit).await?);
-            hook(
-                &self.inner.config,
-                crate::config::HandoffPoint::StateReceived,
-            );
-        }
-        Ok(imported.as_mut().and_then(|v| {
-            v.iter()
-                .position(|(n, _)| n == name)
-                .map(|i| std::mem::take(&mut v[i].1))
-        }))
-    }
-
     fn write_pid_file(&self) {
         if let Some(p) = &self.inner.config.pid_file {
             self.inner.write_pid_file(p);
@@ -610,82 +381,6 @@ impl Baton {
     /// Add a line to status notes.
     pub fn note(&self, line: impl Into<String>) {
         lock(&self.inner.notes).push(line.into());
-    }
-}
-
-// Typed state: the envelope of `crate::state` over the raw exporters and
-// importers above.
-impl Baton {
-    /// Export typed state under `name`: `f` runs in this generation when a
-    /// successor asks for state (on a runtime thread: keep it quick, take a
-    /// lock, clone, return).
-    ///
-    /// ```no_run
-    /// # async fn f(baton: baton::Baton) {
-    /// use std::sync::{Arc, Mutex};
-    /// const SCHEMA: baton::Schema = baton::Schema::new("demo.Counter", 1);
-    /// let counter = Arc::new(Mutex::new(0u64));
-    /// let c = counter.clone();
-    /// baton.export_state("counter", SCHEMA, move || *c.lock().unwrap());
-    /// # }
-    /// ```
-    pub fn export_state<T, F>(&self, name: &str, schema: Schema, f: F)
-    where
-        T: Serialize,
-        F: Fn() -> T + Send + Sync + 'static,
-    {
-        self.export_raw(name, move || {
-            encode(schema, &f()).map_err(|e| e.to_string())
-        });
-    }
-
-    /// Import typed state the previous generation exported under `name`.
-    /// `Ok(None)`: first generation, or nothing exported by that name.
-    ///
-    /// The first import asks the old generation for its state; call it after
-    /// everything that does not depend on state is initialized, and before
-    /// [`ready`](Baton::ready). On error, report it with
-    /// [`fail`](Baton::fail) and exit: the old generation keeps serving.
-    ///
-    /// # Errors
-    /// As [`decode`](crate::state::decode), plus channel errors and the size limit.
-    ///
-    /// # Cancel safety
-    /// Not cancel safe.
-    pub async fn import_state<T: DeserializeOwned>(
-        &self,
-        name: &str,
-        schema: Schema,
-    ) -> Result<Option<T>, Error> {
-        self.import_state_with(name, schema, None::<fn(u32, &[u8]) -> Result<T, String>>)
-            .await
-    }
-
-    /// [`import_state`](Baton::import_state) with a migration hook for
-    /// older schema versions: `migrate(old_version, payload)` gets the
-    /// postcard payload of the old version (decode it with
-    /// [`decode_payload`](crate::state::decode_payload)).
-    ///
-    /// # Errors
-    /// As [`import_state`](Baton::import_state).
-    ///
-    /// # Cancel safety
-    /// Not cancel safe.
-    pub async fn import_state_with<T, M>(
-        &self,
-        name: &str,
-        schema: Schema,
-        migrate: Option<M>,
-    ) -> Result<Option<T>, Error>
-    where
-        T: DeserializeOwned,
-        M: Fn(u32, &[u8]) -> Result<T, String>,
-    {
-        let Some(bytes) = self.import_raw(name).await? else {
-            return Ok(None);
-        };
-        let m = migrate.as_ref().map(|m| m as Migration<'_, T>);
-        decode(name, schema, &bytes, m).map(Some)
     }
 }
 
@@ -725,65 +420,4 @@ pub(crate) fn failure_to_error(f: Failure) -> Error {
 
 fn strip(s: &str, prefix: &str) -> String {
     s.strip_prefix(prefix).unwrap_or(s).to_owned()
-}
-
-fn inherited_handoff_fd() -> Result<Option<std::os::fd::OwnedFd>, Error> {
-    let Some(v) = std::env::var_os(ENV_HANDOFF_FD) else {
-        return Ok(None);
-    };
-    let parent_ok = std::env::var(ENV_PARENT_PID)
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-        .is_some_and(|p| p == sys::process::getppid());
-    if !parent_ok {
-        tracing::warn!(
-            "{ENV_HANDOFF_FD} is set but {ENV_PARENT_PID} is not our parent: \
-             ignoring a handoff environment inherited by accident"
-        );
-        return Ok(None);
-    }
-    let raw: RawFd = v
-        .to_str()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::Protocol(format!("{ENV_HANDOFF_FD}={v:?} is not an fd number")))?;
-    let fd = sys::fd::adopt_inherited_fd(raw)
-        .map_err(|e| Error::io(format!("adopting the handoff channel fd {raw}"), e))?
-        .ok_or_else(|| {
-            Error::Protocol(format!(
-                "{ENV_HANDOFF_FD}={raw} but nothing is open at fd {raw}"
-            ))
-        })?;
-    if !sys::socket::is_seqpacket(std::os::fd::AsFd::as_fd(&fd)) {
-        return Err(Error::Protocol(format!(
-            "fd {raw} is not a SOCK_SEQPACKET Unix socket"
-        )));
-    }
-    Ok(Some(fd))
-}
-
-/// Adopt systemd socket-activation fds (`LISTEN_FDS`) meant for this pid.
-fn adopt_systemd_listeners(registry: &Registry) -> Result<(), Error> {
-    let Some(passed) = crate::listeners::ListenFds::from_env() else {
-        return Ok(());
-    };
-    for (raw, name) in passed.fds() {
-        let name = name.unwrap_or("unknown");
-        match sys::fd::adopt_inherited_listener(raw) {
-            Ok(Some((fd, _))) => registry.add_inherited(name, None, fd, Origin::Systemd)?,
-            Ok(None) => tracing::warn!(fd = raw, "LISTEN_FDS names fd {raw} but it is not open"),
-            Err(e) => {
-                return Err(Error::io(
-                    format!(
-                        "fd {raw} named by LISTEN_FDS is not a listening socket (was it passed close-on-exec?)"
-                    ),
-                    e,
-                ));
-            }
-        }
-    }
-    tracing::info!(
-        count = passed.count(),
-        "adopted systemd socket-activation listeners"
-    );
-    Ok(())
 }
