@@ -8,6 +8,7 @@ use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::ExitStatus;
+use std::time::Duration;
 
 use baton_sys as sys;
 
@@ -26,6 +27,12 @@ pub const ENV_PARENT_PID: &str = "BATON_PARENT_PID";
 pub const ENV_OOM_SCORE_ADJ: &str = "BATON_OOM_SCORE_ADJ";
 /// The fd number of the handoff channel in the new generation.
 pub const HANDOFF_FD: RawFd = 3;
+
+/// How long a child may take to be reaped after `SIGKILL` before baton stops
+/// waiting and reports it as not reaped (a process in uninterruptible sleep,
+/// e.g. on a hung mount, cannot die at once). The one bound for both faces:
+/// the library's upgrade and the `baton run` supervisor.
+pub const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What to start.
 #[derive(Debug, Default)]

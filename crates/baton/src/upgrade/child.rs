@@ -3,10 +3,7 @@
 
 use std::time::Duration;
 
-use crate::spawn::ChildProcess;
-
-/// How long a killed child may take to be reaped before we give up waiting.
-const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::spawn::{ChildProcess, REAP_TIMEOUT};
 
 pub(super) fn describe_exit(st: &std::io::Result<std::process::ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
