@@ -123,6 +123,7 @@ impl From<&Error> for Failure {
             Error::Refused(_) => FailureKind::Refused,
             Error::InProgress(_) => FailureKind::InProgress,
             Error::Failed(_)
+            | Error::NewGenerationFailed { .. }
             | Error::Protocol(_)
             | Error::PeerGone(_)
             | Error::FdsTruncated(_)
@@ -679,6 +680,10 @@ mod tests {
         );
         assert_eq!(
             Failure::from(&Error::Failed("x".into())).kind,
+            FailureKind::Failed
+        );
+        assert_eq!(
+            Failure::from(&Error::NewGenerationFailed { reason: "x".into() }).kind,
             FailureKind::Failed
         );
     }

@@ -209,7 +209,7 @@ pub(super) async fn run_upgrade(
                 // message is read. Read what it sent before it went (its end
                 // of the channel is closed, so this ends at once).
                 match tokio::time::timeout(LAST_WORDS_TIMEOUT, &mut hs).await {
-                    Ok(Err(e @ Error::Failed(_))) => Err(e),
+                    Ok(Err(e @ (Error::NewGenerationFailed { .. } | Error::Failed(_)))) => Err(e),
                     _ => Err(Error::Failed(format!(
                         "the new generation (pid {new_pid}) exited before it was ready ({})",
                         describe_exit(&st)
@@ -223,7 +223,7 @@ pub(super) async fn run_upgrade(
         Err(e) => {
             // A child that reported Failed exits by itself: let it, so the
             // report shows its own exit status.
-            let grace = if matches!(e, Error::Failed(ref m) if m.contains("reported a failure")) {
+            let grace = if matches!(e, Error::NewGenerationFailed { .. }) {
                 Duration::from_secs(1)
             } else {
                 Duration::ZERO
