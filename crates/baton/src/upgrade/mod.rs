@@ -18,6 +18,8 @@ mod child;
 mod drain;
 mod observe;
 mod run;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::pin::Pin;
