@@ -91,7 +91,8 @@ pub struct Config {
     /// [`observe`](crate::observe).
     pub observe: Duration,
     /// Health URL polled during the observation window
-    /// (`http://127.0.0.1:8080/health`); any non-2xx or no answer fails it.
+    /// (`http://127.0.0.1:8080/health`); a status outside 200–399 or no
+    /// answer fails it ([`probe`](crate::probe)).
     pub health_url: Option<String>,
     /// Interval between health checks.
     pub health_interval: Duration,

@@ -93,6 +93,7 @@ pub mod metrics;
 pub mod notify;
 pub mod observe;
 mod pid_file;
+pub mod probe;
 pub mod protocol;
 pub mod spawn;
 pub mod state;

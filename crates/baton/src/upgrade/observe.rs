@@ -131,7 +131,7 @@ async fn observe(
     events: &mpsc::UnboundedSender<Event>,
     confirmed: &mut bool,
 ) -> Result<(), String> {
-    use crate::observe::probe;
+    use crate::probe::get as probe;
     let max_failures = inner.config.health_failures.max(1);
     let window = inner.config.observe;
     // Stop accepting (the new generation takes every new connection) but

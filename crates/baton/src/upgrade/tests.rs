@@ -373,3 +373,80 @@ async fn a_child_that_never_becomes_ready_is_killed_at_the_ready_timeout_and_rea
     assert!(c.reaped.load(Ordering::SeqCst), "reaped");
     assert_rolled_back(&baton, &spawner).await;
 }
+
+/// A health endpoint answering every request with `status`; counts them.
+async fn health_server(status: &'static str) -> (String, Arc<AtomicU32>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/health", l.local_addr().unwrap());
+    let hits = Arc::new(AtomicU32::new(0));
+    let h = Arc::clone(&hits);
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf).await;
+            h.fetch_add(1, Ordering::SeqCst);
+            let answer =
+                format!("HTTP/1.1 {status}\r\nlocation: /elsewhere\r\ncontent-length: 0\r\n\r\n");
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
+    });
+    (url, hits)
+}
+
+/// An observation window with a health check of `status` on a healthy
+/// new side.
+async fn observed_upgrade(
+    status: &'static str,
+) -> (
+    Baton,
+    Arc<FakeSpawner>,
+    Result<crate::UpgradeReport, Error>,
+    u32,
+) {
+    let (url, hits) = health_server(status).await;
+    let spawner = FakeSpawner::new(Script::Healthy);
+    let baton = serving(Arc::clone(&spawner), |c| {
+        c.observe = Duration::from_millis(600);
+        c.health_url = Some(url);
+        c.health_interval = Duration::from_millis(50);
+    })
+    .await;
+    let res = tokio::time::timeout(
+        Duration::from_secs(30),
+        baton.upgrade(UpgradeOptions::default()),
+    )
+    .await
+    .expect("the upgrade ends");
+    let hits = hits.load(Ordering::SeqCst);
+    (baton, spawner, res, hits)
+}
+
+/// The window's health check counts a redirect as healthy (200–399, as
+/// Kubernetes probes do): the new generation stays.
+#[tokio::test]
+async fn the_observation_window_keeps_a_new_generation_whose_health_redirects() {
+    let (baton, _spawner, res, hits) = observed_upgrade("302 Found").await;
+    assert!(hits >= 2, "the health URL was checked ({hits} times)");
+    assert_eq!(res.unwrap().to_generation, 2);
+    baton.done().await;
+}
+
+/// A 4xx or a 5xx from the health URL fails the window: rolled back.
+#[tokio::test]
+async fn the_observation_window_rolls_back_a_new_generation_whose_health_fails() {
+    for status in ["404 Not Found", "503 Service Unavailable"] {
+        let (baton, spawner, res, hits) = observed_upgrade(status).await;
+        assert!(hits >= 2, "{status}: checked {hits} times");
+        match res {
+            Err(Error::Failed(m)) => {
+                assert!(m.contains("health check"), "{m}");
+                assert!(m.contains("failed 2 times in a row"), "{m}");
+                assert!(m.contains(status), "{m}");
+            }
+            other => panic!("{status}: expected Failed, got {other:?}"),
+        }
+        assert_rolled_back(&baton, &spawner).await;
+    }
+}
