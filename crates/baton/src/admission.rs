@@ -144,8 +144,8 @@ pub async fn run_check(cmd: &[String], timeout: Duration) -> Result<(), Error> {
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDNAMES")
         .env_remove("NOTIFY_SOCKET")
-        .env_remove(crate::ENV_HANDOFF_FD)
-        .env_remove(crate::ENV_PARENT_PID);
+        .env_remove(crate::spawn::ENV_HANDOFF_FD)
+        .env_remove(crate::spawn::ENV_PARENT_PID);
     let child = c.spawn().map_err(|e| {
         Error::Refused(format!(
             "pre-flight check '{}' could not start: {e}",

@@ -67,7 +67,7 @@ pub struct Config {
     /// Largest state the new generation will import.
     pub state_limit: u64,
     /// Live (default) or exact state snapshots (see [`StateMode`](crate::StateMode)).
-    pub state_mode: crate::state::StateMode,
+    pub state_mode: StateMode,
     /// Exact mode: how long to wait for requests in flight before the
     /// snapshot; past it the upgrade fails and this generation resumes.
     pub quiesce_timeout: Duration,
@@ -91,7 +91,8 @@ pub struct Config {
     /// [`observe`](crate::observe).
     pub observe: Duration,
     /// Health URL polled during the observation window
-    /// (`http://127.0.0.1:8080/health`); any non-2xx or no answer fails it.
+    /// (`http://127.0.0.1:8080/health`); a status outside 200–399 or no
+    /// answer fails it ([`probe`](crate::probe)).
     pub health_url: Option<String>,
     /// Interval between health checks.
     pub health_interval: Duration,
@@ -104,6 +105,17 @@ pub struct Config {
     /// Canary: both generations accept for a window; the new one is
     /// promoted only if its error rate is good enough.
     pub canary: Option<crate::observe::CanaryPolicy>,
+}
+
+/// How the snapshot relates to the old generation's writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum StateMode {
+    /// Keep serving until promotion; writes after the snapshot are lost.
+    #[default]
+    Live,
+    /// Pause at the snapshot (stop accepting, stop reading new requests,
+    /// finish in-flight ones); nothing written is lost.
+    Exact,
 }
 
 /// A point in a new generation's side of the handoff.
@@ -159,7 +171,7 @@ impl Default for Config {
             upgrade_on_sigusr2: true,
             executable: None,
             state_limit: DEFAULT_STATE_LIMIT,
-            state_mode: crate::state::StateMode::Live,
+            state_mode: StateMode::Live,
             quiesce_timeout: DEFAULT_QUIESCE_TIMEOUT,
             systemd_notify: true,
             handoff_hook: None,

@@ -87,6 +87,12 @@ pub enum Event {
     Note(String),
 }
 
+/// Report progress to whoever asked for the upgrade. One who stopped
+/// listening (a client that hung up) does not stop the upgrade.
+pub(crate) fn emit(events: &mpsc::UnboundedSender<Event>, e: Event) {
+    let _ = events.send(e);
+}
+
 /// Why a request failed, by category (the CLI maps each to an exit code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FailureKind {
@@ -117,6 +123,7 @@ impl From<&Error> for Failure {
             Error::Refused(_) => FailureKind::Refused,
             Error::InProgress(_) => FailureKind::InProgress,
             Error::Failed(_)
+            | Error::NewGenerationFailed { .. }
             | Error::Protocol(_)
             | Error::PeerGone(_)
             | Error::FdsTruncated(_)
@@ -673,6 +680,10 @@ mod tests {
         );
         assert_eq!(
             Failure::from(&Error::Failed("x".into())).kind,
+            FailureKind::Failed
+        );
+        assert_eq!(
+            Failure::from(&Error::NewGenerationFailed { reason: "x".into() }).kind,
             FailureKind::Failed
         );
     }

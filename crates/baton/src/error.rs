@@ -36,6 +36,14 @@ pub enum Error {
     /// serving.
     #[error("upgrade failed, rolled back: {0}")]
     Failed(String),
+    /// The new generation said it cannot start (`Failed` during the
+    /// handshake), with its own reason. An upgrade reports it inside
+    /// [`Error::Failed`], after the rollback.
+    #[error("the new generation reported a failure: {reason}")]
+    NewGenerationFailed {
+        /// Its reason, as it gave it.
+        reason: String,
+    },
     /// Bad configuration or arguments.
     #[error("invalid configuration: {0}")]
     Config(String),

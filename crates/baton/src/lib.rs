@@ -82,15 +82,18 @@ pub mod carry;
 mod channel;
 mod config;
 pub mod control;
-mod drain;
 mod error;
 mod generation;
 mod handoff;
+mod inner;
+mod lifecycle;
 mod listeners;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod notify;
 pub mod observe;
+mod pid_file;
+pub mod probe;
 pub mod protocol;
 pub mod spawn;
 pub mod state;
@@ -103,15 +106,15 @@ pub use config::{
     parse_bytes, parse_duration, validate_listener_name,
 };
 pub use control::{UpgradeOptions, UpgradeReport};
-pub use drain::{DrainSignal, Phase};
 pub use error::Error;
-pub use generation::{
-    Activity, Baton, ConnectionToken, ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID,
-    write_pid_file,
-};
+pub use generation::Baton;
 pub use handoff::HandoffConn;
+pub use lifecycle::{Activity, ConnectionToken, DrainSignal, Phase};
 pub use listeners::{
     ListenFds, Listener, ListenerInfo, Stream, StreamAddr, bind_unix as bind_unix_listener,
 };
-pub use spawn::{ChildProcess, OsSpawner, SpawnSpec, Spawner};
+pub use pid_file::write_pid_file;
+pub use spawn::{
+    ChildProcess, ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID, OsSpawner, SpawnSpec, Spawner,
+};
 pub use state::{Schema, StateMode};

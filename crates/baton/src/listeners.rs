@@ -22,8 +22,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::config::ListenAddr;
-use crate::drain::{AcceptGate, Phase};
 use crate::error::Error;
+use crate::lifecycle::{AcceptGate, Phase};
 use crate::protocol::{ListenerKind, ListenerMeta};
 use baton_sys as sys;
 

@@ -24,7 +24,8 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use crate::carry::{DURATION_BUCKETS, HistData};
-use crate::generation::{Baton, lock};
+use crate::generation::Baton;
+use crate::inner::lock;
 
 /// The `Content-Type` of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

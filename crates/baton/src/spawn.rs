@@ -8,8 +8,31 @@ use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::ExitStatus;
+use std::time::Duration;
 
 use baton_sys as sys;
+
+// The handoff channel has no address anyone else could reach: the old
+// generation spawns the new one with its end at `HANDOFF_FD` and names it
+// in the environment, with its own pid, so that a copy of that environment
+// inherited by some other descendant is not mistaken for a handoff.
+
+/// Environment variable naming the handoff channel's fd in a new generation.
+pub const ENV_HANDOFF_FD: &str = "BATON_HANDOFF_FD";
+/// Environment variable with the old generation's pid (checked against
+/// `getppid()` so a stray copy of the environment is ignored).
+pub const ENV_PARENT_PID: &str = "BATON_PARENT_PID";
+/// Environment variable with the old generation's `oom_score_adj`: the new
+/// one returns to it once its predecessor is gone.
+pub const ENV_OOM_SCORE_ADJ: &str = "BATON_OOM_SCORE_ADJ";
+/// The fd number of the handoff channel in the new generation.
+pub const HANDOFF_FD: RawFd = 3;
+
+/// How long a child may take to be reaped after `SIGKILL` before baton stops
+/// waiting and reports it as not reaped (a process in uninterruptible sleep,
+/// e.g. on a hung mount, cannot die at once). The one bound for both faces:
+/// the library's upgrade and the `baton run` supervisor.
+pub const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What to start.
 #[derive(Debug, Default)]

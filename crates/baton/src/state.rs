@@ -1,6 +1,8 @@
 //! Typed state carried across an upgrade.
 //!
-//! The old generation registers exporters; the new one imports, before it
+//! The old generation registers exporters
+//! ([`Baton::export_state`](crate::Baton::export_state)); the new one
+//! imports ([`Baton::import_state`](crate::Baton::import_state)), before it
 //! reports ready. Each piece of state travels in a versioned envelope:
 //!
 //! ```text
@@ -35,19 +37,8 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use crate::config::StateMode;
 use crate::error::Error;
-use crate::generation::Baton;
-
-/// How the snapshot relates to the old generation's writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub enum StateMode {
-    /// Keep serving until promotion; writes after the snapshot are lost.
-    #[default]
-    Live,
-    /// Pause at the snapshot (stop accepting, stop reading new requests,
-    /// finish in-flight ones); nothing written is lost.
-    Exact,
-}
 
 /// The identity of a piece of state: a type name and a schema version.
 ///
@@ -266,80 +257,6 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Error> {
 
 /// A migration hook: `(old_version, old_payload) -> new value`.
 pub type Migration<'a, T> = &'a dyn Fn(u32, &[u8]) -> Result<T, String>;
-
-impl Baton {
-    /// Export typed state under `name`: `f` runs in this generation when a
-    /// successor asks for state (on a runtime thread: keep it quick, take a
-    /// lock, clone, return).
-    ///
-    /// ```no_run
-    /// # async fn f(baton: baton::Baton) {
-    /// use std::sync::{Arc, Mutex};
-    /// const SCHEMA: baton::Schema = baton::Schema::new("demo.Counter", 1);
-    /// let counter = Arc::new(Mutex::new(0u64));
-    /// let c = counter.clone();
-    /// baton.export_state("counter", SCHEMA, move || *c.lock().unwrap());
-    /// # }
-    /// ```
-    pub fn export_state<T, F>(&self, name: &str, schema: Schema, f: F)
-    where
-        T: Serialize,
-        F: Fn() -> T + Send + Sync + 'static,
-    {
-        self.export_raw(name, move || {
-            encode(schema, &f()).map_err(|e| e.to_string())
-        });
-    }
-
-    /// Import typed state the previous generation exported under `name`.
-    /// `Ok(None)`: first generation, or nothing exported by that name.
-    ///
-    /// The first import asks the old generation for its state; call it after
-    /// everything that does not depend on state is initialized, and before
-    /// [`ready`](Baton::ready). On error, report it with
-    /// [`fail`](Baton::fail) and exit: the old generation keeps serving.
-    ///
-    /// # Errors
-    /// As [`decode`], plus channel errors and the size limit.
-    ///
-    /// # Cancel safety
-    /// Not cancel safe.
-    pub async fn import_state<T: DeserializeOwned>(
-        &self,
-        name: &str,
-        schema: Schema,
-    ) -> Result<Option<T>, Error> {
-        self.import_state_with(name, schema, None::<fn(u32, &[u8]) -> Result<T, String>>)
-            .await
-    }
-
-    /// [`import_state`](Baton::import_state) with a migration hook for
-    /// older schema versions: `migrate(old_version, payload)` gets the
-    /// postcard payload of the old version (decode it with
-    /// [`decode_payload`]).
-    ///
-    /// # Errors
-    /// As [`import_state`](Baton::import_state).
-    ///
-    /// # Cancel safety
-    /// Not cancel safe.
-    pub async fn import_state_with<T, M>(
-        &self,
-        name: &str,
-        schema: Schema,
-        migrate: Option<M>,
-    ) -> Result<Option<T>, Error>
-    where
-        T: DeserializeOwned,
-        M: Fn(u32, &[u8]) -> Result<T, String>,
-    {
-        let Some(bytes) = self.import_raw(name).await? else {
-            return Ok(None);
-        };
-        let m = migrate.as_ref().map(|m| m as Migration<'_, T>);
-        decode(name, schema, &bytes, m).map(Some)
-    }
-}
 
 #[cfg(test)]
 mod tests {

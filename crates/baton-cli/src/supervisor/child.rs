@@ -20,8 +20,7 @@ use tokio::io::unix::AsyncFd;
 
 use super::ready::NotifySocket;
 
-/// How long a killed process may take to be reaped.
-pub const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+pub use baton::spawn::REAP_TIMEOUT;
 
 /// Environment variables a generation never inherits from baton.
 const ENV_REMOVE: &[&str] = &[

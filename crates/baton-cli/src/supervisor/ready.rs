@@ -14,7 +14,8 @@
 //! * `http://HOST:PORT/PATH`: the same routing when PORT is a steered
 //!   listener's port; or `{port}` in place of PORT: each generation gets a
 //!   free port of its own in `BATON_PROBE_PORT` and must serve the probe
-//!   there. Any 2xx or 3xx answer is ready.
+//!   there. Any 2xx or 3xx answer is ready (the library's one probe,
+//!   `baton::probe`, which the observation window uses too).
 //! * `delay=DUR`: waits DUR and checks the process is alive; when a TCP
 //!   listener is steered it then also checks, like `tcp`, that the app
 //!   accepts (steering traffic to a socket nobody accepts would stall it).
@@ -29,7 +30,6 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::sockets::{ListenerSet, Steer};
@@ -42,8 +42,6 @@ pub const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the `tcp` check looks whether its connection was accepted.
 pub const ACCEPT_CHECK_INTERVAL: Duration = Duration::from_millis(20);
-/// Largest HTTP probe answer head read.
-const MAX_PROBE_RESPONSE: usize = 16 * 1024;
 /// Largest notification datagram read.
 const MAX_NOTIFY_DATAGRAM: usize = 4096;
 
@@ -476,8 +474,8 @@ fn set(m: &Mutex<String>, s: String) {
     *m.lock().unwrap_or_else(|p| p.into_inner()) = s;
 }
 
-/// One HTTP probe: `Ok(true)` ready, `Ok(false)` not yet (with the reason
-/// in `last_error`).
+/// One HTTP probe ([`baton::probe`]: a status from 200 to 399 passes):
+/// `true` ready, `false` not yet (with the reason in `last_error`).
 async fn http_once(
     stream: &mut tokio::net::TcpStream,
     url: &HttpUrl,
@@ -488,27 +486,8 @@ async fn http_once(
     } else {
         url.host.clone()
     };
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: baton-readiness-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n",
-        url.path
-    );
-    let io = async {
-        stream.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 1024];
-        loop {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 || buf.len() >= MAX_PROBE_RESPONSE {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if buf.windows(2).any(|w| w == b"\r\n") {
-                break;
-            }
-        }
-        Ok::<_, std::io::Error>(buf)
-    };
-    match tokio::time::timeout(PROBE_ATTEMPT_TIMEOUT, io).await {
+    let probe = baton::probe::http_get(stream, &host, &url.path, "baton-readiness-probe");
+    match tokio::time::timeout(PROBE_ATTEMPT_TIMEOUT, probe).await {
         Err(_) => {
             set(
                 last_error,
@@ -522,28 +501,7 @@ async fn http_once(
             set(last_error, format!("GET {url}: {e}"));
             false
         }
-        Ok(Ok(buf)) => {
-            let line = String::from_utf8_lossy(&buf);
-            let line = line.lines().next().unwrap_or_default().to_owned();
-            let status = line
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse::<u16>().ok());
-            match status {
-                Some(s) if (200..400).contains(&s) => true,
-                Some(_) => {
-                    set(last_error, format!("GET {url}: {line}"));
-                    false
-                }
-                None => {
-                    set(
-                        last_error,
-                        format!("GET {url}: not an HTTP answer: {line:?}"),
-                    );
-                    false
-                }
-            }
-        }
+        Ok(Ok(())) => true,
     }
 }
 
@@ -928,6 +886,49 @@ mod tests {
         let url: HttpUrl = "http://127.0.0.1:1/health".parse().unwrap();
         assert!(plan(&ReadySpec::Http(url), &steered).is_err());
         assert!(plan(&ReadySpec::Tcp(Some("nope".into())), &steered).is_err());
+    }
+
+    /// Readiness over HTTP is the library's probe: 2xx and 3xx are ready,
+    /// 4xx and 5xx are not (and say why).
+    #[tokio::test]
+    async fn http_readiness_passes_2xx_and_3xx_only() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const ANSWERS: [(&str, bool); 4] = [
+            ("200 OK", true),
+            ("302 Found", true),
+            ("404 Not Found", false),
+            ("503 Service Unavailable", false),
+        ];
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            for (status, _) in ANSWERS {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        let url: HttpUrl = format!("http://127.0.0.1:{}/ready", addr.port())
+            .parse()
+            .unwrap();
+        for (status, ready) in ANSWERS {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let last_error = Mutex::new(String::new());
+            assert_eq!(
+                http_once(&mut s, &url, &last_error).await,
+                ready,
+                "{status}"
+            );
+            let e = last_error.lock().unwrap().clone();
+            if ready {
+                assert!(e.is_empty(), "{e}");
+            } else {
+                assert!(e.contains(status), "{e}");
+            }
+        }
     }
 
     #[test]

@@ -190,7 +190,7 @@ impl NewSide {
         self,
         deliver: Option<mpsc::UnboundedSender<HandoffConn>>,
         (received, prefix_bytes): (Arc<AtomicU64>, Arc<AtomicU64>),
-        activity: Arc<crate::generation::Activity>,
+        activity: Arc<crate::lifecycle::Activity>,
         events: mpsc::UnboundedSender<PeerEvent>,
     ) {
         let mut kinds: Vec<(String, baton_sys::socket::SocketKind)> = Vec::new();

@@ -84,9 +84,7 @@ impl OldSide {
                 }
                 (Msg::Ready(info), _) => return Ok(info),
                 (Msg::Failed { reason }, _) => {
-                    return Err(Error::Failed(format!(
-                        "the new generation reported a failure: {reason}"
-                    )));
+                    return Err(Error::NewGenerationFailed { reason });
                 }
                 (other, _) => return Err(unexpected("Ready, Failed or WantState", &other)),
             }

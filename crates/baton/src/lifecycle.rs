@@ -1,8 +1,10 @@
-//! A generation's lifecycle: the phase everyone watches, and the tracker of
-//! connection tasks the drain waits for.
+//! A generation's lifecycle: the phase everyone watches, the tracker of
+//! connection tasks the drain waits for, and what the serving layer counts
+//! for it (requests in [`Activity`], connections held by
+//! [`ConnectionToken`]s).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -227,6 +229,61 @@ impl DrainSignal {
         match self.rx.wait_for(|p| *p != Phase::Handover).await {
             Ok(p) => *p,
             Err(_) => Phase::Done,
+        }
+    }
+}
+
+/// Requests in flight and started, kept by the serving layer (e.g.
+/// baton-http) for the exact state mode.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Requests being processed now.
+    pub in_flight: AtomicUsize,
+    /// Requests started since start-up.
+    pub started: AtomicU64,
+    /// Responses sent since start-up.
+    pub responses: AtomicU64,
+    /// 5xx responses sent since start-up.
+    pub errors: AtomicU64,
+    /// Connections open now (held by [`ConnectionToken`]s).
+    pub open_connections: AtomicUsize,
+}
+
+/// Held by a serving layer for each open connection: keeps the drain
+/// waiting (a task-tracker token) and counts the connection, so the drain
+/// deadline can say how many it cut. Drop it when the connection closes or
+/// leaves the process.
+#[derive(Debug)]
+pub struct ConnectionToken {
+    pub(crate) _token: tokio_util::task::task_tracker::TaskTrackerToken,
+    pub(crate) activity: Arc<Activity>,
+}
+
+impl Drop for ConnectionToken {
+    fn drop(&mut self) {
+        self.activity
+            .open_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    /// Record a request start.
+    pub fn start(&self) {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Record a request end.
+    pub fn finish(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Record a response status (the canary compares error rates).
+    pub fn response(&self, status: u16) {
+        self.responses.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
