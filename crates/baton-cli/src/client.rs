@@ -125,12 +125,14 @@ pub async fn upgrade(
     json: bool,
     timeout: Duration,
     expect_sha256: Option<String>,
+    no_wait: bool,
     command: Vec<OsString>,
 ) -> Result<ExitCode, CliError> {
     let started = Instant::now();
     let mut events: Vec<serde_json::Value> = Vec::new();
     let mut opts = UpgradeOptions::default();
     opts.expect_sha256 = expect_sha256;
+    opts.no_wait = no_wait;
     let outcome = upgrade_inner(path, json, timeout, opts, command, &mut events).await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
     match outcome {
@@ -211,7 +213,12 @@ async fn upgrade_inner(
             let _ = std::io::stdout().flush();
         }
     };
-    let reply = call(path, &Request::Upgrade(opts), on_event, timeout, |t| {
+    let request = if opts.no_wait {
+        Request::UpgradeNoWait(opts)
+    } else {
+        Request::Upgrade(opts)
+    };
+    let reply = call(path, &request, on_event, timeout, |t| {
         format!(
             "no result within {t:?} (--timeout); the upgrade may still finish: check `baton status`"
         )

@@ -131,6 +131,12 @@ struct UpgradeArgs {
     /// cannot be swapped in between.
     #[arg(long, value_name = "HEX", value_parser = parse_sha256)]
     expect_sha256: Option<String>,
+    /// `baton run` only: while a generation is starting (the first start, or
+    /// a restart after a crash), refuse at once (exit 4) instead of waiting
+    /// for it to be ready (bounded by its --ready-timeout) and then
+    /// upgrading.
+    #[arg(long)]
+    no_wait: bool,
     /// A new command line for the next generation (`baton run` only).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -231,7 +237,15 @@ fn main() -> ExitCode {
                 Command::Run(args) => supervisor::run(*args).await,
                 Command::Upgrade(a) => {
                     let path = a.target.path()?;
-                    client::upgrade(&path, a.json, a.timeout, a.expect_sha256, a.command).await
+                    client::upgrade(
+                        &path,
+                        a.json,
+                        a.timeout,
+                        a.expect_sha256,
+                        a.no_wait,
+                        a.command,
+                    )
+                    .await
                 }
                 Command::Status(a) => {
                     let path = a.target.path()?;

@@ -285,3 +285,99 @@ fn the_control_socket_path_follows_the_service_name() {
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("other.sock"), "{out:?}");
 }
+
+/// `sh` waiting for `gate` to exist, then running `then` (the app, or an
+/// exit): a generation that starts for as long as the test wants.
+fn gated(gate: &Path, then: &str) -> Vec<String> {
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!(
+            "while [ ! -e '{}' ]; do sleep 0.02; done; {then}",
+            gate.display()
+        ),
+    ]
+}
+
+/// Issue 14, item 3: `baton upgrade` while the first generation starts
+/// waits for it (the status names the starting generation and its pid),
+/// then upgrades; `--no-wait` is refused at once, and so is a second
+/// upgrade while one waits (exit 4).
+#[test]
+fn an_upgrade_asked_for_during_the_start_waits_for_it_then_runs() {
+    let gates = baton_tests::TestDir::new("upgrade-during-start-gate");
+    let gate = gates.join("gate");
+    let app = format!("exec {}", apps::go_server().display());
+    let sup = Supervised::start(
+        "upgrade-during-start",
+        RunOpts {
+            ready: Some("tcp".into()),
+            command: gated(&gate, &app),
+            no_wait: true,
+            ..RunOpts::default()
+        },
+    );
+    let st = wait_for(T, "status during the start", || {
+        sup.try_status()
+            .filter(|s| s.phase == "starting" && s.pid != 0)
+    });
+    assert_eq!(st.generation, 1, "{st:?}");
+    assert!(baton_tests::proc::alive(st.pid), "{st:?}");
+
+    let out = sup.upgrade(&["--no-wait"]);
+    assert_eq!(out.code, 4, "--no-wait is refused at once: {out:?}");
+    assert!(out.stderr.contains("starting for"), "{out:?}");
+
+    let waiter = upgrade_in_thread(&sup, &[]);
+    let line = format!("waiting for generation 1 (pid {})", st.pid);
+    wait_for(T, "the upgrade to wait for the start", || {
+        sup.log_text().contains(&line).then_some(())
+    });
+    let second = sup.upgrade(&[]);
+    assert_eq!(second.code, 4, "one upgrade waits at a time: {second:?}");
+    assert!(second.stderr.contains("already waiting"), "{second:?}");
+
+    std::fs::write(&gate, "").unwrap();
+    let out = waiter.join().unwrap();
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.contains(&line),
+        "it said what it waited for: {out:?}"
+    );
+    let st = sup.status();
+    assert_eq!((st.generation, st.phase.as_str()), (2, "serving"), "{st:?}");
+    sup.wait_generation(2, T);
+}
+
+/// Issue 14, item 3: when the start an upgrade waits for fails, the
+/// upgrade runs as the start (with its own command line).
+#[test]
+fn an_upgrade_waiting_for_a_failed_start_runs_as_the_start() {
+    let gates = baton_tests::TestDir::new("upgrade-after-failed-start-gate");
+    let gate = gates.join("gate");
+    let sup = Supervised::start(
+        "upgrade-after-failed-start",
+        RunOpts {
+            ready: Some("tcp".into()),
+            command: gated(&gate, "exit 3"),
+            no_wait: true,
+            ..RunOpts::default()
+        },
+    );
+    wait_for(T, "status during the start", || {
+        sup.try_status()
+            .filter(|s| s.phase == "starting" && s.pid != 0)
+    });
+    let go = apps::go_server().display().to_string();
+    let waiter = upgrade_in_thread(&sup, &["--", &go]);
+    wait_for(T, "the upgrade to wait for the start", || {
+        sup.log_text()
+            .contains("waiting for generation 1")
+            .then_some(())
+    });
+    std::fs::write(&gate, "").unwrap();
+    let out = waiter.join().unwrap();
+    assert_eq!(out.code, 0, "{out:?}");
+    let v = sup.wait_generation(2, T);
+    assert_eq!(sup.status().generation, 2, "{v:?}");
+}

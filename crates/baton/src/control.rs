@@ -39,6 +39,11 @@ pub enum Request {
     Status,
     /// Stop gracefully.
     Stop,
+    /// [`Request::Upgrade`], refused at once ("in progress") instead of
+    /// waiting while a generation starts (`baton upgrade --no-wait`). A
+    /// variant of its own, appended, so that the wire form of the other
+    /// requests is unchanged: an older server answers it "malformed".
+    UpgradeNoWait(UpgradeOptions),
 }
 
 /// Options of one upgrade.
@@ -50,6 +55,10 @@ pub struct UpgradeOptions {
     /// Run this command line for the new generation instead of the current
     /// one.
     pub command: Option<Vec<String>>,
+    /// Refuse at once instead of waiting for a starting generation to be
+    /// ready. Not on the wire: [`Request::UpgradeNoWait`] carries it.
+    #[serde(skip)]
+    pub no_wait: bool,
 }
 
 /// Progress of an upgrade.
@@ -455,6 +464,7 @@ pub async fn serve_connection(mut s: UnixStream, owner: mpsc::Sender<Command>) {
             message: "this generation is shutting down; try again".into(),
         })
     };
+    let no_wait = matches!(req, Request::UpgradeNoWait(_));
     let final_reply = match req {
         Request::Status => {
             let (tx, rx) = oneshot::channel();
@@ -477,7 +487,8 @@ pub async fn serve_connection(mut s: UnixStream, owner: mpsc::Sender<Command>) {
                 }
             }
         }
-        Request::Upgrade(opts) => {
+        Request::Upgrade(opts) | Request::UpgradeNoWait(opts) => {
+            let opts = UpgradeOptions { no_wait, ..opts };
             let (etx, mut erx) = mpsc::unbounded_channel();
             let (tx, mut rx) = oneshot::channel();
             if owner

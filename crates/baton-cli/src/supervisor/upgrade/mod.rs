@@ -91,6 +91,9 @@ struct View {
     phase: &'static str,
     generation: u64,
     pid: u32,
+    /// The generation being started and its pid (status shows it while
+    /// the phase is starting or restarting).
+    starting: Option<(u64, u32)>,
     started: Option<Instant>,
     command: String,
     app_status: Option<Arc<Mutex<Option<String>>>>,
@@ -120,6 +123,7 @@ impl View {
         self.command = g.command_line();
         self.app_status = g.notify.as_ref().map(|n| Arc::clone(&n.status));
         self.down_reason = None;
+        self.starting = None;
     }
 
     fn note(&mut self, s: String) {
@@ -210,12 +214,16 @@ fn status_report(v: &View, s: &Statics, in_progress: bool) -> StatusReport {
     }
     notes.extend(s.notes.iter().cloned());
     notes.extend(v.recent.iter().cloned());
+    let shown = match v.starting {
+        Some(g) if matches!(v.phase, "starting" | "restarting") => g,
+        _ => (v.generation, v.pid),
+    };
     StatusReport {
         mode: "supervisor".into(),
         name: Some(s.name.clone()),
         app_version: v.command.clone(),
-        generation: v.generation,
-        pid: v.pid,
+        generation: shown.0,
+        pid: shown.1,
         answered_by: baton_sys::process::getpid(),
         uptime_ms: v
             .started
@@ -376,6 +384,7 @@ pub async fn run(
             ));
         }
     }
+    let ready_timeout = cfg.ready_timeout;
     let statics = Statics {
         name: cfg.name.clone(),
         listeners: listeners.infos(),
@@ -409,6 +418,9 @@ pub async fn run(
         )));
     }
     let mut job: Option<Job> = None;
+    // An upgrade asked for while a generation starts: it runs once the
+    // start ends (as the start itself if that one failed).
+    let mut waiting: Option<Waiting> = None;
     let mut stopping: Option<CancellationToken> = None;
     let mut restart_at: Option<tokio::time::Instant> = None;
     let mut backoff = RESTART_BACKOFF_INITIAL;
@@ -461,7 +473,10 @@ pub async fn run(
                 Sig::Upgrade => {
                     tracing::info!("SIGHUP: upgrade requested");
                     let (etx, _erx) = mpsc::unbounded_channel();
-                    on_upgrade(&mut sup, &mut job, &stopping, &mut restart_at, UpgradeReq::default(), etx, None);
+                    let w = Waiting { req: UpgradeReq::default(), events: etx, reply: None };
+                    if let Some(w) = park_upgrade(&job, &mut waiting, &shared, ready_timeout, w) {
+                        on_upgrade(&mut sup, &mut job, &mut waiting, &stopping, &mut restart_at, w.req, w.events, w.reply);
+                    }
                 }
             },
             (s, res) = poll_job(&mut job) => {
@@ -481,6 +496,14 @@ pub async fn run(
                     break;
                 }
                 sup = Some(s);
+                if let Some(w) = waiting.take() {
+                    if stopping.is_some() {
+                        w.refuse(failed(FailureKind::Refused, "baton is stopping".into()));
+                    } else {
+                        tracing::info!("the start it waited for ended; the upgrade runs now");
+                        on_upgrade(&mut sup, &mut job, &mut waiting, &stopping, &mut restart_at, w.req, w.events, w.reply);
+                    }
+                }
             }
             cmd = rx.recv(), if !control_closed => {
                 let Some(cmd) = cmd else {
@@ -496,8 +519,12 @@ pub async fn run(
                         let req = UpgradeReq {
                             command: opts.command.map(|c| c.into_iter().map(OsString::from).collect()),
                             expect_sha256: opts.expect_sha256,
+                            no_wait: opts.no_wait,
                         };
-                        on_upgrade(&mut sup, &mut job, &stopping, &mut restart_at, req, events, Some(reply));
+                        let w = Waiting { req, events, reply: Some(reply) };
+                        if let Some(w) = park_upgrade(&job, &mut waiting, &shared, ready_timeout, w) {
+                            on_upgrade(&mut sup, &mut job, &mut waiting, &stopping, &mut restart_at, w.req, w.events, w.reply);
+                        }
                     }
                     Command::Stop { reply } => {
                         if stopping.is_none() {
@@ -551,11 +578,65 @@ struct UpgradeReq {
     command: Option<Vec<OsString>>,
     /// Pin the executable's content.
     expect_sha256: Option<String>,
+    /// Refuse instead of waiting for a starting generation.
+    no_wait: bool,
 }
 
+/// An upgrade request waiting for a start to end.
+struct Waiting {
+    req: UpgradeReq,
+    events: Events,
+    reply: Option<oneshot::Sender<Result<UpgradeReport, Failure>>>,
+}
+
+impl Waiting {
+    fn refuse(self, f: Failure) {
+        tracing::warn!(reason = %f.message, "upgrade not started");
+        if let Some(r) = self.reply {
+            let _ = r.send(Err(f));
+        }
+    }
+}
+
+/// An upgrade asked for while a generation starts (first start, or a
+/// restart after a crash) waits for that start to end, unless it asked not
+/// to or another one already waits: then it is `Some` again, for
+/// [`on_upgrade`] to answer.
+fn park_upgrade(
+    job: &Option<Job>,
+    waiting: &mut Option<Waiting>,
+    shared: &SharedView,
+    ready_timeout: Duration,
+    w: Waiting,
+) -> Option<Waiting> {
+    let Some(j) = job else { return Some(w) };
+    if !matches!(
+        j.kind,
+        JobKind::Start(StartKind::Initial | StartKind::Restart)
+    ) || w.req.no_wait
+        || waiting.is_some()
+    {
+        return Some(w);
+    }
+    let what = match view(shared).starting {
+        Some((generation, pid)) => format!("generation {generation} (pid {pid})"),
+        None => "the generation being started".into(),
+    };
+    let line = format!(
+        "waiting for {what} to be ready (starting for {} ms, at most {ready_timeout:?}); the upgrade runs then",
+        j.started.elapsed().as_millis()
+    );
+    tracing::info!("{line}");
+    emit(&w.events, Event::Note(line));
+    *waiting = Some(w);
+    None
+}
+
+#[allow(clippy::too_many_arguments)]
 fn on_upgrade(
     sup: &mut Option<Sup>,
     job: &mut Option<Job>,
+    waiting: &mut Option<Waiting>,
     stopping: &Option<CancellationToken>,
     restart_at: &mut Option<tokio::time::Instant>,
     req: UpgradeReq,
@@ -582,6 +663,9 @@ fn on_upgrade(
             }
             JobKind::Start(StartKind::Restart) => format!(
                 "a generation is being restarted (for {ms} ms) after the serving one died; try again when it serves"
+            ),
+            JobKind::Start(_) if waiting.is_some() => format!(
+                "an upgrade is already waiting for the generation that has been starting for {ms} ms; try again when it serves"
             ),
             JobKind::Start(_) => {
                 format!("a generation has been starting for {ms} ms; try again when it serves")

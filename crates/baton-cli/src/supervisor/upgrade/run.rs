@@ -79,6 +79,7 @@ pub(super) async fn launch(
     })
     .map_err(|e| format!("could not start generation {generation} ({command}): {e}"))?;
     tracing::info!(generation, pid = child_gen.pid, socket_slot = slot, %command, kept_executable = kept, "spawned");
+    view(&sup.view).starting = Some((generation, child_gen.pid));
     emit(
         events,
         Event::Spawned {
