@@ -12,8 +12,12 @@
 //!   holds an upgrade in progress for as long as it needs (at most 60 s,
 //!   then report `Failed`).
 //! * `exit-at:POINT` — exit 4 at a handoff point (`started`, `listeners`,
-//!   `state`, `ready`, `promoted`).
+//!   `state`, `ready`, `promoted`; and `exiting`, which this generation
+//!   reaches as the *old* one, at its next upgrade, after its drain).
 //! * `stop-at:POINT` — SIGSTOP itself at that point (the test then kills it).
+//! * `hold-at:POINT:GATE` — at that point, write `GATE.reached` and block
+//!   (the thread running the hook) until `GATE` exists: a test acts while
+//!   the process is exactly there.
 //! * `state-schema:N` — write and read the demo state with schema version N
 //!   (2 migrates from 1; other versions read only themselves).
 //! * `export-garbage` — export bytes that are not a state envelope.
@@ -66,6 +70,32 @@ fn take_faults() -> Vec<String> {
         .collect()
 }
 
+/// What a fault does at a handoff point.
+enum AtPoint {
+    Exit,
+    /// SIGSTOP the process. Asynchronous in a multi-threaded process: the
+    /// thread that runs the hook may go on for a moment.
+    Stop,
+    /// Block the thread that runs the hook until this file exists.
+    Hold(std::path::PathBuf),
+}
+
+/// `hold-at`: say so in `GATE.reached`, then wait (60 s at most) for `GATE`.
+fn hold(me: u32, point: HandoffPoint, gate: &std::path::Path) {
+    eprintln!(
+        "fixture pid {me}: holding at {point:?} until {} exists",
+        gate.display()
+    );
+    let mut reached = gate.as_os_str().to_owned();
+    reached.push(".reached");
+    let _ = std::fs::write(&reached, me.to_string());
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !gate.exists() && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!("fixture pid {me}: going on from {point:?}");
+}
+
 /// Run the fixture with `version` as its version string.
 pub fn main(version: &str) -> ExitCode {
     let faults = take_faults();
@@ -73,7 +103,7 @@ pub fn main(version: &str) -> ExitCode {
         version: Some(version.to_owned()),
         ..baton_demo::Custom::default()
     };
-    let mut hooks: Vec<(HandoffPoint, bool)> = Vec::new();
+    let mut hooks: Vec<(HandoffPoint, AtPoint)> = Vec::new();
     for f in &faults {
         eprintln!("fixture pid {}: fault armed: {f}", std::process::id());
         let (name, arg) = f.split_once(':').unwrap_or((f.as_str(), ""));
@@ -176,30 +206,41 @@ pub fn main(version: &str) -> ExitCode {
                     Ok(())
                 }));
             }
-            "exit-at" | "stop-at" => match HandoffPoint::from_name(arg) {
-                Some(p) => hooks.push((p, name == "stop-at")),
-                None => eprintln!("fixture: unknown handoff point {arg}"),
-            },
+            "exit-at" | "stop-at" | "hold-at" => {
+                let (point, gate) = arg.split_once(':').unwrap_or((arg, ""));
+                let what = match name {
+                    "exit-at" => AtPoint::Exit,
+                    "stop-at" => AtPoint::Stop,
+                    _ => AtPoint::Hold(std::path::PathBuf::from(gate)),
+                };
+                match HandoffPoint::from_name(point) {
+                    Some(p) => hooks.push((p, what)),
+                    None => eprintln!("fixture: unknown handoff point {point}"),
+                }
+            }
             other => eprintln!("fixture: unknown fault {other}"),
         }
     }
     if !hooks.is_empty() {
         custom.handoff_hook = Some(HandoffHook(Arc::new(move |point| {
-            for (p, stop) in &hooks {
-                if *p == point {
-                    if *stop {
-                        eprintln!(
-                            "fixture pid {}: stopping myself at {point:?}",
-                            std::process::id()
-                        );
+            for (p, what) in &hooks {
+                if *p != point {
+                    continue;
+                }
+                let me = std::process::id();
+                match what {
+                    AtPoint::Stop => {
+                        eprintln!("fixture pid {me}: stopping myself at {point:?}");
                         let _ = rustix::process::kill_process(
                             rustix::process::getpid(),
                             rustix::process::Signal::STOP,
                         );
-                    } else {
-                        eprintln!("fixture pid {}: exiting at {point:?}", std::process::id());
+                    }
+                    AtPoint::Exit => {
+                        eprintln!("fixture pid {me}: exiting at {point:?}");
                         std::process::exit(4);
                     }
+                    AtPoint::Hold(gate) => hold(me, point, gate),
                 }
             }
         })));

@@ -132,10 +132,14 @@ pub enum HandoffPoint {
     /// Promoted: this generation serves, confirmed it to the old one and
     /// wrote the pid file.
     Promoted,
+    /// In the *old* generation: drained, its last report sent, about to
+    /// exit. The last check that the successor is alive comes right after.
+    Exiting,
 }
 
 impl HandoffPoint {
-    /// Parse `started`, `listeners`, `state`, `ready`, `promoted`.
+    /// Parse `started`, `listeners`, `state`, `ready`, `promoted`,
+    /// `exiting`.
     pub fn from_name(s: &str) -> Option<Self> {
         Some(match s {
             "started" => HandoffPoint::Started,
@@ -143,8 +147,18 @@ impl HandoffPoint {
             "state" => HandoffPoint::StateReceived,
             "ready" => HandoffPoint::ReadySent,
             "promoted" => HandoffPoint::Promoted,
+            "exiting" => HandoffPoint::Exiting,
             _ => return None,
         })
+    }
+}
+
+impl Config {
+    /// Run the [`HandoffHook`], if any, at `point`.
+    pub(crate) fn run_hook(&self, point: HandoffPoint) {
+        if let Some(h) = &self.handoff_hook {
+            (h.0)(point);
+        }
     }
 }
 

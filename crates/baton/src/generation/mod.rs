@@ -115,7 +115,9 @@ impl Baton {
                 let limit = inner.config.ready_timeout + Duration::from_secs(10);
                 let how = side
                     .ready(ReadyInfo { accepts_conns }, limit, || {
-                        hook(&inner.config, crate::config::HandoffPoint::ReadySent);
+                        inner
+                            .config
+                            .run_hook(crate::config::HandoffPoint::ReadySent);
                     })
                     .await?;
                 inner.life.set(Phase::Serving);
@@ -143,7 +145,7 @@ impl Baton {
                 if !provisional {
                     self.write_pid_file();
                 }
-                hook(&inner.config, crate::config::HandoffPoint::Promoted);
+                inner.config.run_hook(crate::config::HandoffPoint::Promoted);
                 let deliver = if accepts_conns {
                     lock(&inner.incoming_tx).take()
                 } else {
@@ -398,12 +400,6 @@ fn restore_oom_score_adj() {
     match std::fs::write("/proc/self/oom_score_adj", v.to_string()) {
         Ok(()) => tracing::debug!(oom_score_adj = v, "restored oom_score_adj"),
         Err(e) => tracing::debug!(error = %e, "could not restore oom_score_adj"),
-    }
-}
-
-fn hook(config: &Config, point: crate::config::HandoffPoint) {
-    if let Some(h) = &config.handoff_hook {
-        (h.0)(point);
     }
 }
 

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, ListenAddr};
 use crate::control::{self, Command, UpgradeOptions};
 use crate::error::Error;
-use crate::generation::{Baton, hook};
+use crate::generation::Baton;
 use crate::handoff::recv::NewSide;
 use crate::inner::{AtomicCounters, ExecPlan, Inner, unix_ms};
 use crate::lifecycle::{Activity, Lifecycle};
@@ -78,7 +78,7 @@ impl Baton {
         let mut predecessor = None;
         let mut predecessor_pid = None;
         if let Some(fd) = inherited_handoff_fd()? {
-            hook(&config, crate::config::HandoffPoint::Started);
+            config.run_hook(crate::config::HandoffPoint::Started);
             let app_version = config.app_version.clone();
             let (side, listeners) = NewSide::connect(fd, |peer| {
                 crate::handoff::send::hello(&app_version, peer.generation + 1)
@@ -97,7 +97,7 @@ impl Baton {
             for (meta, fd) in listeners {
                 registry.add_inherited(&meta.name, Some(meta.kind), fd, Origin::Predecessor)?;
             }
-            hook(&config, crate::config::HandoffPoint::ListenersReceived);
+            config.run_hook(crate::config::HandoffPoint::ListenersReceived);
             predecessor = Some(side);
         } else {
             adopt_systemd_listeners(&registry)?;

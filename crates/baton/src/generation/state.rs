@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::Error;
-use crate::generation::{Baton, hook};
+use crate::generation::Baton;
 use crate::inner::lock;
 use crate::state::{Migration, Schema, decode, encode};
 
@@ -39,10 +39,9 @@ impl Baton {
                 return Ok(None);
             };
             *imported = Some(side.want_state(self.inner.config.state_limit).await?);
-            hook(
-                &self.inner.config,
-                crate::config::HandoffPoint::StateReceived,
-            );
+            self.inner
+                .config
+                .run_hook(crate::config::HandoffPoint::StateReceived);
         }
         Ok(imported.as_mut().and_then(|v| {
             v.iter()

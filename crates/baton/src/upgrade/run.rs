@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::channel::Channel;
+use crate::config::HandoffPoint;
 use crate::control::{Event, UpgradeOptions, UpgradeReport, emit};
 use crate::error::Error;
 use crate::handoff::send::{HandshakeLog, OldSide, StateSource, hello};
@@ -363,6 +364,23 @@ pub(super) async fn run_upgrade(
                     closed,
                 })
                 .await;
+            inner.config.run_hook(HandoffPoint::Exiting);
+            // The last step before exiting: is the successor still there?
+            // If it died during the drain's last moments, nobody would serve
+            // the listeners once this process is gone: serve them again.
+            // (It narrows the window, it cannot close it: the successor can
+            // still die between this check and our exit; a service
+            // manager's restart covers that.)
+            match child.try_wait() {
+                Ok(None) => {}
+                Ok(Some(st)) => {
+                    let why = format!("died ({})", describe_exit(&Ok(st)));
+                    return Err(resume_without_successor(&inner, new_pid, &why, handed_over));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, pid = new_pid, "could not check the new generation before exiting")
+                }
+            }
             Ok(UpgradeReport {
                 from_generation: inner.generation,
                 to_generation: next_gen,
@@ -378,33 +396,42 @@ pub(super) async fn run_upgrade(
             })
         }
         DrainEnd::SuccessorFailed { why, lost } => {
-            inner.counters.conns_lost.fetch_add(lost, Ordering::Relaxed);
-            *lock(&inner.successor_pid) = None;
-            inner.life.set(Phase::Serving);
-            if let Some(p) = &inner.config.pid_file {
-                inner.write_pid_file(p);
-            }
-            let err = Error::Failed(format!(
-                "the new generation (pid {new_pid}) {why} after promotion; this generation (pid {}) resumed serving{}",
-                inner.pid,
-                if lost > 0 {
-                    format!("; {lost} connections handed to it were lost")
-                } else {
-                    String::new()
-                }
-            ));
-            tracing::error!(reason = %err, "upgrade rolled back");
-            inner.notify(&[
-                format!("MAINPID={}", inner.pid),
-                "READY=1".into(),
-                format!(
-                    "STATUS=generation {} (pid {}) serving; last upgrade rolled back: {why}",
-                    inner.generation, inner.pid
-                ),
-            ]);
-            Err(err)
+            Err(resume_without_successor(&inner, new_pid, &why, lost))
         }
     }
+}
+
+/// The successor died after promotion: this generation serves again (its
+/// acceptors resume, the pid file and systemd's main pid name it). The
+/// connections handed to the successor, `lost`, are counted.
+fn resume_without_successor(inner: &Inner, new_pid: u32, why: &str, lost: u64) -> Error {
+    inner.counters.conns_lost.fetch_add(lost, Ordering::Relaxed);
+    *lock(&inner.successor_pid) = None;
+    // The pid file names this process before it accepts again: whoever
+    // sees it answer finds it named.
+    if let Some(p) = &inner.config.pid_file {
+        inner.write_pid_file(p);
+    }
+    inner.life.set(Phase::Serving);
+    let err = Error::Failed(format!(
+        "the new generation (pid {new_pid}) {why} after promotion; this generation (pid {}) resumed serving{}",
+        inner.pid,
+        if lost > 0 {
+            format!("; {lost} connections handed to it were lost")
+        } else {
+            String::new()
+        }
+    ));
+    tracing::error!(reason = %err, "upgrade rolled back");
+    inner.notify(&[
+        format!("MAINPID={}", inner.pid),
+        "READY=1".into(),
+        format!(
+            "STATUS=generation {} (pid {}) serving; last upgrade rolled back: {why}",
+            inner.generation, inner.pid
+        ),
+    ]);
+    err
 }
 
 /// An exact-mode upgrade that fails before promotion resumes serving.
