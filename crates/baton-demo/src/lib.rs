@@ -101,7 +101,11 @@ pub enum LogFormat {
 pub struct Args {
     /// Where to listen, repeatable: [NAME=]ADDR with ADDR = IP:PORT
     /// (127.0.0.1:8080, [::1]:8080) or unix:/path. An unnamed listener is
-    /// called `http`. Default: 127.0.0.1:8080.
+    /// called `http`; when several are unnamed, each is named after its
+    /// address (http-127.0.0.1-8080, http-unix-run-app.sock). Without
+    /// --listen: every socket systemd passes (LISTEN_FDS, whatever their
+    /// names), else 127.0.0.1:8080. With --listen, a socket systemd passes
+    /// that no --listen names is an error.
     #[arg(long = "listen", value_name = "[NAME=]ADDR", value_parser = parse_listen)]
     pub listen: Vec<ListenSpec>,
     /// Pid file, rewritten atomically by the serving generation.
@@ -382,27 +386,16 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
     });
     let baton = Baton::start(config).await?;
 
-    let specs = if args.listen.is_empty() {
-        vec!["127.0.0.1:8080".parse::<ListenSpec>()?]
-    } else {
-        args.listen.clone()
-    };
-    let mut listeners = Vec::with_capacity(specs.len() + 1);
-    let metrics_spec = args.metrics.clone().map(|addr| ListenSpec {
-        name: METRICS_LISTENER.to_owned(),
-        addr,
-    });
-    for s in specs.iter().chain(metrics_spec.iter()) {
-        match baton.listen(&s.name, &s.addr) {
-            Ok(l) => listeners.push(l),
-            Err(e) => {
-                baton.fail(&e.to_string()).await;
-                return Err(e.into());
-            }
+    let listeners = match open_listeners(&args, &baton) {
+        Ok(l) => l,
+        Err(e) => {
+            baton.fail(&e.to_string()).await;
+            return Err(e.into());
         }
-    }
+    };
+    let names: Vec<String> = listeners.iter().map(|l| l.name().to_owned()).collect();
 
-    let tls = match load_tls(&args, &specs, &baton).await {
+    let tls = match load_tls(&args, &names, &baton).await {
         Ok(tls) => tls,
         Err(e) => {
             // Before ready(): the upgrade rolls back with this reason.
@@ -552,19 +545,49 @@ fn export_state(baton: &Baton, state: &Arc<Mutex<StateV2>>, version: u32, garbag
     }
 }
 
+/// The listeners to serve, `/metrics`'s included (taken first, by name).
+/// With `--listen`: those, unnamed ones named by address when there are
+/// several. Without: every socket inherited (systemd's `LISTEN_FDS`, or the
+/// previous generation's), else the default address.
+fn open_listeners(args: &Args, baton: &Baton) -> Result<Vec<baton::Listener>, baton::Error> {
+    let mut listeners = Vec::with_capacity(args.listen.len() + 1);
+    if let Some(addr) = &args.metrics {
+        listeners.push(baton.listen(METRICS_LISTENER, addr)?);
+    }
+    if args.listen.is_empty() {
+        let inherited = baton.listen_inherited()?;
+        if inherited.is_empty() {
+            listeners.push(baton.listen(baton::DEFAULT_LISTENER_NAME, &DEFAULT_LISTEN.parse()?)?);
+        } else {
+            listeners.extend(inherited);
+        }
+        return Ok(listeners);
+    }
+    let mut specs = args.listen.clone();
+    baton::name_listeners(&mut specs)?;
+    for s in &specs {
+        listeners.push(baton.listen_spec(s)?);
+    }
+    Ok(listeners)
+}
+
+/// The address served when neither `--listen` nor an inherited socket says
+/// otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
 /// Load the TLS settings if asked for: the certificate files, and the
 /// session-ticket keys of the previous generation. Returns them with the
 /// names of the listeners that serve TLS (empty: all).
 async fn load_tls(
     args: &Args,
-    specs: &[ListenSpec],
+    listeners: &[String],
     baton: &Baton,
 ) -> anyhow::Result<Option<(baton_http::Tls, Vec<String>)>> {
     let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
         return Ok(None);
     };
     for name in &args.tls_listeners {
-        if !specs.iter().any(|s| &s.name == name) {
+        if !listeners.iter().any(|l| l == name) {
             anyhow::bail!(
                 "--tls-listener {name}: there is no listener named {name} (see --listen NAME=ADDR)"
             );

@@ -241,7 +241,44 @@ impl fmt::Display for ListenAddr {
     }
 }
 
-/// A named listener: `NAME=ADDR`, or just `ADDR` (named `http`).
+impl ListenAddr {
+    /// A listener name derived from this address, for listeners given
+    /// without one: `http-` then the address, each run of characters a name
+    /// cannot hold replaced by one `-`, an IPv6 address's colons by `_`
+    /// (`127.0.0.1:8080` → `http-127.0.0.1-8080`, `[::1]:8080` →
+    /// `http-__1-8080`, `unix:/run/app.sock` → `http-unix-run-app.sock`).
+    /// A name longer than 64 characters ends in a hash of the address.
+    pub fn derived_name(&self) -> String {
+        let raw = match self {
+            ListenAddr::Tcp(SocketAddr::V4(a)) => format!("{}-{}", a.ip(), a.port()),
+            ListenAddr::Tcp(SocketAddr::V6(a)) => {
+                format!("{}-{}", a.ip().to_string().replace(':', "_"), a.port())
+            }
+            ListenAddr::Unix(p) => format!("unix-{}", p.display()),
+        };
+        let mut name = String::from("http-");
+        for c in raw.chars() {
+            let ok = c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.';
+            if !ok && name.ends_with('-') {
+                continue;
+            }
+            name.push(if ok { c } else { '-' });
+        }
+        let name = name.trim_end_matches('-').to_owned();
+        if name.len() <= 64 {
+            return name;
+        }
+        // FNV-1a: stable across builds and releases (the name is a handoff
+        // key between versions).
+        let hash = raw.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!("{}-{hash:016x}", &name[..64 - 17])
+    }
+}
+
+/// A named listener: `NAME=ADDR`, or just `ADDR` (named by
+/// [`name_listeners`]: `http`, or a name derived from the address).
 ///
 /// ```
 /// let s: baton::ListenSpec = "admin=unix:/run/admin.sock".parse().unwrap();
@@ -255,6 +292,72 @@ pub struct ListenSpec {
     pub name: String,
     /// The address.
     pub addr: ListenAddr,
+    /// The name was given (`NAME=ADDR`), not chosen by baton: see
+    /// [`name_listeners`].
+    pub named: bool,
+}
+
+impl ListenSpec {
+    /// A named listener.
+    pub fn new(name: impl Into<String>, addr: ListenAddr) -> Self {
+        ListenSpec {
+            name: name.into(),
+            addr,
+            named: true,
+        }
+    }
+}
+
+/// Name the listeners given without a name, in a way that does not depend
+/// on the order of the flags: a single unnamed listener is
+/// [`DEFAULT_LISTENER_NAME`] (unless a named one already has that name);
+/// several get a name derived from their address
+/// ([`ListenAddr::derived_name`]), as nginx tells its `listen` lines apart
+/// by address.
+///
+/// ```
+/// let mut specs: Vec<baton::ListenSpec> = ["127.0.0.1:8080", "unix:/run/app.sock"]
+///     .iter()
+///     .map(|s| s.parse().unwrap())
+///     .collect();
+/// baton::name_listeners(&mut specs).unwrap();
+/// assert_eq!(specs[0].name, "http-127.0.0.1-8080");
+/// assert_eq!(specs[1].name, "http-unix-run-app.sock");
+/// ```
+///
+/// # Errors
+/// [`Error::Config`] when two listeners end up with the same name, saying
+/// which flags to rename.
+pub fn name_listeners(specs: &mut [ListenSpec]) -> Result<(), Error> {
+    let unnamed = specs.iter().filter(|s| !s.named).count();
+    let default_taken = specs
+        .iter()
+        .any(|s| s.named && s.name == DEFAULT_LISTENER_NAME);
+    for s in specs.iter_mut().filter(|s| !s.named) {
+        s.name = if unnamed == 1 && !default_taken {
+            DEFAULT_LISTENER_NAME.to_owned()
+        } else {
+            s.addr.derived_name()
+        };
+    }
+    for (i, a) in specs.iter().enumerate() {
+        if let Some(b) = specs[i + 1..].iter().find(|b| b.name == a.name) {
+            let flag = |s: &ListenSpec| {
+                if s.named {
+                    format!("--listen {s}")
+                } else {
+                    format!("--listen {}", s.addr)
+                }
+            };
+            return Err(Error::Config(format!(
+                "two listeners are named '{}' ({} and {}): give one of them another name with --listen NAME=ADDR",
+                a.name,
+                flag(a),
+                flag(b)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Check a listener name: 1–64 of `[A-Za-z0-9_.-]` (no `:`, which separates
@@ -290,14 +393,15 @@ impl FromStr for ListenSpec {
     fn from_str(s: &str) -> Result<Self, Error> {
         // A name never contains ':' or '[' or '/', so the first '=' before any
         // of those separates NAME from ADDR.
-        let (name, addr) = match s.split_once('=') {
-            Some((n, a)) if !n.contains([':', '[', '/']) => (n.to_owned(), a),
-            _ => (DEFAULT_LISTENER_NAME.to_owned(), s),
+        let (name, addr, named) = match s.split_once('=') {
+            Some((n, a)) if !n.contains([':', '[', '/']) => (n.to_owned(), a, true),
+            _ => (DEFAULT_LISTENER_NAME.to_owned(), s, false),
         };
         validate_listener_name(&name)?;
         Ok(ListenSpec {
             name,
             addr: addr.parse()?,
+            named,
         })
     }
 }
@@ -406,6 +510,8 @@ mod tests {
         let s: ListenSpec = "adm=unix:/tmp/x.sock".parse().unwrap();
         assert_eq!(s.name, "adm");
         assert!("bad name=127.0.0.1:1".parse::<ListenSpec>().is_err());
+        assert!(!"127.0.0.1:1".parse::<ListenSpec>().unwrap().named);
+        assert!("a=127.0.0.1:1".parse::<ListenSpec>().unwrap().named);
         assert!("baton.x=127.0.0.1:1".parse::<ListenSpec>().is_err());
         assert!("localhost:80".parse::<ListenSpec>().is_err());
         assert!("unix:".parse::<ListenSpec>().is_err());
@@ -424,5 +530,58 @@ mod tests {
         assert!(parse_duration("1 parsec").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("1e9h").is_err());
+    }
+
+    fn specs(v: &[&str]) -> Vec<ListenSpec> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn names(v: &[&str]) -> Result<Vec<String>, Error> {
+        let mut s = specs(v);
+        name_listeners(&mut s)?;
+        Ok(s.into_iter().map(|s| s.name).collect())
+    }
+
+    #[test]
+    fn unnamed_listeners_are_named_by_address_whatever_their_order() {
+        assert_eq!(names(&["127.0.0.1:8080"]).unwrap(), ["http"]);
+        assert_eq!(
+            names(&["127.0.0.1:8080", "unix:/run/app.sock"]).unwrap(),
+            ["http-127.0.0.1-8080", "http-unix-run-app.sock"]
+        );
+        assert_eq!(
+            names(&["unix:/run/app.sock", "127.0.0.1:8080"]).unwrap(),
+            ["http-unix-run-app.sock", "http-127.0.0.1-8080"]
+        );
+        assert_eq!(
+            names(&["[::1]:8080", "0.0.0.0:80"]).unwrap(),
+            ["http-__1-8080", "http-0.0.0.0-80"]
+        );
+        // A named `http` leaves the default name to nobody else.
+        assert_eq!(
+            names(&["http=127.0.0.1:1", "127.0.0.1:2"]).unwrap(),
+            ["http", "http-127.0.0.1-2"]
+        );
+        assert_eq!(
+            names(&["admin=127.0.0.1:1", "127.0.0.1:2"]).unwrap(),
+            ["admin", "http"]
+        );
+        let long = format!("unix:/{}", "d/".repeat(60));
+        let n = &names(&[&long, "127.0.0.1:1"]).unwrap()[0];
+        assert_eq!(n.len(), 64, "{n}");
+        validate_listener_name(n).unwrap();
+    }
+
+    #[test]
+    fn a_real_duplicate_says_which_flag_to_rename() {
+        let e = names(&["127.0.0.1:8080", "127.0.0.1:8080"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--listen 127.0.0.1:8080 and --listen 127.0.0.1:8080"),
+            "{e}"
+        );
+        let e = names(&["api=127.0.0.1:1", "api=unix:/x"]).unwrap_err();
+        assert!(e.to_string().contains("--listen api=unix:/x"), "{e}");
+        assert!(e.to_string().contains("another name"), "{e}");
     }
 }

@@ -103,7 +103,7 @@ pub use config::{
     Config, DEFAULT_BACKLOG, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDOFF_ACK_TIMEOUT,
     DEFAULT_HEALTH_INTERVAL, DEFAULT_LISTENER_NAME, DEFAULT_NEWCOMER_OOM_SCORE_ADJ,
     DEFAULT_READY_TIMEOUT, DEFAULT_STATE_LIMIT, HandoffHook, HandoffPoint, ListenAddr, ListenSpec,
-    parse_bytes, parse_duration, validate_listener_name,
+    name_listeners, parse_bytes, parse_duration, validate_listener_name,
 };
 pub use control::{UpgradeOptions, UpgradeReport};
 pub use error::Error;

@@ -209,11 +209,16 @@ impl Registry {
     /// Get the socket for `name`: inherited if there is one (by name, or an
     /// unnamed systemd socket with the same address), else bound now.
     /// Returns a `CLOEXEC` duplicate for the application and the origin.
+    ///
+    /// With `strict_address` (a name baton derived from the address), an
+    /// inherited socket of that name with another address is an error
+    /// rather than kept with a warning.
     pub(crate) fn take_or_bind(
         &self,
         name: &str,
         addr: &ListenAddr,
         unix_mode: Option<u32>,
+        strict_address: bool,
     ) -> Result<(ListenerKind, OwnedFd, Origin), Error> {
         let mut entries = self.lock();
         let pos = entries.iter().position(|e| e.name == name).or_else(|| {
@@ -242,6 +247,16 @@ impl Registry {
                         "the inherited socket is {:?} but {addr} was asked for; \
                          give the new listener another name to change its kind",
                         e.kind
+                    ),
+                ));
+            }
+            if !same_address(e.kind, &e.fd, addr) && strict_address {
+                return Err(Error::listener(
+                    name,
+                    format!(
+                        "the inherited socket listens on {} but this name was derived from {addr}; \
+                         name the listener explicitly (--listen NAME=ADDR) to keep a socket whose address changed",
+                        describe_fd(e.kind, &e.fd)
                     ),
                 ));
             }
@@ -279,6 +294,33 @@ impl Registry {
             used: true,
         });
         Ok((kind, dup, Origin::Bound))
+    }
+
+    /// Take every inherited socket not taken yet (internal `baton.*` ones
+    /// excepted): `(name, kind, CLOEXEC duplicate)` each.
+    pub(crate) fn take_inherited(&self) -> Result<Vec<(String, ListenerKind, OwnedFd)>, Error> {
+        let mut entries = self.lock();
+        let mut out = Vec::new();
+        for e in entries
+            .iter_mut()
+            .filter(|e| !e.used && e.origin != Origin::Bound && !e.name.starts_with("baton."))
+        {
+            let dup = sys::fd::dup(e.fd.as_fd())
+                .map_err(|err| Error::listener(&e.name, err.to_string()))?;
+            e.used = true;
+            out.push((e.name.clone(), e.kind, dup));
+        }
+        Ok(out)
+    }
+
+    /// Sockets systemd passed (`LISTEN_FDS`) that this generation did not
+    /// take: `(name, address)` each.
+    pub(crate) fn unused_systemd(&self) -> Vec<(String, String)> {
+        self.lock()
+            .iter()
+            .filter(|e| !e.used && e.origin == Origin::Systemd)
+            .map(|e| (e.name.clone(), describe_fd(e.kind, &e.fd)))
+            .collect()
     }
 
     /// The sockets to hand to a successor: every entry still held.
@@ -714,11 +756,14 @@ mod tests {
     async fn bind_take_and_handoff_set() {
         let reg = Registry::new(16);
         let addr: ListenAddr = "127.0.0.1:0".parse().unwrap();
-        let (kind, fd, origin) = reg.take_or_bind("http", &addr, None).unwrap();
+        let (kind, fd, origin) = reg.take_or_bind("http", &addr, None, false).unwrap();
         assert_eq!(kind, ListenerKind::Tcp);
         assert_eq!(origin, Origin::Bound);
         assert!(sys::fd::is_cloexec(fd.as_fd()).unwrap());
-        assert!(reg.take_or_bind("http", &addr, None).is_err(), "take-once");
+        assert!(
+            reg.take_or_bind("http", &addr, None, false).is_err(),
+            "take-once"
+        );
         let set = reg.handoff_set();
         assert_eq!(set.len(), 1);
         assert_eq!(set[0].0.name, "http");

@@ -99,8 +99,10 @@ pub struct RunArgs {
     name: String,
     /// A listening socket, repeatable: [NAME=]ADDR with ADDR = IP:PORT
     /// (127.0.0.1:8080, [::]:80) or unix:/path. Passed at fd 3, 4, ... in
-    /// this order, named in LISTEN_FDNAMES. Sockets systemd passes to baton
-    /// are used instead when their name or address matches.
+    /// this order, named in LISTEN_FDNAMES. An unnamed one is `http`; when
+    /// several are unnamed, each is named after its address
+    /// (http-127.0.0.1-8080, http-unix-run-app.sock). Sockets systemd passes
+    /// to baton are used instead when their name or address matches.
     #[arg(long = "listen", value_name = "[NAME=]ADDR", value_parser = parse_listen)]
     listen: Vec<ListenSpec>,
     /// How baton knows a new generation is ready (see below) [default:
@@ -467,6 +469,8 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         .control
         .clone()
         .unwrap_or_else(|| baton::control::default_socket_path(&args.name));
+    let mut args = args;
+    baton::name_listeners(&mut args.listen).map_err(|e| CliError::usage(e.to_string()))?;
     if args.delegate {
         return run_delegate(args, signals, control_path).await;
     }

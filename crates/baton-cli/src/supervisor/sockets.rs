@@ -284,6 +284,14 @@ impl ListenerSet {
                 let (_, fd, kind) = inherited.remove(i);
                 let addr = describe(&fd, kind)?;
                 if !same_address(&fd, &spec.addr) {
+                    if !spec.named && spec.name != baton::DEFAULT_LISTENER_NAME {
+                        return Err(format!(
+                            "listener '{}': systemd passed a socket of that name listening on {addr}, \
+                             but the name was derived from --listen {}; name the listener explicitly \
+                             (--listen NAME=ADDR) or fix the .socket unit",
+                            spec.name, spec.addr
+                        ));
+                    }
                     tracing::warn!(listener = %spec.name, inherited = %addr, configured = %spec.addr,
                         "the socket systemd passed has another address than --listen; using systemd's");
                 }

@@ -70,8 +70,52 @@ impl Baton {
     /// does not match the kind asked for.
     pub fn listen(&self, name: &str, addr: &ListenAddr) -> Result<Listener, Error> {
         crate::config::validate_listener_name(name)?;
-        let (kind, fd, _) = self.inner.registry.take_or_bind(name, addr, None)?;
+        let (kind, fd, _) = self.inner.registry.take_or_bind(name, addr, None, false)?;
         Listener::new(name, kind, fd, self.inner.life.gate())
+    }
+
+    /// [`listen`](Baton::listen) for a [`ListenSpec`]. A listener named by
+    /// baton from its address ([`crate::name_listeners`]) must find an
+    /// inherited socket of that name at that very address: another address
+    /// is an error, where an explicitly named listener keeps the inherited
+    /// socket with a warning.
+    ///
+    /// # Errors
+    /// As [`listen`](Baton::listen), and the address check above.
+    pub fn listen_spec(&self, spec: &crate::ListenSpec) -> Result<Listener, Error> {
+        crate::config::validate_listener_name(&spec.name)?;
+        let derived = !spec.named && spec.name != crate::DEFAULT_LISTENER_NAME;
+        let (kind, fd, _) = self
+            .inner
+            .registry
+            .take_or_bind(&spec.name, &spec.addr, None, derived)?;
+        Listener::new(&spec.name, kind, fd, self.inner.life.gate())
+    }
+
+    /// Take every listening socket this generation inherited and has not
+    /// taken by name yet: the ones systemd passed (`LISTEN_FDS`, whatever
+    /// their `FileDescriptorName=`) on a first start, the previous
+    /// generation's at an upgrade. For a program that serves whatever it is
+    /// given (no addresses of its own); each [`Listener`] keeps its name.
+    ///
+    /// ```no_run
+    /// # async fn f(baton: baton::Baton) -> Result<(), baton::Error> {
+    /// let mut listeners = baton.listen_inherited()?;
+    /// if listeners.is_empty() {
+    ///     listeners.push(baton.listen("http", &"127.0.0.1:8080".parse()?)?);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Duplicating a socket failed.
+    pub fn listen_inherited(&self) -> Result<Vec<Listener>, Error> {
+        self.inner
+            .registry
+            .take_inherited()?
+            .into_iter()
+            .map(|(name, kind, fd)| Listener::new(&name, kind, fd, self.inner.life.gate()))
+            .collect()
     }
 
     /// Describe the listeners (name, address, origin).
@@ -97,6 +141,23 @@ impl Baton {
         let inner = &self.inner;
         if inner.life.phase() != Phase::Starting {
             return Err(Error::Config("ready() was already called".into()));
+        }
+        // A socket systemd passed and this program does not use is a
+        // configuration error, not something to close quietly: closing it
+        // would lose what the kernel queued on it.
+        let unused = inner.registry.unused_systemd();
+        if !unused.is_empty() {
+            let list: Vec<String> = unused
+                .iter()
+                .map(|(name, addr)| format!("'{name}' ({addr})"))
+                .collect();
+            return Err(Error::Config(format!(
+                "systemd passed listening sockets this program does not use: {}; name each one \
+                 (FileDescriptorName= in its .socket unit, or systemd-socket-activate \
+                 --fdname) after a listener this program opens, or serve them all \
+                 (Baton::listen_inherited)",
+                list.join(", ")
+            )));
         }
         if inner.predecessor_pid.is_some() {
             match self.import_raw(crate::carry::BLOB).await {

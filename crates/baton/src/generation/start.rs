@@ -193,6 +193,7 @@ impl Baton {
             CONTROL_LISTENER,
             &ListenAddr::Unix(path.to_path_buf()),
             Some(0o600),
+            false,
         )?;
         let listener = Listener::new(CONTROL_LISTENER, kind, fd, self.inner.life.gate())?;
         tracing::debug!(path = %path.display(), origin = origin.as_str(), "control socket");
