@@ -2,24 +2,47 @@
 //! peer credentials, and reuseport steering (classic BPF).
 
 use std::io;
-use std::io::IoSliceMut;
-use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use rustix::net::{
-    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
-    SocketAddrUnix, SocketFlags, SocketType, sockopt,
-};
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType, sockopt};
 
 use crate::fd::{SCM_MAX_FD, poll_readable_now};
 use crate::to_io;
 
-/// The uid, gid and pid of the process on the other end of a Unix socket.
-pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(u32, u32, i32)> {
-    let c = sockopt::socket_peercred(fd).map_err(to_io)?;
-    Ok((c.uid.as_raw(), c.gid.as_raw(), c.pid.as_raw_nonzero().get()))
+/// The credentials of the process on the other end of a Unix socket
+/// (`SO_PEERCRED`). The pid is 0 when that process is not visible from
+/// this process's pid namespace (a server in a container asked by a client
+/// on the host): read raw, never through a non-zero pid type.
+pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<SenderCreds> {
+    let mut c = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `fd` is open for the borrow; `c` is a properly aligned,
+    // initialised `ucred` and `len` its size, so the kernel writes at most
+    // `len` bytes into it; any bit pattern is a valid `ucred` (plain
+    // integers, pid 0 included).
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut c).cast::<libc::c_void>(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(SenderCreds {
+        pid: c.pid.unsigned_abs(),
+        uid: c.uid,
+        gid: c.gid,
+    })
 }
 
 /// What kind of listening socket an fd is.
@@ -249,10 +272,13 @@ pub fn accept_pending_connections(fd: BorrowedFd<'_>, max: usize) -> io::Result<
     Ok(out)
 }
 
-/// Credentials the kernel attached to a datagram (`SCM_CREDENTIALS`).
+/// Credentials of a peer: of a connected socket's other end
+/// ([`peer_cred`]) or of a datagram's sender (`SCM_CREDENTIALS`,
+/// [`recv_with_creds`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SenderCreds {
-    /// Sender's pid.
+    /// The peer's pid; 0 when it is not visible from this process's pid
+    /// namespace.
     pub pid: u32,
     /// Sender's uid.
     pub uid: u32,
@@ -278,37 +304,71 @@ pub struct CredDatagram {
 }
 
 /// Receive one datagram and its sender's credentials. Fds that come with it
-/// are closed at once.
+/// are closed at once (`MSG_CMSG_CLOEXEC` meanwhile). The pid is 0 when the
+/// sender is not visible from our pid namespace: the control messages are
+/// parsed by hand, never into a non-zero pid type.
 pub fn recv_with_creds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<CredDatagram> {
-    let mut space = vec![
-        MaybeUninit::<u8>::uninit();
-        rustix::cmsg_space!(ScmRights(SCM_MAX_FD), ScmCredentials(1))
-    ];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let msg = rustix::net::recvmsg(
-        sock,
-        &mut [IoSliceMut::new(buf)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC,
-    )
-    .map_err(to_io)?;
+    // Room for the credentials and up to SCM_MAX_FD fds, u64-aligned as
+    // cmsghdr needs.
+    // SAFETY: CMSG_SPACE only computes a size from its argument.
+    let space = unsafe {
+        libc::CMSG_SPACE(std::mem::size_of::<libc::ucred>() as u32) as usize
+            + libc::CMSG_SPACE((SCM_MAX_FD * std::mem::size_of::<libc::c_int>()) as u32) as usize
+    };
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast::<libc::c_void>(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast::<libc::c_void>();
+    msg.msg_controllen = control.len() * 8;
+    // SAFETY: `msg` points at `iov` (which points at `buf`) and at
+    // `control`, all alive and exclusively borrowed for the call; the
+    // kernel writes at most `iov_len` and `msg_controllen` bytes there.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
     let mut creds = None;
-    for m in control.drain() {
-        match m {
-            RecvAncillaryMessage::ScmCredentials(c) => {
+    // SAFETY: the kernel filled `msg_controllen` bytes of `control` with
+    // well-formed cmsghdrs; CMSG_FIRSTHDR/CMSG_NXTHDR stay within them and
+    // CMSG_DATA points inside each header's `cmsg_len`. Data is read with
+    // read_unaligned into plain integer types (any bit pattern is valid).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let h = &*c;
+            let data = libc::CMSG_DATA(c);
+            let payload = (h.cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
+            if h.cmsg_level == libc::SOL_SOCKET
+                && h.cmsg_type == libc::SCM_CREDENTIALS
+                && payload >= std::mem::size_of::<libc::ucred>()
+            {
+                let u = std::ptr::read_unaligned(data.cast::<libc::ucred>());
                 creds = Some(SenderCreds {
-                    pid: c.pid.as_raw_nonzero().get().unsigned_abs(),
-                    uid: c.uid.as_raw(),
-                    gid: c.gid.as_raw(),
+                    pid: u.pid.unsigned_abs(),
+                    uid: u.uid,
+                    gid: u.gid,
                 });
+            } else if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+                for i in 0..payload / std::mem::size_of::<libc::c_int>() {
+                    let fd = std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i));
+                    // The kernel installed it for us and nothing else knows
+                    // its number: owning it here closes it once.
+                    drop(OwnedFd::from_raw_fd(fd));
+                }
             }
-            RecvAncillaryMessage::ScmRights(fds) => drop(fds.collect::<Vec<_>>()),
-            _ => {}
+            c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
+    let len = usize::try_from(n).unwrap_or(0);
     Ok(CredDatagram {
-        len: msg.bytes.min(buf.len()),
-        truncated: msg.flags.contains(ReturnFlags::TRUNC),
+        len: len.min(buf.len()),
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
         creds,
     })
 }
@@ -331,6 +391,29 @@ mod tests {
             },
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_datagram_carries_its_senders_credentials_and_its_fds_are_closed() {
+        let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        set_passcred(b.as_fd()).unwrap();
+        let (r, _w) = crate::fd::pipe_cloexec().unwrap();
+        let before = crate::fd::open_fd_count().unwrap();
+        crate::fd::send_with_fds(a.as_fd(), b"READY=1", &[r.as_fd()]).unwrap();
+        let mut buf = [0u8; 64];
+        let d = recv_with_creds(b.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..d.len], b"READY=1");
+        assert!(!d.truncated);
+        let c = d.creds.unwrap();
+        assert_eq!(c.pid, crate::process::getpid());
+        assert_eq!(c.uid, crate::process::euid());
+        assert_eq!(
+            crate::fd::open_fd_count().unwrap(),
+            before,
+            "the passed fd is closed"
+        );
+        let peer = peer_cred(a.as_fd()).unwrap();
+        assert_eq!(peer.pid, crate::process::getpid());
     }
 
     #[test]

@@ -566,13 +566,18 @@ impl Client {
             };
             Error::Control(format!("cannot connect to {}: {e}{hint}", path.display()))
         })?;
-        let (uid, _, pid) = sys::socket::peer_cred(stream.as_fd())
+        let peer = sys::socket::peer_cred(stream.as_fd())
             .map_err(|e| Error::Control(format!("SO_PEERCRED: {e}")))?;
         let ours = sys::process::euid();
-        if !uid_allowed(uid, ours) {
+        if !uid_allowed(peer.uid, ours) {
+            let pid = match peer.pid {
+                0 => "pid not visible from this pid namespace".to_owned(),
+                p => format!("pid {p}"),
+            };
             return Err(Error::Control(format!(
-                "the server at {} runs as uid {uid} (pid {pid}), not as us (uid {ours}); refusing to talk to it",
-                path.display()
+                "the server at {} runs as uid {} ({pid}), not as us (uid {ours}); refusing to talk to it",
+                path.display(),
+                peer.uid
             )));
         }
         Ok(Client { stream })
