@@ -59,7 +59,7 @@ pub fn main(args: ShimArgs) -> ExitCode {
     // inherit it.
     let mut _keep = None;
     let program: OsString = match args.exec_fd {
-        Some(fd) => match baton_sys::fd::adopt_inherited_fd(fd) {
+        Some(fd) => match baton_sys::inherit::adopt_exec_fd(fd) {
             Ok(Some(owned)) => {
                 if args.keep_exec_fd
                     && let Err(e) = baton_sys::fd::clear_cloexec(owned.as_fd())

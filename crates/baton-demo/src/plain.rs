@@ -86,8 +86,15 @@ fn listener(args: &Args) -> anyhow::Result<tokio::net::TcpListener> {
         .and_then(|p| p.parse::<u32>().ok())
         == Some(std::process::id());
     let fds = std::env::var("LISTEN_FDS").ok();
-    let std_listener = if for_us && fds.as_deref() == Some("1") {
-        let (fd, kind) = baton_sys::fd::adopt_inherited_listener(3)
+    let passed = baton_sys::inherit::ListenFds::from_env();
+    let std_listener = if let Some(passed) = passed.filter(|_| fds.as_deref() == Some("1")) {
+        let p = passed
+            .adopt()
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("LISTEN_FDS=1 names no fd"))?;
+        let (fd, kind) = p
+            .socket
             .map_err(|e| anyhow::anyhow!("fd 3 named by LISTEN_FDS: {e}"))?
             .ok_or_else(|| anyhow::anyhow!("LISTEN_FDS=1 but fd 3 is not open"))?;
         if kind != baton_sys::socket::SocketKind::Tcp {

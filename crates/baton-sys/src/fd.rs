@@ -66,7 +66,7 @@ pub fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
 /// Returns `Ok(None)` when nothing is open at that number. The caller must
 /// adopt each number at most once (the listener registry reads the
 /// environment once per process).
-pub fn adopt_inherited_fd(raw: RawFd) -> io::Result<Option<OwnedFd>> {
+pub(crate) fn adopt_inherited_fd(raw: RawFd) -> io::Result<Option<OwnedFd>> {
     Ok(adopt_checked(raw, |_| Ok(()))?.map(|(fd, ())| fd))
 }
 
@@ -80,14 +80,14 @@ pub fn adopt_inherited_fd(raw: RawFd) -> io::Result<Option<OwnedFd>> {
 ///
 /// # Errors
 /// `InvalidInput` naming what the fd is instead.
-pub fn adopt_inherited_listener(raw: RawFd) -> io::Result<Option<(OwnedFd, SocketKind)>> {
+pub(crate) fn adopt_inherited_listener(raw: RawFd) -> io::Result<Option<(OwnedFd, SocketKind)>> {
     adopt_checked(raw, listening_socket_kind)
 }
 
 /// Probe `raw`, run `check` on it while it is only borrowed, and take
 /// ownership (`CLOEXEC`) only if both succeed. `Ok(None)`: nothing is open
 /// there.
-fn adopt_checked<T>(
+pub(crate) fn adopt_checked<T>(
     raw: RawFd,
     check: impl FnOnce(BorrowedFd<'_>) -> io::Result<T>,
 ) -> io::Result<Option<(OwnedFd, T)>> {
@@ -106,12 +106,58 @@ fn adopt_checked<T>(
         Err(e) => return Err(to_io(e)),
     }
     let checked = check(probe)?;
+    claim(raw)?;
     // SAFETY: the number is open and was handed to this process on purpose by
-    // its parent (the LISTEN_FDS / BATON_HANDOFF_FD conventions); nothing else
-    // in this process owns it, because it is adopted once, at start-up.
+    // its parent (the conventions of `crate::inherit`, the only callers);
+    // nothing else in this process owns it: `claim` lets each number be
+    // adopted once per process.
     let owned = unsafe { OwnedFd::from_raw_fd(raw) };
     set_cloexec(owned.as_fd())?;
     Ok(Some((owned, checked)))
+}
+
+/// Record that `raw` is being adopted; refuse a number adopted before (two
+/// owners of one fd would close it twice).
+fn claim(raw: RawFd) -> io::Result<()> {
+    static ADOPTED: std::sync::Mutex<Vec<RawFd>> = std::sync::Mutex::new(Vec::new());
+    let mut adopted = ADOPTED.lock().unwrap_or_else(|p| p.into_inner());
+    if adopted.contains(&raw) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("fd {raw} was adopted already in this process"),
+        ));
+    }
+    adopted.push(raw);
+    Ok(())
+}
+
+/// Mark close-on-exec every fd of this process that `keep` does not name
+/// and that is not stdin/stdout/stderr, without owning any: fds a shell or
+/// a harness left open by accident then never reach a child. Returns how
+/// many it marked. Call it first thing, before threads open fds.
+pub fn cloexec_inherited(keep: impl Fn(RawFd) -> bool) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    let fds: Vec<RawFd> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut n = 0;
+    for fd in fds.into_iter().filter(|&fd| fd > 2 && !keep(fd)) {
+        // SAFETY: raw fcntl calls on a number, no Rust object made from it:
+        // F_GETFD/F_SETFD only read and set the close-on-exec flag (EBADF for
+        // a number closed meanwhile, such as the directory's own fd).
+        let marked = unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            flags >= 0
+                && (flags & libc::FD_CLOEXEC != 0
+                    || libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) == 0)
+        };
+        if marked {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Send one datagram with fds attached. Non-blocking sockets answer

@@ -10,15 +10,18 @@
 //!   between `fork` and `exec`;
 //! * [`socket`] — binding and checking listeners, the accept queue, peer
 //!   credentials, reuseport steering with classic BPF;
-//! * [`procfs`] — `/proc/net/tcp{,6}` parsing.
+//! * [`procfs`] — `/proc/net/tcp{,6}` parsing;
+//! * [`inherit`] — fds a parent passed on purpose (`LISTEN_FDS`, baton's
+//!   handoff channel, the exec shim's fd): the only way to own an fd number
+//!   this process did not open, checked first, once per number.
 //!
 //! The `unsafe` blocks, each with its `// SAFETY:` line, are: starting a
 //! process with `posix_spawn` and its file actions ([`process::spawn`]: no
 //! copy of the address space, fds placed by `dup2` actions), placing fds at
 //! fixed numbers in a child between `fork` and `exec`
 //! ([`process::place_fds_before_exec`]: `pre_exec` runs in a forked child of
-//! a multi-threaded process; raw `dup2`/`fcntl` only), adopting fd numbers inherited from our parent
-//! ([`fd::adopt_inherited_fd`]), registering an owned fd with tokio
+//! a multi-threaded process; raw `dup2`/`fcntl` only), adopting fd numbers inherited from our parent (through [`inherit`]
+//! only, each number once), registering an owned fd with tokio
 //! ([`fd::async_fd`]), and one raw `setsockopt`
 //! ([`socket::attach_reuseport_cbpf`], which rustix does not wrap).
 //!
@@ -32,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod fd;
+pub mod inherit;
 pub mod process;
 pub mod procfs;
 pub mod socket;

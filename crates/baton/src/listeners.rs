@@ -27,54 +27,7 @@ use crate::lifecycle::{AcceptGate, Phase};
 use crate::protocol::{ListenerKind, ListenerMeta};
 use baton_sys as sys;
 
-/// The sockets systemd's socket activation passed to this process: fds 3,
-/// 4, ... (`LISTEN_FDS`, at most 1024 of them), named by `LISTEN_FDNAMES`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenFds {
-    count: i32,
-    names: Vec<String>,
-}
-
-impl ListenFds {
-    /// From the environment. `None` when `LISTEN_FDS` is unset or not a
-    /// number, or `LISTEN_PID` is not this process (an environment
-    /// inherited by accident: logged at debug level).
-    pub fn from_env() -> Option<ListenFds> {
-        let count = std::env::var("LISTEN_FDS").ok()?.parse::<i32>().ok()?;
-        let for_us = std::env::var("LISTEN_PID")
-            .ok()
-            .and_then(|p| p.parse::<u32>().ok())
-            .is_some_and(|p| p == sys::process::getpid());
-        if !for_us {
-            tracing::debug!("LISTEN_FDS is set for another process; ignoring it");
-            return None;
-        }
-        let names = std::env::var("LISTEN_FDNAMES")
-            .map(|s| s.split(':').map(str::to_owned).collect())
-            .unwrap_or_default();
-        Some(ListenFds {
-            count: count.clamp(0, 1024),
-            names,
-        })
-    }
-
-    /// How many fds, from fd 3 on.
-    pub fn count(&self) -> i32 {
-        self.count
-    }
-
-    /// Each fd number with its name, if `LISTEN_FDNAMES` gives one.
-    pub fn fds(&self) -> impl Iterator<Item = (std::os::fd::RawFd, Option<&str>)> {
-        (0..self.count).map(|i| {
-            let name = self
-                .names
-                .get(i as usize)
-                .map(String::as_str)
-                .filter(|s| !s.is_empty());
-            (3 + i, name)
-        })
-    }
-}
+pub use baton_sys::inherit::ListenFds;
 
 /// Where a registry entry came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

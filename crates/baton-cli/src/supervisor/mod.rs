@@ -398,27 +398,10 @@ fn open_control(
 /// any thread or runtime opens fds of its own.
 pub fn cloexec_inherited_fds() {
     let listen = baton::ListenFds::from_env().map_or(0, |l| l.count());
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let fds: Vec<i32> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    let mut kept = Vec::new();
-    for fd in fds {
-        if fd < 3 || (3..3 + listen).contains(&fd) {
-            continue;
-        }
-        // The directory's own fd is closed by now: adopting answers None.
-        if let Ok(Some(owned)) = baton_sys::fd::adopt_inherited_fd(fd) {
-            kept.push(owned);
-        }
+    let n = baton_sys::fd::cloexec_inherited(|fd| (3..3 + listen).contains(&fd));
+    if n > 0 {
+        tracing::debug!(count = n, "inherited fds marked close-on-exec");
     }
-    if !kept.is_empty() {
-        tracing::debug!(count = kept.len(), "inherited fds marked close-on-exec");
-    }
-    // Keep them open (someone may expect that), just never pass them on.
-    std::mem::forget(kept);
 }
 
 /// `baton run`.

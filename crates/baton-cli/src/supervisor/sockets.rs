@@ -540,9 +540,10 @@ fn adopt_systemd() -> Result<Vec<(String, OwnedFd, sys::socket::SocketKind)>, Op
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
-    for (raw, name) in passed.fds() {
-        let name = name.map_or_else(|| format!("LISTEN_FD_{raw}"), str::to_owned);
-        match sys::fd::adopt_inherited_listener(raw) {
+    for p in passed.adopt() {
+        let raw = p.raw;
+        let name = p.name.unwrap_or_else(|| format!("LISTEN_FD_{raw}"));
+        match p.socket {
             Ok(Some((fd, kind))) => out.push((name, fd, kind)),
             Ok(None) => {
                 tracing::warn!(fd = raw, "LISTEN_FDS names fd {raw} but it is not open")

@@ -236,18 +236,16 @@ fn inherited_handoff_fd() -> Result<Option<std::os::fd::OwnedFd>, Error> {
         .to_str()
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| Error::Protocol(format!("{ENV_HANDOFF_FD}={v:?} is not an fd number")))?;
-    let fd = sys::fd::adopt_inherited_fd(raw)
-        .map_err(|e| Error::io(format!("adopting the handoff channel fd {raw}"), e))?
+    let fd = sys::inherit::adopt_handoff_channel(raw)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput => Error::Protocol(e.to_string()),
+            _ => Error::io(format!("adopting the handoff channel fd {raw}"), e),
+        })?
         .ok_or_else(|| {
             Error::Protocol(format!(
                 "{ENV_HANDOFF_FD}={raw} but nothing is open at fd {raw}"
             ))
         })?;
-    if !sys::socket::is_seqpacket(std::os::fd::AsFd::as_fd(&fd)) {
-        return Err(Error::Protocol(format!(
-            "fd {raw} is not a SOCK_SEQPACKET Unix socket"
-        )));
-    }
     Ok(Some(fd))
 }
 
@@ -256,9 +254,9 @@ fn adopt_systemd_listeners(registry: &Registry) -> Result<(), Error> {
     let Some(passed) = crate::listeners::ListenFds::from_env() else {
         return Ok(());
     };
-    for (raw, name) in passed.fds() {
-        let name = name.unwrap_or("unknown");
-        match sys::fd::adopt_inherited_listener(raw) {
+    for p in passed.adopt() {
+        let (raw, name) = (p.raw, p.name.as_deref().unwrap_or("unknown"));
+        match p.socket {
             Ok(Some((fd, _))) => registry.add_inherited(name, None, fd, Origin::Systemd)?,
             Ok(None) => tracing::warn!(fd = raw, "LISTEN_FDS names fd {raw} but it is not open"),
             Err(e) => {
