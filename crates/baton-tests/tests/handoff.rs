@@ -527,3 +527,64 @@ fn idle_connections_stay_when_the_successor_dies_before_acknowledging_them() {
     assert_eq!(st.counters.conns_lost, 0, "{:?}", st.counters);
     assert_eq!(st.pid, old.pid);
 }
+
+/// The other side of the test above: a successor that *acknowledged* its
+/// connection batches (it serves them) dies during the drain. Those
+/// connections die with it — the old generation cannot take back what it
+/// no longer holds — and each is counted in `conns_lost`, exactly; the old
+/// generation serves again (a request it still held completes) and says how
+/// many were lost.
+#[test]
+fn connections_a_dead_successor_acknowledged_are_counted_lost() {
+    const N: usize = 30;
+    let s = Server::start(Path::new(FIXTURE), "successor-dies-acked");
+    let old = s.version();
+    let mut conns: Vec<_> = (0..N)
+        .map(|_| {
+            let mut c = http::connect(s.addr).unwrap();
+            assert_eq!(c.get("/version").unwrap().status, 200);
+            c
+        })
+        .collect();
+    // Keeps the old generation draining until released.
+    let held = http::hold(http::connect(s.addr).unwrap()).unwrap();
+    s.usr2();
+    wait_for(T, "the successor's promotion", || {
+        s.try_pid().filter(|p| *p != old.pid)
+    });
+    // Each idle connection answers from the successor: it was handed over
+    // and acknowledged.
+    let mut new_pid = 0;
+    for c in &mut conns {
+        let v = Version::parse(&c.get("/version").unwrap().body).unwrap();
+        assert_ne!(v.pid, old.pid, "moved to the successor");
+        new_pid = v.pid;
+    }
+    proc::signal(new_pid, rustix::process::Signal::KILL);
+    wait_for(T, "the old generation to serve again", || {
+        (s.try_pid() == Some(old.pid)
+            && http::get(s.addr, "/version")
+                .is_ok_and(|r| Version::parse(&r.body).is_some_and(|v| v.pid == old.pid)))
+        .then_some(())
+    });
+    let (r, _) = held.release().unwrap();
+    assert_eq!(r.status, 200, "the held request completes on the old one");
+    let dead = conns
+        .iter_mut()
+        .map(|c| c.get("/version"))
+        .filter(Result::is_err)
+        .count();
+    assert_eq!(
+        dead, N,
+        "every acknowledged connection died with the successor"
+    );
+    let st = baton_tests::control_status(&s.control);
+    assert_eq!(st.counters.conns_lost, N as u64, "{:?}", st.counters);
+    assert_eq!(st.pid, old.pid);
+    assert!(
+        s.log()
+            .contains(&format!("{N} connections handed to it were lost")),
+        "{}",
+        s.log()
+    );
+}
