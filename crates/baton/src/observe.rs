@@ -145,8 +145,9 @@ mod tests {
             judge(&p, (1000, 100), (1000, 100), 0),
             CanaryVerdict::Pass(_)
         ));
-        if let CanaryVerdict::Fail(m) = judge(&p, (1000, 200), (1000, 0), 0) {
-            assert!(m.contains("20.0%"), "{m}");
+        match judge(&p, (1000, 200), (1000, 0), 0) {
+            CanaryVerdict::Fail(m) => assert!(m.contains("20.0%"), "{m}"),
+            other => panic!("a 20% error rate must fail the canary: {other:?}"),
         }
     }
 }
