@@ -32,7 +32,8 @@ Exit codes:
   1  failed: the upgrade started and was rolled back; the old generation still serves
   2  usage: bad arguments, or a request the server cannot apply
   3  refused: nothing was started (pre-flight failed, not serving, bad command...)
-  4  in progress: another upgrade is running; try again when it is done
+  4  in progress: another upgrade is running, or one already waits for a
+     starting generation (or --no-wait during a start); try again when it is done
   5  cannot connect: no server at the control socket, or not allowed to use it
   6  timeout: no answer within --timeout (the upgrade may still finish; see `baton status`)
   7  internal: unexpected error in the server or in the control protocol";

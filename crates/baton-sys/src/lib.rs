@@ -15,15 +15,23 @@
 //!   handoff channel, the exec shim's fd): the only way to own an fd number
 //!   this process did not open, checked first, once per number.
 //!
-//! The `unsafe` blocks, each with its `// SAFETY:` line, are: starting a
-//! process with `posix_spawn` and its file actions ([`process::spawn`]: no
-//! copy of the address space, fds placed by `dup2` actions), placing fds at
-//! fixed numbers in a child between `fork` and `exec`
-//! ([`process::place_fds_before_exec`]: `pre_exec` runs in a forked child of
-//! a multi-threaded process; raw `dup2`/`fcntl` only), adopting fd numbers inherited from our parent (through [`inherit`]
-//! only, each number once), registering an owned fd with tokio
-//! ([`fd::async_fd`]), and one raw `setsockopt`
-//! ([`socket::attach_reuseport_cbpf`], which rustix does not wrap).
+//! The `unsafe` blocks, each with its `// SAFETY:` line, are:
+//!
+//! * starting a process with `posix_spawn` and its file actions
+//!   ([`process::spawn`]: no copy of the address space, fds placed by `dup2`
+//!   actions);
+//! * placing fds at fixed numbers in a child between `fork` and `exec`
+//!   ([`process::place_fds_before_exec`]: `pre_exec` runs in a forked child
+//!   of a multi-threaded process; raw `dup2`/`fcntl` only);
+//! * adopting fd numbers inherited from our parent (through [`inherit`]
+//!   only, checked first, each number once);
+//! * registering an owned fd with tokio ([`fd::async_fd`]);
+//! * one raw `setsockopt` ([`socket::attach_reuseport_cbpf`], which rustix
+//!   does not wrap);
+//! * the peer-credential reads ([`socket::peer_cred`],
+//!   [`socket::recv_with_creds`]: raw, so a pid 0 never lands in a non-zero
+//!   pid type);
+//! * the raw `fcntl` calls of [`fd::cloexec_inherited`].
 //!
 //! Every fd this crate creates is `CLOEXEC`; functions return [`OwnedFd`]
 //! and take [`BorrowedFd`].

@@ -7,7 +7,8 @@
 //!
 //! A running server is a *generation*. On `SIGUSR2`, a control-socket
 //! request (`baton upgrade --control PATH`) or [`Baton::upgrade`], the
-//! serving generation fork+execs the executable on disk (the new version)
+//! serving generation starts the executable on disk (the new version, with
+//! `posix_spawn`: no copy of the address space)
 //! and talks to it over a private `SOCK_SEQPACKET` socketpair:
 //!
 //! 1. it passes its listening sockets — the *same kernel sockets*, never
