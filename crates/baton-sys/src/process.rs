@@ -83,7 +83,7 @@ pub fn reap_any() -> io::Result<Option<u32>> {
 #[derive(Debug)]
 pub struct FdPlacement {
     /// The fd in the parent. Must not be a number in any placement's `target`
-    /// range; use [`dup_at_least`] to move it out of the way first.
+    /// range; use [`crate::fd::dup_at_least`] to move it out of the way first.
     pub src: OwnedFd,
     /// The fd number in the child.
     pub target: RawFd,
