@@ -1,7 +1,7 @@
 //! Prometheus (OpenMetrics) text (feature `metrics`).
 //!
 //! One renderer for both faces of baton: a library-mode generation
-//! ([`Baton::metrics_text`]) and the `baton run` supervisor fill a
+//! ([`Baton::metrics_text`](crate::Baton::metrics_text)) and the `baton run` supervisor fill a
 //! [`Snapshot`] and call [`render`], so the metric names, types and help
 //! texts are the same wherever they come from.
 //!

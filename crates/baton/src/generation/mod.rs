@@ -74,7 +74,7 @@ impl Baton {
         Listener::new(name, kind, fd, self.inner.life.gate())
     }
 
-    /// [`listen`](Baton::listen) for a [`ListenSpec`]. A listener named by
+    /// [`listen`](Baton::listen) for a [`ListenSpec`](crate::ListenSpec). A listener named by
     /// baton from its address ([`crate::name_listeners`]) must find an
     /// inherited socket of that name at that very address: another address
     /// is an error, where an explicitly named listener keeps the inherited
