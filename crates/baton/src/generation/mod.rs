@@ -273,6 +273,10 @@ impl Baton {
     /// [`Error::Refused`], [`Error::InProgress`] or [`Error::Failed`] with
     /// the reason.
     pub async fn upgrade(&self, opts: UpgradeOptions) -> Result<UpgradeReport, Error> {
+        // Held until the caller has its answer: a successful upgrade ends
+        // with this generation done, and the end waits for control calls
+        // (bounded), so the caller's task runs before the process exits.
+        let _answering = self.inner.control_tasks.token();
         let (etx, _erx) = mpsc::unbounded_channel::<Event>();
         let (tx, rx) = oneshot::channel();
         self.inner
