@@ -503,3 +503,180 @@ fn the_modules_map_each_baton_outcome_to_an_ansible_result() {
         "a refusal changes nothing"
     );
 }
+
+/// The release marker for `release` named `name` (the sidecar's format, as
+/// a ConfigMap value would hold it).
+fn marker(name: &str, sha256: &str, source: &Path) -> String {
+    format!(
+        "# written by the fleet test\nrelease={name}\nsha256={sha256}\nsource=file://{}\n",
+        source.display()
+    )
+}
+
+/// The sidecar, killed on drop.
+struct Sidecar(std::process::Child);
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = baton_tests::wait_owned(&mut self.0, Duration::from_secs(5));
+    }
+}
+
+/// The status file once it is about `release` and no longer `retrying`
+/// (or `starting`).
+fn settled(status: &Path, release: &str) -> serde_json::Value {
+    baton_tests::wait_for(
+        T,
+        &format!("the sidecar to settle on release {release}"),
+        || {
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(status).ok()?).ok()?;
+            let done = v["release"] == release
+                && !matches!(v["state"].as_str(), Some("retrying" | "starting"));
+            done.then_some(v)
+        },
+    )
+}
+
+/// `baton-sidecar probe --status STATUS ARGS...`: exit code and output.
+fn probe(dir: &Path, status: &Path, args: &[&str]) -> (i32, String) {
+    let mut c = std::process::Command::new(fleet::sidecar_bin());
+    c.arg("probe").arg("--status").arg(status).args(args);
+    let r = fleet::run_bounded(&mut c, dir, "probe", Duration::from_secs(30));
+    (r.code(), r.stdout)
+}
+
+#[test]
+fn the_sidecar_upgrades_when_the_marker_changes_refuses_a_wrong_sha256_and_reports_a_rollback() {
+    let dir = TestDir::new("fleet-sidecar");
+    // The volume releases come from, and the pod's shared app directory.
+    let dist = dir.join("dist");
+    std::fs::create_dir_all(&dist).unwrap();
+    let v1 = Release::stripped(Path::new(FIXTURE), &dist, "server-v1", V1);
+    let v2 = Release::stripped(Path::new(FIXTURE_V2), &dist, "server-v2", V2);
+    let app = dir.join("app");
+    let status = dir.join("sidecar/status.json");
+    let mut cm = fleet::ConfigMapVolume::new(&dir.join("release-config"));
+    cm.write(&[("release", &marker("1", &v1.sha256, &v1.path))]);
+
+    let mut cmd = std::process::Command::new(fleet::sidecar_bin());
+    cmd.arg("watch")
+        .arg("--marker")
+        .arg(cm.path("release"))
+        .arg("--app-dir")
+        .arg(&app)
+        .arg("--binary")
+        .arg(fleet::BINARY_NAME)
+        .arg("--control")
+        .arg(app.join("ctl/control.sock"))
+        .arg("--status")
+        .arg(&status)
+        .args([
+            "--poll",
+            "50ms",
+            "--retry-after",
+            "500ms",
+            "--upgrade-timeout",
+            "60s",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("sidecar.log")).unwrap());
+    let _sidecar = Sidecar(baton_tests::spawn_owned(&mut cmd).unwrap());
+    let sidecar_log = || std::fs::read_to_string(dir.join("sidecar.log")).unwrap_or_default();
+
+    // The pod starts: the sidecar delivers release 1 first (its startup
+    // probe passes), then the server starts from `current`.
+    let st = settled(&status, "1");
+    assert_eq!(st["state"], "delivered", "{st:#}");
+    assert_eq!(probe(&dir.path, &status, &["--serving"]).0, 0);
+    let host = Host::start_current("pod", &app);
+    let first = host.version();
+    assert_eq!((first.version.as_str(), first.generation), (V1, 1));
+
+    let load = PacedLoad::start(
+        host.addr,
+        4,
+        Duration::from_millis(20),
+        Duration::from_secs(120),
+    );
+    load.wait_progress(20, T);
+
+    // Release 2: delivered, verified, current flipped, upgraded in place.
+    cm.write(&[("release", &marker("2", &v2.sha256, &v2.path))]);
+    let st = settled(&status, "2");
+    assert_eq!(st["state"], "upgraded", "{st:#}\n{}", sidecar_log());
+    let second = host.version();
+    assert_eq!((second.version.as_str(), second.generation), (V2, 2));
+    assert_eq!(st["serving"], json!({"release": "2", "sha256": v2.sha256}));
+    assert_eq!(st["upgrade"]["new_pid"], second.pid);
+    assert_eq!(host.current(), "releases/2");
+    assert_eq!(host.releases(), ["1", "2"]);
+    let (code, out) = probe(&dir.path, &status, &["--release", "2"]);
+    assert_eq!(code, 0, "{out}");
+    load.wait_progress(20, T);
+
+    // Release 3's marker pins another SHA-256 than its binary's: refused,
+    // nothing delivered, nothing changed.
+    cm.write(&[("release", &marker("3", &v2.sha256, &v1.path))]);
+    let st = settled(&status, "3");
+    assert_eq!(st["state"], "refused", "{st:#}");
+    let msg = st["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(&format!("is {}, the marker says {}", v1.sha256, v2.sha256)),
+        "{msg}"
+    );
+    let (code, out) = probe(&dir.path, &status, &["--release", "3"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not delivered"), "the probe says why: {out}");
+    assert_eq!(host.version().pid, second.pid);
+    assert_eq!(host.current(), "releases/2");
+    assert_eq!(host.releases(), ["1", "2"]);
+
+    // Release 4 fails its readiness: rolled back, `current` back at 2,
+    // reported with the reason.
+    let reason = "release 4 cannot open its database (fault armed by the fleet test)";
+    host.arm_fault(&format!("fail-ready:{reason}"));
+    cm.write(&[("release", &marker("4", &v1.sha256, &v1.path))]);
+    let st = settled(&status, "4");
+    assert_eq!(st["state"], "rolled_back", "{st:#}");
+    let msg = st["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(reason) && msg.contains("current points back at releases/2"),
+        "{msg}"
+    );
+    let (code, out) = probe(&dir.path, &status, &["--release", "4"]);
+    assert!(code == 1 && out.contains(reason), "{code}: {out}");
+    assert_eq!(
+        probe(&dir.path, &status, &["--release", "2"]).0,
+        0,
+        "2 still serves"
+    );
+    let now = host.version();
+    assert_eq!((now.pid, now.version.as_str()), (second.pid, V2));
+    assert_eq!(host.current(), "releases/2");
+    load.wait_progress(20, T);
+
+    let stats = load.stop();
+    eprintln!(
+        "load: {} ok, {} failed, pids {:?}",
+        stats.ok, stats.failed, stats.pids
+    );
+    assert_no_failed_request("pod", &stats);
+    assert_eq!(stats.pids, [first.pid, second.pid].into_iter().collect());
+    let states: Vec<&str> = st["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["state"].as_str())
+        .collect();
+    assert_eq!(
+        states,
+        ["delivered", "upgraded", "refused", "rolled_back"],
+        "{st:#}"
+    );
+    assert_eq!(
+        probe(&dir.path, &status, &["--max-age", "10s"]).0,
+        0,
+        "the liveness probe"
+    );
+}
