@@ -23,7 +23,8 @@
 //!
 //! Exit codes: `watch` runs until killed (1 if it cannot write its status
 //! file at start, 2 for bad arguments); `probe` exits 0 when the status
-//! meets what is asked, 1 (with the reason) when it does not.
+//! meets what is asked, 1 (with the reason) when it does not;
+//! `check-marker` exits 0 for a marker that names a release, 1 otherwise.
 
 #![forbid(unsafe_code)]
 
@@ -54,6 +55,12 @@ enum Cmd {
     Watch(WatchArgs),
     /// Check the status file (for a Kubernetes probe or a rollout walker).
     Probe(ProbeArgs),
+    /// Check a release marker (e.g. in CI, before committing it to the
+    /// GitOps repository): print the release, or what is wrong.
+    CheckMarker {
+        /// The marker file.
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -132,6 +139,30 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("baton-sidecar: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::CheckMarker { path } => {
+            let parsed = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                .and_then(|t| marker::parse(&t));
+            match parsed {
+                Ok(Some(r)) => {
+                    println!(
+                        "release {} sha256 {} source {}",
+                        r.name,
+                        r.sha256,
+                        r.source.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => {
+                    println!("{}: names no release", path.display());
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    println!("{}: {e}", path.display());
                     ExitCode::FAILURE
                 }
             }

@@ -670,6 +670,36 @@ pub fn play_recap(stdout: &str) -> BTreeMap<String, Recap> {
     out
 }
 
+/// The Kubernetes versions whose schemas the manifests are checked
+/// against: 1.29 (the first with native sidecars on by default), 1.33
+/// (native sidecars GA), 1.37 (the newest kubernetes-validate ships).
+pub const K8S_VERSIONS: &[&str] = &["1.29.0", "1.33.0", "1.37.0"];
+
+/// The manifests in `contrib/kubernetes`, sorted.
+pub fn k8s_manifests() -> Vec<PathBuf> {
+    let dir = crate::apps::workspace_root().join("contrib/kubernetes");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// What `k8s_manifests.py` reads from the manifests: ConfigMaps' data and
+/// every command line a pod template runs.
+pub fn k8s_commands(dir: &Path, files: &[PathBuf]) -> serde_json::Value {
+    let script = dir.join("k8s_manifests.py");
+    std::fs::write(&script, include_str!("k8s_manifests.py")).unwrap();
+    let mut c = Command::new(venv_tool("python"));
+    c.arg(&script).args(files);
+    let r = run_bounded(&mut c, dir, "k8s_manifests", Duration::from_secs(60));
+    assert_ne!(r.code(), 3, "PyYAML is missing: {SETUP_HINT}");
+    assert_eq!(r.code(), 0, "k8s_manifests.py: {}", r.stderr);
+    serde_json::from_str(&r.stdout).expect("k8s_manifests.py output")
+}
+
 /// A directory written the way the kubelet writes a ConfigMap volume
 /// (its atomic writer): the data in a timestamped directory, `..data`
 /// pointing at it, each key a symlink `KEY -> ..data/KEY`; an update writes

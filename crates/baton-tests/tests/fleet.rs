@@ -680,3 +680,105 @@ fn the_sidecar_upgrades_when_the_marker_changes_refuses_a_wrong_sha256_and_repor
         "the liveness probe"
     );
 }
+
+/// `argv` (a manifest's command line) with `--help` put before its `--`
+/// (or at the end): clap then checks every flag's name and value and
+/// exits 0 without running anything, or exits 2 naming what is wrong.
+fn with_help(argv: &[String]) -> Vec<String> {
+    let mut v = argv.to_vec();
+    let at = v.iter().position(|a| a == "--").unwrap_or(v.len());
+    v.insert(at, "--help".into());
+    v
+}
+
+#[test]
+fn the_kubernetes_manifests_match_the_schemas_and_the_programs_they_run() {
+    let dir = TestDir::new("fleet-k8s");
+    let files = fleet::k8s_manifests();
+    assert_eq!(files.len(), 3, "{files:?}");
+
+    // The Kubernetes schemas (kubernetes-validate ships them: no network).
+    let validate = fleet::venv_tool("kubernetes-validate");
+    for v in fleet::K8S_VERSIONS {
+        let mut c = std::process::Command::new(&validate);
+        c.args(["--strict", "--kubernetes-version", v]).args(&files);
+        let r = fleet::run_bounded(
+            &mut c,
+            &dir.path,
+            "kubernetes-validate",
+            Duration::from_secs(60),
+        );
+        let out = format!("{}{}", r.stdout, r.stderr);
+        assert_eq!(r.code(), 0, "Kubernetes {v}:\n{out}");
+        assert_eq!(
+            out.matches(" passed for resource ").count(),
+            3,
+            "Kubernetes {v}:\n{out}"
+        );
+        assert!(
+            !out.contains("WARN") && !out.contains("ERROR"),
+            "Kubernetes {v}:\n{out}"
+        );
+    }
+
+    let m = fleet::k8s_commands(&dir.path, &files);
+    // The release marker in the ConfigMap is one the sidecar accepts.
+    let marker = m["configmaps"]["myapp-release"]["release"]
+        .as_str()
+        .expect("the marker");
+    let marker_file = dir.join("marker");
+    std::fs::write(&marker_file, marker).unwrap();
+    let mut c = std::process::Command::new(fleet::sidecar_bin());
+    c.arg("check-marker").arg(&marker_file);
+    let r = fleet::run_bounded(&mut c, &dir.path, "check-marker", Duration::from_secs(30));
+    assert_eq!(r.code(), 0, "{}", r.stdout);
+    assert!(
+        r.stdout.starts_with("release 2.4.1 sha256 "),
+        "{}",
+        r.stdout
+    );
+
+    // Every command line the pod runs parses with the program it names:
+    // baton-sidecar (watch, its two probes), baton run, and the app's
+    // (the library-mode demo server stands for myapp).
+    let mut checked = Vec::new();
+    for cmd in m["commands"].as_array().expect("commands") {
+        let where_ = cmd["where"].as_str().unwrap_or_default();
+        let argv: Vec<String> = serde_json::from_value(cmd["argv"].clone()).unwrap();
+        let mut parts = vec![argv.clone()];
+        if let Some(i) = argv.iter().position(|a| a == "--") {
+            parts = vec![argv[..i].to_vec(), argv[i + 1..].to_vec()];
+        }
+        for part in parts {
+            let program = match part[0].as_str() {
+                "/usr/local/bin/baton-sidecar" => fleet::sidecar_bin(),
+                "/usr/local/bin/baton" => apps::baton_bin(),
+                "/app/current/myapp" => FIXTURE.into(),
+                other => panic!("{where_}: unknown program {other}"),
+            };
+            let args = with_help(&part[1..]);
+            let mut c = std::process::Command::new(&program);
+            c.args(&args);
+            let r = fleet::run_bounded(&mut c, &dir.path, "command", Duration::from_secs(30));
+            assert_eq!(
+                r.code(),
+                0,
+                "{where_}: {} {args:?} does not parse:\n{}",
+                part[0],
+                r.stderr
+            );
+            checked.push(format!("{where_}: {}", part[..2.min(part.len())].join(" ")));
+        }
+    }
+    checked.sort();
+    assert_eq!(
+        checked,
+        [
+            "Deployment/myapp/myapp: /app/current/myapp --listen=http=0.0.0.0:8080",
+            "Deployment/myapp/myapp: /usr/local/bin/baton run",
+            "Deployment/myapp/release/livenessProbe: /usr/local/bin/baton-sidecar probe",
+            "Deployment/myapp/release/startupProbe: /usr/local/bin/baton-sidecar probe",
+            "Deployment/myapp/release: /usr/local/bin/baton-sidecar watch",
+        ]
+    );
+}
