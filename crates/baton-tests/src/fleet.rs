@@ -750,3 +750,43 @@ impl ConfigMapVolume {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The paced client must see a refusal: with nothing listening, every
+    /// request is a failure of kind `refused`, none is retried.
+    #[test]
+    fn a_paced_load_counts_every_refused_request() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        let load = PacedLoad::start(addr, 2, Duration::from_millis(1), Duration::from_secs(30));
+        load.wait_progress(50, Duration::from_secs(30));
+        let s = load.stop();
+        assert!(s.failed >= 50, "{s:?}");
+        assert_eq!(s.failures.refused, s.failed, "{s:?}");
+        assert_eq!((s.ok, s.wrong), (0, 0));
+        assert_eq!(s.errors.len(), crate::load::MAX_KEPT_ERRORS);
+    }
+
+    #[test]
+    fn the_recap_is_read_line_by_line() {
+        let out = "PLAY RECAP *****\n\
+                   h1 : ok=7    changed=4    unreachable=0    failed=0    skipped=0    rescued=0    ignored=0   \n\
+                   h2 : ok=6    changed=4    unreachable=0    failed=1    skipped=0    rescued=1    ignored=0\n\n";
+        let r = play_recap(out);
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            r["h2"],
+            Recap {
+                ok: 6,
+                changed: 4,
+                failed: 1,
+                rescued: 1,
+                ..Recap::default()
+            }
+        );
+    }
+}
