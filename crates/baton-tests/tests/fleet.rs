@@ -100,41 +100,62 @@ fn seen(h: &Host) -> Seen {
     }
 }
 
-#[test]
-fn the_example_play_upgrades_host1_rolls_back_host2_and_stops_before_host3_with_no_failed_request()
-{
-    let dir = TestDir::new("fleet-play");
-    let dist = dir.join("dist");
-    std::fs::create_dir_all(&dist).unwrap();
-    let v1 = Release::stripped(Path::new(FIXTURE), &dist, "server-v1", V1);
-    let v2 = Release::stripped(Path::new(FIXTURE_V2), &dist, "server-v2", V2);
-    let hosts: Vec<Host> = (1..=3)
-        .map(|i| {
-            let name = format!("host{i}");
-            Host::start(&name, &dir.join(&name), &v1)
-        })
-        .collect();
-    let inv = inventory(&dir.path, &hosts);
-    let ansible = Ansible::new(&dir.join("ansible"));
-    let extra = json!({
-        "baton_release_version": V2,
-        "baton_release_src": v2.path,
-        "baton_release_sha256": v2.sha256,
-        "baton_in_progress_delay": 1,
-    })
-    .to_string();
-    let play = |tag: &str, check: bool| {
-        let mut c = ansible.command("ansible-playbook");
+/// Three hosts running release 1 (V1), release 2 (V2) ready to roll out,
+/// the inventory, and ansible.
+struct Fleet {
+    // Before `dir`: the hosts' processes are killed before their files go.
+    hosts: Vec<Host>,
+    dir: TestDir,
+    inventory: std::path::PathBuf,
+    ansible: Ansible,
+    v2: Release,
+}
+
+impl Fleet {
+    fn new(name: &str) -> Fleet {
+        let dir = TestDir::new(name);
+        let dist = dir.join("dist");
+        std::fs::create_dir_all(&dist).unwrap();
+        let v1 = Release::stripped(Path::new(FIXTURE), &dist, "server-v1", V1);
+        let v2 = Release::stripped(Path::new(FIXTURE_V2), &dist, "server-v2", V2);
+        let hosts: Vec<Host> = (1..=3)
+            .map(|i| {
+                let name = format!("host{i}");
+                Host::start(&name, &dir.join(&name), &v1)
+            })
+            .collect();
+        let inventory = inventory(&dir.path, &hosts);
+        let ansible = Ansible::new(&dir.join("ansible"));
+        Fleet {
+            hosts,
+            dir,
+            inventory,
+            ansible,
+            v2,
+        }
+    }
+
+    /// `ansible-playbook -i INVENTORY rollout.yml --diff` rolling out
+    /// release 2, with `extra` variables and `args`.
+    fn play(&self, tag: &str, extra: serde_json::Value, args: &[&str]) -> fleet::Run {
+        let mut vars = json!({
+            "baton_release_version": V2,
+            "baton_release_src": self.v2.path,
+            "baton_release_sha256": self.v2.sha256,
+            "baton_in_progress_delay": 1,
+        });
+        if let (Some(v), Some(e)) = (vars.as_object_mut(), extra.as_object()) {
+            v.extend(e.clone());
+        }
+        let mut c = self.ansible.command("ansible-playbook");
         c.arg("-i")
-            .arg(&inv)
+            .arg(&self.inventory)
             .arg(Ansible::rollout_play())
             .arg("--diff")
             .arg("-e")
-            .arg(&extra);
-        if check {
-            c.arg("--check");
-        }
-        let run = fleet::run_bounded(&mut c, &dir.path, tag, PLAY_TIMEOUT);
+            .arg(vars.to_string())
+            .args(args);
+        let run = fleet::run_bounded(&mut c, &self.dir.path, tag, PLAY_TIMEOUT);
         eprintln!(
             "----- {tag}: exit {} in {:?}\n{}\n{}",
             run.code(),
@@ -143,7 +164,45 @@ fn the_example_play_upgrades_host1_rolls_back_host2_and_stops_before_host3_with_
             run.stderr
         );
         run
-    };
+    }
+}
+
+/// The recap of a play that upgraded host1 and failed on host2 (rolled
+/// back, `current` flipped back by the rescue), never reaching host3.
+fn recap_host1_upgraded_host2_failed() -> std::collections::BTreeMap<String, fleet::Recap> {
+    [
+        (
+            "host1".to_owned(),
+            fleet::Recap {
+                ok: 7,
+                changed: 4,
+                ..Default::default()
+            },
+        ),
+        (
+            "host2".to_owned(),
+            fleet::Recap {
+                ok: 6,
+                changed: 4,
+                failed: 1,
+                rescued: 1,
+                ..Default::default()
+            },
+        ),
+    ]
+    .into_iter()
+    .collect()
+}
+
+/// The fault that makes host2's next generation fail its readiness.
+const HOST2_REASON: &str =
+    "release 2.0.0-fixture cannot read /etc/myapp/db.conf (fault armed by the fleet test)";
+
+#[test]
+fn the_example_play_upgrades_host1_rolls_back_host2_and_stops_before_host3_with_no_failed_request()
+{
+    let f = Fleet::new("fleet-play");
+    let hosts = &f.hosts;
     let v1_seen: Vec<Seen> = hosts.iter().map(seen).collect();
     for s in &v1_seen {
         assert_eq!((s.version.as_str(), s.generation), (V1, 1));
@@ -151,7 +210,7 @@ fn the_example_play_upgrades_host1_rolls_back_host2_and_stops_before_host3_with_
     }
 
     // Check mode: every host reports what would change, nothing does.
-    let check = play("play-check", true);
+    let check = f.play("play-check", json!({}), &["--check"]);
     assert_eq!(check.code(), 0, "the check run must succeed");
     let recap = play_recap(&check.stdout);
     let would = fleet::Recap {
@@ -160,7 +219,7 @@ fn the_example_play_upgrades_host1_rolls_back_host2_and_stops_before_host3_with_
         skipped: 1,
         ..Default::default()
     };
-    for h in &hosts {
+    for h in hosts {
         assert_eq!(
             recap.get(&h.name),
             Some(&would),
@@ -190,7 +249,7 @@ fn the_example_play_upgrades_host1_rolls_back_host2_and_stops_before_host3_with_
     for l in &loads {
         l.wait_progress(20, T);
     }
-    let run = play("play", false);
+    let run = f.play("play", json!({}), &[]);
     // The load goes on past the end of the play.
     for l in &loads {
         l.wait_progress(20, T);
@@ -208,28 +267,7 @@ fn the_example_play_upgrades_host1_rolls_back_host2_and_stops_before_host3_with_
     // failed after its rescue flipped `current` back, host3 never ran.
     assert_eq!(run.code(), 2, "the play must fail (host2)");
     let recap = play_recap(&run.stdout);
-    let expected = [
-        (
-            "host1".to_owned(),
-            fleet::Recap {
-                ok: 7,
-                changed: 4,
-                ..Default::default()
-            },
-        ),
-        (
-            "host2".to_owned(),
-            fleet::Recap {
-                ok: 6,
-                changed: 4,
-                failed: 1,
-                rescued: 1,
-                ..Default::default()
-            },
-        ),
-    ]
-    .into_iter()
-    .collect();
+    let expected = recap_host1_upgraded_host2_failed();
     assert_eq!(recap, expected, "the play recap");
     assert!(
         run.stdout.contains(reason),
@@ -287,6 +325,26 @@ fn the_example_play_upgrades_host1_rolls_back_host2_and_stops_before_host3_with_
     for (h, s) in hosts.iter().zip(&stats) {
         assert_no_failed_request(&h.name, s);
     }
+}
+
+/// A batch of two: host1 and host2 roll together; host2 fails, which is
+/// half the batch: `max_fail_percentage: 0` stops the play there (without
+/// it, Ansible would go on to host3's batch).
+#[test]
+fn with_batches_of_two_the_play_stops_after_the_batch_with_a_failed_host() {
+    let f = Fleet::new("fleet-batch");
+    let host3 = seen(&f.hosts[2]);
+    f.hosts[1].arm_fault(&format!("fail-ready:{HOST2_REASON}"));
+    let run = f.play("play-batch", json!({"baton_serial": 2}), &[]);
+    assert_eq!(run.code(), 2, "the play must fail (host2)");
+    assert_eq!(
+        play_recap(&run.stdout),
+        recap_host1_upgraded_host2_failed(),
+        "the play recap"
+    );
+    assert_eq!(f.hosts[0].version().version, V2);
+    assert_eq!(f.hosts[1].version().version, V1);
+    assert_eq!(seen(&f.hosts[2]), host3, "host3 untouched");
 }
 
 /// `baton` wrapped in a script that appends `SUBCOMMAND EXIT-CODE` to `log`
