@@ -78,6 +78,10 @@ pub struct Status {
     pub heartbeat_unix_ms: u64,
     /// The last [`MAX_HISTORY`] outcomes, oldest first.
     pub history: Vec<Entry>,
+    /// The marker's text the state is about (so that a restarted sidecar
+    /// does not act on it again).
+    #[serde(default)]
+    pub marker: Option<String>,
 }
 
 impl Default for Status {
@@ -92,6 +96,7 @@ impl Default for Status {
             updated_at_unix_ms: now_ms(),
             heartbeat_unix_ms: now_ms(),
             history: Vec::new(),
+            marker: None,
         }
     }
 }

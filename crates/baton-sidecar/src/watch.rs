@@ -56,25 +56,32 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// A watcher that resumes from the status file if there is one (after
-    /// a restart of the sidecar: what it delivered is still serving).
+    /// A watcher that resumes from the status file if there is one: after
+    /// a restart of the sidecar container, what it delivered still serves,
+    /// and a marker it already acted on (upgraded, refused, rolled back) is
+    /// not acted on again — a rolled-back release is not retried because
+    /// the sidecar restarted; only a marker that changed, or a `retrying`
+    /// state, leads to a new attempt.
     pub fn new(cfg: Config) -> Watcher {
-        let status = match Status::read(&cfg.status) {
-            Ok(mut st) => {
-                st.set(
-                    State::Starting,
-                    st.release.clone().as_deref(),
-                    "sidecar restarted".into(),
+        let (status, last) = match Status::read(&cfg.status) {
+            Ok(st) => {
+                eprintln!(
+                    "baton-sidecar: resuming: {:?} for {}: {}",
+                    st.state,
+                    st.release.as_deref().unwrap_or("(no release)"),
+                    st.message
                 );
-                st
+                let done = !matches!(st.state, State::Retrying | State::Starting);
+                let last = st.marker.clone().filter(|_| done).map(Ok);
+                (st, last)
             }
-            Err(_) => Status::default(),
+            Err(_) => (Status::default(), None),
         };
         Watcher {
             cfg,
             status,
-            last: None,
-            retry_at: None,
+            last,
+            retry_at: Some(Instant::now()),
         }
     }
 
@@ -111,6 +118,7 @@ impl Watcher {
                 Ok(t) => self.apply(t),
                 Err(e) => self.report(State::Invalid, None, e.clone()),
             }
+            self.status.marker = text.as_ref().ok().cloned();
             self.last = Some(text);
         }
         if let Err(e) = self.status.write(&self.cfg.status) {

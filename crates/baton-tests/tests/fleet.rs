@@ -639,7 +639,7 @@ fn the_sidecar_upgrades_when_the_marker_changes_refuses_a_wrong_sha256_and_repor
         ])
         .stdin(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join("sidecar.log")).unwrap());
-    let _sidecar = Sidecar(baton_tests::spawn_owned(&mut cmd).unwrap());
+    let sidecar = Sidecar(baton_tests::spawn_owned(&mut cmd).unwrap());
     let sidecar_log = || std::fs::read_to_string(dir.join("sidecar.log")).unwrap_or_default();
 
     // The pod starts: the sidecar delivers release 1 first (its startup
@@ -737,6 +737,40 @@ fn the_sidecar_upgrades_when_the_marker_changes_refuses_a_wrong_sha256_and_repor
         0,
         "the liveness probe"
     );
+
+    // The sidecar container restarts: it resumes from its status file and
+    // acts on nothing it already acted on — release 4 is not retried, no
+    // generation starts.
+    drop(sidecar);
+    let restarted_at = json!(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    );
+    cmd.stderr(std::fs::File::create(dir.join("sidecar-2.log")).unwrap());
+    let _sidecar = Sidecar(baton_tests::spawn_owned(&mut cmd).unwrap());
+    let beat = |after: u64| {
+        baton_tests::wait_for(T, "a heartbeat of the restarted sidecar", || {
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&status).ok()?).ok()?;
+            let h = v["heartbeat_unix_ms"].as_u64()?;
+            (h > after).then_some((h, v))
+        })
+    };
+    // The first write is at start, the second after its first poll.
+    let (h1, _) = beat(restarted_at.as_u64().unwrap());
+    let (_, st) = beat(h1);
+    assert_eq!(
+        (&st["state"], &st["release"]),
+        (&json!("rolled_back"), &json!("4")),
+        "{st:#}"
+    );
+    let log2 = std::fs::read_to_string(dir.join("sidecar-2.log")).unwrap_or_default();
+    assert!(log2.contains("resuming: RolledBack for 4"), "{log2}");
+    let after = host.status();
+    assert_eq!((after.generation, after.pid), (2, second.pid));
+    assert_eq!(host.current(), "releases/2");
 }
 
 /// `argv` (a manifest's command line) with `--help` put before its `--`
