@@ -14,6 +14,8 @@ command -v setpriv >/dev/null || need_apt+=(util-linux)
 # systemd-socket-activate and systemd-analyze (the unit-file test).
 { command -v systemd-socket-activate && command -v systemd-analyze; } >/dev/null || need_apt+=(systemd)
 command -v openssl >/dev/null || need_apt+=(openssl)
+# strip: the fleet tests deliver stripped copies of the fixture binaries.
+command -v strip >/dev/null || need_apt+=(binutils)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 
 if ((${#need_apt[@]})); then
@@ -29,9 +31,13 @@ if ((${#need_apt[@]})); then
 fi
 
 # The venv, pinned: gunicorn and uvicorn for the supervisor tests,
-# prometheus_client for its OpenMetrics parser (the metrics tests). A pin
-# that is missing or at another version is (re)installed.
-PY_PINS=(gunicorn==27.0.1 uvicorn==0.55.0 prometheus_client==0.26.0)
+# prometheus_client for its OpenMetrics parser (the metrics tests),
+# ansible-core for the fleet play and modules (contrib/ansible; 2.19 is the
+# newest that runs on Python 3.11), kubernetes-validate for the manifests in
+# contrib/kubernetes (its schemas ship in the package: no network at test
+# time). A pin that is missing or at another version is (re)installed.
+PY_PINS=(gunicorn==27.0.1 uvicorn==0.55.0 prometheus_client==0.26.0
+  ansible-core==2.19.14 kubernetes-validate==1.37.0)
 if [[ ! -x .venv/bin/python ]]; then
   echo "setup: creating .venv"
   python3 -m venv .venv

@@ -12,6 +12,7 @@
 
 pub mod apps;
 pub mod fixture;
+pub mod fleet;
 pub mod h2load;
 pub mod h2node;
 pub mod http;
