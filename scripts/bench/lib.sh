@@ -4,10 +4,10 @@
 
 log() { echo "[bench $(date +%T)] $*" >&2; }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # record key=value ... -> one JSON line in $RES
-record() { python3 -c 'import json,sys; print(json.dumps(dict(a.split("=",1) for a in sys.argv[1:])))' "$@" >> "$RES"; }
+record() { "$PY" -c 'import json,sys; print(json.dumps(dict(a.split("=",1) for a in sys.argv[1:])))' "$@" >> "$RES"; }
 
 # bounded SECONDS CMD...: every wait has a deadline
 bounded() { local s=$1; shift; timeout --kill-after=5 "$s" "$@"; }

@@ -212,7 +212,7 @@ start_peer() {
   if [[ ${H2:-0} == 1 ]]; then
     # h2c prior knowledge only: wait for the port
     local i; for i in $(seq 300); do
-      python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$port),1)" 2>/dev/null && break
+      "$PY" -c "import socket,sys; socket.create_connection(('127.0.0.1',$port),1)" 2>/dev/null && break
       sleep 0.1
     done
   else

@@ -283,6 +283,13 @@ class Report:
                     continue
                 ups = jsonl(r.get("upgrades", ""))
                 done = sum(1 for u in ups if u.get("gone_ms") is not None and u.get("ready_ms") is not None)
+                for u in ups:
+                    if u.get("error"):
+                        bad.append(f"upgrade {u.get('n')}: {u['error']}")
+                    elif u.get("ready_ms") is None:
+                        bad.append(f"upgrade {u.get('n')}: no new generation answered within 30 s")
+                    elif u.get("gone_ms") is None:
+                        bad.append(f"upgrade {u.get('n')}: the old generation still ran at the limit")
                 forced = w["read"] + w["write"] + ((w.get("closes") or 0) if mode == "keepalive" else 0)
                 for k2 in ("connect", "read", "write", "timeout"):
                     tot[k2] += w[k2]
@@ -306,7 +313,7 @@ class Report:
                 up_txt = "0 (steady baseline)"
                 fcell = f"{tot['failed']} in all"
                 rcell = f"{tot['forced']} in all"
-            note = f" ({len(bad)} run(s): {bad[0]})" if bad else ""
+            note = f" ({len(bad)} problem(s); the first: {bad[0]})" if bad else ""
             self.p(f"| {label} | {conn} | {up_txt}{note} | {fcell} | {rcell} | {med_range(rps, f_rps)} | "
                    f"{med_range(p99, f_ms)} | {errs} | {tot['non2xx']} |")
             if up == "0":
@@ -831,13 +838,15 @@ class Report:
         s = self.summary
         lines = []
         lf = s.get("load_fail", {})
-        if lf:
-            parts = [f"{SHORT.get(p, p)} {f_num(v)}" for (p, mode), v in lf.items()
-                     if mode == "keepalive" and v is not None]
-            lines.append(f"Measured by `{m.get('cmd')}` on {m.get('date')} at `{m.get('commit')}` "
-                         f"({m.get('cores')} cores, servers and clients on separate CPUs, load average "
-                         f"{m.get('load_before', '?').split()[0]} before): failed requests per upgrade under wrk "
-                         f"keep-alive load (median of {m.get('rounds')} rounds): " + ", ".join(parts) + ".")
+        first = (f"Measured by `{m.get('cmd')}` on {m.get('date')} at `{m.get('commit')}` "
+                 f"({m.get('cores')} cores, servers and clients on separate CPUs, load average "
+                 f"{m.get('load_before', '?').split()[0]} before)")
+        parts = [f"{SHORT.get(p, p)} {f_num(v)}" for (p, mode), v in lf.items()
+                 if mode == "keepalive" and v is not None]
+        if parts:
+            first += (": failed requests per upgrade under wrk keep-alive load (median of "
+                      f"{m.get('rounds')} rounds): " + ", ".join(parts))
+        lines.append(first + ".")
         idle = s.get("idle", {})
         cl = s.get("clients", {})
         bits = []
@@ -854,7 +863,8 @@ class Report:
             med, lo, hi, k = s["steady"]
             bits.append(f"steady req/s baton-demo ÷ plain hyper × {med:.3f} (× {lo:.3f}–{hi:.3f}, {k} rounds)")
         if bits:
-            lines.append("; ".join(bits) + ".")
+            line = "; ".join(bits) + "."
+            lines.append(line[0].upper() + line[1:])
         met = sum(1 for g in self.goals if g[1])
         lines.append(f"Goals met: {met}/{len(self.goals)}. Every table, the machine and how to re-run: "
                      "[docs/benchmarks.md](docs/benchmarks.md).")

@@ -131,19 +131,21 @@ usable() { want_peer "$1" && ! failed "$1"; }
 for c in wrk curl taskset python3; do
   command -v "$c" >/dev/null || { echo "run.sh: $c is required (apt-get install wrk curl util-linux python3)" >&2; exit 1; }
 done
+# the interpreter itself, not a wrapper (a pyenv shim costs ~0.1 s a start)
+PY=$(python3 -c 'import sys; print(sys.executable)')
 
 RUN=$(mktemp -d /tmp/baton-bench.XXXXXX)
 RES=$RUN/results.jsonl
 BIN=$RUN/bin
 mkdir -p "$BIN"
 : > "$RES"
-PROBE=(taskset -c "$LOAD_CPU" python3 "$HERE/probe.py")
+PROBE=(taskset -c "$LOAD_CPU" "$PY" "$HERE/probe.py")
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   # Every process this run started, by pid (pid files, their descendants,
   # anything running from $RUN), then the background jobs.
-  python3 "$HERE/probe.py" cleanup "$RUN" 2>/dev/null || true
+  "$PY" "$HERE/probe.py" cleanup "$RUN" 2>/dev/null || true
   local j; for j in $(jobs -p); do kill "$j" 2>/dev/null || true; done
   wait 2>/dev/null || true
   if [[ $KEEP == 1 ]]; then echo "run.sh: kept $RUN" >&2; else rm -rf "$RUN"; fi
@@ -233,7 +235,7 @@ load_one() {   # peer mode(keepalive|close) upgrades(0|1) round
   if [[ $up == 1 ]]; then
     # upgrades spread over the run: the first after $FIRST s, each one complete
     # (old generation gone) before the pause that leads to the next
-    gap=$(python3 -c "print(max(0.5, ($d - 2 * $FIRST) / $UPGRADES - 0.5))")
+    gap=$("$PY" -c "print(max(0.5, ($d - 2 * $FIRST) / $UPGRADES - 0.5))")
     [[ $peer == pingora ]] && gap=1
     "${PROBE[@]}" upgrade --kind "$KIND" "${PEER_ARGS[@]}" --count "$UPGRADES" --delay "$FIRST" --gap "$gap" \
       --poll 0.001 --out "$dir/upgrades.jsonl" >>"$dir/probe.log" 2>&1 &
@@ -338,7 +340,7 @@ if want latency; then
         --out "$dir/latency.jsonl" >/dev/null 2>>"$dir/probe.log" || true
       # an upgrade that did not happen stops that peer's series (the next
       # would not be comparable)
-      tail -1 "$dir/latency.jsonl" 2>/dev/null | grep -q '"ready_ms": null\|"error"' && stopped[$peer]=1
+      tail -1 "$dir/latency.jsonl" 2>/dev/null | grep -qE '"ready_ms": null|^\{"error"' && stopped[$peer]=1
     done
     sleep 0.2
   done
@@ -526,10 +528,10 @@ fi
 
 record kind=end load_after="$(loadavg)" t_end="$(date +%s)"
 mkdir -p "$CARGO_TARGET/bench"
-python3 "$HERE/report.py" "$RES" | tee "$CARGO_TARGET/bench/latest.md"
+"$PY" "$HERE/report.py" "$RES" | tee "$CARGO_TARGET/bench/latest.md"
 if [[ $WRITE_DOCS == 1 ]]; then
-  python3 "$HERE/report.py" --doc "$RES" > "$ROOT/docs/benchmarks.md"
-  python3 "$HERE/report.py" --readme "$ROOT/README.md" "$RES"
+  "$PY" "$HERE/report.py" --doc "$RES" > "$ROOT/docs/benchmarks.md"
+  "$PY" "$HERE/report.py" --readme "$ROOT/README.md" "$RES"
   log "wrote docs/benchmarks.md and the README's benchmark summary"
 fi
 if ((${#FAILED[@]})); then
