@@ -8,16 +8,24 @@ Every peer is upgraded the same way in every scenario, by this file:
   idle     64 keep-alive connections make a request, sit idle through one
            upgrade, then send another request on the same socket: which
            generation answers (old / new / none)
+  drive    a load client runs while N upgrades happen: its totals and the
+           upgrades' timings in one JSON line (h2, clients, steering)
+  supervisor-mem
+           `baton upgrade` a `baton run` supervisor N times; its resident
+           memory (VmRSS, RssAnon, RssFile) at start and at checkpoints
   wait     wait until a URL answers
-  rss      resident memory of processes
+  rss      resident memory of processes (VmRSS, KiB)
+  mem      VmRSS, RssAnon, RssFile, RssShmem of processes (KiB, JSON)
+  rtt      the probe's own request time against an idle server
 
 Definitions (the same for every peer, measured from outside):
   trigger  the operator's first action: the signal (or, for pingora, the
            spawn of the new binary with -u; for stop+start, the SIGTERM)
   ready    a fresh TCP connection sent "GET /" is answered by a process that
-           is not part of the old generation (every peer puts its pid in the
-           body: nginx $pid, HAProxy %pid, ...). Polled in a loop, one
-           connection at a time, ~0.1-0.3 ms apart.
+           is not part of the old generation (every peer names its pid: in an
+           X-Served-By-Pid header -- HAProxy in front of a backend -- or in
+           the body: nginx $pid, HAProxy %pid, "pid": N in JSON, ...). Polled
+           in a loop, one connection at a time, ~0.1-0.3 ms apart.
   gone     every process of the old generation has exited (no /proc entry,
            or a zombie). Polled in the same loop.
 """
@@ -34,7 +42,17 @@ import subprocess
 import sys
 import time
 
-PID_RE = re.compile(rb"pid (\d+)")
+# "pid 123" (text bodies) or "pid": 123 (JSON bodies)
+PID_RE = re.compile(rb'pid"?:? ?(\d+)')
+PID_HEADER_RE = re.compile(rb"(?im)^x-served-by-pid:\s*(\d+)")
+
+
+def pid_in(resp):
+    """The pid a response names: the X-Served-By-Pid header, else the body."""
+    if resp is None:
+        return None
+    m = PID_HEADER_RE.search(resp[0]) or PID_RE.search(resp[1])
+    return int(m.group(1)) if m else None
 
 
 def now():
@@ -55,6 +73,21 @@ def alive(pid):
         return False
     # state is the field after the ")" that ends the command name
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def proc_status(pid):
+    """The KiB fields of /proc/PID/status (VmRSS, RssAnon, RssFile, ...)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                v = v.split()
+                if len(v) == 2 and v[1] == "kB":
+                    out[k] = int(v[0])
+    except OSError:
+        pass
+    return out
 
 
 def children(pid):
@@ -105,8 +138,7 @@ def http_get(host, port, timeout=1.0, path="/"):
         data = read_response(s)
         if data is None:
             return None, "closed"
-        m = PID_RE.search(data[1])
-        return (int(m.group(1)) if m else None), None
+        return pid_in(data), None
     except OSError as e:
         return None, f"io: {e.__class__.__name__}"
     finally:
@@ -148,7 +180,7 @@ class Peer:
         """(pids whose answers are 'old', pids that must exit for 'gone')."""
         k = self.kind
         root = read_pid(self.a.pidfile)
-        if k in ("baton", "tableflip", "pingora", "stopstart"):
+        if k in ("baton", "tableflip", "ecdysis", "pingora", "stopstart"):
             return {root}, {root}
         if k == "nginx-binary":
             tree = {root, *descendants(root)}
@@ -166,7 +198,7 @@ class Peer:
         root = read_pid(a.pidfile)
         if k == "baton":
             os.kill(root, signal.SIGUSR2)
-        elif k == "tableflip":
+        elif k in ("tableflip", "ecdysis"):
             os.kill(root, signal.SIGHUP)
         elif k == "nginx-binary":
             os.kill(root, signal.SIGUSR2)
@@ -233,7 +265,37 @@ class Peer:
         os.rename(tmp, self.a.pidfile)
 
     # -- one upgrade, timed -----------------------------------------------------
+    def new_process(self, old):
+        """--ready-by proc (listeners that do not speak HTTP/1.1, e.g. h2c
+        prior knowledge only): a process of the new generation exists -- the
+        pid file names a new process, or the master / supervisor has a child
+        that is not of the old generation. Coarser than an answer."""
+        try:
+            root = read_pid(self.a.pidfile)
+        except (OSError, ValueError, IndexError):
+            return None
+        if self.kind in ("nginx-reload", "haproxy", "baton-run"):
+            new = [p for p in descendants(root) if p not in old and alive(p)]
+            return new[0] if new else None
+        return root if root not in old and alive(root) else None
+
+    def wait_resident(self):
+        """--wait-rss-mib: the serving process has its ballast resident."""
+        want = self.a.wait_rss_mib * 1024
+        if not want:
+            return None
+        deadline = now() + 120
+        while True:
+            pid = read_pid(self.a.pidfile)
+            kib = proc_status(pid).get("VmRSS", 0)
+            if kib >= want:
+                return kib
+            if now() > deadline:
+                raise RuntimeError(f"pid {pid} resident {kib} KiB, not {want:.0f}, after 120 s")
+            time.sleep(0.05)
+
     def upgrade(self, ready_timeout, gone_timeout, poll):
+        resident = self.wait_resident()
         old_answer, old_procs = self.snapshot()
         t0 = now()
         self.trigger()
@@ -246,7 +308,10 @@ class Peer:
             t = now()
             if t_ready is None:
                 tp = now()
-                pid, err = http_get(self.host, self.port, timeout=1.0)
+                if self.a.ready_by == "proc":
+                    pid, err = self.new_process(old_answer), None
+                else:
+                    pid, err = http_get(self.host, self.port, timeout=1.0, path=self.a.path)
                 polls += 1
                 if err is not None:
                     # a poll that fails is a failed request: keep it
@@ -277,6 +342,7 @@ class Peer:
             "new_pid": new_pid,
             "polls": polls,
             "poll_errors": errors,
+            "parent_rss_kib": resident,
         }
 
 
@@ -299,6 +365,13 @@ def cmd_upgrade(a):
             ok += 1
         # an old generation that does not exit in time is reported and left
         # behind (run.sh's cleanup stops it); the next upgrade goes on
+        if a.wait_rss_mib:
+            # the new generation has its ballast resident before anything
+            # else happens on this machine (the next trigger, another peer's)
+            try:
+                peer.wait_resident()
+            except RuntimeError:
+                pass
         if i + 1 < a.count:
             time.sleep(a.gap)
     reap()
@@ -315,9 +388,7 @@ def cmd_idle(a):
         s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
         conns.append(s)
     for s in conns:
-        r = read_response(s)
-        m = PID_RE.search(r[1]) if r else None
-        first.append(int(m.group(1)) if m else None)
+        first.append(pid_in(read_response(s)))
     up = peer.upgrade(a.ready_timeout, a.gone_timeout, a.poll)
     old_answer = set(up["old_pids"])
     res = {"conns": a.conns, "first_answered": sum(p is not None for p in first),
@@ -340,11 +411,10 @@ def cmd_idle(a):
                 res["closed_idle"] += 1
                 continue
             s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
-            r = read_response(s)
-            m = PID_RE.search(r[1]) if r else None
-            if not m:
+            pid = pid_in(read_response(s))
+            if pid is None:
                 res["failed"] += 1
-            elif int(m.group(1)) in old_answer:
+            elif pid in old_answer:
                 res["old"] += 1
             else:
                 res["new"] += 1
@@ -361,10 +431,157 @@ def cmd_idle(a):
     return 0
 
 
+def cmd_drive(a):
+    """Start a load client (--client, a shell-quoted command line), wait until
+    it has made --warmup-ok successful requests, upgrade the peer --count
+    times (--gap s apart), let it run --tail s more, stop it (a line "stop"
+    on its stdin, or SIGINT for wrk) and print one JSON line: the client's
+    own last JSON line (or its raw output), and every upgrade's timings."""
+    import threading
+
+    peer = Peer(a)
+    out_f = open(a.out_client, "wb") if a.out_client else subprocess.DEVNULL
+    c = subprocess.Popen(shlex.split(a.client), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    progress = {"ok": 0, "lines": []}
+
+    def read_err():
+        for line in c.stderr:
+            progress["lines"] = (progress["lines"] + [line.decode(errors="replace").rstrip()])[-20:]
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == b"progress":
+                try:
+                    progress["ok"] = int(parts[1])
+                except ValueError:
+                    pass
+
+    t = threading.Thread(target=read_err, daemon=True)
+    t.start()
+    res = {"upgrades": [], "client": None}
+    try:
+        deadline = now() + a.warmup_timeout
+        while a.stop == "stdin" and progress["ok"] < a.warmup_ok:
+            if c.poll() is not None:
+                raise RuntimeError(f"the client exited early: {progress['lines'][-3:]}")
+            if now() > deadline:
+                raise RuntimeError(f"the client made {progress['ok']} requests in "
+                                   f"{a.warmup_timeout} s: {progress['lines'][-3:]}")
+            time.sleep(0.05)
+        time.sleep(a.delay)
+        for i in range(a.count):
+            try:
+                r = peer.upgrade(a.ready_timeout, a.gone_timeout, a.poll)
+            except Exception as e:  # report and stop
+                r = {"error": str(e)}
+            r["n"] = i + 1
+            res["upgrades"].append(r)
+            if r.get("ready_ms") is None:
+                break
+            time.sleep(a.gap)
+        time.sleep(a.tail)
+    except Exception as e:
+        res["error"] = str(e)
+    finally:
+        try:
+            if a.stop == "sigint":
+                c.send_signal(signal.SIGINT)
+            else:
+                c.stdin.write(b"stop\n")
+                c.stdin.flush()
+        except OSError:
+            pass
+        try:
+            stdout, _ = c.communicate(timeout=a.stop_timeout)
+        except subprocess.TimeoutExpired:
+            c.kill()
+            stdout, _ = c.communicate()
+            res["error"] = res.get("error") or f"the client did not stop within {a.stop_timeout} s"
+        reap()
+    if out_f is not subprocess.DEVNULL:
+        out_f.write(stdout)
+        out_f.close()
+    lines = [ln for ln in stdout.decode(errors="replace").splitlines() if ln.strip()]
+    try:
+        res["client"] = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        res["client_raw"] = "\n".join(lines[-40:])
+    res["client_exit"] = c.returncode
+    res["client_stderr_tail"] = progress["lines"][-5:]
+    line = json.dumps(res)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(line + "\n")
+    print(line)
+    return 0
+
+
+def cmd_supervisor_mem(a):
+    """`baton upgrade --json` a supervisor --count times; its memory at the
+    start and after each --at count, once the old generation is gone and
+    --settle s passed."""
+    res = {"pid": a.pid, "at": {}, "upgrades": 0, "failed": []}
+    time.sleep(a.settle)
+    res["at"]["0"] = proc_status(a.pid)
+    checkpoints = {int(x) for x in a.at.split(",")}
+    for i in range(1, a.count + 1):
+        before = set(descendants(a.pid))
+        try:
+            p = subprocess.run([a.baton, "upgrade", "--control", a.control, "--json"],
+                               capture_output=True, timeout=120)
+            j = json.loads(p.stdout.decode().strip().splitlines()[-1])
+        except Exception as e:
+            j = {"ok": False, "message": str(e)}
+        if not j.get("ok"):
+            res["failed"].append({"n": i, "message": j.get("message")})
+            if len(res["failed"]) > 3:
+                break
+        else:
+            res["upgrades"] += 1
+        # the old generation gone (at most 30 s) before the next one
+        deadline = now() + 30
+        while any(alive(p) for p in before) and now() < deadline:
+            time.sleep(0.005)
+        if i in checkpoints:
+            time.sleep(a.settle)
+            res["at"][str(i)] = proc_status(a.pid)
+    line = json.dumps(res)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(line + "\n")
+    print(line)
+    return 0 if not res["failed"] else 1
+
+
+def cmd_rtt(a):
+    """The probe's own cost: --count fresh-connection GETs to an idle server
+    (connect, send, read the answer, close), one at a time: median/min/max ms."""
+    t = []
+    for _ in range(a.count):
+        t0 = now()
+        pid, err = http_get(a.host, a.port, timeout=1.0, path=a.path)
+        if err is None:
+            t.append((now() - t0) * 1000)
+        time.sleep(0.005)
+    line = json.dumps({"n": len(t), "median_ms": statistics.median(t) if t else None,
+                       "min_ms": min(t, default=None), "max_ms": max(t, default=None)})
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(line + "\n")
+    print(line)
+    return 0
+
+
+def cmd_mem(a):
+    for pid in a.pids:
+        st = proc_status(pid)
+        print(json.dumps({k: st.get(k) for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}))
+    return 0
+
+
 def cmd_wait(a):
     deadline = now() + a.timeout
     while now() < deadline:
-        pid, _ = http_get(a.host, a.port, timeout=0.5)
+        pid, _ = http_get(a.host, a.port, timeout=0.5, path=a.path)
         if pid is not None:
             print(pid)
             return 0
@@ -454,8 +671,8 @@ def main():
 
     def peer_args(p):
         p.add_argument("--kind", required=True,
-                       choices=["baton", "tableflip", "nginx-binary", "nginx-reload", "haproxy",
-                                "pingora", "stopstart", "baton-run"])
+                       choices=["baton", "tableflip", "ecdysis", "nginx-binary", "nginx-reload",
+                                "haproxy", "pingora", "stopstart", "baton-run"])
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--pidfile", required=True, help="master / supervisor / server pid")
@@ -467,6 +684,14 @@ def main():
         p.add_argument("--gone-timeout", type=float, default=60)
         p.add_argument("--poll", type=float, default=0.0001, help="pause between polls, s")
         p.add_argument("--out", help="append JSON lines here")
+        p.add_argument("--path", default="/", help="the path the ready poll requests")
+        p.add_argument("--ready-by", choices=["http", "proc"], default="http",
+                       help="ready: an HTTP/1.1 answer from a new process (default), or a new "
+                            "process exists (for listeners that only speak h2c)")
+        p.add_argument("--wait-rss-mib", type=float, default=0,
+                       help="before each trigger, and after each upgrade, wait (at most "
+                            "120 s) until the serving process is resident for at least this "
+                            "many MiB")
 
     p = sub.add_parser("upgrade")
     peer_args(p)
@@ -476,10 +701,39 @@ def main():
     p = sub.add_parser("idle")
     peer_args(p)
     p.add_argument("--conns", type=int, default=64)
+    p = sub.add_parser("drive")
+    peer_args(p)
+    p.add_argument("--client", required=True, help="the load client's command line")
+    p.add_argument("--stop", choices=["stdin", "sigint"], default="stdin")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--gap", type=float, default=0.5, help="pause after each upgrade, s")
+    p.add_argument("--delay", type=float, default=0.5, help="pause before the first, s")
+    p.add_argument("--tail", type=float, default=0.5, help="load after the last, s")
+    p.add_argument("--warmup-ok", type=int, default=10)
+    p.add_argument("--warmup-timeout", type=float, default=60)
+    p.add_argument("--stop-timeout", type=float, default=30)
+    p.add_argument("--out-client", help="save the client's stdout here")
+    p = sub.add_parser("supervisor-mem")
+    p.add_argument("--baton", required=True)
+    p.add_argument("--control", required=True)
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--count", type=int, default=100)
+    p.add_argument("--at", default="10,100")
+    p.add_argument("--settle", type=float, default=1.0)
+    p.add_argument("--out")
+    p = sub.add_parser("rtt")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--path", default="/")
+    p.add_argument("--count", type=int, default=50)
+    p.add_argument("--out")
+    p = sub.add_parser("mem")
+    p.add_argument("pids", type=int, nargs="+")
     p = sub.add_parser("wait")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--timeout", type=float, default=30)
+    p.add_argument("--path", default="/")
     p = sub.add_parser("rss")
     p.add_argument("pids", type=int, nargs="+")
     p = sub.add_parser("cleanup")
@@ -489,8 +743,9 @@ def main():
     p.add_argument("file")
     p.add_argument("field")
     a = ap.parse_args()
-    return {"upgrade": cmd_upgrade, "idle": cmd_idle, "wait": cmd_wait, "rss": cmd_rss,
-            "cleanup": cmd_cleanup, "stats": cmd_stats}[a.action](a)
+    return {"upgrade": cmd_upgrade, "idle": cmd_idle, "drive": cmd_drive,
+            "supervisor-mem": cmd_supervisor_mem, "rtt": cmd_rtt, "mem": cmd_mem, "wait": cmd_wait,
+            "rss": cmd_rss, "cleanup": cmd_cleanup, "stats": cmd_stats}[a.action](a)
 
 
 if __name__ == "__main__":

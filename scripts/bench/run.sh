@@ -1,65 +1,116 @@
 #!/usr/bin/env bash
-# baton against its peers, side by side, in one run (issue 9).
+# baton against its peers, side by side, in one run (issues 9, 14 and 18).
 #
-#   scripts/bench/run.sh [--quick] [--only NAME[,NAME]] [--duration S] [--rounds N]
-#                        [--upgrades N] [--latency-count N] [--bin-dir DIR] [--keep]
+#   scripts/bench/run.sh [--write-docs] [--quick] [--only NAME[,NAME]] [--rounds N]
+#                        [--duration S] [--upgrades N] [--latency-count N]
+#                        [--server-cpu N] [--load-cpu N] [--bin-dir DIR] [--keep]
 #
-# Prints one Markdown report on stdout (progress goes to stderr) and keeps a
-# copy in target/bench/latest.md. Scenarios:
-#   load     wrk -t2 -c64 -d25s --latency, keep-alive and Connection: close,
-#            5 upgrades (--upgrades) during each run (longer -d for slow peers)
-#   idle     64 keep-alive connections idle through one upgrade
-#   steady   baton-demo vs the same handler on plain hyper (--plain)
-#   latency  trigger -> new generation ready -> old generation gone, 20 upgrades
-#   handoff  bench-handoff: 1k and 10k idle connections handed over
-#   memory   RSS of baton-demo idle (and of the plain server, and `baton run`)
+# Prints one Markdown report on stdout (progress on stderr) and keeps a copy
+# in target/bench/latest.md. --write-docs also writes docs/benchmarks.md and
+# the README's benchmark summary (between its bench-summary markers) from
+# that report; it needs a full run (no --quick, no --only): the figures in
+# the docs are only ever written by this script.
+#
+# How it measures: every server runs on CPU --server-cpu (default 0), every
+# client (wrk -t1, the probes, the load clients) on --load-cpu (default 1),
+# with taskset. Peers alternate round by round (the order rotates), over
+# --rounds rounds (default 5); figures are the median with min-max.
+#
+# Scenarios (each a table in the report):
+#   load      wrk -t1 -c64 -d8s, keep-alive and Connection: close, 2 upgrades
+#             (--upgrades) in each run, per round; failures per upgrade
+#   idle      64 keep-alive connections idle through one upgrade, per round
+#   steady    baton-demo vs the same handler on plain hyper (--plain): wrk
+#             -t1 -c64, 5 alternating rounds of 5 s, the ratio per round
+#   latency   trigger -> new generation ready -> old gone, 20 rounds
+#   handoff   bench-handoff: 1k and 10k idle connections handed over
+#   spawn     bench-spawn (fork+pre_exec vs posix_spawn) at 20 and 2048 MiB
+#             resident, and trigger -> ready of baton-demo --ballast-mib 20
+#             vs 2048, 20 upgrades each, alternating
+#   h2        Node's http2 client (16 sessions x 8 streams, h2c) through 2
+#             upgrades per round: ok/refused/retry/failed streams per upgrade
+#   memory    RSS of baton-demo and of the plain server; the `baton run`
+#             supervisor's RSS and RssAnon at start, after 10 and 100
+#             upgrades (static build and `cargo install` build)
+#   clients   Java HttpClient 4.5, Node http.Agent, Python requests (8
+#             workers, 0-40 ms idle gaps) through 8 upgrades: errors
+#   steering  uvicorn under `baton run` with and without steering, wrk -c8
+#             Connection: close, 10 upgrades per run, 3 runs each
 # Peers: baton-demo baton-run nginx-binary nginx-reload haproxy
-#        haproxy-idle-close tableflip pingora stop-start
+#        haproxy-idle-close tableflip pingora ecdysis stop-start
 # --only takes peer and/or scenario names (e.g. --only baton-demo,latency).
 # --quick: seconds instead of minutes, baton-demo only (plus the plain
-# baseline): the test suite runs it to check the whole chain end to end.
-# --bin-dir DIR: take baton-demo and bench-handoff from DIR instead of a
-# release build (the test suite passes its debug build: figures meaningless).
+# baseline), scenarios load idle steady latency handoff spawn h2 memory,
+# wrk -c16;
+# the test suite runs it with its debug build (--bin-dir) to check the whole
+# chain end to end: its figures mean nothing and it never writes docs.
+# --bin-dir DIR: take baton-demo, bench-handoff, bench-spawn and baton from
+# DIR instead of a release build.
 #
-# Needs: wrk, curl, python3; for the peers nginx, haproxy, go + Debian's
-# golang-github-cloudflare-tableflip-dev, cmake (pingora's build; installed
-# with apt-get if missing). A peer whose tools are missing is reported as
-# skipped, with the reason.
+# Installs what the peers need when it is missing (apt-get: nginx-light,
+# haproxy, golang-go + golang-github-cloudflare-tableflip-dev, cmake, nodejs,
+# libhttpclient-java + a JDK; pip into target/bench/venv from
+# scripts/bench/requirements.txt) and builds pingora and ecdysis (their own
+# lockfiles). A peer that cannot be installed or built is a failure of the
+# run: it is named with its reason in the report and the run exits 1.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 HERE=$ROOT/scripts/bench
-PROBE=(python3 "$HERE/probe.py")
+APPS=$ROOT/crates/baton-tests/apps
+CARGO_TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+# shellcheck source=scripts/bench/lib.sh
+source "$HERE/lib.sh"
+# shellcheck source=scripts/bench/peers.sh
+source "$HERE/peers.sh"
 
-QUICK=0 ONLY="" DUR="" ROUNDS="" LATN="" KEEP=0 BIN_DIR="" UPGRADES=""
+QUICK=0 ONLY="" DUR="" ROUNDS="" LATN="" KEEP=0 BIN_DIR="" UPGRADES="" WRITE_DOCS=0
+SRV_CPU=0 LOAD_CPU=1
 ARGS_ECHO="$*"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) QUICK=1 ;;
+    --write-docs) WRITE_DOCS=1 ;;
     --only) ONLY="$2"; shift ;;
     --only=*) ONLY="${1#--only=}" ;;
     --duration) DUR="$2"; shift ;;
     --rounds) ROUNDS="$2"; shift ;;
     --upgrades) UPGRADES="$2"; shift ;;
     --latency-count) LATN="$2"; shift ;;
-    --bin-dir) BIN_DIR="$2"; shift ;;
+    --server-cpu) SRV_CPU="$2"; shift ;;
+    --load-cpu) LOAD_CPU="$2"; shift ;;
+    --bin-dir) BIN_DIR="$(cd "$2" && pwd)"; shift ;;
     --keep) KEEP=1 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
-
-ALL_PEERS="baton-demo baton-run nginx-binary nginx-reload haproxy haproxy-idle-close tableflip pingora stop-start"
-ALL_SCEN="load idle steady latency handoff memory"
-if [[ $QUICK == 1 ]]; then
-  DUR=${DUR:-3}; ROUNDS=${ROUNDS:-1}; LATN=${LATN:-5}; UPGRADES=${UPGRADES:-2}; SCALE="200"; FIRST=0.5
-  PEERS="baton-demo"
-else
-  DUR=${DUR:-25}; ROUNDS=${ROUNDS:-3}; LATN=${LATN:-20}; UPGRADES=${UPGRADES:-5}; SCALE="1000 10000"; FIRST=2
-  PEERS=$ALL_PEERS
+if [[ $WRITE_DOCS == 1 && ( $QUICK == 1 || -n $ONLY ) ]]; then
+  echo "run.sh: --write-docs needs a full run (no --quick, no --only)" >&2; exit 2
 fi
-SCEN=$ALL_SCEN
+if (( $(nproc) < 2 )); then
+  echo "run.sh: one CPU: servers and clients share it (figures are not comparable with a 2-core run)" >&2
+  SRV_CPU=0 LOAD_CPU=0
+fi
+pin_cpus
+
+ALL_PEERS="baton-demo baton-run nginx-binary nginx-reload haproxy haproxy-idle-close tableflip pingora ecdysis stop-start"
+ALL_SCEN="load idle steady latency handoff spawn h2 memory clients steering"
+if [[ $QUICK == 1 ]]; then
+  DUR=${DUR:-3}; ROUNDS=${ROUNDS:-1}; LATN=${LATN:-5}; UPGRADES=${UPGRADES:-2}
+  SCALE="200" FIRST=0.5 STEADY_DUR=2 STEADY_ROUNDS=1 BALLAST="20 256" H2_UPGRADES=2
+  SUP_COUNT=5 SUP_AT="2,5" CLIENT_UPGRADES=2 STEER_RUNS=1 STEER_UPGRADES=2
+  # fewer connections: a debug build on one CPU would time some of 64 out
+  CONNS=16
+  PEERS="baton-demo" SCEN="load idle steady latency handoff spawn h2 memory"
+else
+  DUR=${DUR:-8}; ROUNDS=${ROUNDS:-5}; LATN=${LATN:-20}; UPGRADES=${UPGRADES:-2}
+  SCALE="1000 10000" FIRST=1.5 STEADY_DUR=5 STEADY_ROUNDS=$ROUNDS BALLAST="20 2048" H2_UPGRADES=2
+  SUP_COUNT=100 SUP_AT="10,100" CLIENT_UPGRADES=8 STEER_RUNS=3 STEER_UPGRADES=10
+  CONNS=64
+  PEERS=$ALL_PEERS SCEN=$ALL_SCEN
+fi
 if [[ -n $ONLY ]]; then
   sel_peers="" sel_scen=""
   for n in ${ONLY//,/ }; do
@@ -73,20 +124,28 @@ if [[ -n $ONLY ]]; then
 fi
 want_peer() { [[ " $PEERS " == *" $1 "* ]]; }
 want() { [[ " $SCEN " == *" $1 "* ]]; }
-log() { echo "[bench $(date +%T)] $*" >&2; }
+# rotate R WORD...: the words, starting at the R-th (round R's order)
+rotate() { local r=$1; shift; local a=("$@") n=$# i; for ((i = 0; i < n; i++)); do echo "${a[$(( (i + r - 1) % n ))]}"; done; }
+usable() { want_peer "$1" && ! failed "$1"; }
 
-command -v wrk >/dev/null || { echo "run.sh: wrk is required (apt-get install wrk)" >&2; exit 1; }
-command -v curl >/dev/null || { echo "run.sh: curl is required" >&2; exit 1; }
+for c in wrk curl taskset python3; do
+  command -v "$c" >/dev/null || { echo "run.sh: $c is required (apt-get install wrk curl util-linux python3)" >&2; exit 1; }
+done
+# the interpreter itself, not a wrapper (a pyenv shim costs ~0.1 s a start)
+PY=$(python3 -c 'import sys; print(sys.executable)')
 
 RUN=$(mktemp -d /tmp/baton-bench.XXXXXX)
 RES=$RUN/results.jsonl
+BIN=$RUN/bin
+mkdir -p "$BIN"
 : > "$RES"
+PROBE=(taskset -c "$LOAD_CPU" "$PY" "$HERE/probe.py")
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   # Every process this run started, by pid (pid files, their descendants,
   # anything running from $RUN), then the background jobs.
-  "${PROBE[@]}" cleanup "$RUN" 2>/dev/null || true
+  "$PY" "$HERE/probe.py" cleanup "$RUN" 2>/dev/null || true
   local j; for j in $(jobs -p); do kill "$j" 2>/dev/null || true; done
   wait 2>/dev/null || true
   if [[ $KEEP == 1 ]]; then echo "run.sh: kept $RUN" >&2; else rm -rf "$RUN"; fi
@@ -96,192 +155,87 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-# record key=value ... -> one JSON line in $RES
-record() { python3 -c 'import json,sys; print(json.dumps(dict(a.split("=",1) for a in sys.argv[1:])))' "$@" >> "$RES"; }
-# run a command with a deadline (every wait is bounded)
-bounded() { local s=$1; shift; timeout --kill-after=5 "$s" "$@"; }
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+T_START=$(date +%s)
+dirty=$(git -C "$ROOT" status --porcelain 2>/dev/null | wc -l)
+record kind=meta args="$ARGS_ECHO" cmd="scripts/bench/run.sh${ARGS_ECHO:+ $ARGS_ECHO}" quick="$QUICK" \
+  dur="$DUR" rounds="$ROUNDS" latn="$LATN" upgrades="$UPGRADES" steady_dur="$STEADY_DUR" \
+  steady_rounds="$STEADY_ROUNDS" ballast="$BALLAST" h2_upgrades="$H2_UPGRADES" sup_count="$SUP_COUNT" \
+  sup_at="$SUP_AT" client_upgrades="$CLIENT_UPGRADES" steer_runs="$STEER_RUNS" steer_upgrades="$STEER_UPGRADES" \
+  scale="$SCALE" load_before="$(loadavg)" date="$(date -u '+%F %H:%M UTC')" t_start="$T_START" \
+  commit="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" dirty="$dirty" \
+  cores="$(nproc)" kernel="$(uname -r)" mem_gib="$(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo)" \
+  cpu="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)" srv_cpu="$SRV_CPU" load_cpu="$LOAD_CPU" \
+  wrk="$(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)" peers="$PEERS" scenarios="$SCEN" bin_dir="$BIN_DIR"
+scenario_start() { log "== $1"; record kind=scenario name="$1" load="$(loadavg)" t="$(date +%s)"; }
 
-UPTIME_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-record kind=meta args="$ARGS_ECHO" quick="$QUICK" dur="$DUR" rounds="$ROUNDS" latn="$LATN" \
-  upgrades="$UPGRADES" load_before="$UPTIME_BEFORE" date="$(date -u '+%F %H:%M UTC')" \
-  cores="$(nproc)" kernel="$(uname -r)" \
-  cpu="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)" \
-  wrk="$(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)" peers="$PEERS" scenarios="$SCEN"
-
-# ---------------------------------------------------------------- build ----
-BIN=$RUN/bin
-mkdir -p "$BIN"
-if [[ -n $BIN_DIR ]]; then
-  HANDOFF_BIN=$BIN_DIR/bench-handoff
-  cp "$BIN_DIR/baton-demo" "$BIN/baton-demo"
-else
-  log "building baton-demo, baton and bench-handoff (release)"
-  cargo build --release -q -p baton-demo -p baton-cli -p baton-tests --bins >&2
-  HANDOFF_BIN=target/release/bench-handoff
-  cp target/release/baton-demo "$BIN/baton-demo"
-fi
-SKIP=()   # peer=reason
-skip() { SKIP+=("$1=$2"); record kind=skip peer="$1" reason="$2"; log "skip $1: $2"; }
-
+# ------------------------------------------------------ install, build ----
+prepare_baton || exit 1
 BATON_CLI=""
-if want_peer baton-run; then
-  # `baton run` supervising the plain hyper server (socket activation,
-  # READY=1): the static build (scripts/build-static.sh), the one for
-  # containers; the memory scenario also measures the default dynamic one.
-  # With --bin-dir, the `baton` found there.
-  cli=${BIN_DIR:-target/release}/baton
-  if [[ -z $BIN_DIR ]]; then
-    log "building baton statically (scripts/build-static.sh)"
-    static=$("$ROOT/scripts/build-static.sh") || static=""
-    [[ -n $static ]] && cp "$static" "$BIN/baton-static"
-  fi
-  if [[ -x $cli ]]; then
-    cp "$cli" "$BIN/baton"; BATON_CLI=$BIN/baton
-    [[ -x $BIN/baton-static ]] && BATON_CLI=$BIN/baton-static
-  else
-    skip baton-run "no $cli (cargo build --release -p baton-cli)"
-  fi
+if want_peer baton-run && { want load || want idle || want latency || want memory || want clients || want steering; }; then
+  prepare_baton_run || true
 fi
-if want_peer nginx-binary || want_peer nginx-reload; then
-  if ! command -v nginx >/dev/null; then
-    want_peer nginx-binary && skip nginx-binary "nginx not installed (apt-get install nginx-light)"
-    want_peer nginx-reload && skip nginx-reload "nginx not installed (apt-get install nginx-light)"
-  fi
+usable nginx-binary && { prepare_nginx nginx-binary || true; }
+usable nginx-reload && { prepare_nginx nginx-reload || true; }
+usable haproxy && { prepare_haproxy haproxy || true; }
+usable haproxy-idle-close && { prepare_haproxy haproxy-idle-close || true; }
+usable tableflip && { prepare_tableflip || true; }
+usable pingora && { prepare_pingora || true; }
+usable ecdysis && { prepare_ecdysis || true; }
+if want h2 || { want clients && { want_peer baton-run || want_peer baton-demo; }; }; then
+  prepare_node node || true
 fi
-if want_peer haproxy || want_peer haproxy-idle-close; then
-  if ! command -v haproxy >/dev/null; then
-    want_peer haproxy && skip haproxy "haproxy not installed"
-    want_peer haproxy-idle-close && skip haproxy-idle-close "haproxy not installed"
-  fi
+if want clients; then
+  prepare_java || true
+  prepare_venv python-requests || true
 fi
-if want_peer tableflip; then
-  TF_SRC=/usr/share/gocode/src/github.com/cloudflare/tableflip
-  if ! command -v go >/dev/null || [[ ! -d $TF_SRC ]]; then
-    skip tableflip "needs golang-go and golang-github-cloudflare-tableflip-dev"
-  else
-    log "building the tableflip server (GOPATH mode)"
-    mkdir -p "$RUN/go/src/tableflip-server"
-    cp "$HERE/tableflip-server/main.go" "$RUN/go/src/tableflip-server/"
-    (cd "$RUN/go/src/tableflip-server" && GO111MODULE=off GOPATH=/usr/share/gocode:$RUN/go \
-      GOCACHE=$RUN/go/cache GOFLAGS= bounded 600 go build -o "$BIN/tableflip-server" .) >&2 \
-      || skip tableflip "go build failed"
-  fi
+if want steering && want_peer baton-run; then
+  prepare_venv uvicorn || true
 fi
-if want_peer pingora; then
-  if ! command -v cmake >/dev/null; then
-    log "installing cmake (pingora's build needs it)"
-    { bounded 600 apt-get install -y -q cmake || { bounded 300 apt-get update -q && bounded 600 apt-get install -y -q cmake; }; } >&2 || true
-  fi
-  if command -v cmake >/dev/null; then
-    log "building the pingora server (its own cargo project and target dir; slow the first time)"
-    if (cd "$HERE/pingora-server" && CARGO_TARGET_DIR=$ROOT/target/bench/pingora \
-        bounded 1800 cargo build --release -q) >&2; then
-      cp target/bench/pingora/release/bench-pingora-server "$BIN/pingora-server"
-    else
-      skip pingora "cargo build of scripts/bench/pingora-server failed"
-    fi
-  else
-    skip pingora "cmake missing and could not be installed"
-  fi
-fi
-skipped() { local s; for s in "${SKIP[@]+"${SKIP[@]}"}"; do [[ ${s%%=*} == "$1" ]] && return 0; done; return 1; }
-
-# ---------------------------------------------------------------- peers ----
-# start_peer NAME DIR PORT: start one instance; sets KIND and PEER_ARGS (the
-# probe's peer options) and waits until it answers.
-start_peer() {
-  local name=$1 dir=$2 port=$3
-  mkdir -p "$dir"
-  PEER_ARGS=(--port "$port" --pidfile "$dir/pid")
-  case "$name" in
-    baton-demo)
-      KIND=baton
-      # --no-state: none of the peers carries state; the demo's own state
-      # handoff is measured in docs/state.md.
-      "$BIN/baton-demo" --listen "127.0.0.1:$port" --pid-file "$dir/pid" \
-        --control "$dir/ctl/ctl.sock" --no-state --log warn >>"$dir/log" 2>&1 &
-      ;;
-    plain)
-      KIND=stopstart
-      "$BIN/baton-demo" --plain --listen "127.0.0.1:$port" --pid-file "$dir/pid" --log warn >>"$dir/log" 2>&1 &
-      ;;
-    stop-start)
-      KIND=stopstart
-      local cmd="$BIN/baton-demo --plain --listen 127.0.0.1:$port --pid-file $dir/pid --log warn"
-      $cmd >>"$dir/log" 2>&1 &
-      PEER_ARGS+=(--cmd "$cmd" --log "$dir/log")
-      ;;
-    baton-run)
-      KIND=baton-run
-      "$BATON_CLI" run --listen "http=127.0.0.1:$port" --control "$dir/ctl/ctl.sock" --ready notify \
-        -- "$BIN/baton-demo" --plain --log warn >>"$dir/log" 2>&1 &
-      echo $! > "$dir/pid"
-      ;;
-    tableflip)
-      KIND=tableflip
-      "$BIN/tableflip-server" --listen "127.0.0.1:$port" --pid-file "$dir/pid" >>"$dir/log" 2>&1 &
-      ;;
-    nginx-binary|nginx-reload)
-      KIND=$name
-      mkdir -p "$dir/logs"
-      sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$port#g" "$HERE/nginx.conf" > "$dir/nginx.conf"
-      # absolute path: the binary upgrade re-executes argv[0]
-      "$(command -v nginx)" -p "$dir" -c "$dir/nginx.conf" >>"$dir/log" 2>&1
-      ;;
-    haproxy|haproxy-idle-close)
-      KIND=haproxy
-      local opt=""; [[ $name == haproxy-idle-close ]] && opt="option idle-close-on-response"
-      sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$port#g" -e "s#@OPTION@#$opt#" "$HERE/haproxy.cfg" > "$dir/haproxy.cfg"
-      haproxy -W -f "$dir/haproxy.cfg" -p "$dir/pid" >>"$dir/log" 2>&1 &
-      ;;
-    pingora)
-      KIND=pingora
-      sed -e "s#@DIR@#$dir#g" "$HERE/pingora.yaml" > "$dir/pingora.yaml"
-      local cmd="$BIN/pingora-server -c $dir/pingora.yaml"
-      BENCH_LISTEN=127.0.0.1:$port $cmd >>"$dir/log" 2>&1 &
-      echo $! > "$dir/pid"
-      PEER_ARGS+=(--cmd "$cmd" --env "BENCH_LISTEN=127.0.0.1:$port" --log "$dir/log"
-                  --upgrade-sock "$dir/upgrade.sock")
-      ;;
-    *) echo "unknown peer $name" >&2; return 1 ;;
-  esac
-  "${PROBE[@]}" wait --port "$port" --timeout 30 >/dev/null || { tail -5 "$dir/log" >&2; return 1; }
-  local i; for i in $(seq 300); do [[ -s $dir/pid ]] && break; sleep 0.01; done
-  [[ -s $dir/pid ]] || { echo "$name wrote no pid file" >&2; return 1; }
-}
-stop_peer() { "${PROBE[@]}" cleanup "$1" >/dev/null 2>&1 || true; }
-
-# wrk duration for a peer under upgrades: 5 upgrades must fit, and pingora's
-# old process lives ~6 s after each (5 s CLOSE_TIMEOUT + grace 1 s).
-dur_for() {
-  if [[ $QUICK == 1 ]]; then echo "$DUR"; return; fi
-  case "$1" in pingora) echo $(( DUR > 50 ? DUR : 50 )) ;; *) echo "$DUR" ;; esac
-}
-
-WRK_LUA=$HERE/count-closes.lua
-# wrk_run OUT DUR URL [wrk args]
-wrk_run() {
-  local out=$1 d=$2 url=$3; shift 3
-  bounded $((d + 60)) wrk -t2 -c64 -d"${d}s" --latency "$@" -s "$WRK_LUA" "$url" > "$out" 2>&1 || true
-}
+record kind=versions \
+  nginx="$(nginx -v 2>&1 | sed 's#.*/##')" haproxy="$(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f3)" \
+  go="$(go version 2>/dev/null | cut -d' ' -f3)" node="$(node --version 2>/dev/null)" \
+  java="$(java -version 2>&1 | head -1 | cut -d'"' -f2)" \
+  httpclient="$(dpkg-query -W -f='${Version}' libhttpclient-java 2>/dev/null)" \
+  tableflip="$(dpkg-query -W -f='${Version}' golang-github-cloudflare-tableflip-dev 2>/dev/null)" \
+  pingora="$(sed -n '/^name = "pingora"$/{n;s/version = "\(.*\)"/\1/p}' "$HERE/pingora-server/Cargo.lock")" \
+  ecdysis="$(sed -n '/^name = "ecdysis"$/{n;s/version = "\(.*\)"/\1/p}' "$HERE/ecdysis-server/Cargo.lock")" \
+  requests="$(sed -n 's/^requests==//p' "$HERE/requirements.txt")" \
+  uvicorn="$(sed -n 's/^uvicorn==//p' "$HERE/requirements.txt")"
 
 N=0
 newdir() { N=$((N + 1)); NEWDIR="$RUN/peers/$1-$N"; }   # sets NEWDIR (no subshell: N must count)
 
-# ----------------------------------------------------------- scenarios ----
-load_one() {   # peer mode(keepalive|close) upgrades(0|1)
-  local peer=$1 mode=$2 up=$3 dir port d url hdr=() gap
+# wrk duration for a peer under upgrades: its upgrades must fit, and
+# pingora's old process lives ~6 s after each (5 s CLOSE_TIMEOUT + grace 1 s).
+dur_for() {
+  if [[ $QUICK == 1 ]]; then echo "$DUR"; return; fi
+  case "$1" in pingora) echo $(( DUR > UPGRADES * 8 + 4 ? DUR : UPGRADES * 8 + 4 )) ;; *) echo "$DUR" ;; esac
+}
+
+WRK_LUA=$HERE/count-closes.lua
+# wrk_run OUT DUR URL [wrk args]: -t1 -c64 on the load CPU
+wrk_run() {
+  local out=$1 d=$2 url=$3; shift 3
+  bounded $((d + 60)) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${d}s" --latency "$@" -s "$WRK_LUA" "$url" > "$out" 2>&1 || true
+}
+wrk_cmd() {   # the command line as the report shows it
+  echo "taskset -c $LOAD_CPU wrk -t1 -c$CONNS -d${1}s --latency ${2:+$2 }-s scripts/bench/count-closes.lua http://127.0.0.1:PORT/"
+}
+
+# ---------------------------------------------------------------- load ----
+load_one() {   # peer mode(keepalive|close) upgrades(0|1) round
+  local peer=$1 mode=$2 up=$3 round=$4 dir port d url hdr=() gap
   newdir "$peer"; dir=$NEWDIR; port=$(free_port); url="http://127.0.0.1:$port/"
   d=$(dur_for "$peer"); [[ $up == 0 ]] && d=$DUR
   [[ $mode == close ]] && hdr=(-H "Connection: close")
-  start_peer "$peer" "$dir" "$port" || { record kind=load peer="$peer" mode="$mode" upgrading="$up" error="did not start"; stop_peer "$dir"; return 0; }
-  log "load: $peer, $mode, $([[ $up == 1 ]] && echo "$UPGRADES upgrades" || echo steady), ${d}s"
+  start_peer "$peer" "$dir" "$port" || { record kind=load peer="$peer" mode="$mode" upgrading="$up" round="$round" error="did not start"; stop_peer "$dir"; return 0; }
+  log "load: $peer, $mode, $([[ $up == 1 ]] && echo "$UPGRADES upgrades" || echo steady), ${d}s, round $round/$ROUNDS"
   local drv=""
   if [[ $up == 1 ]]; then
     # upgrades spread over the run: the first after $FIRST s, each one complete
     # (old generation gone) before the pause that leads to the next
-    gap=$(python3 -c "print(max(0.5, ($d - 2 * $FIRST) / $UPGRADES - 0.5))")
+    gap=$("$PY" -c "print(max(0.5, ($d - 2 * $FIRST) / $UPGRADES - 0.5))")
     [[ $peer == pingora ]] && gap=1
     "${PROBE[@]}" upgrade --kind "$KIND" "${PEER_ARGS[@]}" --count "$UPGRADES" --delay "$FIRST" --gap "$gap" \
       --poll 0.001 --out "$dir/upgrades.jsonl" >>"$dir/probe.log" 2>&1 &
@@ -292,119 +246,295 @@ load_one() {   # peer mode(keepalive|close) upgrades(0|1)
     local i; for i in $(seq 1200); do kill -0 "$drv" 2>/dev/null || break; sleep 0.1; done
     kill "$drv" 2>/dev/null || true; wait "$drv" 2>/dev/null || true
   fi
-  record kind=load peer="$peer" mode="$mode" upgrading="$up" dur="$d" wrk="$dir/wrk.txt" \
+  record kind=load peer="$peer" mode="$mode" upgrading="$up" round="$round" dur="$d" wrk="$dir/wrk.txt" \
     upgrades="$dir/upgrades.jsonl" \
-    cmd="wrk -t2 -c64 -d${d}s --latency $([[ $mode == close ]] && echo "-H 'Connection: close' ")-s scripts/bench/count-closes.lua http://127.0.0.1:PORT/"
-  stop_peer "$dir"
-}
-
-idle_one() {
-  local peer=$1 dir port
-  newdir "$peer"; dir=$NEWDIR; port=$(free_port)
-  start_peer "$peer" "$dir" "$port" || { record kind=idle peer="$peer" error="did not start"; stop_peer "$dir"; return 0; }
-  log "idle: $peer, 64 idle keep-alive connections through one upgrade"
-  bounded 180 "${PROBE[@]}" idle --kind "$KIND" "${PEER_ARGS[@]}" --conns 64 --out "$dir/idle.json" >/dev/null 2>>"$dir/probe.log" || true
-  record kind=idle peer="$peer" file="$dir/idle.json"
-  stop_peer "$dir"
-}
-
-latency_one() {
-  local peer=$1 dir port t=60
-  newdir "$peer"; dir=$NEWDIR; port=$(free_port)
-  start_peer "$peer" "$dir" "$port" || { record kind=latency peer="$peer" error="did not start"; stop_peer "$dir"; return 0; }
-  log "latency: $peer, $LATN upgrades, idle"
-  [[ $peer == pingora ]] && t=$((LATN * 15 + 60))
-  bounded $((t + LATN * 20)) "${PROBE[@]}" upgrade --kind "$KIND" "${PEER_ARGS[@]}" --count "$LATN" --gap 0.2 \
-    --gone-timeout "$([[ $peer == pingora ]] && echo 20 || echo 10)" \
-    --out "$dir/latency.jsonl" >/dev/null 2>>"$dir/probe.log" || true
-  record kind=latency peer="$peer" file="$dir/latency.jsonl"
+    cmd="$(wrk_cmd "$d" "$([[ $mode == close ]] && echo "-H 'Connection: close'")")"
   stop_peer "$dir"
 }
 
 if want load; then
-  for peer in $PEERS; do
-    skipped "$peer" && continue
-    if [[ $peer == baton-demo ]]; then
-      load_one baton-demo keepalive 0
-    fi
-    load_one "$peer" keepalive 1
-    if [[ $peer == baton-demo ]]; then
-      load_one baton-demo close 0
-    fi
-    load_one "$peer" close 1
+  scenario_start load
+  list=()
+  for p in $PEERS; do usable "$p" && list+=("$p"); done
+  # baton-demo without upgrades, in the same rounds: the steady baseline
+  usable baton-demo && list+=(baton-demo-steady)
+  for r in $(seq "$ROUNDS"); do
+    for mode in keepalive close; do
+      for p in $(rotate "$r" "${list[@]}"); do
+        if [[ $p == baton-demo-steady ]]; then load_one baton-demo "$mode" 0 "$r"
+        else load_one "$p" "$mode" 1 "$r"
+        fi
+      done
+    done
   done
 fi
 
+# ---------------------------------------------------------------- idle ----
 if want idle; then
-  for peer in $PEERS; do skipped "$peer" || idle_one "$peer"; done
+  scenario_start idle
+  list=(); for p in $PEERS; do usable "$p" && list+=("$p"); done
+  for r in $(seq "$ROUNDS"); do
+    for peer in $(rotate "$r" "${list[@]}"); do
+      newdir "$peer"; dir=$NEWDIR; port=$(free_port)
+      if start_peer "$peer" "$dir" "$port"; then
+        log "idle: $peer, 64 idle keep-alive connections through one upgrade, round $r/$ROUNDS"
+        bounded 180 "${PROBE[@]}" idle --kind "$KIND" "${PEER_ARGS[@]}" --conns 64 --out "$dir/idle.json" \
+          >/dev/null 2>>"$dir/probe.log" || true
+        record kind=idle peer="$peer" round="$r" file="$dir/idle.json"
+      else
+        record kind=idle peer="$peer" round="$r" error="did not start"
+      fi
+      stop_peer "$dir"
+    done
+  done
 fi
 
-if want steady && want_peer baton-demo; then
-  # Both servers up at once (an idle one costs nothing), wrk alternates.
+# -------------------------------------------------------------- steady ----
+if want steady && usable baton-demo; then
+  scenario_start steady
+  # Both servers up at once (an idle one costs nothing), wrk alternates;
+  # one warm-up second each first (not counted).
   newdir baton-demo; bdir=$NEWDIR; newdir plain; pdir=$NEWDIR; bport=$(free_port); pport=$(free_port)
   start_peer baton-demo "$bdir" "$bport"
   start_peer plain "$pdir" "$pport"
-  for r in $(seq "$ROUNDS"); do
+  wrk_run "$bdir/warmup.txt" 1 "http://127.0.0.1:$bport/"
+  wrk_run "$pdir/warmup.txt" 1 "http://127.0.0.1:$pport/"
+  for r in $(seq "$STEADY_ROUNDS"); do
     order="baton plain"; (( r % 2 == 0 )) && order="plain baton"
     for w in $order; do
       if [[ $w == baton ]]; then port=$bport; d=$bdir; else port=$pport; d=$pdir; fi
-      log "steady: $w, round $r/$ROUNDS, ${DUR}s"
-      wrk_run "$d/wrk-$r.txt" "$DUR" "http://127.0.0.1:$port/"
-      record kind=steady server="$w" round="$r" wrk="$d/wrk-$r.txt" \
-        cmd="wrk -t2 -c64 -d${DUR}s --latency -s scripts/bench/count-closes.lua http://127.0.0.1:PORT/"
+      log "steady: $w, round $r/$STEADY_ROUNDS, ${STEADY_DUR}s"
+      wrk_run "$d/wrk-$r.txt" "$STEADY_DUR" "http://127.0.0.1:$port/"
+      record kind=steady server="$w" round="$r" wrk="$d/wrk-$r.txt" cmd="$(wrk_cmd "$STEADY_DUR")"
     done
   done
   stop_peer "$bdir"; stop_peer "$pdir"
 fi
 
+# ------------------------------------------------------------- latency ----
 if want latency; then
+  scenario_start latency
+  # Every peer up at once (idle), one upgrade each per round, in a rotating
+  # order.
+  list=() ldirs=() largs=() lkinds=()
   for peer in $PEERS; do
-    case "$peer" in haproxy-idle-close) continue ;; esac   # same reload as haproxy
-    skipped "$peer" || latency_one "$peer"
+    [[ $peer == haproxy-idle-close ]] && continue   # the same reload as haproxy
+    usable "$peer" || continue
+    newdir "$peer"; dir=$NEWDIR; port=$(free_port)
+    if start_peer "$peer" "$dir" "$port"; then
+      list+=("$peer"); ldirs+=("$dir"); lkinds+=("$KIND"); largs+=("$(printf '%q ' "${PEER_ARGS[@]}")")
+    else
+      record kind=latency peer="$peer" error="did not start"; stop_peer "$dir"
+    fi
+  done
+  declare -A stopped=()
+  for r in $(seq "$LATN"); do
+    for i in $(rotate "$r" $(seq 0 $((${#list[@]} - 1)))); do
+      peer=${list[$i]}; dir=${ldirs[$i]}
+      [[ -n ${stopped[$peer]:-} ]] && continue
+      [[ $r == 1 || $r == "$LATN" ]] && log "latency: $peer, round $r/$LATN"
+      eval "pargs=(${largs[$i]})"
+      # shellcheck disable=SC2154
+      bounded 120 "${PROBE[@]}" upgrade --kind "${lkinds[$i]}" "${pargs[@]}" --count 1 \
+        --gone-timeout "$([[ $peer == pingora ]] && echo 20 || echo 10)" \
+        --out "$dir/latency.jsonl" >/dev/null 2>>"$dir/probe.log" || true
+      # an upgrade that did not happen stops that peer's series (the next
+      # would not be comparable)
+      tail -1 "$dir/latency.jsonl" 2>/dev/null | grep -qE '"ready_ms": null|^\{"error"' && stopped[$peer]=1
+    done
+    sleep 0.2
+  done
+  for i in "${!list[@]}"; do
+    record kind=latency peer="${list[$i]}" file="${ldirs[$i]}/latency.jsonl"
+    stop_peer "${ldirs[$i]}"
   done
 fi
 
-if want handoff && want_peer baton-demo; then
+# ------------------------------------------------------------- handoff ----
+if want handoff && usable baton-demo; then
+  scenario_start handoff
   log "handoff: bench-handoff $SCALE"
+  # the demo on the server CPU, bench-handoff (the clients) on the load CPU
+  printf '#!/bin/sh\nexec taskset -c %s %s "$@"\n' "$SRV_CPU" "$BIN/baton-demo" > "$BIN/baton-demo-pinned"
+  chmod +x "$BIN/baton-demo-pinned"
   # shellcheck disable=SC2086
-  bounded 600 "$HANDOFF_BIN" --server "$BIN/baton-demo" $SCALE > "$RUN/handoff.md" 2>"$RUN/handoff.err" || true
+  bounded 600 taskset -c "$LOAD_CPU" "$BIN/bench-handoff" --server "$BIN/baton-demo-pinned" $SCALE \
+    > "$RUN/handoff.md" 2>"$RUN/handoff.err" || true
   record kind=handoff file="$RUN/handoff.md" err="$RUN/handoff.err" \
-    cmd="${HANDOFF_BIN#"$ROOT"/} --server ${BIN_DIR:-target/release}/baton-demo $SCALE"
+    cmd="bench-handoff --server baton-demo $SCALE (clients on CPU $LOAD_CPU, the demo on CPU $SRV_CPU)"
 fi
 
+# --------------------------------------------------------------- spawn ----
+if want spawn && usable baton-demo; then
+  scenario_start spawn
+  if [[ -x $BIN/bench-spawn ]]; then
+    log "spawn: bench-spawn $BALLAST"
+    # shellcheck disable=SC2086
+    bounded 600 taskset -c "$SRV_CPU" "$BIN/bench-spawn" --iterations "$([[ $QUICK == 1 ]] && echo 10 || echo 50)" \
+      $BALLAST > "$RUN/spawn.jsonl" 2>"$RUN/spawn.err" || true
+    record kind=spawn file="$RUN/spawn.jsonl" err="$RUN/spawn.err" \
+      cmd="taskset -c $SRV_CPU bench-spawn --iterations $([[ $QUICK == 1 ]] && echo 10 || echo 50) $BALLAST"
+  else
+    fail spawn "no bench-spawn binary"
+  fi
+  # trigger -> ready of baton-demo with a small and a large resident set,
+  # upgrades alternating between the two
+  sdirs=() sargs=() sizes=($BALLAST)
+  for mib in "${sizes[@]}"; do
+    newdir "baton-demo-ballast-$mib"; dir=$NEWDIR; port=$(free_port)
+    EXTRA="--ballast-mib $mib" start_peer baton-demo "$dir" "$port" || { fail spawn "baton-demo --ballast-mib $mib did not start"; }
+    sdirs+=("$dir"); sargs+=("$(printf '%q ' "${PEER_ARGS[@]}")")
+  done
+  # what one of the probe's ready polls costs by itself, on the idle server
+  eval "pargs=(${sargs[0]})"
+  "${PROBE[@]}" rtt --port "${pargs[1]}" --count 50 --out "$RUN/rtt.json" >/dev/null 2>&1 || true
+  record kind=probe_rtt file="$RUN/rtt.json"
+  for r in $(seq "$LATN"); do
+    for i in $(rotate "$r" $(seq 0 $((${#sizes[@]} - 1)))); do
+      eval "pargs=(${sargs[$i]})"
+      bounded 180 "${PROBE[@]}" upgrade --kind baton "${pargs[@]}" --count 1 --wait-rss-mib "${sizes[$i]}" \
+        --out "${sdirs[$i]}/latency.jsonl" >/dev/null 2>>"${sdirs[$i]}/probe.log" || true
+    done
+  done
+  for i in "${!sizes[@]}"; do
+    record kind=spawn_ready mib="${sizes[$i]}" file="${sdirs[$i]}/latency.jsonl"
+    stop_peer "${sdirs[$i]}"
+  done
+fi
+
+# ------------------------------------------------------------------ h2 ----
+if want h2; then
+  scenario_start h2
+  if command -v node >/dev/null; then
+    list=(); for p in baton-demo nginx-binary nginx-reload haproxy; do usable "$p" && list+=("$p"); done
+    for r in $(seq "$ROUNDS"); do
+      for peer in $(rotate "$r" "${list[@]}"); do
+        newdir "$peer"; dir=$NEWDIR; port=$(free_port)
+        if H2=1 start_peer "$peer" "$dir" "$port"; then
+          log "h2: $peer, 16 sessions x 8 streams, $H2_UPGRADES upgrades, round $r/$ROUNDS"
+          # the ready poll speaks HTTP/1.1, these listeners only h2c: ready = a new process
+          bounded 300 "${PROBE[@]}" drive --kind "$KIND" "${PEER_ARGS[@]}" --ready-by proc \
+            --client "node $APPS/h2_client.js http://127.0.0.1:$port 16 8 / 240000" \
+            --count "$H2_UPGRADES" --gap 0.5 --out "$dir/h2.json" >/dev/null 2>>"$dir/probe.log" || true
+          record kind=h2 peer="$peer" round="$r" file="$dir/h2.json"
+        else
+          record kind=h2 peer="$peer" round="$r" error="did not start"
+        fi
+        stop_peer "$dir"
+      done
+    done
+  else
+    fail h2 "no node (nodejs) to run crates/baton-tests/apps/h2_client.js"
+  fi
+fi
+
+# -------------------------------------------------------------- memory ----
 if want memory; then
-  if want_peer baton-demo; then
+  scenario_start memory
+  if usable baton-demo; then
     newdir baton-demo; bdir=$NEWDIR; newdir plain; pdir=$NEWDIR; bport=$(free_port); pport=$(free_port)
     start_peer baton-demo "$bdir" "$bport"; start_peer plain "$pdir" "$pport"
     sleep 1
     record kind=memory what="baton-demo (library mode), idle after start" \
-      kib="$("${PROBE[@]}" rss "$(cat "$bdir/pid")")"
+      mem="$("${PROBE[@]}" mem "$(cat "$bdir/pid")")"
     record kind=memory what="baton-demo --plain (no baton), idle after start" \
-      kib="$("${PROBE[@]}" rss "$(cat "$pdir/pid")")"
+      mem="$("${PROBE[@]}" mem "$(cat "$pdir/pid")")"
     bounded 60 "${PROBE[@]}" upgrade --kind baton --port "$bport" --pidfile "$bdir/pid" >/dev/null 2>&1 || true
     sleep 1
     record kind=memory what="baton-demo (library mode), idle after one upgrade" \
-      kib="$("${PROBE[@]}" rss "$(cat "$bdir/pid")")"
+      mem="$("${PROBE[@]}" mem "$(cat "$bdir/pid")")"
     stop_peer "$bdir"; stop_peer "$pdir"
   fi
-  if want_peer baton-run; then
-    if skipped baton-run; then
-      record kind=memory what="\`baton run\` supervisor" kib="" note="skipped: no \`baton\` binary"
-    else
-      for cli in "$BIN/baton-static" "$BIN/baton"; do
-        [[ -x $cli ]] || continue
-        what="\`baton run\` supervisor only, idle ($([[ $cli == */baton-static ]] && echo "static build" || echo "default build, shared glibc"))"
-        newdir baton-run; sdir=$NEWDIR; sport=$(free_port)
-        if BATON_CLI=$cli start_peer baton-run "$sdir" "$sport"; then
-          sleep 1
-          record kind=memory what="$what" kib="$("${PROBE[@]}" rss "$(cat "$sdir/pid")")"
-        fi
-        stop_peer "$sdir"
-      done
-    fi
+  if usable baton-run && [[ -n $BATON_CLI ]]; then
+    for cli in "$BIN/baton-static" "$BIN/baton-installed" "$BIN/baton"; do
+      [[ -x $cli ]] || continue
+      [[ $cli == "$BIN/baton" && -n $(ls "$BIN"/baton-static "$BIN"/baton-installed 2>/dev/null) ]] && continue
+      case "$cli" in
+        */baton-static) build="static (scripts/build-static.sh)" ;;
+        */baton-installed) build="dynamic (cargo install --path crates/baton-cli --locked)" ;;
+        *) build="the --bin-dir build" ;;
+      esac
+      newdir baton-run; sdir=$NEWDIR; sport=$(free_port)
+      if BATON_CLI=$cli start_peer baton-run "$sdir" "$sport"; then
+        log "memory: \`baton run\`, $build, $SUP_COUNT upgrades"
+        bounded $((SUP_COUNT * 10 + 60)) "${PROBE[@]}" supervisor-mem --baton "$cli" --control "$sdir/ctl/ctl.sock" \
+          --pid "$(cat "$sdir/pid")" --count "$SUP_COUNT" --at "$SUP_AT" --out "$sdir/mem.json" \
+          >/dev/null 2>>"$sdir/probe.log" || true
+        record kind=supervisor_mem build="$build" file="$sdir/mem.json"
+      else
+        record kind=supervisor_mem build="$build" error="did not start"
+      fi
+      stop_peer "$sdir"
+    done
   fi
 fi
 
-record kind=end load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
-mkdir -p target/bench
-python3 "$HERE/report.py" "$RES" | tee target/bench/latest.md
+# ------------------------------------------------------------- clients ----
+if want clients; then
+  scenario_start clients
+  cpeers=()
+  for p in baton-demo baton-run nginx-reload haproxy ecdysis; do
+    usable "$p" || continue
+    case "$p" in baton-run) cpeers+=(baton-run-node) ;; haproxy) cpeers+=(haproxy-backend) ;; *) cpeers+=("$p") ;; esac
+  done
+  ci=0
+  for client in java-httpclient node-http python-requests; do
+    ci=$((ci + 1))
+    case "$client" in
+      java-httpclient) failed java-httpclient && continue
+        ccmd="java -Dorg.apache.commons.logging.Log=org.apache.commons.logging.impl.NoOpLog -cp $JAVA_CP HttpClientBench" ;;
+      node-http) command -v node >/dev/null || continue; ccmd="node $HERE/clients/node_client.js" ;;
+      python-requests) failed python-requests && continue; ccmd="$VENV/bin/python $HERE/clients/python_client.py" ;;
+    esac
+    for peer in $(rotate "$ci" "${cpeers[@]}"); do
+      newdir "$peer"; dir=$NEWDIR; port=$(free_port)
+      if start_peer "$peer" "$dir" "$port"; then
+        log "clients: $client against $peer, 8 workers, $CLIENT_UPGRADES upgrades"
+        bounded 300 "${PROBE[@]}" drive --kind "$KIND" "${PEER_ARGS[@]}" \
+          --client "$ccmd http://127.0.0.1:$port/ 8 40 240" --count "$CLIENT_UPGRADES" --delay 1 --gap 0.5 \
+          --out "$dir/clients.json" >/dev/null 2>>"$dir/probe.log" || true
+        record kind=clients client="$client" peer="$peer" file="$dir/clients.json"
+      else
+        record kind=clients client="$client" peer="$peer" error="did not start"
+      fi
+      stop_peer "$dir"
+    done
+  done
+fi
+
+# ------------------------------------------------------------ steering ----
+if want steering && usable baton-run; then
+  scenario_start steering
+  if failed uvicorn; then :; else
+    for r in $(seq "$STEER_RUNS"); do
+      for peer in $(rotate "$r" uvicorn-nosteer uvicorn-steer); do
+        newdir "$peer"; dir=$NEWDIR; port=$(free_port)
+        if start_peer "$peer" "$dir" "$port"; then
+          log "steering: $peer, wrk -c8 Connection: close, $STEER_UPGRADES upgrades, run $r/$STEER_RUNS"
+          bounded 400 "${PROBE[@]}" drive --kind "$KIND" "${PEER_ARGS[@]}" --stop sigint \
+            --client "wrk -t1 -c8 -d300s --latency -H 'Connection: close' -s $WRK_LUA http://127.0.0.1:$port/" \
+            --count "$STEER_UPGRADES" --delay 1 --gap 0.2 --out "$dir/steer.json" \
+            --out-client "$dir/wrk.txt" >/dev/null 2>>"$dir/probe.log" || true
+          record kind=steering peer="$peer" run="$r" file="$dir/steer.json" wrk="$dir/wrk.txt" \
+            cmd="taskset -c $LOAD_CPU wrk -t1 -c8 --latency -H 'Connection: close' -s scripts/bench/count-closes.lua http://127.0.0.1:PORT/ (stopped with SIGINT after the last upgrade)"
+        else
+          record kind=steering peer="$peer" run="$r" error="did not start"
+        fi
+        stop_peer "$dir"
+      done
+    done
+  fi
+fi
+
+record kind=end load_after="$(loadavg)" t_end="$(date +%s)"
+mkdir -p "$CARGO_TARGET/bench"
+"$PY" "$HERE/report.py" "$RES" | tee "$CARGO_TARGET/bench/latest.md"
+if [[ $WRITE_DOCS == 1 ]]; then
+  "$PY" "$HERE/report.py" --doc "$RES" > "$ROOT/docs/benchmarks.md"
+  "$PY" "$HERE/report.py" --readme "$ROOT/README.md" "$RES"
+  log "wrote docs/benchmarks.md and the README's benchmark summary"
+fi
+if ((${#FAILED[@]})); then
+  log "the run FAILED: ${FAILED[*]} (see the report)"
+  exit 1
+fi

@@ -5,9 +5,12 @@
 //! For each N: start the demo (release build next to this binary unless
 //! `--server`), open N keep-alive connections and make one request on each,
 //! upgrade through the control socket, then check that every connection
-//! answers its next request from the new generation. Prints the old
-//! generation's drain time (promotion → all connections moved and the old
-//! process done), the whole upgrade, and the per-connection cost.
+//! answers its next request from the new generation. Prints, each under
+//! the name of what it measures: the drain time the old generation reports
+//! itself (`drain_ms`: from its promotion of the new one until its own drain
+//! is done, before it exits), the whole upgrade as the caller sees it (the
+//! control request until its reply), and the time until the old process has
+//! exited (the control request until this program, its parent, reaps it).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -44,9 +47,9 @@ fn main() {
     );
     println!();
     println!(
-        "| idle connections | handed over | drain (promotion → old gone) | per connection | upgrade total | answered by the new generation |"
+        "| idle connections | handed over | old generation's own drain_ms (promotion → its drain done) | drain_ms per connection | upgrade request → reply | upgrade request → old process exited (reaped) | answered by the new generation |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for n in sizes {
         run(&server, n);
     }
@@ -95,6 +98,12 @@ fn run(server: &PathBuf, n: usize) {
     for s in &mut conns {
         old_pid = pid_of(&read_response(s));
     }
+    // The old generation is our child: a thread reaps it and says when.
+    let (exited_tx, exited_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = child.wait();
+        let _ = exited_tx.send(Instant::now());
+    });
     let t = Instant::now();
     let report = baton_tests::block_on(async {
         let c = baton::control::Client::connect(&ctl).await.unwrap();
@@ -111,6 +120,13 @@ fn run(server: &PathBuf, n: usize) {
         }
     });
     let total = t.elapsed();
+    let exited = exited_rx
+        .recv_timeout(Duration::from_secs(60))
+        .map(|at| format!("{:.0} ms", (at - t).as_secs_f64() * 1000.0))
+        .unwrap_or_else(|_| {
+            let _ = baton_sys::process::kill(old_pid, rustix::process::Signal::KILL);
+            "still running after 60 s".to_owned()
+        });
     let mut answered = 0;
     for s in &mut conns {
         s.write_all(req).unwrap();
@@ -120,7 +136,7 @@ fn run(server: &PathBuf, n: usize) {
         }
     }
     println!(
-        "| {n} | {} | {} ms | {:.1} µs | {:.0} ms | {answered}/{n} |",
+        "| {n} | {} | {} ms | {:.1} µs | {:.0} ms | {exited} | {answered}/{n} |",
         report.handed_over,
         report.drain_ms,
         report.drain_ms as f64 * 1000.0 / report.handed_over.max(1) as f64,
@@ -128,8 +144,6 @@ fn run(server: &PathBuf, n: usize) {
     );
     drop(conns);
     let _ = baton_sys::process::kill(report.new_pid, rustix::process::Signal::KILL);
-    let _ = child.kill();
-    let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
