@@ -39,44 +39,42 @@ fn profile_dir() -> PathBuf {
 /// into this test's target directory and profile. `BATON_BIN` overrides.
 pub fn baton_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("BATON_BIN") {
-            return PathBuf::from(p);
-        }
-        let profile_dir = profile_dir();
-        let target_dir = profile_dir.parent().expect("target directory");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_owned(),
-            Some(other) => other.to_owned(),
-        };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = crate::output(
-            Command::new(cargo)
-                .args([
-                    "build",
-                    "-q",
-                    "-p",
-                    "baton-cli",
-                    "--bin",
-                    "baton",
-                    "--profile",
-                ])
-                .arg(&profile)
-                .arg("--target-dir")
-                .arg(target_dir)
-                .current_dir(workspace_root()),
-        )
-        .expect("running cargo build -p baton-cli");
-        assert!(
-            out.status.success(),
-            "cargo build -p baton-cli failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let p = profile_dir.join("baton");
-        assert!(p.exists(), "{} was not built", p.display());
-        p
-    })
-    .clone()
+    BIN.get_or_init(|| built_bin("baton-cli", "baton", "BATON_BIN"))
+        .clone()
+}
+
+/// Binary `bin` of workspace package `package`, built now with `cargo
+/// build` into this test's target directory and profile (a no-op when it is
+/// up to date), unless the environment variable `override_var` names one.
+/// Callers keep the result in a `OnceLock`: one build per test process.
+pub fn built_bin(package: &str, bin: &str, override_var: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(override_var) {
+        return PathBuf::from(p);
+    }
+    let profile_dir = profile_dir();
+    let target_dir = profile_dir.parent().expect("target directory");
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_owned(),
+        Some(other) => other.to_owned(),
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = crate::output(
+        Command::new(cargo)
+            .args(["build", "-q", "-p", package, "--bin", bin, "--profile"])
+            .arg(&profile)
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(workspace_root()),
+    )
+    .unwrap_or_else(|e| panic!("running cargo build -p {package}: {e}"));
+    assert!(
+        out.status.success(),
+        "cargo build -p {package} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = profile_dir.join(bin);
+    assert!(p.exists(), "{} was not built", p.display());
+    p
 }
 
 /// A tool in the repository's Python venv (`.venv/bin/NAME`); a missing

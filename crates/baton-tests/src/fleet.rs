@@ -28,58 +28,13 @@ pub fn venv_tool(name: &str) -> PathBuf {
     p
 }
 
-/// The target profile directory the tests run from (`target/debug`).
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().expect("test binary directory");
-    if dir.ends_with("deps") {
-        dir.parent().expect("profile directory").to_path_buf()
-    } else {
-        dir.to_path_buf()
-    }
-}
-
 /// The `baton-sidecar` binary, built on first use into this test's target
 /// directory and profile (`cargo nextest run -p baton-tests` does not build
 /// other packages' binaries). `BATON_SIDECAR_BIN` overrides.
 pub fn sidecar_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("BATON_SIDECAR_BIN") {
-            return PathBuf::from(p);
-        }
-        let profile_dir = profile_dir();
-        let target_dir = profile_dir.parent().expect("target directory");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_owned(),
-            Some(other) => other.to_owned(),
-        };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = crate::output(
-            Command::new(cargo)
-                .args([
-                    "build",
-                    "-q",
-                    "-p",
-                    "baton-sidecar",
-                    "--bin",
-                    "baton-sidecar",
-                ])
-                .arg("--profile")
-                .arg(&profile)
-                .arg("--target-dir")
-                .arg(target_dir)
-                .current_dir(crate::apps::workspace_root()),
-        )
-        .expect("running cargo build -p baton-sidecar");
-        assert!(
-            out.status.success(),
-            "cargo build -p baton-sidecar failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let p = profile_dir.join("baton-sidecar");
-        assert!(p.exists(), "{} was not built", p.display());
-        p
+        crate::apps::built_bin("baton-sidecar", "baton-sidecar", "BATON_SIDECAR_BIN")
     })
     .clone()
 }
