@@ -203,7 +203,8 @@ impl Registry {
                     ),
                 ));
             }
-            if !same_address(e.kind, &e.fd, addr) && strict_address {
+            let moved = !same_address(e.kind, &e.fd, addr);
+            if moved && strict_address {
                 return Err(Error::listener(
                     name,
                     format!(
@@ -213,7 +214,7 @@ impl Registry {
                     ),
                 ));
             }
-            if !same_address(e.kind, &e.fd, addr) {
+            if moved {
                 tracing::warn!(
                     listener = name,
                     inherited = %describe_fd(e.kind, &e.fd),
