@@ -20,6 +20,18 @@ prepare_baton() {   # baton-demo, bench-handoff, bench-spawn, baton (release, or
   [[ -x $BIN/baton-demo ]] || { fail baton-demo "no baton-demo in ${BIN_DIR:-$CARGO_TARGET/release}"; return 1; }
 }
 
+# baton-demo linked statically (the spawn scenario compares its upgrades with
+# the default dynamic build's): $BIN/baton-demo-static, or nothing.
+prepare_demo_static() {
+  log "building baton-demo statically (scripts/build-static.sh baton-demo)"
+  local static
+  if static=$("$ROOT/scripts/build-static.sh" baton-demo 2>"$RUN/build-static-demo.log"); then
+    cp "$static" "$BIN/baton-demo-static"
+  else
+    fail spawn "scripts/build-static.sh baton-demo failed: $(tail -1 "$RUN/build-static-demo.log")"
+  fi
+}
+
 # `baton run` in the two builds the memory scenario compares: the static one
 # (scripts/build-static.sh; the one the other scenarios use) and a plain
 # `cargo install` (dynamic, the default release build).
@@ -124,7 +136,8 @@ start_peer() {
       # --no-state: none of the peers carries state; the demo's own state
       # handoff is measured in docs/state.md.
       # shellcheck disable=SC2086
-      "${ON_SRV[@]}" "$BIN/baton-demo" --listen "127.0.0.1:$port" --pid-file "$dir/pid" \
+      # DEMO_BIN: another build of it (the spawn scenario's static one)
+      "${ON_SRV[@]}" "${DEMO_BIN:-$BIN/baton-demo}" --listen "127.0.0.1:$port" --pid-file "$dir/pid" \
         --control "$dir/ctl/ctl.sock" --no-state --log warn ${EXTRA:-} >>"$dir/log" 2>&1 &
       ;;
     plain)

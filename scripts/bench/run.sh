@@ -26,7 +26,8 @@
 #   handoff   bench-handoff: 1k and 10k idle connections handed over
 #   spawn     bench-spawn (fork+pre_exec vs posix_spawn) at 20 and 2048 MiB
 #             resident, and trigger -> ready of baton-demo --ballast-mib 20
-#             vs 2048, 20 upgrades each, alternating
+#             vs 2048, in the default (dynamic) build and, in a full run, the
+#             static one (scripts/build-static.sh), 20 upgrades each, rotating
 #   h2        Node's http2 client (16 sessions x 8 streams, h2c) through 2
 #             upgrades per round: ok/refused/retry/failed streams per upgrade
 #   memory    RSS of baton-demo and of the plain server; the `baton run`
@@ -378,12 +379,22 @@ if want spawn && usable baton-demo; then
     fail spawn "no bench-spawn binary"
   fi
   # trigger -> ready of baton-demo with a small and a large resident set,
-  # upgrades alternating between the two
-  sdirs=() sargs=() sizes=($BALLAST)
-  for mib in "${sizes[@]}"; do
-    newdir "baton-demo-ballast-$mib"; dir=$NEWDIR; port=$(free_port)
-    EXTRA="--ballast-mib $mib" start_peer baton-demo "$dir" "$port" || { fail spawn "baton-demo --ballast-mib $mib did not start"; }
-    sdirs+=("$dir"); sargs+=("$(printf '%q ' "${PEER_ARGS[@]}")")
+  # in the default (dynamic) build and, in a full run, the static one too;
+  # upgrades rotate among them
+  builds=(dynamic)
+  if [[ $QUICK == 0 && -z $BIN_DIR ]]; then
+    prepare_demo_static
+    [[ -x $BIN/baton-demo-static ]] && builds+=(static)
+  fi
+  sdirs=() sargs=() sizes=() sbuilds=()
+  for build in "${builds[@]}"; do
+    for mib in $BALLAST; do
+      newdir "baton-demo-$build-ballast-$mib"; dir=$NEWDIR; port=$(free_port)
+      demo=$BIN/baton-demo; [[ $build == static ]] && demo=$BIN/baton-demo-static
+      DEMO_BIN=$demo EXTRA="--ballast-mib $mib" start_peer baton-demo "$dir" "$port" \
+        || { fail spawn "baton-demo ($build) --ballast-mib $mib did not start"; }
+      sdirs+=("$dir"); sargs+=("$(printf '%q ' "${PEER_ARGS[@]}")"); sizes+=("$mib"); sbuilds+=("$build")
+    done
   done
   # what one of the probe's ready polls costs by itself, on the idle server
   eval "pargs=(${sargs[0]})"
@@ -397,7 +408,7 @@ if want spawn && usable baton-demo; then
     done
   done
   for i in "${!sizes[@]}"; do
-    record kind=spawn_ready mib="${sizes[$i]}" file="${sdirs[$i]}/latency.jsonl"
+    record kind=spawn_ready mib="${sizes[$i]}" build="${sbuilds[$i]}" file="${sdirs[$i]}/latency.jsonl"
     stop_peer "${sdirs[$i]}"
   done
 fi
