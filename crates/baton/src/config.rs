@@ -242,6 +242,26 @@ impl fmt::Display for ListenAddr {
 }
 
 impl ListenAddr {
+    /// Whether `fd` is a socket bound to this address (a TCP address with
+    /// port 0 matches any port on its IP). For an inherited socket: is it
+    /// still the one the configuration names?
+    ///
+    /// ```no_run
+    /// # use std::os::fd::AsFd;
+    /// let addr: baton::ListenAddr = "127.0.0.1:8080".parse()?;
+    /// let listener = std::net::TcpListener::bind("127.0.0.1:8080")?;
+    /// assert!(addr.is_bound_by(listener.as_fd()));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn is_bound_by(&self, fd: std::os::fd::BorrowedFd<'_>) -> bool {
+        match self {
+            ListenAddr::Tcp(a) => baton_sys::socket::tcp_local_addr(fd)
+                .is_ok_and(|got| got == *a || (a.port() == 0 && got.ip() == a.ip())),
+            ListenAddr::Unix(p) => baton_sys::socket::unix_local_path(fd)
+                .is_ok_and(|got| got.as_deref() == Some(p.as_path())),
+        }
+    }
+
     /// A listener name derived from this address, for listeners given
     /// without one: `http-` then the address, each run of characters a name
     /// cannot hold replaced by one `-`, an IPv6 address's colons by `_`

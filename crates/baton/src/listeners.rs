@@ -97,16 +97,6 @@ fn describe_fd(kind: ListenerKind, fd: &OwnedFd) -> String {
     }
 }
 
-fn same_address(kind: ListenerKind, fd: &OwnedFd, want: &ListenAddr) -> bool {
-    match (kind, want) {
-        (ListenerKind::Tcp, ListenAddr::Tcp(a)) => sys::socket::tcp_local_addr(fd.as_fd())
-            .is_ok_and(|got| got == *a || (a.port() == 0 && got.ip() == a.ip())),
-        (ListenerKind::Unix, ListenAddr::Unix(p)) => sys::socket::unix_local_path(fd.as_fd())
-            .is_ok_and(|got| got.as_deref() == Some(p.as_path())),
-        _ => false,
-    }
-}
-
 impl Registry {
     pub(crate) fn new(backlog: i32) -> Self {
         Registry {
@@ -181,7 +171,7 @@ impl Registry {
                     && (e.name == "unknown"
                         || e.name.starts_with("unknown#")
                         || e.name.starts_with("LISTEN_FD_"))
-                    && same_address(e.kind, &e.fd, addr)
+                    && addr.is_bound_by(e.fd.as_fd())
             })
         });
         if let Some(i) = pos {
@@ -203,7 +193,7 @@ impl Registry {
                     ),
                 ));
             }
-            let moved = !same_address(e.kind, &e.fd, addr);
+            let moved = !addr.is_bound_by(e.fd.as_fd());
             if moved && strict_address {
                 return Err(Error::listener(
                     name,

@@ -277,13 +277,13 @@ impl ListenerSet {
                 .or_else(|| {
                     inherited.iter().position(|(n, fd, _)| {
                         (n == "unknown" || n.starts_with("LISTEN_FD_"))
-                            && same_address(fd, &spec.addr)
+                            && spec.addr.is_bound_by(fd.as_fd())
                     })
                 });
             if let Some(i) = pos {
                 let (_, fd, kind) = inherited.remove(i);
                 let addr = describe(&fd, kind)?;
-                if !same_address(&fd, &spec.addr) {
+                if !spec.addr.is_bound_by(fd.as_fd()) {
                     if !spec.named && spec.name != baton::DEFAULT_LISTENER_NAME {
                         return Err(format!(
                             "listener '{}': systemd passed a socket of that name listening on {addr}, \
@@ -522,15 +522,6 @@ fn describe(fd: &OwnedFd, kind: sys::socket::SocketKind) -> Result<ListenAddr, O
                 .flatten()
                 .unwrap_or_else(|| PathBuf::from("<unnamed>")),
         )),
-    }
-}
-
-fn same_address(fd: &OwnedFd, want: &ListenAddr) -> bool {
-    match want {
-        ListenAddr::Tcp(a) => sys::socket::tcp_local_addr(fd.as_fd())
-            .is_ok_and(|got| got == *a || (a.port() == 0 && got.ip() == a.ip())),
-        ListenAddr::Unix(p) => sys::socket::unix_local_path(fd.as_fd())
-            .is_ok_and(|got| got.as_deref() == Some(p.as_path())),
     }
 }
 
