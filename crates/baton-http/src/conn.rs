@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use baton::{HandoffConn, Phase, Stream};
 use bytes::Bytes;
@@ -227,8 +227,16 @@ where
         .h1
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
-    let rx = shared.baton.phase_watch();
+    // The phase is read at every wake (each request wakes this task a few
+    // times): from the lock-free cell, not the watch. The watch only wakes
+    // us; its future is re-polled only when it may have something to say.
+    let cell = shared.baton.phase_cell();
+    let mut rx = shared.baton.phase_watch();
     let mut phase_fut = next_phase_change(rx.clone());
+    // The waker `phase_fut` registered on its last poll. While it is still
+    // this task's and the watch has not changed, polling `phase_fut` again
+    // would only take the watch's waiter lock to learn nothing.
+    let mut armed: Option<Waker> = None;
     let mut closing = false;
     // Idle at a request boundary: hyper flushed everything, has no request
     // in flight and is blocked reading the next one (its last read found
@@ -246,7 +254,7 @@ where
             // Woken by a phase change with hyper idle since its last poll:
             // detach *before* hyper gets a chance to read the next request
             // (in the exact state mode it must not be served here).
-            if polled_once && !closing && idle_for_handoff(*rx.borrow()) {
+            if polled_once && !closing && idle_for_handoff(cell.get()) {
                 return Poll::Ready(H1End::Detach);
             }
             polled_once = true;
@@ -260,7 +268,7 @@ where
             }
             // hyper is waiting. Decide in this same poll, so nothing can
             // slip in between the check and the action.
-            let phase = *rx.borrow();
+            let phase = cell.get();
             if phase.is_draining() && !closing {
                 let busy = in_flight.load(Ordering::SeqCst) > 0;
                 let handoff =
@@ -282,12 +290,23 @@ where
                     continue;
                 }
             }
+            let still_armed = armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if still_armed && rx.has_changed().is_ok_and(|changed| !changed) {
+                return Poll::Pending;
+            }
             match phase_fut.as_mut().poll(cx) {
                 Poll::Ready(rx2) => {
+                    rx.borrow_and_update();
                     phase_fut = next_phase_change(rx2);
+                    armed = None;
                     continue;
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if !still_armed {
+                        armed = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     })

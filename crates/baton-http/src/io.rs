@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 use baton::{Phase, Stream};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::watch;
 
 /// What the connection task needs to see while hyper owns the I/O.
 #[derive(Debug)]
@@ -100,14 +99,14 @@ pub(crate) struct ConnIo<T = Stream> {
     flags: Arc<IoFlags>,
     /// While the generation is quiesced (exact state snapshot) reads are
     /// held: no new request starts. The connection task re-polls on every
-    /// phase change.
-    phase: watch::Receiver<Phase>,
+    /// phase change. Asked at every read: the lock-free copy of the phase.
+    phase: baton::PhaseCell,
     _token: baton::ConnectionToken,
 }
 
 impl<T> ConnIo<T> {
     pub(crate) fn new(stream: T, prefix: Bytes, baton: &baton::Baton) -> Self {
-        let (token, phase) = (baton.connection_token(), baton.phase_watch());
+        let (token, phase) = (baton.connection_token(), baton.phase_cell());
         ConnIo {
             stream,
             replay: BytesMut::from(&prefix[..]),
@@ -119,7 +118,7 @@ impl<T> ConnIo<T> {
 
     /// Reads are held (exact state snapshot in progress).
     pub(crate) fn reads_held(&self) -> bool {
-        *self.phase.borrow() == Phase::Quiesced
+        self.phase.get() == Phase::Quiesced
     }
 
     /// The flags, to read while hyper owns this I/O.

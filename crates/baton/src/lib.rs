@@ -110,7 +110,7 @@ pub use control::{UpgradeOptions, UpgradeReport};
 pub use error::Error;
 pub use generation::Baton;
 pub use handoff::HandoffConn;
-pub use lifecycle::{Activity, ConnectionToken, DrainSignal, Phase};
+pub use lifecycle::{Activity, ConnectionToken, DrainSignal, Phase, PhaseCell};
 pub use listeners::{
     ListenFds, Listener, ListenerInfo, Stream, StreamAddr, bind_unix as bind_unix_listener,
 };

@@ -4,7 +4,7 @@
 //! [`ConnectionToken`]s).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -34,6 +34,16 @@ pub enum Phase {
 }
 
 impl Phase {
+    const ALL: [Phase; 7] = [
+        Phase::Starting,
+        Phase::Serving,
+        Phase::Quiesced,
+        Phase::Observing,
+        Phase::Handover,
+        Phase::ShuttingDown,
+        Phase::Done,
+    ];
+
     /// True when connections should wind down (hand over or close).
     pub fn is_draining(self) -> bool {
         matches!(self, Phase::Handover | Phase::ShuttingDown | Phase::Done)
@@ -96,6 +106,39 @@ impl Acceptors {
     }
 }
 
+/// The current [`Phase`], readable without a lock: a copy kept beside the
+/// phase watch and updated before each change is announced on it, so a
+/// task the watch wakes reads the new phase here. For per-request paths
+/// (every read of a connection asks whether reads are held); wait for
+/// changes with [`Baton::phase_watch`](crate::Baton::phase_watch).
+///
+/// ```no_run
+/// # async fn f(baton: baton::Baton) {
+/// let phase = baton.phase_cell();
+/// if phase.get() == baton::Phase::Quiesced {
+///     // an exact state snapshot is being taken: start nothing new
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PhaseCell(Arc<AtomicU8>);
+
+impl PhaseCell {
+    fn new(p: Phase) -> Self {
+        PhaseCell(Arc::new(AtomicU8::new(p as u8)))
+    }
+
+    /// The phase now.
+    pub fn get(&self) -> Phase {
+        let i = usize::from(self.0.load(Ordering::Acquire));
+        Phase::ALL.get(i).copied().unwrap_or(Phase::Done)
+    }
+
+    fn set(&self, p: Phase) {
+        self.0.store(p as u8, Ordering::Release);
+    }
+}
+
 /// What a [`Listener`](crate::Listener) needs to gate its accepts.
 #[derive(Debug, Clone)]
 pub(crate) struct AcceptGate {
@@ -110,6 +153,7 @@ pub(crate) const ACCEPTORS_QUIET_LIMIT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub(crate) struct Lifecycle {
     phase: watch::Sender<Phase>,
+    cell: PhaseCell,
     tracker: TaskTracker,
     acceptors: Arc<Acceptors>,
 }
@@ -118,6 +162,7 @@ impl Lifecycle {
     pub(crate) fn new() -> Self {
         Lifecycle {
             phase: watch::Sender::new(Phase::Starting),
+            cell: PhaseCell::new(Phase::Starting),
             tracker: TaskTracker::new(),
             acceptors: Arc::new(Acceptors::default()),
         }
@@ -128,6 +173,8 @@ impl Lifecycle {
     }
 
     pub(crate) fn set(&self, p: Phase) {
+        // The cell first: whoever the watch wakes must read the new phase.
+        self.cell.set(p);
         let old = self.phase.send_replace(p);
         if old != p {
             tracing::debug!(from = old.as_str(), to = p.as_str(), "phase");
@@ -141,6 +188,10 @@ impl Lifecycle {
             }
             Phase::Done => {}
         }
+    }
+
+    pub(crate) fn cell(&self) -> PhaseCell {
+        self.cell.clone()
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<Phase> {
@@ -285,5 +336,30 @@ impl Activity {
         if status >= 500 {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_phase_cell_holds_every_phase() {
+        let cell = PhaseCell::new(Phase::Starting);
+        for (i, p) in Phase::ALL.iter().enumerate() {
+            assert_eq!(*p as usize, i, "Phase::ALL is in declaration order");
+            cell.set(*p);
+            assert_eq!(cell.get(), *p);
+        }
+    }
+
+    #[test]
+    fn the_cell_has_the_new_phase_when_the_watch_announces_it() {
+        let life = Lifecycle::new();
+        let (cell, mut rx) = (life.cell(), life.subscribe());
+        life.set(Phase::Quiesced);
+        assert!(rx.has_changed().unwrap_or(false));
+        assert_eq!(*rx.borrow_and_update(), Phase::Quiesced);
+        assert_eq!(cell.get(), Phase::Quiesced);
     }
 }

@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::handoff::HandoffConn;
 use crate::handoff::recv::{PeerEvent, Promotion};
 use crate::inner::{Inner, lock};
-use crate::lifecycle::{Activity, ConnectionToken, DrainSignal, Phase};
+use crate::lifecycle::{Activity, ConnectionToken, DrainSignal, Phase, PhaseCell};
 use crate::listeners::Listener;
 use crate::protocol::ReadyInfo;
 use crate::spawn::ENV_OOM_SCORE_ADJ;
@@ -335,6 +335,11 @@ impl Baton {
     /// A watch of this generation's phase.
     pub fn phase_watch(&self) -> watch::Receiver<Phase> {
         self.inner.life.subscribe()
+    }
+
+    /// This generation's phase, readable without a lock (see [`PhaseCell`]).
+    pub fn phase_cell(&self) -> PhaseCell {
+        self.inner.life.cell()
     }
 
     /// Resolve when this generation is finished and the process should
