@@ -51,6 +51,9 @@
 //!   is zeroized.
 //! * [`Opened::Incomplete`] at the end of the stream is a truncation: close
 //!   the connection (without reading it as a clean close).
+//! * [`Content::Data`] may be empty (TLS allows empty records): it is not
+//!   the end of the stream. More than [`MAX_EMPTY_IN_A_ROW`] in a row are
+//!   refused, as rustls does.
 
 // The connection integration (the next step of issue 16) is the first user;
 // until then only the tests call this module.
@@ -69,7 +72,7 @@ use rustls::AlertDescription;
 use crate::Error;
 // The outcome types are named by callers only (the tests, for now).
 #[cfg_attr(not(test), allow(unused_imports))]
-pub(crate) use open::{CannotFollow, Content, Opened, Opener};
+pub(crate) use open::{CannotFollow, Content, MAX_EMPTY_IN_A_ROW, Opened, Opener};
 pub(crate) use seal::Sealer;
 pub(crate) use secret::TrafficSecret;
 

@@ -68,7 +68,13 @@ pub(crate) struct Opener {
     secret: TrafficSecret,
     key: AeadKey,
     closed: bool,
+    /// Empty application-data records in a row (see [`MAX_EMPTY_IN_A_ROW`]).
+    empty_in_a_row: u8,
 }
+
+/// Empty application-data records accepted in a row, as rustls does: they
+/// are legal, but an endless run of them makes no progress for the reader.
+pub(crate) const MAX_EMPTY_IN_A_ROW: u8 = 32;
 
 impl Opener {
     /// An opener continuing `secret` at its sequence number.
@@ -81,6 +87,7 @@ impl Opener {
             key: secret.aead_key()?,
             secret,
             closed: false,
+            empty_in_a_row: 0,
         })
     }
 
@@ -242,9 +249,22 @@ impl Opener {
     }
 
     /// What an authenticated record's plaintext means.
-    fn content<'a>(&self, typ: ContentType, plain: &'a [u8]) -> Result<Content<'a>, RecordError> {
+    fn content<'a>(
+        &mut self,
+        typ: ContentType,
+        plain: &'a [u8],
+    ) -> Result<Content<'a>, RecordError> {
         match typ {
-            ContentType::ApplicationData => Ok(Content::Data(plain)),
+            ContentType::ApplicationData => {
+                if !plain.is_empty() {
+                    self.empty_in_a_row = 0;
+                } else if self.empty_in_a_row == MAX_EMPTY_IN_A_ROW {
+                    return Err(RecordError::UnexpectedMessage);
+                } else {
+                    self.empty_in_a_row += 1;
+                }
+                Ok(Content::Data(plain))
+            }
             ContentType::Alert => match plain {
                 // RFC 8446 6: only the description matters (every alert
                 // but close_notify and user_canceled is an error alert,

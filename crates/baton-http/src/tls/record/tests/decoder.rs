@@ -6,8 +6,8 @@ use rustls::{AlertDescription, ContentType};
 
 use super::{ALL, Content, Opened, RecordError, hex, open_all, opener, sealer};
 use crate::tls::record::{
-    AES_GCM_RECORD_LIMIT, CLOSE_MARGIN, CannotFollow, Cipher, HEADER_LEN, MAX_FRAGMENT, Opener,
-    Sealer, TrafficSecret, Version,
+    AES_GCM_RECORD_LIMIT, CLOSE_MARGIN, CannotFollow, Cipher, HEADER_LEN, MAX_EMPTY_IN_A_ROW,
+    MAX_FRAGMENT, Opener, Sealer, TrafficSecret, Version,
 };
 
 /// One record of type `typ` carrying `plain`, sealed at `seq`.
@@ -124,6 +124,34 @@ fn tls13_inner_plaintext_padding_is_removed_and_all_padding_is_refused() {
         );
         let wire = record(v, c, 0, ContentType::from(0), b"\0\0\0");
         assert_eq!(open_one(v, c, 0, &wire), "Err(UnexpectedMessage)");
+    }
+}
+
+#[test]
+fn empty_records_are_data_but_an_endless_run_of_them_is_refused() {
+    for (v, c) in ALL {
+        let mut s = sealer(v, c, 0);
+        let mut wire = Vec::new();
+        let n = usize::from(MAX_EMPTY_IN_A_ROW);
+        // A run of the most allowed, broken by data, twice; then one too many.
+        for _ in 0..2 {
+            for _ in 0..n {
+                s.seal_record(ContentType::ApplicationData, b"", &mut wire)
+                    .unwrap();
+            }
+            s.seal_data(b"x", &mut wire).unwrap();
+        }
+        for _ in 0..=n {
+            s.seal_record(ContentType::ApplicationData, b"", &mut wire)
+                .unwrap();
+        }
+        let (data, end) = open_all(&mut opener(v, c, 0), &wire, 1000);
+        assert_eq!(data, b"xx", "{v:?} {c:?}");
+        assert_eq!(
+            end,
+            Some(Err(RecordError::UnexpectedMessage)),
+            "{v:?} {c:?}"
+        );
     }
 }
 
