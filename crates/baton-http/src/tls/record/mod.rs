@@ -217,7 +217,17 @@ impl RecordError {
 /// `(opener, sealer)`.
 ///
 /// `version` is `protocol_version()` of the connection, read before the
-/// extraction (which consumes it).
+/// extraction (which consumes it, even when it fails).
+///
+/// What must hold before extracting, or bytes are lost (rustls checks only
+/// the first; `tests/against_rustls.rs` pins all three):
+/// * nothing left to send (`!wants_write()`; TLS 1.3 session tickets
+///   included): otherwise the extraction fails and the connection is gone;
+/// * no plaintext received and not read (`plaintext_bytes_to_read() == 0`
+///   after `process_new_packets`): rustls counts its records in the
+///   sequence number and drops the plaintext;
+/// * no partial record inside rustls: give it whole records only
+///   ([`whole_records`]) and keep the rest for the [`Opener`].
 ///
 /// # Errors
 /// [`Error::Tls`] for a version or cipher this layer does not carry.
@@ -231,6 +241,21 @@ pub(crate) fn continue_session(
     let opener = Opener::new(version, TrafficSecret::from_rustls(rx, rx_seq)?)?;
     let sealer = Sealer::new(version, TrafficSecret::from_rustls(tx, tx_seq)?)?;
     Ok((opener, sealer))
+}
+
+/// How many bytes at the start of `buf` are whole records, by their headers
+/// alone (nothing is authenticated): what may be given to rustls before its
+/// secrets are extracted, so that no partial record is left inside it.
+pub(crate) fn whole_records(buf: &[u8]) -> usize {
+    let mut at = 0;
+    while let Some(&[_, _, _, hi, lo]) = buf.get(at..at + HEADER_LEN) {
+        let len = HEADER_LEN + usize::from(u16::from_be_bytes([hi, lo]));
+        if buf.len() - at < len {
+            break;
+        }
+        at += len;
+    }
+    at
 }
 
 /// The TLS 1.3 / ChaCha20 nonce: the IV with the sequence number xored into

@@ -17,7 +17,9 @@ use rustls::{
 };
 
 use super::{Content, Opened, open_all};
-use crate::tls::record::{CannotFollow, Opener, Sealer, TrafficSecret, Version, continue_session};
+use crate::tls::record::{
+    CannotFollow, Opener, Sealer, TrafficSecret, Version, continue_session, whole_records,
+};
 
 /// A 2048-bit RSA key made with `openssl genpkey` for these tests only: ring
 /// cannot generate RSA keys, and the ECDHE_RSA suites need one.
@@ -143,13 +145,12 @@ fn client_records(client: &mut ClientConnection, data: &[u8]) -> Vec<u8> {
 }
 
 /// Before extraction: a handshake, then `exchanges` request/response pairs
-/// through rustls on both sides. Returns the client, and the server's
-/// record layer from the extracted secrets.
-fn handshake_then_extract(
+/// through rustls on both sides.
+fn handshake(
     suite: SupportedCipherSuite,
     kind: KeyKind,
     exchanges: usize,
-) -> (ClientConnection, Opener, Sealer) {
+) -> (ClientConnection, ServerConnection) {
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites = vec![suite];
     let provider = Arc::new(provider);
@@ -185,8 +186,23 @@ fn handshake_then_extract(
         server.writer().write_all(response.as_bytes()).unwrap();
         assert_eq!(transfer(&mut server, &mut client).1, response.as_bytes());
     }
-    // What must hold before extracting: nothing left to send, nothing
-    // received and not yet read (rustls would drop it).
+    (client, server)
+}
+
+/// [`handshake`], then the server's record layer from its extracted secrets.
+fn handshake_then_extract(
+    suite: SupportedCipherSuite,
+    kind: KeyKind,
+    exchanges: usize,
+) -> (ClientConnection, Opener, Sealer) {
+    let (client, server) = handshake(suite, kind, exchanges);
+    let (opener, sealer) = extract(server);
+    (client, opener, sealer)
+}
+
+/// The server's record layer, after checking what must hold before
+/// extracting: nothing left to send, nothing received and not yet read.
+fn extract(mut server: ServerConnection) -> (Opener, Sealer) {
     assert!(!server.wants_write());
     assert_eq!(
         server
@@ -197,8 +213,7 @@ fn handshake_then_extract(
     );
     let version = server.protocol_version().unwrap();
     let secrets = server.dangerous_extract_secrets().unwrap();
-    let (opener, sealer) = continue_session(version, secrets).unwrap();
-    (client, opener, sealer)
+    continue_session(version, secrets).unwrap()
 }
 
 /// The next upgrade: the secrets leave the layer (sequence numbers
@@ -313,4 +328,74 @@ differential! {
         cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384, KeyKind::Rsa;
     against_rustls_tls12_ecdhe_rsa_chacha20_poly1305:
         cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256, KeyKind::Rsa;
+}
+
+// What the connection integration must hold before extracting, pinned
+// against rustls itself: a rustls upgrade that changes it fails here.
+
+#[test]
+fn extracting_with_records_still_to_send_fails_and_the_connection_is_gone() {
+    let (_client, mut server) = handshake(cs::TLS13_AES_128_GCM_SHA256, KeyKind::Ecdsa, 0);
+    server.writer().write_all(b"not yet sent").unwrap();
+    assert!(server.wants_write());
+    // Consumed by value: on this error there is no connection left to
+    // flush or to close politely.
+    assert!(server.dangerous_extract_secrets().is_err());
+}
+
+#[test]
+fn extracting_with_unread_plaintext_succeeds_and_loses_it() {
+    for suite in [
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    ] {
+        let (mut client, mut server) = handshake(suite, KeyKind::Ecdsa, 0);
+        let wire = client_records(&mut client, b"unread");
+        server.read_tls(&mut &wire[..]).unwrap();
+        let state = server.process_new_packets().unwrap();
+        assert_eq!(state.plaintext_bytes_to_read(), 6);
+        let version = server.protocol_version().unwrap();
+        // rustls does not refuse: the record is counted, its plaintext
+        // dropped. Only the caller's check prevents the loss.
+        let secrets = server.dangerous_extract_secrets().unwrap();
+        let (mut opener, _) = continue_session(version, secrets).unwrap();
+        // The record is behind the extracted sequence number: replayed to
+        // our layer it fails; the 6 bytes exist nowhere any more.
+        let mut again = wire.clone();
+        assert_eq!(
+            opener.open(&mut again),
+            Err(super::RecordError::BadRecordMac)
+        );
+    }
+}
+
+#[test]
+fn feeding_rustls_whole_records_only_leaves_the_rest_to_the_opener() {
+    for suite in [
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    ] {
+        let kind = if suite.version() == &rustls::version::TLS13 {
+            KeyKind::Ecdsa
+        } else {
+            KeyKind::Rsa
+        };
+        let (mut client, mut server) = handshake(suite, kind, 1);
+        let first = client_records(&mut client, b"first");
+        let second = client_records(&mut client, b"second, split by the network");
+        let wire = [&first[..], &second[..]].concat();
+        // What a read returned: the first record and part of the second.
+        let read = &wire[..first.len() + 7];
+        let whole = whole_records(read);
+        assert_eq!(whole, first.len());
+        assert_eq!(feed(&mut server, &read[..whole]), b"first");
+        let (mut opener, _) = extract(server);
+        // The partial record (and what arrives after) goes to our layer.
+        let (data, end) = open_all(&mut opener, &wire[whole..], 5);
+        assert_eq!(end, None);
+        assert_eq!(data, b"second, split by the network");
+    }
+    assert_eq!(whole_records(&[]), 0);
+    assert_eq!(whole_records(&[23, 3, 3, 0]), 0);
+    assert_eq!(whole_records(&[23, 3, 3, 0, 0, 23, 3, 3, 0, 1]), 5);
 }
