@@ -113,10 +113,9 @@ fn forbidden_content_from_a_client_is_unexpected_message() {
 #[test]
 fn tls13_inner_plaintext_padding_is_removed_and_all_padding_is_refused() {
     for (v, c) in ALL.into_iter().filter(|(v, _)| *v == Version::Tls13) {
-        // Inner plaintext "hi" ‖ application_data ‖ 3 zeros, sealed as a
-        // TLS 1.2-style body under the TLS 1.3 outer type: build it by
-        // sealing "hi\x17\0\0" as content of type 0 (the inner type byte
-        // our sealer appends is the zero padding's last byte).
+        // Our sealer appends the content type it is given to the inner
+        // plaintext; type 0 makes it one more padding byte, so this is
+        // "hi" ‖ application_data ‖ three zeros.
         let wire = record(v, c, 0, ContentType::from(0), b"hi\x17\0\0");
         assert!(
             open_one(v, c, 0, &wire).contains("Data([104, 105])"),
