@@ -45,6 +45,7 @@
 //! serving the old certificate.
 
 mod conn;
+pub(crate) mod record;
 mod tickets;
 
 use std::path::{Path, PathBuf};
