@@ -110,6 +110,7 @@ pub use control::{UpgradeOptions, UpgradeReport};
 pub use error::Error;
 pub use generation::Baton;
 pub use handoff::HandoffConn;
+pub use handoff::owned::{OWNED_CLOSE_GRACE, OwnedCheck, OwnedConn, OwnedGuard};
 pub use lifecycle::{Activity, ConnectionToken, DrainSignal, Phase};
 pub use listeners::{
     ListenFds, Listener, ListenerInfo, Stream, StreamAddr, bind_unix as bind_unix_listener,

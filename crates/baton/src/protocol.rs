@@ -32,13 +32,52 @@
 //!
 //! Every length is bounded; a decoded message is validated against the
 //! number of fds that arrived with it before anything acts on it.
+//!
+//! ## Revisions: how a release talks to the one before it
+//!
+//! The frame's version byte and `Hello::protocol` stay at
+//! [`PROTOCOL_VERSION`] 1: the first release refuses any other value, and an
+//! upgrade from or back to it must keep working. What later releases add is
+//! negotiated inside version 1, by *revision* ([`PROTOCOL_REVISION`]):
+//!
+//! * The old side announces its revision in a reserved state blob,
+//!   [`REVISION_BLOB`] (one byte), sent with the state. A revision-1 new
+//!   side keeps unknown blobs to itself (nobody imports that name), so the
+//!   announcement costs it nothing.
+//! * A new side that read revision ≥ 2 there says, before `Ready`, which
+//!   kinds of application-owned connection it takes (`Accepts`). It never
+//!   sends `Accepts` to a revision-1 peer, which could not decode it.
+//! * The old side sends `Owned` batches only to a new side that sent
+//!   `Accepts` naming their kind. A revision-1 new side never does, so it
+//!   never sees one; those connections stay and close at the drain deadline.
+//! * New variants are only ever appended to [`Msg`]: postcard numbers enum
+//!   variants by position, so every revision-1 message keeps its encoding
+//!   (a test pins those bytes).
+//!
+//! ```text
+//! State            ...  + blob "baton.protocol" = [revision]   (old → new)
+//! Accepts          ←  revision ≥ 2 on both sides: owned kinds taken
+//! Ready            ←
+//! ...
+//! Owned               app-owned connections of an accepted kind, ≤ 253 per
+//!                     batch, each with its unread bytes and a state blob
+//! ConnsAck | ConnsNack ← per batch, as for Conns (one batch numbering)
+//! ```
 
 use serde::{Deserialize, Serialize};
 
 use baton_sys::fd::SCM_MAX_FD;
 
-/// The protocol version this build speaks.
+/// The protocol version this build speaks (the frame's version byte and
+/// `Hello::protocol`): 1, the only one, kept so that the first release can
+/// still upgrade to and from this one (see the module docs).
 pub const PROTOCOL_VERSION: u8 = 1;
+/// The revision of version 1 this build speaks: 1 is the first release;
+/// 2 adds `Accepts` and `Owned` (application-owned connections).
+pub const PROTOCOL_REVISION: u8 = 2;
+/// Name of the reserved state blob in which the old side announces its
+/// revision (one byte). Never handed to the application.
+pub const REVISION_BLOB: &str = "baton.protocol";
 /// Frame magic.
 const MAGIC: &[u8; 3] = b"BTN";
 /// Largest datagram either side sends or accepts (fits the default Unix
@@ -56,6 +95,12 @@ pub const MAX_BLOBS: usize = 64;
 pub const MAX_INLINE_BLOB: usize = 64 * 1024;
 /// Largest already-read prefix that travels with one handed-over connection.
 pub const MAX_CONN_PREFIX: usize = 16 * 1024;
+/// Largest state blob that travels with one application-owned connection.
+pub const MAX_OWNED_STATE: usize = 4 * 1024;
+/// Longest name of a kind of application-owned connection.
+pub const MAX_KIND: usize = 64;
+/// Most kinds of application-owned connection one generation takes.
+pub const MAX_OWNED_KINDS: usize = 64;
 
 /// A handoff message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +172,40 @@ pub enum Msg {
         /// Why.
         reason: String,
     },
+    // Revision 2. Append only: postcard numbers variants by position.
+    /// New → old, before `Ready`, only to a peer of revision ≥ 2: the kinds
+    /// of application-owned connection this generation takes.
+    Accepts(Accepts),
+    /// Old → new: a batch of application-owned connections, one fd each, in
+    /// order; acknowledged with `ConnsAck` / `ConnsNack` like `Conns`.
+    Owned {
+        /// Batch number (shared with `Conns`), echoed in the acknowledgement.
+        batch: u32,
+        /// One entry per fd.
+        conns: Vec<OwnedMeta>,
+    },
+}
+
+/// What a new generation of revision ≥ 2 takes, sent with `Accepts`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepts {
+    /// Kinds of application-owned connection it registered a receiver for.
+    pub owned_kinds: Vec<String>,
+}
+
+/// One application-owned connection in an `Owned` batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedMeta {
+    /// Its kind (the receiver the new side registered).
+    pub kind: String,
+    /// The listener it was accepted on.
+    pub listener: String,
+    /// Bytes read from the socket and not processed (≤ [`MAX_CONN_PREFIX`]).
+    #[serde(with = "crate::state::as_bytes")]
+    pub unread: Vec<u8>,
+    /// The application's state for this connection (≤ [`MAX_OWNED_STATE`]).
+    #[serde(with = "crate::state::as_bytes")]
+    pub state: Vec<u8>,
 }
 
 /// Who is speaking.
@@ -309,6 +388,7 @@ pub fn fds_expected(msg: &Msg) -> usize {
             .filter(|b| matches!(b.data, BlobData::Memfd { .. }))
             .count(),
         Msg::Conns { conns, .. } => conns.len(),
+        Msg::Owned { conns, .. } => conns.len(),
         _ => 0,
     }
 }
@@ -317,6 +397,20 @@ fn check_name(what: &str, s: &str) -> Result<(), FrameError> {
     if s.is_empty() || s.len() > MAX_NAME {
         return Err(FrameError::Invalid(format!(
             "{what} must be 1..={MAX_NAME} bytes, got {}",
+            s.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A kind of application-owned connection: 1..=[`MAX_KIND`] bytes.
+///
+/// # Errors
+/// [`FrameError::Invalid`] otherwise.
+pub fn check_kind(s: &str) -> Result<(), FrameError> {
+    if s.is_empty() || s.len() > MAX_KIND {
+        return Err(FrameError::Invalid(format!(
+            "owned connection kind must be 1..={MAX_KIND} bytes, got {}",
             s.len()
         )));
     }
@@ -406,6 +500,41 @@ pub fn validate(msg: &Msg, nfds: usize) -> Result<(), FrameError> {
                 }
             }
         }
+        Msg::Accepts(a) => {
+            if a.owned_kinds.len() > MAX_OWNED_KINDS {
+                return Err(FrameError::Invalid(format!(
+                    "{} owned kinds (at most {MAX_OWNED_KINDS})",
+                    a.owned_kinds.len()
+                )));
+            }
+            for k in &a.owned_kinds {
+                check_kind(k)?;
+            }
+        }
+        Msg::Owned { conns, .. } => {
+            if conns.is_empty() || conns.len() > SCM_MAX_FD {
+                return Err(FrameError::Invalid(format!(
+                    "owned connection batch of {} (1..={SCM_MAX_FD})",
+                    conns.len()
+                )));
+            }
+            for c in conns {
+                check_kind(&c.kind)?;
+                check_name("listener name", &c.listener)?;
+                if c.unread.len() > MAX_CONN_PREFIX {
+                    return Err(FrameError::Invalid(format!(
+                        "owned connection unread bytes of {} exceed {MAX_CONN_PREFIX}",
+                        c.unread.len()
+                    )));
+                }
+                if c.state.len() > MAX_OWNED_STATE {
+                    return Err(FrameError::Invalid(format!(
+                        "owned connection state of {} bytes exceeds {MAX_OWNED_STATE}",
+                        c.state.len()
+                    )));
+                }
+            }
+        }
         Msg::WantState
         | Msg::Ready(_)
         | Msg::Promote
@@ -448,6 +577,8 @@ impl Msg {
             Msg::Conns { .. } => "Conns",
             Msg::ConnsAck { .. } => "ConnsAck",
             Msg::ConnsNack { .. } => "ConnsNack",
+            Msg::Accepts(_) => "Accepts",
+            Msg::Owned { .. } => "Owned",
         }
     }
 }
@@ -637,6 +768,102 @@ mod tests {
         };
         assert!(matches!(
             decode(&encode(&big_prefix).unwrap(), 1),
+            Err(FrameError::Invalid(_))
+        ));
+    }
+
+    /// Revision 2 appended its variants: every revision-1 message keeps the
+    /// bytes the first release sends and expects (postcard numbers variants
+    /// by position), so the two releases still understand each other.
+    #[test]
+    fn revision_one_messages_keep_their_bytes() {
+        let frames: Vec<(Msg, Vec<u8>)> = vec![
+            (Msg::WantState, vec![2]),
+            (
+                Msg::Ready(ReadyInfo {
+                    accepts_conns: true,
+                }),
+                vec![4, 1],
+            ),
+            (Msg::Promote, vec![6]),
+            (Msg::PromoteProvisional { canary: false }, vec![7, 0]),
+            (Msg::Commit, vec![8]),
+            (Msg::Serving, vec![13]),
+            (
+                Msg::Conns {
+                    batch: 3,
+                    conns: vec![ConnMeta {
+                        listener: "h".into(),
+                        prefix: b"G".to_vec(),
+                    }],
+                },
+                vec![14, 3, 1, 1, b'h', 1, b'G'],
+            ),
+            (Msg::ConnsAck { batch: 3 }, vec![15, 3]),
+            (
+                Msg::ConnsNack {
+                    batch: 4,
+                    reason: "x".into(),
+                },
+                vec![16, 4, 1, b'x'],
+            ),
+        ];
+        for (m, body) in frames {
+            let mut want = b"BTN".to_vec();
+            want.push(1);
+            want.extend(body);
+            assert_eq!(encode(&m).unwrap(), want, "{}", m.name());
+        }
+    }
+
+    #[test]
+    fn owned_batches_and_accepts_roundtrip_and_are_bounded() {
+        let a = Msg::Accepts(Accepts {
+            owned_kinds: vec!["websocket".into(), "line".into()],
+        });
+        assert_eq!(decode(&encode(&a).unwrap(), 0).unwrap(), a);
+        let meta = |unread: usize, state: usize| OwnedMeta {
+            kind: "websocket".into(),
+            listener: "http".into(),
+            unread: vec![1; unread],
+            state: vec![2; state],
+        };
+        let ok = Msg::Owned {
+            batch: 5,
+            conns: vec![meta(3, MAX_OWNED_STATE), meta(MAX_CONN_PREFIX, 0)],
+        };
+        assert_eq!(decode(&encode(&ok).unwrap(), 2).unwrap(), ok);
+        assert!(matches!(
+            decode(&encode(&ok).unwrap(), 1),
+            Err(FrameError::Invalid(_))
+        ));
+        for bad in [
+            Msg::Owned {
+                batch: 1,
+                conns: vec![meta(0, MAX_OWNED_STATE + 1)],
+            },
+            Msg::Owned {
+                batch: 1,
+                conns: vec![meta(MAX_CONN_PREFIX + 1, 0)],
+            },
+            Msg::Owned {
+                batch: 1,
+                conns: vec![OwnedMeta {
+                    kind: "k".repeat(MAX_KIND + 1),
+                    ..meta(0, 0)
+                }],
+            },
+        ] {
+            assert!(matches!(
+                decode(&encode(&bad).unwrap(), 1),
+                Err(FrameError::Invalid(_))
+            ));
+        }
+        let many = Msg::Accepts(Accepts {
+            owned_kinds: (0..=MAX_OWNED_KINDS).map(|i| format!("k{i}")).collect(),
+        });
+        assert!(matches!(
+            decode(&encode(&many).unwrap(), 0),
             Err(FrameError::Invalid(_))
         ));
     }

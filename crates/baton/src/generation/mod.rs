@@ -6,6 +6,7 @@
 //! and import on the handle in `state.rs`. The shared state behind the
 //! handle is [`Inner`](crate::inner).
 
+mod owned;
 mod start;
 mod state;
 
@@ -26,7 +27,7 @@ use crate::handoff::recv::{PeerEvent, Promotion};
 use crate::inner::{Inner, lock};
 use crate::lifecycle::{Activity, ConnectionToken, DrainSignal, Phase};
 use crate::listeners::Listener;
-use crate::protocol::ReadyInfo;
+use crate::protocol::{Accepts, ReadyInfo};
 use crate::spawn::ENV_OOM_SCORE_ADJ;
 
 /// This process's generation: its listeners, its upgrade machinery, its
@@ -170,12 +171,17 @@ impl Baton {
             }
         }
         let side = inner.predecessor.lock().await.take();
+        // No receiver of owned connections can be registered from now on.
+        let owned = lock(&inner.owned_sinks).take().unwrap_or_default();
         match side {
             Some(side) => {
                 let accepts_conns = inner.incoming_taken.load(Ordering::SeqCst);
+                let accepts = Accepts {
+                    owned_kinds: owned.iter().map(|s| s.kind.clone()).collect(),
+                };
                 let limit = inner.config.ready_timeout + Duration::from_secs(10);
                 let how = side
-                    .ready(ReadyInfo { accepts_conns }, limit, || {
+                    .ready(ReadyInfo { accepts_conns }, accepts, limit, || {
                         inner
                             .config
                             .run_hook(crate::config::HandoffPoint::ReadySent);
@@ -220,7 +226,7 @@ impl Baton {
                 let (etx, mut erx) = mpsc::unbounded_channel();
                 let activity = Arc::clone(&inner.activity);
                 tokio::spawn(async move {
-                    side.receive_connections(deliver, received, activity, etx)
+                    side.receive_connections(deliver, owned, received, activity, etx)
                         .await;
                     alive.send_replace(false);
                     restore_oom_score_adj();

@@ -2,7 +2,7 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -10,8 +10,12 @@ use tokio::sync::mpsc;
 use crate::channel::Channel;
 use crate::error::Error;
 use crate::handoff::HandoffConn;
+use crate::handoff::owned::{OwnedConn, OwnedSink};
 use crate::listeners::Stream;
-use crate::protocol::{BlobData, Hello, ListenerMeta, Msg, ReadyInfo};
+use crate::protocol::{
+    Accepts, BlobData, Hello, ListenerMeta, Msg, OwnedMeta, PROTOCOL_REVISION, REVISION_BLOB,
+    ReadyInfo,
+};
 use baton_sys as sys;
 
 /// How long the new side waits for the old side's first messages.
@@ -23,6 +27,9 @@ pub(crate) struct NewSide {
     chan: Arc<Channel>,
     /// The old generation's hello.
     pub(crate) peer: Hello,
+    /// The old generation's protocol revision, from its state (1 until
+    /// then: the first release announces none).
+    peer_revision: AtomicU8,
 }
 
 /// What the old side tells a promoted new side later.
@@ -94,7 +101,12 @@ impl NewSide {
                 ));
             }
         };
-        Ok((NewSide { chan, peer }, listeners))
+        let side = NewSide {
+            chan,
+            peer,
+            peer_revision: AtomicU8::new(1),
+        };
+        Ok((side, listeners))
     }
 
     /// Ask for the state and read it (memfds checked against `limit`).
@@ -118,6 +130,15 @@ impl NewSide {
         let mut out = Vec::with_capacity(metas.len());
         let mut total: u64 = 0;
         for m in metas {
+            if m.name == REVISION_BLOB {
+                // Not the application's: the old side's revision.
+                if let BlobData::Inline(b) = &m.data
+                    && let Some(&r) = b.first()
+                {
+                    self.peer_revision.store(r, Ordering::Relaxed);
+                }
+                continue;
+            }
             let bytes = match m.data {
                 BlobData::Inline(b) => b,
                 BlobData::Memfd { len } => {
@@ -139,13 +160,23 @@ impl NewSide {
         Ok(out)
     }
 
-    /// Say `Ready` and wait for `Promote`.
+    /// The old generation's protocol revision, as far as it said.
+    pub(crate) fn peer_revision(&self) -> u8 {
+        self.peer_revision.load(Ordering::Relaxed)
+    }
+
+    /// Say what we take (`Accepts`, only to a peer of revision ≥ 2), then
+    /// `Ready`, and wait for `Promote`.
     pub(crate) async fn ready(
         &self,
         info: ReadyInfo,
+        accepts: Accepts,
         limit: Duration,
         sent: impl FnOnce(),
     ) -> Result<Promotion, Error> {
+        if self.peer_revision() >= 2 && PROTOCOL_REVISION >= 2 {
+            self.chan.send(&Msg::Accepts(accepts), &[]).await?;
+        }
         self.chan
             .send(&Msg::Ready(info), &[])
             .await
@@ -189,6 +220,7 @@ impl NewSide {
     pub(crate) async fn receive_connections(
         self,
         deliver: Option<mpsc::UnboundedSender<HandoffConn>>,
+        owned: Vec<OwnedSink>,
         (received, prefix_bytes): (Arc<AtomicU64>, Arc<AtomicU64>),
         activity: Arc<crate::lifecycle::Activity>,
         events: mpsc::UnboundedSender<PeerEvent>,
@@ -211,6 +243,41 @@ impl NewSide {
             };
             let (batch, conns) = match msg {
                 Msg::Conns { batch, conns } => (batch, conns),
+                Msg::Owned { batch, conns } => {
+                    let reply = if truncated {
+                        tracing::error!(
+                            batch,
+                            arrived = fds.len(),
+                            wanted = conns.len(),
+                            "owned connection batch truncated by the kernel (fd limit); refusing it"
+                        );
+                        Err("fd limit reached in the new generation (MSG_CTRUNC)".to_owned())
+                    } else {
+                        take_owned(&owned, conns, fds, &mut kinds)
+                    };
+                    match reply {
+                        Ok(ready) => {
+                            let n = ready.len() as u64;
+                            if self.chan.send(&Msg::ConnsAck { batch }, &[]).await.is_err() {
+                                tracing::warn!(
+                                    "could not acknowledge an owned batch; serving it anyway"
+                                );
+                            }
+                            received.fetch_add(n, Ordering::Relaxed);
+                            for (sink, c) in ready {
+                                if sink.tx.send(c).is_err() {
+                                    tracing::warn!(kind = %sink.kind, "owned connection receiver dropped; closing a handed-over connection");
+                                }
+                            }
+                            tracing::debug!(batch, connections = n, "received owned connections");
+                        }
+                        Err(reason) => {
+                            tracing::warn!(batch, %reason, "refusing an owned connection batch; the previous generation keeps it");
+                            let _ = self.chan.send(&Msg::ConnsNack { batch, reason }, &[]).await;
+                        }
+                    }
+                    continue;
+                }
                 Msg::Commit => {
                     let _ = events.send(PeerEvent::Commit);
                     continue;
@@ -326,4 +393,46 @@ impl NewSide {
             }
         }
     }
+}
+
+/// Check and wrap one `Owned` batch: every connection's kind must have a
+/// receiver here and pass its check, else the whole batch is refused (the
+/// old side keeps every connection of it, so none is served twice).
+fn take_owned(
+    sinks: &[OwnedSink],
+    metas: Vec<OwnedMeta>,
+    fds: Vec<OwnedFd>,
+    kinds: &mut Vec<(String, baton_sys::socket::SocketKind)>,
+) -> Result<Vec<(OwnedSink, OwnedConn)>, String> {
+    let mut ready = Vec::with_capacity(metas.len());
+    for (meta, fd) in metas.into_iter().zip(fds) {
+        let Some(sink) = sinks.iter().find(|s| s.kind == meta.kind) else {
+            return Err(format!(
+                "this generation takes no owned connections of kind '{}'",
+                meta.kind
+            ));
+        };
+        let kind = match kinds.iter().find(|(n, _)| *n == meta.listener) {
+            Some((_, k)) => Ok(*k),
+            None => baton_sys::socket::socket_family_kind(std::os::fd::AsFd::as_fd(&fd))
+                .inspect(|k| kinds.push((meta.listener.clone(), *k))),
+        };
+        let stream = kind
+            .and_then(|k| Stream::from_handed_fd(fd, k))
+            .map_err(|e| e.to_string())?;
+        let conn = OwnedConn {
+            kind: meta.kind,
+            stream,
+            unread: meta.unread,
+            state: meta.state,
+            listener: meta.listener,
+        };
+        if let Some(check) = &sink.check {
+            check(&conn).map_err(|why| {
+                format!("a connection of kind '{}' was refused: {why}", conn.kind)
+            })?;
+        }
+        ready.push((sink.clone(), conn));
+    }
+    Ok(ready)
 }

@@ -240,6 +240,9 @@ fn begin_shutdown(inner: &Arc<Inner>) {
                 "drain timeout: closing connections still open"
             );
         }
+        if left > 0 {
+            inner.close_owned_at_deadline().await;
+        }
         tracing::info!(after_ms = t.elapsed().as_millis() as u64, "stopped");
         finish(&inner).await;
     });
