@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 mod plain;
+pub mod ws;
 
 /// The version string: `BATON_DEMO_VERSION` at build time, else the crate
 /// version. Build twice with different values to watch an upgrade switch
@@ -297,6 +298,9 @@ pub struct Custom {
     pub state_fill: Option<usize>,
     /// Override `--state-limit`.
     pub state_limit: Option<u64>,
+    /// Kind of the `/ws` connections (default [`ws::WS_KIND`]): another one
+    /// does not take the previous generation's WebSockets.
+    pub ws_kind: Option<String>,
 }
 
 impl std::fmt::Debug for Custom {
@@ -316,6 +320,8 @@ struct App {
     pid: u32,
     state: Arc<Mutex<StateV2>>,
     intercept: Option<Intercept>,
+    /// `GET /ws` (absent in `--plain` mode).
+    ws: Option<baton_http::ws::Endpoint>,
 }
 
 /// Parse the command line and run the demo server. Returns the process
@@ -433,7 +439,10 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
         "demo_requests",
         "Requests answered by baton-demo, across upgrades",
     )?;
+    let ws_kind = custom.ws_kind.take();
+    let ws = ws::endpoint(&baton, ws_kind.as_deref().unwrap_or(ws::WS_KIND))?;
     let app = Arc::new(App {
+        ws: Some(ws),
         baton: Some(baton.clone()),
         requests,
         version,
@@ -812,6 +821,10 @@ async fn handle(
             kv(&app, method.clone(), path[4..].to_owned(), req).await
         }
         (&Method::GET, "/upgrade") => echo_upgrade(req),
+        (&Method::GET, "/ws") => match &app.ws {
+            Some(ws) => ws.upgrade(req),
+            None => text(StatusCode::NOT_FOUND, "no WebSockets in --plain mode\n"),
+        },
         (&Method::GET, "/slow") => {
             let ms = query_u64(&req, "ms").unwrap_or(1000).min(MAX_SLOW_MS);
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -839,7 +852,8 @@ async fn handle(
         },
         (
             _,
-            "/" | "/version" | "/health" | "/slow" | "/echo" | "/counter" | "/state" | "/upgrade",
+            "/" | "/version" | "/health" | "/slow" | "/echo" | "/counter" | "/state" | "/upgrade"
+            | "/ws",
         ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };

@@ -29,6 +29,11 @@
 //!   library call `Baton::upgrade` and log the result.
 //! * `nofile:N` — lower this process's `RLIMIT_NOFILE` (soft and hard) to N
 //!   before baton starts, so a batch of handed-over connections cannot fit.
+//! * `ws-kind:NAME` — serve `/ws` under this kind instead of the demo's, so
+//!   this generation does not take its predecessor's WebSockets.
+//! * `ws-refuse` — take the predecessor's WebSockets' kind with a check
+//!   that refuses every batch (and serve `/ws` under another kind), so
+//!   they stay with the predecessor.
 //! * `tls-state:garbage` / `tls-state:v2` — export, for the *next*
 //!   generation, TLS session-ticket state that is not a ticket-key state at
 //!   all / claims format version 2 (so that generation must refuse it).
@@ -174,6 +179,21 @@ pub fn main(version: &str) -> ExitCode {
                             Err(e) => eprintln!("fixture: self-upgrade failed: {e}"),
                         }
                     });
+                    Ok(())
+                }));
+            }
+            "ws-kind" => custom.ws_kind = Some(arg.to_owned()),
+            "ws-refuse" => {
+                custom.ws_kind = Some("fixture.ws-refusing".to_owned());
+                custom.before_ready = Some(Box::new(|b| {
+                    let rx = b
+                        .receive_owned_checked(baton_demo::ws::WS_KIND, |_| {
+                            Err("the fixture refuses every WebSocket (ws-refuse)".into())
+                        })
+                        .map_err(|e| e.to_string())?;
+                    // Kept for the process's life: a refused batch never
+                    // reaches it, and a dropped receiver is another case.
+                    std::mem::forget(rx);
                     Ok(())
                 }));
             }

@@ -1,0 +1,186 @@
+//! WebSockets across upgrades, with real clients: Python's `websockets` and
+//! Node's `ws` against the demo's `GET /ws` echo
+//! (`crates/baton-demo/src/ws.rs`, `crates/baton-http/src/ws.rs`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use baton::control::Reply;
+use baton_tests::ws::{ClientReport, Lang, WsClients};
+use baton_tests::{Server, ServerOpts, control_upgrade, proc, wait_for_opt};
+
+fn fixture() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_baton-fixture"))
+}
+
+fn start(name: &str, drain_timeout: &str) -> Server {
+    let opts = ServerOpts {
+        args: vec!["--drain-timeout".into(), drain_timeout.into()],
+        ..ServerOpts::default()
+    };
+    Server::start_with(fixture(), name, opts)
+}
+
+fn url(s: &Server) -> String {
+    format!("ws://{}/ws", s.addr)
+}
+
+/// One upgrade over the control socket; the report.
+fn upgrade(s: &Server) -> baton::UpgradeReport {
+    match control_upgrade(&s.control) {
+        Reply::Upgraded(r) => r,
+        other => panic!("upgrade failed: {other:?}"),
+    }
+}
+
+/// The acceptance test of issue 15: 20 clients (10 Python `websockets`, 10
+/// Node `ws`), a message every ~50 ms each, 10 upgrades. Every client keeps
+/// its TCP connection (one local port), `seq` goes on by one, each new pid
+/// answers it, no close frame, no error; the old generation is gone within
+/// 1 s of its promotion each time.
+#[test]
+fn twenty_websocket_clients_keep_their_connections_and_seq_across_ten_upgrades() {
+    let s = start("ws-ten-upgrades", "30s");
+    let every = Duration::from_millis(50);
+    let py = WsClients::start(Lang::Python, &url(&s), 10, every, Duration::from_secs(300));
+    let node = WsClients::start(Lang::Node, &url(&s), 10, every, Duration::from_secs(300));
+    py.wait_ready(Duration::from_secs(30));
+    node.wait_ready(Duration::from_secs(30));
+    let mut pids = vec![s.pid()];
+    for i in 1..=10 {
+        let r = upgrade(&s);
+        let replied = Instant::now();
+        assert_eq!(r.old_pid, *pids.last().unwrap());
+        let gone = wait_for_opt(Duration::from_secs(1), || {
+            (!proc::alive(r.old_pid)).then_some(())
+        });
+        assert!(
+            gone.is_some(),
+            "upgrade {i}: the old generation (pid {}) was still alive 1 s after its drain ended",
+            r.old_pid
+        );
+        assert!(
+            r.drain_ms < 1000,
+            "upgrade {i}: promotion to the old generation's end took {} ms (report {r:?})",
+            r.drain_ms
+        );
+        assert_eq!(r.closed_at_deadline, 0, "upgrade {i}: {r:?}");
+        assert!(
+            r.handed_over >= 20,
+            "upgrade {i}: only {} connections handed over",
+            r.handed_over
+        );
+        eprintln!(
+            "upgrade {i}: pid {} -> {}, drain {} ms, old gone {} ms after the reply, {} handed over",
+            r.old_pid,
+            r.new_pid,
+            r.drain_ms,
+            replied.elapsed().as_millis(),
+            r.handed_over
+        );
+        pids.push(r.new_pid);
+        py.wait_all_answered_by(r.new_pid, Duration::from_secs(10));
+        node.wait_all_answered_by(r.new_pid, Duration::from_secs(10));
+    }
+    let mut all = py.finish(Duration::from_secs(30));
+    all.extend(node.finish(Duration::from_secs(30)));
+    assert_eq!(all.len(), 20);
+    for c in &all {
+        let who = format!("{} client {}", c.lang, c.client);
+        assert!(c.errors.is_empty(), "{who}: errors {:?}", c.errors);
+        assert!(c.closes.is_empty(), "{who}: close frames {:?}", c.closes);
+        assert_eq!((c.seq_errors, c.echo_errors), (0, 0), "{who}");
+        assert_eq!(c.sent, c.answers, "{who}: every message answered");
+        assert_eq!(
+            c.ports.len(),
+            1,
+            "{who}: one TCP connection, ports {:?}",
+            c.ports
+        );
+        assert_eq!(c.pids, pids, "{who}: answered by every generation in turn");
+    }
+    let total: u64 = all.iter().map(|c| c.answers).sum();
+    eprintln!("20 clients, 10 upgrades: {total} messages answered, 0 errors, 0 close frames");
+}
+
+/// Every client ended with exactly one close frame from the server, `code`.
+fn assert_closed_with(all: &[ClientReport], code: u64) {
+    for c in all {
+        let who = format!("{} client {}", c.lang, c.client);
+        assert_eq!(c.closes, vec![code], "{who}: {:?}", c.errors);
+        assert_eq!((c.seq_errors, c.echo_errors), (0, 0), "{who}");
+        assert_eq!(c.ports.len(), 1, "{who}");
+    }
+}
+
+/// A successor that does not take the demo's WebSocket kind: the
+/// connections stay on the old generation, are served there until the
+/// drain deadline, then get a close frame with code 1012 (Service Restart),
+/// never a bare cut.
+#[test]
+fn websockets_of_a_kind_the_successor_does_not_take_get_1012_at_the_drain_deadline() {
+    let s = start("ws-untaken-kind", "3s");
+    let py = WsClients::start(
+        Lang::Python,
+        &url(&s),
+        3,
+        Duration::from_millis(50),
+        Duration::from_secs(120),
+    );
+    let node = WsClients::start(
+        Lang::Node,
+        &url(&s),
+        3,
+        Duration::from_millis(50),
+        Duration::from_secs(120),
+    );
+    py.wait_ready(Duration::from_secs(30));
+    node.wait_ready(Duration::from_secs(30));
+    let old = s.pid();
+    s.arm_fault("ws-kind:fixture.another-kind");
+    let r = upgrade(&s);
+    assert!(
+        r.drain_ms >= 3000,
+        "the old generation kept its WebSockets until the deadline: {r:?}"
+    );
+    assert_eq!(r.closed_at_deadline, 6, "{r:?}");
+    let mut all = py.wait_ended(Duration::from_secs(20));
+    all.extend(node.wait_ended(Duration::from_secs(20)));
+    assert_closed_with(&all, 1012);
+    for c in &all {
+        assert_eq!(c.pids, vec![old], "served by the old generation only");
+    }
+}
+
+/// A successor that takes the kind but refuses the batch (its check fails,
+/// as for a state format it cannot read): the old generation gets the
+/// connections back, goes on serving them, and closes them with 1012 at the
+/// drain deadline.
+#[test]
+fn a_refused_websocket_batch_stays_with_the_old_generation_and_gets_1012_at_the_deadline() {
+    let s = start("ws-refused", "3s");
+    let py = WsClients::start(
+        Lang::Python,
+        &url(&s),
+        4,
+        Duration::from_millis(50),
+        Duration::from_secs(120),
+    );
+    py.wait_ready(Duration::from_secs(30));
+    let old = s.pid();
+    s.arm_fault("ws-refuse");
+    let r = upgrade(&s);
+    assert_eq!(r.closed_at_deadline, 4, "{r:?}");
+    assert!(r.drain_ms >= 3000, "{r:?}");
+    let all = py.wait_ended(Duration::from_secs(20));
+    assert_closed_with(&all, 1012);
+    for c in &all {
+        assert_eq!(c.pids, vec![old]);
+        assert!(c.answers > 40, "served on while the drain ran: {c:?}");
+    }
+    assert!(
+        s.log().contains("refused a batch of owned connections"),
+        "the old generation logs the refusal"
+    );
+}
