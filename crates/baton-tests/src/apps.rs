@@ -77,6 +77,44 @@ pub fn built_bin(package: &str, bin: &str, override_var: &str) -> PathBuf {
     p
 }
 
+/// Example `example` of workspace package `package`, built now with `cargo
+/// build --example` into this test's target directory and profile (a no-op
+/// when it is up to date). Callers keep the result in a `OnceLock`.
+pub fn built_example(package: &str, example: &str) -> PathBuf {
+    let profile_dir = profile_dir();
+    let target_dir = profile_dir.parent().expect("target directory");
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_owned(),
+        Some(other) => other.to_owned(),
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = crate::output(
+        Command::new(cargo)
+            .args([
+                "build",
+                "-q",
+                "-p",
+                package,
+                "--example",
+                example,
+                "--profile",
+            ])
+            .arg(&profile)
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(workspace_root()),
+    )
+    .unwrap_or_else(|e| panic!("running cargo build -p {package} --example {example}: {e}"));
+    assert!(
+        out.status.success(),
+        "cargo build -p {package} --example {example} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = profile_dir.join("examples").join(example);
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
 /// A tool in the repository's Python venv (`.venv/bin/NAME`); a missing
 /// one fails the test with a message saying to run the set-up.
 pub fn venv_tool(name: &str) -> PathBuf {
