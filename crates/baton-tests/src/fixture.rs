@@ -24,6 +24,8 @@
 //! * `state-limit:BYTES` — accept at most BYTES of state.
 //! * `state-fill:BYTES` — put BYTES of filler in the cache at start.
 //! * `health-bad-after:MS` — `GET /health` answers 503 from MS after start.
+//! * `health-bad-when:PATH` — `GET /health` answers 503 once PATH exists
+//!   (the test decides when the window fails).
 //! * `error-rate:PCT` — answer 500 to PCT % of requests (every n-th).
 //! * `self-upgrade:MS` — MS after it is ready, upgrade itself through the
 //!   library call `Baton::upgrade` and log the result.
@@ -150,6 +152,13 @@ pub fn main(version: &str) -> ExitCode {
                 let start = std::time::Instant::now();
                 custom.intercept = Some(Arc::new(move |req| {
                     (req.uri().path() == "/health" && start.elapsed() >= after)
+                        .then(|| error_response(503, "unhealthy (fixture)\n"))
+                }));
+            }
+            "health-bad-when" => {
+                let gate = std::path::PathBuf::from(arg);
+                custom.intercept = Some(Arc::new(move |req| {
+                    (req.uri().path() == "/health" && gate.exists())
                         .then(|| error_response(503, "unhealthy (fixture)\n"))
                 }));
             }

@@ -184,3 +184,87 @@ fn a_refused_websocket_batch_stays_with_the_old_generation_and_gets_1012_at_the_
         "the old generation logs the refusal"
     );
 }
+
+/// Demote (issue 15 item 4): connections opened to a new generation during
+/// its observation window go back to the old generation when the window
+/// fails — idle keep-alive HTTP connections and WebSockets alike — and the
+/// clients see no close: the same connections are answered by the old pid.
+#[test]
+fn a_rolled_back_generation_gives_its_keepalive_and_websocket_connections_back() {
+    let opts = ServerOpts {
+        args: baton_tests::apps::strings(&[
+            "--observe",
+            "20s",
+            "--health-interval",
+            "200ms",
+            "--health-failures",
+            "3",
+        ]),
+        health_path: Some("/health".into()),
+        ..ServerOpts::default()
+    };
+    let s = Server::start_with(fixture(), "ws-demote", opts);
+    let old = s.pid();
+    let gate = s.dir.join("go-bad");
+    s.arm_fault(&format!("health-bad-when:{}", gate.display()));
+    let control = s.control.clone();
+    let upgrading = std::thread::spawn(move || control_upgrade(&control));
+    // The new generation accepts every new connection during the window.
+    let new = baton_tests::wait_for(
+        Duration::from_secs(30),
+        "the new generation to serve",
+        || {
+            let v = baton_tests::http::get(s.addr, "/version").ok()?;
+            let v = baton_tests::Version::parse(&v.body)?;
+            (v.pid != old).then_some(v.pid)
+        },
+    );
+    let mut keepalive: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = baton_tests::http::connect(s.addr).unwrap();
+            let v = baton_tests::Version::parse(&c.get("/version").unwrap().body).unwrap();
+            assert_eq!(
+                v.pid, new,
+                "opened during the window: served by the new generation"
+            );
+            c
+        })
+        .collect();
+    let every = Duration::from_millis(50);
+    let py = WsClients::start(Lang::Python, &url(&s), 3, every, Duration::from_secs(120));
+    let node = WsClients::start(Lang::Node, &url(&s), 3, every, Duration::from_secs(120));
+    py.wait_ready(Duration::from_secs(30));
+    node.wait_ready(Duration::from_secs(30));
+    py.wait_all_answered_by(new, Duration::from_secs(10));
+    node.wait_all_answered_by(new, Duration::from_secs(10));
+    // Now the new generation's health turns bad: the window fails.
+    std::fs::write(&gate, b"").unwrap();
+    match upgrading.join().unwrap() {
+        Reply::Failed(f) => assert!(f.message.contains("health check"), "{}", f.message),
+        other => panic!("expected a rollback, got {other:?}"),
+    }
+    py.wait_all_answered_by(old, Duration::from_secs(10));
+    node.wait_all_answered_by(old, Duration::from_secs(10));
+    for (i, c) in keepalive.iter_mut().enumerate() {
+        let r = c.get("/version").unwrap();
+        assert_eq!(r.status, 200, "keep-alive connection {i}");
+        assert!(!r.closes(), "keep-alive connection {i}: {r:?}");
+        let v = baton_tests::Version::parse(&r.body).unwrap();
+        assert_eq!(v.pid, old, "keep-alive connection {i} went back");
+        assert!(v.handed_over, "keep-alive connection {i}");
+    }
+    let gone = wait_for_opt(Duration::from_secs(30), || {
+        (!proc::alive(new)).then_some(())
+    });
+    assert!(gone.is_some(), "the rolled-back generation exits");
+    let mut all = py.finish(Duration::from_secs(30));
+    all.extend(node.finish(Duration::from_secs(30)));
+    for c in &all {
+        let who = format!("{} client {}", c.lang, c.client);
+        assert!(c.errors.is_empty(), "{who}: errors {:?}", c.errors);
+        assert!(c.closes.is_empty(), "{who}: close frames {:?}", c.closes);
+        assert_eq!((c.seq_errors, c.echo_errors), (0, 0), "{who}");
+        assert_eq!(c.ports.len(), 1, "{who}");
+        assert_eq!(c.pids, vec![new, old], "{who}");
+    }
+}

@@ -81,6 +81,10 @@ pub(crate) struct Inner {
     /// New side: receivers of application-owned connections by kind,
     /// registered before `ready()` (which takes them).
     pub(crate) owned_sinks: Mutex<Option<Vec<OwnedSink>>>,
+    /// The receivers of owned connections this generation registered, kept
+    /// after `ready()`: a rolled-back successor gives connections back to
+    /// them.
+    pub(crate) owned_sinks_live: Mutex<Vec<OwnedSink>>,
     /// Old side: open while a promoted successor takes owned connections.
     pub(crate) owned_out: Mutex<Option<OwnedOut>>,
     /// The close callbacks of this generation's live owned connections.

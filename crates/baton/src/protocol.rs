@@ -62,6 +62,12 @@
 //! Owned               app-owned connections of an accepted kind, ≤ 253 per
 //!                     batch, each with its unread bytes and a state blob
 //! ConnsAck | ConnsNack ← per batch, as for Conns (one batch numbering)
+//!
+//! GiveBack            replaces Demote (the window failed) to a new side
+//!                     that sent Accepts: it stops accepting and sends its
+//!                     idle connections back —
+//! Conns | Owned    ←  the other way round, batch by batch,
+//! ConnsAck | ConnsNack  acknowledged by the old side, which serves them
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -184,6 +190,22 @@ pub enum Msg {
         /// One entry per fd.
         conns: Vec<OwnedMeta>,
     },
+    /// Old → new, instead of `Demote`, to a new side that sent `Accepts`:
+    /// the window failed; stop accepting and give your idle connections
+    /// back (`Conns` / `Owned` batches the other way, acknowledged by the old
+    /// side), then finish and exit.
+    GiveBack(GiveBack),
+}
+
+/// What a rolled-back generation may give back, sent with `GiveBack`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GiveBack {
+    /// Why the window failed.
+    pub reason: String,
+    /// The old side takes idle HTTP connections back.
+    pub accepts_conns: bool,
+    /// The kinds of owned connection the old side takes back.
+    pub accepts: Accepts,
 }
 
 /// What a new generation of revision ≥ 2 takes, sent with `Accepts`.
@@ -511,6 +533,18 @@ pub fn validate(msg: &Msg, nfds: usize) -> Result<(), FrameError> {
                 check_kind(k)?;
             }
         }
+        Msg::GiveBack(g) => {
+            check_reason(&g.reason)?;
+            if g.accepts.owned_kinds.len() > MAX_OWNED_KINDS {
+                return Err(FrameError::Invalid(format!(
+                    "{} owned kinds (at most {MAX_OWNED_KINDS})",
+                    g.accepts.owned_kinds.len()
+                )));
+            }
+            for k in &g.accepts.owned_kinds {
+                check_kind(k)?;
+            }
+        }
         Msg::Owned { conns, .. } => {
             if conns.is_empty() || conns.len() > SCM_MAX_FD {
                 return Err(FrameError::Invalid(format!(
@@ -579,6 +613,7 @@ impl Msg {
             Msg::ConnsNack { .. } => "ConnsNack",
             Msg::Accepts(_) => "Accepts",
             Msg::Owned { .. } => "Owned",
+            Msg::GiveBack(_) => "GiveBack",
         }
     }
 }
@@ -822,6 +857,14 @@ mod tests {
             owned_kinds: vec!["websocket".into(), "line".into()],
         });
         assert_eq!(decode(&encode(&a).unwrap(), 0).unwrap(), a);
+        let g = Msg::GiveBack(GiveBack {
+            reason: "health".into(),
+            accepts_conns: true,
+            accepts: Accepts {
+                owned_kinds: vec!["websocket".into()],
+            },
+        });
+        assert_eq!(decode(&encode(&g).unwrap(), 0).unwrap(), g);
         let meta = |unread: usize, state: usize| OwnedMeta {
             kind: "websocket".into(),
             listener: "http".into(),

@@ -173,6 +173,7 @@ impl Baton {
         let side = inner.predecessor.lock().await.take();
         // No receiver of owned connections can be registered from now on.
         let owned = lock(&inner.owned_sinks).take().unwrap_or_default();
+        lock(&inner.owned_sinks_live).clone_from(&owned);
         match side {
             Some(side) => {
                 let accepts_conns = inner.incoming_taken.load(Ordering::SeqCst);
@@ -213,8 +214,10 @@ impl Baton {
                     self.write_pid_file();
                 }
                 inner.config.run_hook(crate::config::HandoffPoint::Promoted);
+                // A clone: the same queue takes connections a rolled-back
+                // successor gives back, when this generation is the old one.
                 let deliver = if accepts_conns {
-                    lock(&inner.incoming_tx).take()
+                    lock(&inner.incoming_tx).clone()
                 } else {
                     None
                 };
@@ -245,6 +248,10 @@ impl Baton {
                             PeerEvent::Demote(reason) => {
                                 tracing::warn!(%reason, "demoted by the previous generation: stopping gracefully");
                                 me.shutdown().await;
+                            }
+                            PeerEvent::GiveBack(g, chan) => {
+                                tracing::warn!(reason = %g.reason, "demoted by the previous generation: giving the connections back, then stopping");
+                                crate::upgrade::give_back(Arc::clone(&me.inner), chan, g).await;
                             }
                         }
                     }

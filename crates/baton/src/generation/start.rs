@@ -128,6 +128,7 @@ impl Baton {
             incoming_rx: Mutex::new(Some(incoming_rx)),
             incoming_taken: AtomicBool::new(false),
             owned_sinks: Mutex::new(Some(Vec::new())),
+            owned_sinks_live: Mutex::new(Vec::new()),
             owned_out: Mutex::new(None),
             closers: Arc::default(),
             exporters: Mutex::new(Vec::new()),

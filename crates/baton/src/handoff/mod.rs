@@ -4,6 +4,7 @@
 pub(crate) mod owned;
 pub(crate) mod recv;
 pub(crate) mod send;
+pub(crate) mod take;
 
 use crate::listeners::Stream;
 

@@ -10,10 +10,10 @@ use tokio::sync::mpsc;
 use crate::channel::Channel;
 use crate::error::Error;
 use crate::handoff::HandoffConn;
-use crate::handoff::owned::{OwnedConn, OwnedSink};
-use crate::listeners::Stream;
+use crate::handoff::owned::OwnedSink;
+use crate::handoff::take::Taker;
 use crate::protocol::{
-    Accepts, BlobData, Hello, ListenerMeta, Msg, OwnedMeta, PROTOCOL_REVISION, REVISION_BLOB,
+    Accepts, BlobData, GiveBack, Hello, ListenerMeta, Msg, PROTOCOL_REVISION, REVISION_BLOB,
     ReadyInfo,
 };
 use baton_sys as sys;
@@ -41,6 +41,9 @@ pub(crate) enum PeerEvent {
     Demote(String),
     /// The old side finished the upgrade.
     Done(crate::protocol::DoneReport),
+    /// The window failed: give the connections back over this channel,
+    /// then stop.
+    GiveBack(GiveBack, Arc<Channel>),
 }
 
 /// How waiting for `Promote` ended.
@@ -216,7 +219,8 @@ impl NewSide {
     }
 
     /// After promotion: receive handed-over connections until the old side
-    /// exits. Each batch is acknowledged once its fds are ours.
+    /// exits (or asks for them back: `GiveBack`). Each batch is
+    /// acknowledged once its fds are ours, before any is touched.
     pub(crate) async fn receive_connections(
         self,
         deliver: Option<mpsc::UnboundedSender<HandoffConn>>,
@@ -225,7 +229,7 @@ impl NewSide {
         activity: Arc<crate::lifecycle::Activity>,
         events: mpsc::UnboundedSender<PeerEvent>,
     ) {
-        let mut kinds: Vec<(String, baton_sys::socket::SocketKind)> = Vec::new();
+        let mut taker = Taker::default();
         loop {
             let (msg, fds, truncated) = match self.chan.recv_detail().await {
                 Ok(Some(m)) => m,
@@ -241,54 +245,45 @@ impl NewSide {
                     return;
                 }
             };
-            let (batch, conns) = match msg {
-                Msg::Conns { batch, conns } => (batch, conns),
-                Msg::Owned { batch, conns } => {
-                    let reply = if truncated {
-                        tracing::error!(
-                            batch,
-                            arrived = fds.len(),
-                            wanted = conns.len(),
-                            "owned connection batch truncated by the kernel (fd limit); refusing it"
+            let msg = match taker.take(msg, fds, truncated, deliver.is_some(), &owned) {
+                Ok((batch, Ok(taken))) => {
+                    if self.chan.send(&Msg::ConnsAck { batch }, &[]).await.is_err() {
+                        // The old side is gone; these connections are ours
+                        // now anyway (its copies closed with it): serve them.
+                        tracing::warn!(
+                            "could not acknowledge a connection batch; serving it anyway"
                         );
-                        Err("fd limit reached in the new generation (MSG_CTRUNC)".to_owned())
-                    } else {
-                        take_owned(&owned, conns, fds, &mut kinds)
-                    };
-                    match reply {
-                        Ok(ready) => {
-                            let n = ready.len() as u64;
-                            if self.chan.send(&Msg::ConnsAck { batch }, &[]).await.is_err() {
-                                tracing::warn!(
-                                    "could not acknowledge an owned batch; serving it anyway"
-                                );
-                            }
-                            received.fetch_add(n, Ordering::Relaxed);
-                            for (sink, c) in ready {
-                                if sink.tx.send(c).is_err() {
-                                    tracing::warn!(kind = %sink.kind, "owned connection receiver dropped; closing a handed-over connection");
-                                }
-                            }
-                            tracing::debug!(batch, connections = n, "received owned connections");
-                        }
-                        Err(reason) => {
-                            tracing::warn!(batch, %reason, "refusing an owned connection batch; the previous generation keeps it");
-                            let _ = self.chan.send(&Msg::ConnsNack { batch, reason }, &[]).await;
-                        }
                     }
+                    received.fetch_add(taken.len(), Ordering::Relaxed);
+                    prefix_bytes.fetch_add(taken.prefix_bytes(), Ordering::Relaxed);
+                    tracing::debug!(batch, connections = taken.len(), "received connections");
+                    taken.deliver(deliver.as_ref());
                     continue;
                 }
+                Ok((batch, Err(reason))) => {
+                    // Refused whole: the old side keeps every connection of
+                    // it, so none is served twice. Our copies close on drop.
+                    tracing::warn!(batch, %reason, "refusing a connection batch; the previous generation keeps it");
+                    let _ = self.chan.send(&Msg::ConnsNack { batch, reason }, &[]).await;
+                    continue;
+                }
+                Err(msg) => msg,
+            };
+            match msg {
                 Msg::Commit => {
                     let _ = events.send(PeerEvent::Commit);
-                    continue;
                 }
                 Msg::Demote { reason } => {
                     let _ = events.send(PeerEvent::Demote(reason));
-                    continue;
+                }
+                Msg::GiveBack(g) => {
+                    // The channel is the give-back's now (it reads the
+                    // acknowledgements): stop reading it here.
+                    let _ = events.send(PeerEvent::GiveBack(g, Arc::clone(&self.chan)));
+                    return;
                 }
                 Msg::Done(report) => {
                     let _ = events.send(PeerEvent::Done(report));
-                    continue;
                 }
                 Msg::StatsRequest => {
                     let stats = Msg::Stats {
@@ -298,141 +293,12 @@ impl NewSide {
                     if self.chan.send(&stats, &[]).await.is_err() {
                         return;
                     }
-                    continue;
                 }
                 other => {
                     tracing::error!(msg = other.name(), "unexpected message after promotion");
                     return;
                 }
-            };
-            if truncated {
-                // The kernel could not install every fd (our RLIMIT_NOFILE):
-                // refuse the whole batch so the old side keeps serving it.
-                tracing::error!(
-                    batch,
-                    arrived = fds.len(),
-                    wanted = conns.len(),
-                    "connection batch truncated by the kernel (fd limit); refusing it"
-                );
-                drop(fds);
-                let _ = self
-                    .chan
-                    .send(
-                        &Msg::ConnsNack {
-                            batch,
-                            reason: "fd limit reached in the new generation (MSG_CTRUNC)".into(),
-                        },
-                        &[],
-                    )
-                    .await;
-                continue;
-            }
-            let Some(deliver) = deliver.as_ref() else {
-                let _ = self
-                    .chan
-                    .send(
-                        &Msg::ConnsNack {
-                            batch,
-                            reason: "this generation does not take connections".into(),
-                        },
-                        &[],
-                    )
-                    .await;
-                continue;
-            };
-            let mut ready = Vec::with_capacity(conns.len());
-            let mut bad = None;
-            for (meta, fd) in conns.into_iter().zip(fds) {
-                // The kind of a listener's connections never changes: check
-                // it once per listener, not once per connection.
-                let kind = match kinds.iter().find(|(n, _)| *n == meta.listener) {
-                    Some((_, k)) => Ok(*k),
-                    None => baton_sys::socket::socket_family_kind(std::os::fd::AsFd::as_fd(&fd))
-                        .inspect(|k| {
-                            kinds.push((meta.listener.clone(), *k));
-                        }),
-                };
-                match kind.and_then(|k| Stream::from_handed_fd(fd, k)) {
-                    Ok(stream) => ready.push(HandoffConn {
-                        stream,
-                        prefix: meta.prefix,
-                        listener: meta.listener,
-                    }),
-                    Err(e) => {
-                        bad = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-            if let Some(reason) = bad {
-                // Refuse the whole batch: the old side keeps every connection
-                // of it, so none is served twice. Our copies close on drop.
-                drop(ready);
-                let _ = self.chan.send(&Msg::ConnsNack { batch, reason }, &[]).await;
-                continue;
-            }
-            let n = ready.len() as u64;
-            let bytes: u64 = ready.iter().map(|c| c.prefix.len() as u64).sum();
-            if self.chan.send(&Msg::ConnsAck { batch }, &[]).await.is_err() {
-                // The old side is gone; these connections are ours now anyway
-                // (its copies closed with it), so serve them.
-                tracing::warn!("could not acknowledge a connection batch; serving it anyway");
-            }
-            received.fetch_add(n, Ordering::Relaxed);
-            prefix_bytes.fetch_add(bytes, Ordering::Relaxed);
-            tracing::debug!(
-                batch,
-                connections = n,
-                prefix_bytes = bytes,
-                "received idle connections"
-            );
-            for c in ready {
-                if deliver.send(c).is_err() {
-                    tracing::warn!("connection receiver dropped; closing a handed-over connection");
-                }
             }
         }
     }
-}
-
-/// Check and wrap one `Owned` batch: every connection's kind must have a
-/// receiver here and pass its check, else the whole batch is refused (the
-/// old side keeps every connection of it, so none is served twice).
-fn take_owned(
-    sinks: &[OwnedSink],
-    metas: Vec<OwnedMeta>,
-    fds: Vec<OwnedFd>,
-    kinds: &mut Vec<(String, baton_sys::socket::SocketKind)>,
-) -> Result<Vec<(OwnedSink, OwnedConn)>, String> {
-    let mut ready = Vec::with_capacity(metas.len());
-    for (meta, fd) in metas.into_iter().zip(fds) {
-        let Some(sink) = sinks.iter().find(|s| s.kind == meta.kind) else {
-            return Err(format!(
-                "this generation takes no owned connections of kind '{}'",
-                meta.kind
-            ));
-        };
-        let kind = match kinds.iter().find(|(n, _)| *n == meta.listener) {
-            Some((_, k)) => Ok(*k),
-            None => baton_sys::socket::socket_family_kind(std::os::fd::AsFd::as_fd(&fd))
-                .inspect(|k| kinds.push((meta.listener.clone(), *k))),
-        };
-        let stream = kind
-            .and_then(|k| Stream::from_handed_fd(fd, k))
-            .map_err(|e| e.to_string())?;
-        let conn = OwnedConn {
-            kind: meta.kind,
-            stream,
-            unread: meta.unread,
-            state: meta.state,
-            listener: meta.listener,
-        };
-        if let Some(check) = &sink.check {
-            check(&conn).map_err(|why| {
-                format!("a connection of kind '{}' was refused: {why}", conn.kind)
-            })?;
-        }
-        ready.push((sink.clone(), conn));
-    }
-    Ok(ready)
 }

@@ -33,11 +33,14 @@ pub(crate) struct HandshakeLog {
 /// The old side of one handoff channel.
 #[derive(Debug)]
 pub(crate) struct OldSide {
-    chan: Channel,
+    chan: Arc<Channel>,
     /// The new side's hello, once received.
     pub(crate) peer: Option<Hello>,
     /// What the new side takes (`Accepts`; empty from a revision-1 peer).
     pub(crate) accepts: Accepts,
+    /// The new side sent `Accepts`: it speaks revision 2 (it can give its
+    /// connections back after a failed window, `GiveBack`).
+    pub(crate) peer_accepts: bool,
 }
 
 /// A connection batch in flight: sent, not yet acknowledged.
@@ -58,10 +61,47 @@ pub(crate) struct SentOwned<R> {
 impl OldSide {
     pub(crate) fn new(chan: Channel) -> Self {
         OldSide {
-            chan,
+            chan: Arc::new(chan),
             peer: None,
             accepts: Accepts::default(),
+            peer_accepts: false,
         }
+    }
+
+    /// The sending role on a channel that exists already: a rolled-back
+    /// generation giving its connections back to its predecessor, which
+    /// takes what `accepts` says.
+    pub(crate) fn over(chan: Arc<Channel>, accepts: Accepts) -> Self {
+        OldSide {
+            chan,
+            peer: None,
+            accepts,
+            peer_accepts: true,
+        }
+    }
+
+    /// The window failed: ask the new side for its connections back.
+    pub(crate) async fn give_back(&self, g: crate::protocol::GiveBack) -> Result<(), Error> {
+        self.chan.send(&Msg::GiveBack(g), &[]).await
+    }
+
+    /// The next message with its fds, and whether the kernel truncated them
+    /// (connections given back).
+    pub(crate) async fn recv_detail(&self) -> Result<Option<(Msg, Vec<OwnedFd>, bool)>, Error> {
+        self.chan.recv_detail().await
+    }
+
+    /// Acknowledge (or refuse) a batch given back.
+    pub(crate) async fn answer_batch(
+        &self,
+        batch: u32,
+        res: Result<(), String>,
+    ) -> Result<(), Error> {
+        let msg = match res {
+            Ok(()) => Msg::ConnsAck { batch },
+            Err(reason) => Msg::ConnsNack { batch, reason },
+        };
+        self.chan.send(&msg, &[]).await
     }
 
     /// Hello both ways, the listeners, state on request; returns when the
@@ -99,6 +139,7 @@ impl OldSide {
                 (Msg::Accepts(a), _) => {
                     tracing::debug!(kinds = ?a.owned_kinds, "the new generation takes owned connections");
                     self.accepts = a;
+                    self.peer_accepts = true;
                 }
                 (Msg::Ready(info), _) => return Ok(info),
                 (Msg::Failed { reason }, _) => {

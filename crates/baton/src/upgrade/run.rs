@@ -16,7 +16,8 @@ use crate::handoff::send::{HandshakeLog, OldSide, StateSource, hello};
 use crate::inner::{Inner, lock};
 use crate::lifecycle::Phase;
 use crate::spawn::{ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID, HANDOFF_FD, SpawnSpec};
-use crate::upgrade::child::{abort_child, describe_exit, wait_or_kill};
+use crate::upgrade::child::{abort_child, describe_exit};
+use crate::upgrade::demote::take_back;
 use crate::upgrade::drain::{DrainEnd, Queues, drain};
 use crate::upgrade::observe::window;
 use baton_sys as sys;
@@ -292,8 +293,8 @@ pub(super) async fn run_upgrade(
                 // the new generation gracefully: its requests in flight end.
                 *lock(&inner.successor_pid) = None;
                 inner.life.set(Phase::Serving);
-                let _ = old.demote(&why).await;
-                let status = wait_or_kill(&mut child, inner.config.drain_timeout).await;
+                let status =
+                    take_back(&inner, &old, &mut child, &why, inner.config.drain_timeout).await;
                 let err = Error::Failed(format!(
                     "{why}; the new generation (pid {new_pid}) was stopped ({status}); this generation (pid {}) serves again",
                     inner.pid
