@@ -32,6 +32,8 @@ PEER_LABEL = {
     "stop-start": "stop + start (plain hyper, SIGTERM then start)",
     "uvicorn-steer": "uvicorn under `baton run` (steering, the default)",
     "uvicorn-nosteer": "uvicorn under `baton run --no-steer --ready delay=1s`",
+    "nginx-ws": "nginx -s reload (HUP) proxying to a WebSocket backend",
+    "haproxy-ws": "HAProxy reload (USR2) proxying to a WebSocket backend",
 }
 
 SHORT = {
@@ -818,12 +820,64 @@ class Report:
             self.p(f"| {name} | {'yes' if ok else '**no**'} | {txt} |")
         self.p()
 
+    # ---------------------------------------------------------------- ws -----
+    def ws(self, n):
+        rows = self.kind("ws")
+        if not rows:
+            return
+        stop_after = rows[0].get("stop_after", "?")
+        self.p(f"#### {n}. Long-lived WebSockets through one upgrade")
+        self.p()
+        self.p("Each connection (scripts/bench/ws_probe.py, its own RFC 6455 client) exchanges a text message "
+               "every second with baton-demo's `GET /ws` echo; one upgrade is triggered and the probe waits "
+               "until every process of the old generation has exited, then one more second. *survived*: "
+               "still answering on its own connection; *closed*: the server sent a close frame (code); "
+               "*cut*: the connection ended without one. *old generation gone*: trigger to the last old "
+               "process exiting (median, min-max over the rounds). nginx and HAProxy proxy to one named "
+               "backend, baton-demo's `/ws` on its own port (never upgraded), and are reloaded with "
+               f"`worker_shutdown_timeout {stop_after}s` / `hard-stop-after {stop_after}s`.")
+        self.p()
+        self.p("| peer | rounds | connections | survived | closed (code: n) | cut | old generation gone |")
+        self.p("|---|---:|---:|---:|---|---:|---:|")
+        by = {}
+        for r in rows:
+            by.setdefault(r["peer"], []).append(r)
+        for peer in sorted(by, key=lambda k: list(PEER_LABEL).index(k) if k in PEER_LABEL else 99):
+            t = {"opened": 0, "survived": 0, "cut": 0, "stalled": 0}
+            closes, gone, errs = {}, [], []
+            for r in by[peer]:
+                res = jsonl(r.get("file", ""))
+                if r.get("error") or not res:
+                    errs.append(r.get("error", "no result"))
+                    continue
+                x = res[-1]
+                for k in t:
+                    t[k] += x[k]
+                for code, c in x["closes"].items():
+                    closes[code] = closes.get(code, 0) + c
+                if x["gone_ms"] is not None:
+                    gone.append(x["gone_ms"])
+            note = f" ({len(errs)}: {errs[0]})" if errs else ""
+            closed = ", ".join(f"{k}: {v}" for k, v in sorted(closes.items())) or "0"
+            stalled = f" (+{t['stalled']} stalled)" if t["stalled"] else ""
+            self.p(f"| {PEER_LABEL.get(peer, peer)} | {len(by[peer])}{note} | {t['opened']} | {t['survived']} | "
+                   f"{closed} | {t['cut']}{stalled} | {med_range(gone, f_ms) if gone else 'not gone'} |")
+            self.summary.setdefault("ws", {})[peer] = (t["survived"], t["opened"])
+            if peer == "baton-demo":
+                self.goal("baton-demo: every WebSocket survives the upgrade on its own connection",
+                          t["survived"] == t["opened"] > 0 and not errs,
+                          f"{t['survived']}/{t['opened']} survived, {sum(closes.values())} closed, {t['cut']} cut")
+                self.goal("baton-demo: old generation gone within 1 s with the WebSockets open",
+                          bool(gone) and max(gone) < 1000,
+                          med_range(gone, f_ms) if gone else "not gone")
+        self.p()
+
     def render(self, level="###"):
         self.header(level)
         self.failures()
         n = 0
         for section in (self.load, self.idle, self.steady, self.latency, self.handoff, self.spawn,
-                        self.h2, self.memory, self.clients, self.steering):
+                        self.h2, self.memory, self.clients, self.steering, self.ws):
             before = len(self.out)
             section(n + 1)
             if len(self.out) > before:
