@@ -202,4 +202,41 @@ mod tests {
         chan.send(&Msg::Promote, &[]).await.unwrap();
         new.await.unwrap();
     }
+
+    /// The drain cuts owned batches by count and by bytes: a batch of
+    /// maximal entries (16 KiB unread, 4 KiB state, 64-byte kind, 256-byte
+    /// listener name) that `fits_owned_batch` accepts always encodes within
+    /// one frame, and the next entry would not have fitted.
+    #[test]
+    fn a_batch_cut_by_fits_owned_batch_always_encodes() {
+        use super::send::fits_owned_batch;
+        use crate::protocol::{
+            MAX_CONN_PREFIX, MAX_KIND, MAX_NAME, MAX_OWNED_STATE, Msg, OwnedMeta, encode,
+        };
+        let meta = OwnedMeta {
+            kind: "k".repeat(MAX_KIND),
+            listener: "l".repeat(MAX_NAME),
+            unread: vec![0xff; MAX_CONN_PREFIX],
+            state: vec![0xff; MAX_OWNED_STATE],
+        };
+        let entry =
+            meta.unread.len() + meta.state.len() + meta.kind.len() + meta.listener.len() + 16;
+        let mut conns = vec![meta.clone()];
+        let mut bytes = entry;
+        while fits_owned_batch(conns.len(), bytes, entry) {
+            conns.push(meta.clone());
+            bytes += entry;
+        }
+        assert!(conns.len() > 1);
+        let frame = encode(&Msg::Owned {
+            batch: u32::MAX,
+            conns: conns.clone(),
+        });
+        assert!(frame.is_ok(), "{} entries: {frame:?}", conns.len());
+        conns.push(meta);
+        assert!(
+            encode(&Msg::Owned { batch: 1, conns }).is_err(),
+            "one more would not fit"
+        );
+    }
 }
