@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 mod plain;
+mod routes;
 pub mod ws;
 
 /// The version string: `BATON_DEMO_VERSION` at build time, else the crate
@@ -636,89 +637,6 @@ fn install_stop_signals(baton: &Baton) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `GET /upgrade` with `Upgrade: echo`: switch protocols and echo every
-/// byte back (a stand-in for WebSocket). An upgraded connection cannot move
-/// to another generation: it stays on this one until it closes or the drain
-/// deadline passes.
-fn echo_upgrade(req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let wants = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("echo"));
-    if !wants {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "send Upgrade: echo and Connection: upgrade\n",
-        );
-    }
-    tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        match hyper::upgrade::on(req).await {
-            Ok(up) => {
-                let mut io = hyper_util::rt::TokioIo::new(up);
-                let mut buf = vec![0u8; 4096];
-                loop {
-                    match io.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if io.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-        }
-    });
-    let mut r = Response::new(Full::new(Bytes::new()));
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    r.headers_mut()
-        .insert(header::UPGRADE, header::HeaderValue::from_static("echo"));
-    r.headers_mut().insert(
-        header::CONNECTION,
-        header::HeaderValue::from_static("upgrade"),
-    );
-    r
-}
-
-async fn kv(
-    app: &App,
-    method: Method,
-    key: String,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    if key.is_empty() || key.len() > 256 {
-        return text(StatusCode::BAD_REQUEST, "key must be 1 to 256 bytes\n");
-    }
-    match method {
-        Method::GET => match lock_state(&app.state).kv.get(&key) {
-            Some(v) => Response::new(Full::new(Bytes::from(v.clone()))),
-            None => text(StatusCode::NOT_FOUND, "no such key\n"),
-        },
-        Method::PUT => match Limited::new(req.into_body(), MAX_KV_VALUE).collect().await {
-            Ok(b) => {
-                let mut s = lock_state(&app.state);
-                if s.kv.len() >= MAX_KV_KEYS && !s.kv.contains_key(&key) {
-                    return text(StatusCode::INSUFFICIENT_STORAGE, "the cache is full\n");
-                }
-                s.kv.insert(key, b.to_bytes().to_vec());
-                text(StatusCode::OK, "stored\n")
-            }
-            Err(e) => text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("cannot read the value: {e}\n"),
-            ),
-        },
-        Method::DELETE => match lock_state(&app.state).kv.remove(&key) {
-            Some(_) => text(StatusCode::OK, "deleted\n"),
-            None => text(StatusCode::NOT_FOUND, "no such key\n"),
-        },
-        _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
-    }
-}
-
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
@@ -818,9 +736,9 @@ async fn handle(
             text(StatusCode::OK, format!("{body}\n"))
         }
         (method, path) if path.starts_with("/kv/") => {
-            kv(&app, method.clone(), path[4..].to_owned(), req).await
+            routes::kv(&app, method.clone(), path[4..].to_owned(), req).await
         }
-        (&Method::GET, "/upgrade") => echo_upgrade(req),
+        (&Method::GET, "/upgrade") => routes::echo_upgrade(req),
         (&Method::GET, "/ws") => match &app.ws {
             Some(ws) => ws.upgrade(req),
             None => text(StatusCode::NOT_FOUND, "no WebSockets in --plain mode\n"),
