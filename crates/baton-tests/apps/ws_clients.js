@@ -43,6 +43,7 @@ function client(i) {
       let a;
       try { a = JSON.parse(data.toString()); } catch (e) { st.errors.push(`bad answer: ${data}`); return; }
       st.answers += 1;
+      if (st.answers % 5 === 0) emit({ event: 'count', client: i, answers: st.answers });
       if (a.echo !== lastMsg) st.echo_errors += 1;
       if (a.seq !== expect) { st.seq_errors += 1; st.errors.push(`seq ${a.seq}, expected ${expect}`); }
       expect = a.seq + 1;

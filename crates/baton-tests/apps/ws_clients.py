@@ -8,6 +8,7 @@ next one. Each checks that `echo` is what it sent and that `seq` goes on by
 one. stdout, one JSON object a line:
   {"event": "ready"}                       every client got its first answer
   {"event": "pid", "client": I, "pid": P}  client I's answers now come from P
+  {"event": "count", "client": I, "answers": N}  every 5 answers
   {"event": "summary", "clients": [...]}   at the end
 It stops when stdin closes (or after MAX_SECONDS, or when every connection
 has ended), closes its connections normally and prints the summary. Every failure is counted, none retried.
@@ -43,6 +44,8 @@ async def client(i, url, interval, stop, first_answer):
                 st["sent"] += 1
                 answer = json.loads(await asyncio.wait_for(ws.recv(), 10))
                 st["answers"] += 1
+                if st["answers"] % 5 == 0:
+                    emit({"event": "count", "client": i, "answers": st["answers"]})
                 if answer["echo"] != msg:
                     st["echo_errors"] += 1
                 if answer["seq"] != expect:

@@ -27,6 +27,8 @@ struct Seen {
     ready: bool,
     /// Pid → the clients it has answered.
     by_pid: BTreeMap<u32, BTreeSet<u64>>,
+    /// Client → answers so far (reported every 5).
+    answers: BTreeMap<u64, u64>,
     summary: Option<Value>,
     other: Vec<String>,
 }
@@ -103,6 +105,11 @@ impl WsClients {
                         let client = v["client"].as_u64().unwrap_or(u64::MAX);
                         s.by_pid.entry(pid).or_default().insert(client);
                     }
+                    Ok(v) if v["event"] == "count" => {
+                        let client = v["client"].as_u64().unwrap_or(u64::MAX);
+                        let n = v["answers"].as_u64().unwrap_or(0);
+                        s.answers.insert(client, n);
+                    }
                     Ok(v) if v["event"] == "summary" => s.summary = Some(v),
                     _ => s.other.push(line),
                 }
@@ -141,6 +148,26 @@ impl WsClients {
         });
     }
 
+    /// Answers each client has reported so far (every 5th).
+    pub fn answers(&self) -> BTreeMap<u64, u64> {
+        self.seen.lock().unwrap().answers.clone()
+    }
+
+    /// Wait until every client has at least `more` answers beyond `since`
+    /// (from [`answers`](Self::answers)).
+    pub fn wait_more_answers(&self, since: &BTreeMap<u64, u64>, more: u64, timeout: Duration) {
+        let what = format!("every {:?} client to get {more} more answers", self.lang);
+        crate::wait_for(timeout, &what, || {
+            let s = self.seen.lock().unwrap();
+            (0..self.n as u64)
+                .all(|c| {
+                    s.answers.get(&c).copied().unwrap_or(0)
+                        >= since.get(&c).copied().unwrap_or(0) + more
+                })
+                .then_some(())
+        });
+    }
+
     /// Wait until the clients ended by themselves (every connection closed),
     /// and return what they counted.
     pub fn wait_ended(mut self, timeout: Duration) -> Vec<ClientReport> {
@@ -157,7 +184,15 @@ impl WsClients {
     fn collect(&mut self, timeout: Duration) -> Vec<ClientReport> {
         let what = format!("the {:?} WebSocket clients' summary", self.lang);
         let v = crate::wait_for(timeout, &what, || self.seen.lock().unwrap().summary.clone());
-        let _ = crate::wait_owned(&mut self.child, Duration::from_secs(10));
+        // The Python client's stdin reader thread holds its exit until stdin
+        // closes.
+        drop(self.stdin.take());
+        let exited = crate::wait_owned(&mut self.child, Duration::from_secs(10));
+        assert!(
+            exited.is_some(),
+            "the {:?} clients did not exit after their summary",
+            self.lang
+        );
         let other = self.seen.lock().unwrap().other.clone();
         assert!(other.is_empty(), "unexpected client output: {other:?}");
         let u = |c: &Value, k: &str| c[k].as_u64().unwrap_or(u64::MAX);

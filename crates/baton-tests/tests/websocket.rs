@@ -82,6 +82,10 @@ fn twenty_websocket_clients_keep_their_connections_and_seq_across_ten_upgrades()
         pids.push(r.new_pid);
         py.wait_all_answered_by(r.new_pid, Duration::from_secs(10));
         node.wait_all_answered_by(r.new_pid, Duration::from_secs(10));
+        // Traffic between upgrades: 10 more messages each (~0.5 s).
+        let (p0, n0) = (py.answers(), node.answers());
+        py.wait_more_answers(&p0, 10, Duration::from_secs(20));
+        node.wait_more_answers(&n0, 10, Duration::from_secs(20));
     }
     let mut all = py.finish(Duration::from_secs(30));
     all.extend(node.finish(Duration::from_secs(30)));
