@@ -239,3 +239,98 @@ impl Drop for WsClients {
         let _ = self.child.wait();
     }
 }
+
+/// A WebSocket client by hand, for tests that need to put exact bytes on
+/// the wire (half a frame, a fragmented message): handshake, masked
+/// frames out, the server's frames in.
+#[derive(Debug)]
+pub struct RawWs {
+    pub stream: std::net::TcpStream,
+}
+
+impl RawWs {
+    /// Connect and upgrade on `GET /ws`.
+    pub fn connect(addr: std::net::SocketAddr) -> std::io::Result<RawWs> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )?;
+        // Read the head byte by byte: nothing of the first frame is taken.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            stream.read_exact(&mut b)?;
+            head.push(b[0]);
+            if head.len() > 4096 {
+                return Err(std::io::Error::other("handshake answer too long"));
+            }
+        }
+        let text = String::from_utf8_lossy(&head);
+        if !text.starts_with("HTTP/1.1 101")
+            || !text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+            || text
+                .to_ascii_lowercase()
+                .contains("sec-websocket-extensions")
+        {
+            return Err(std::io::Error::other(format!(
+                "bad handshake answer: {text}"
+            )));
+        }
+        Ok(RawWs { stream })
+    }
+
+    /// One client frame (masked): `fin`, `opcode`, `payload`.
+    pub fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    /// Write raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+
+    /// Read one server frame: `(opcode, payload)`.
+    pub fn read_frame(&mut self) -> std::io::Result<(u8, Vec<u8>)> {
+        use std::io::Read;
+        let mut h = [0u8; 2];
+        self.stream.read_exact(&mut h)?;
+        let mut n = u64::from(h[1] & 0x7f);
+        if n == 126 {
+            let mut b = [0u8; 2];
+            self.stream.read_exact(&mut b)?;
+            n = u64::from(u16::from_be_bytes(b));
+        } else if n == 127 {
+            let mut b = [0u8; 8];
+            self.stream.read_exact(&mut b)?;
+            n = u64::from_be_bytes(b);
+        }
+        let mut p = vec![0u8; n as usize];
+        self.stream.read_exact(&mut p)?;
+        Ok((h[0] & 0x0f, p))
+    }
+
+    /// Read the answer to a text message: the demo's JSON.
+    pub fn read_json(&mut self) -> std::io::Result<Value> {
+        let (op, p) = self.read_frame()?;
+        if op != 1 {
+            return Err(std::io::Error::other(format!("opcode {op}: {p:?}")));
+        }
+        serde_json::from_slice(&p).map_err(std::io::Error::other)
+    }
+}

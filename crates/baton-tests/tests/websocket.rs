@@ -272,3 +272,67 @@ fn a_rolled_back_generation_gives_its_keepalive_and_websocket_connections_back()
         assert_eq!(c.pids, vec![new, old], "{who}");
     }
 }
+
+/// The message boundary, byte by byte: half a frame already sent when the
+/// upgrade starts moves with the connection (the new generation answers it
+/// with the next `seq`); a fragmented message begun before the upgrade
+/// holds the connection on the old generation until its last fragment,
+/// which the old generation answers, and the connection moves right after.
+#[test]
+fn a_websocket_moves_at_a_message_boundary_with_half_a_frame_and_not_inside_a_fragmented_message() {
+    use baton_tests::ws::RawWs;
+    let s = start("ws-boundary", "30s");
+    let old = s.pid();
+    let mut ws = RawWs::connect(s.addr).unwrap();
+    ws.send_raw(&RawWs::frame(true, 1, b"one")).unwrap();
+    let a = ws.read_json().unwrap();
+    assert_eq!(
+        (a["seq"].as_u64(), a["pid"].as_u64()),
+        (Some(1), Some(old.into()))
+    );
+
+    // Half a frame, then an upgrade, then the rest.
+    let two = RawWs::frame(true, 1, b"two, split across an upgrade");
+    ws.send_raw(&two[..5]).unwrap();
+    let r = upgrade(&s);
+    assert!(r.drain_ms < 1000, "{r:?}");
+    ws.send_raw(&two[5..]).unwrap();
+    let a = ws.read_json().unwrap();
+    assert_eq!(a["echo"], "two, split across an upgrade");
+    assert_eq!(
+        (a["seq"].as_u64(), a["pid"].as_u64()),
+        (Some(2), Some(r.new_pid.into()))
+    );
+
+    // A fragmented message under way: the connection stays until it ends.
+    let gen2 = r.new_pid;
+    ws.send_raw(&RawWs::frame(false, 1, b"three, ")).unwrap();
+    let control = s.control.clone();
+    let upgrading = std::thread::spawn(move || control_upgrade(&control));
+    let gen3 = baton_tests::wait_for(Duration::from_secs(30), "the next generation", || {
+        s.try_pid().filter(|p| *p != gen2)
+    });
+    ws.send_raw(&RawWs::frame(true, 0, b"in two fragments"))
+        .unwrap();
+    let a = ws.read_json().unwrap();
+    assert_eq!(a["echo"], "three, in two fragments");
+    assert_eq!(
+        (a["seq"].as_u64(), a["pid"].as_u64()),
+        (Some(3), Some(gen2.into())),
+        "the old generation answers the message it had begun"
+    );
+    let r = match upgrading.join().unwrap() {
+        Reply::Upgraded(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((r.new_pid, r.closed_at_deadline), (gen3, 0), "{r:?}");
+    ws.send_raw(&RawWs::frame(true, 1, b"four")).unwrap();
+    let a = ws.read_json().unwrap();
+    assert_eq!(
+        (a["seq"].as_u64(), a["pid"].as_u64()),
+        (Some(4), Some(gen3.into()))
+    );
+    // A ping is answered by the generation that has the connection now.
+    ws.send_raw(&RawWs::frame(true, 9, b"ping")).unwrap();
+    assert_eq!(ws.read_frame().unwrap(), (10, b"ping".to_vec()));
+}
