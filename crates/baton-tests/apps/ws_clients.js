@@ -21,7 +21,9 @@ function client(i) {
   return new Promise((resolve) => {
     let done = false;
     const finish = () => { if (!done) { done = true; resolve(st); } };
-    const ws = new WebSocket(url, { perMessageDeflate: false, handshakeTimeout: 10000 });
+    // `ws` offers permessage-deflate by default: the server must decline it
+    // (its compression state could not move with the connection).
+    const ws = new WebSocket(url, { handshakeTimeout: 10000 });
     let expect = 1;
     let k = 0;
     let lastMsg = null;
@@ -36,7 +38,11 @@ function client(i) {
       answerTimer = setTimeout(() => { st.errors.push(`no answer to ${lastMsg} within 10 s`); ws.terminate(); }, 10000);
     };
     stopWaiters.push(() => { if (ws.readyState === WebSocket.OPEN && answerTimer === null) ws.close(1000); });
-    ws.on('open', () => { st.ports.push(ws._socket.localPort); send(); });
+    ws.on('open', () => {
+      st.ports.push(ws._socket.localPort);
+      if (ws.extensions) st.errors.push(`the server negotiated an extension: ${ws.extensions}`);
+      send();
+    });
     ws.on('message', (data) => {
       clearTimeout(answerTimer);
       answerTimer = null;
