@@ -161,7 +161,12 @@ impl WebSocket {
     ) -> Self {
         let close_now = CancellationToken::new();
         let cancel = close_now.clone();
-        let guard = shared.baton.owned_guard(move || cancel.cancel());
+        let guard = match io {
+            Transport::Plain(_) => shared.baton.owned_guard(move || cancel.cancel()),
+            // The I/O inside hyper's Upgraded still holds its connection's
+            // token: count it once.
+            Transport::Other(_) => shared.baton.owned_close_callback(move || cancel.cancel()),
+        };
         WebSocket {
             io,
             buf: BytesMut::from(unread),

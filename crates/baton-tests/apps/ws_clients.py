@@ -1,6 +1,8 @@
 """WebSocket clients for baton's tests (Python `websockets`).
 
-usage: ws_clients.py URL N INTERVAL_MS MAX_SECONDS
+usage: ws_clients.py URL N INTERVAL_MS MAX_SECONDS [CA_FILE]
+
+(CA_FILE: trust this CA for a wss:// URL.)
 
 N clients connect to URL and each sends a text message every INTERVAL_MS,
 waiting for its answer ({"pid", "generation", "seq", "echo"}) before the
@@ -16,6 +18,7 @@ has ended), closes its connections normally and prints the summary. Every failur
 
 import asyncio
 import json
+import ssl
 import sys
 
 from websockets.asyncio.client import connect
@@ -27,7 +30,7 @@ def emit(obj):
     sys.stdout.flush()
 
 
-async def client(i, url, interval, stop, first_answer):
+async def client(i, url, interval, stop, first_answer, tls):
     st = {"client": i, "lang": "python", "sent": 0, "answers": 0,
           "seq_errors": 0, "echo_errors": 0, "closes": [], "errors": [],
           "pids": [], "ports": []}
@@ -35,7 +38,7 @@ async def client(i, url, interval, stop, first_answer):
         # The default offers permessage-deflate: the server must decline it
         # (its compression state could not move with the connection).
         async with connect(url, ping_interval=None, open_timeout=10,
-                           close_timeout=5) as ws:
+                           close_timeout=5, ssl=tls) as ws:
             st["ports"].append(ws.local_address[1])
             ext = ws.response.headers.get("Sec-WebSocket-Extensions")
             if ext:
@@ -82,10 +85,11 @@ async def client(i, url, interval, stop, first_answer):
 
 async def main():
     url, n, interval_ms, max_s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    tls = ssl.create_default_context(cafile=sys.argv[5]) if len(sys.argv) > 5 else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     firsts = [loop.create_future() for _ in range(n)]
-    tasks = [asyncio.create_task(client(i, url, interval_ms / 1000, stop, firsts[i]))
+    tasks = [asyncio.create_task(client(i, url, interval_ms / 1000, stop, firsts[i], tls))
              for i in range(n)]
 
     async def announce():

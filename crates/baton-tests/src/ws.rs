@@ -65,6 +65,19 @@ impl WsClients {
     /// `n` clients of `lang` on `url`, one message every `interval`; they
     /// stop by themselves after `max_time`.
     pub fn start(lang: Lang, url: &str, n: usize, interval: Duration, max_time: Duration) -> Self {
+        Self::start_tls(lang, url, n, interval, max_time, None)
+    }
+
+    /// [`start`](Self::start) for a `wss://` URL, trusting the CA in `ca`
+    /// (Python only).
+    pub fn start_tls(
+        lang: Lang,
+        url: &str,
+        n: usize,
+        interval: Duration,
+        max_time: Duration,
+        ca: Option<&std::path::Path>,
+    ) -> Self {
         let mut cmd = match lang {
             Lang::Python => {
                 let mut c = Command::new(crate::apps::venv_tool("python"));
@@ -87,6 +100,7 @@ impl WsClients {
             .arg(n.to_string())
             .arg(interval.as_millis().to_string())
             .arg(max_time.as_secs().to_string())
+            .args(ca)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

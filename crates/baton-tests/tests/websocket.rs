@@ -336,3 +336,42 @@ fn a_websocket_moves_at_a_message_boundary_with_half_a_frame_and_not_inside_a_fr
     ws.send_raw(&RawWs::frame(true, 9, b"ping")).unwrap();
     assert_eq!(ws.read_frame().unwrap(), (10, b"ping".to_vec()));
 }
+
+/// A WebSocket over TLS cannot move (its session keys live in the old
+/// process's rustls state): it is served by the old generation until the
+/// drain deadline, then closed with 1012 — never a bare cut — while a plain
+/// one on the same server moves.
+#[test]
+fn a_websocket_over_tls_stays_and_gets_1012_at_the_deadline_while_a_plain_one_moves() {
+    let t = baton_tests::tls::TlsServer::start(fixture(), "ws-tls", &["--drain-timeout", "3s"]);
+    let s = &t.server;
+    let old = s.pid();
+    let every = Duration::from_millis(50);
+    let wss = format!("wss://localhost:{}/ws", t.tls_port);
+    let tls = WsClients::start_tls(
+        Lang::Python,
+        &wss,
+        2,
+        every,
+        Duration::from_secs(120),
+        Some(&t.pki.ca),
+    );
+    let plain = WsClients::start(Lang::Python, &url(s), 2, every, Duration::from_secs(120));
+    tls.wait_ready(Duration::from_secs(30));
+    plain.wait_ready(Duration::from_secs(30));
+    let r = upgrade(s);
+    assert_eq!(
+        r.closed_at_deadline, 2,
+        "the TLS WebSockets, and only they: {r:?}"
+    );
+    plain.wait_all_answered_by(r.new_pid, Duration::from_secs(10));
+    let ended = tls.wait_ended(Duration::from_secs(20));
+    assert_closed_with(&ended, 1012);
+    for c in &ended {
+        assert_eq!(c.pids, vec![old]);
+    }
+    for c in plain.finish(Duration::from_secs(30)) {
+        assert!(c.errors.is_empty() && c.closes.is_empty(), "{c:?}");
+        assert_eq!(c.pids, vec![old, r.new_pid]);
+    }
+}

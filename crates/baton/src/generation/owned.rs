@@ -95,7 +95,21 @@ impl Baton {
         OwnedGuard {
             id,
             closers: Arc::clone(&self.inner.closers),
-            _token: self.connection_token(),
+            _token: Some(self.connection_token()),
+        }
+    }
+
+    /// [`owned_guard`](Baton::owned_guard) for a connection that a
+    /// [`ConnectionToken`](crate::ConnectionToken) held elsewhere already
+    /// counts (an upgraded connection whose I/O still carries its serving
+    /// layer's token): only the close callback, so the connection is not
+    /// counted twice at the drain deadline.
+    pub fn owned_close_callback(&self, on_close: impl FnOnce() + Send + 'static) -> OwnedGuard {
+        let id = self.inner.closers.add(Box::new(on_close));
+        OwnedGuard {
+            id,
+            closers: Arc::clone(&self.inner.closers),
+            _token: None,
         }
     }
 

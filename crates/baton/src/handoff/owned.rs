@@ -140,7 +140,8 @@ impl Closers {
 pub struct OwnedGuard {
     pub(crate) id: u64,
     pub(crate) closers: Arc<Closers>,
-    pub(crate) _token: ConnectionToken,
+    /// `None` when another token already counts the connection.
+    pub(crate) _token: Option<ConnectionToken>,
 }
 
 impl std::fmt::Debug for OwnedGuard {
