@@ -26,7 +26,8 @@
 //! * `health-bad-after:MS` — `GET /health` answers 503 from MS after start.
 //! * `health-bad-when:PATH` — `GET /health` answers 503 once PATH exists
 //!   (the test decides when the window fails).
-//! * `error-rate:PCT` — answer 500 to PCT % of requests (every n-th).
+//! * `error-rate:PCT` — answer 500 to PCT % of requests (every n-th), but
+//!   never to `/health` and `/ws`.
 //! * `self-upgrade:MS` — MS after it is ready, upgrade itself through the
 //!   library call `Baton::upgrade` and log the result.
 //! * `nofile:N` — lower this process's `RLIMIT_NOFILE` (soft and hard) to N
@@ -166,7 +167,7 @@ pub fn main(version: &str) -> ExitCode {
                 let pct: u64 = arg.parse().unwrap_or(20).clamp(1, 100);
                 let n = std::sync::atomic::AtomicU64::new(0);
                 custom.intercept = Some(Arc::new(move |req| {
-                    if req.uri().path() == "/health" {
+                    if matches!(req.uri().path(), "/health" | "/ws") {
                         return None;
                     }
                     let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -375,3 +375,92 @@ fn a_websocket_over_tls_stays_and_gets_1012_at_the_deadline_while_a_plain_one_mo
         assert_eq!(c.pids, vec![old, r.new_pid]);
     }
 }
+
+/// The canary's rollback gives connections back too: during a canary both
+/// generations accept; the new one answers 500 to everything but `/ws` and
+/// `/health` (fault `error-rate:100`), so the canary fails. Keep-alive and
+/// WebSocket connections that landed on the new generation go back to the
+/// old one: same connections, next answers from the old pid.
+#[test]
+fn a_failed_canary_gives_its_keepalive_and_websocket_connections_back() {
+    use baton_tests::ws::RawWs;
+    let opts = ServerOpts {
+        args: baton_tests::apps::strings(&[
+            "--no-state",
+            "--canary",
+            "3s",
+            "--canary-min-requests",
+            "2",
+            "--canary-extensions",
+            "0",
+        ]),
+        ..ServerOpts::default()
+    };
+    let s = Server::start_with(fixture(), "ws-canary", opts);
+    let old = s.pid();
+    s.arm_fault("error-rate:100");
+    let control = s.control.clone();
+    let upgrading = std::thread::spawn(move || control_upgrade(&control));
+    // Both generations accept: open connections until 3 of each kind sit
+    // on the new one (a 500 can only come from it; a WebSocket answer
+    // names its pid). Bounded: 400 attempts.
+    let (mut on_new_http, mut on_new_ws, mut new_pid) = (Vec::new(), Vec::new(), None);
+    for _ in 0..400 {
+        if on_new_http.len() < 3 {
+            let mut c = baton_tests::http::connect(s.addr).unwrap();
+            if c.get("/version").unwrap().status == 500 {
+                on_new_http.push(c);
+            }
+        }
+        if on_new_ws.len() < 3 {
+            let mut ws = RawWs::connect(s.addr).unwrap();
+            ws.send_raw(&RawWs::frame(true, 1, b"where")).unwrap();
+            let a = ws.read_json().unwrap();
+            let pid = a["pid"].as_u64().unwrap() as u32;
+            if pid != old {
+                new_pid = Some(pid);
+                on_new_ws.push(ws);
+            }
+        }
+        if on_new_http.len() == 3 && on_new_ws.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(
+        (on_new_http.len(), on_new_ws.len()),
+        (3, 3),
+        "connections reached the canary"
+    );
+    match upgrading.join().unwrap() {
+        Reply::Failed(f) => assert!(f.message.contains("canary"), "{}", f.message),
+        other => panic!("expected the canary to fail, got {other:?}"),
+    }
+    for (i, c) in on_new_http.iter_mut().enumerate() {
+        let r = c.get("/version").unwrap();
+        assert_eq!(
+            r.status, 200,
+            "keep-alive connection {i} (no 500: the old generation)"
+        );
+        let v = baton_tests::Version::parse(&r.body).unwrap();
+        assert_eq!(v.pid, old, "keep-alive connection {i} went back");
+    }
+    for (i, ws) in on_new_ws.iter_mut().enumerate() {
+        ws.send_raw(&RawWs::frame(true, 1, b"again")).unwrap();
+        let a = ws.read_json().unwrap();
+        assert_eq!(
+            a["pid"].as_u64(),
+            Some(old.into()),
+            "WebSocket {i} went back"
+        );
+        assert_eq!(
+            a["seq"].as_u64(),
+            Some(2),
+            "WebSocket {i}: its seq moved with it"
+        );
+    }
+    let new_pid = new_pid.unwrap();
+    let gone = wait_for_opt(Duration::from_secs(30), || {
+        (!proc::alive(new_pid)).then_some(())
+    });
+    assert!(gone.is_some(), "the rolled-back generation exits");
+}
