@@ -123,8 +123,10 @@ pub const PREVIOUS_RELEASE: &str = "58b91e2a2299dd949ea857038502bbdb18d4e431";
 /// The previous release's fixture server (`baton-fixture` at
 /// [`PREVIOUS_RELEASE`]), built once from this repository's history (`git
 /// archive`, then `cargo build`) into `target/previous-release/`, and kept
-/// there: later runs reuse it. `BATON_PREVIOUS_FIXTURE` names a binary to
-/// use instead.
+/// there: later runs reuse it. `scripts/test.sh` builds it beforehand
+/// (`scripts/build-previous-release.sh`, the same place), so the test's
+/// time budget is not spent compiling. `BATON_PREVIOUS_FIXTURE` names a
+/// binary to use instead.
 pub fn previous_release_fixture() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
