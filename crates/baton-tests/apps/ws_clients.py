@@ -72,6 +72,12 @@ async def client(i, url, interval, stop, first_answer, tls):
                     await asyncio.wait_for(stop.wait(), interval)
                 except asyncio.TimeoutError:
                     pass
+            # Stopped between exchanges: a close frame the server sent
+            # meanwhile counts all the same.
+            rcvd = ws.protocol.close_rcvd
+            if rcvd is not None:
+                st["closes"].append(rcvd.code)
+                st["errors"].append(f"closed by the server: {rcvd.code}")
     except ConnectionClosed as e:
         if e.rcvd is not None:
             st["closes"].append(e.rcvd.code)

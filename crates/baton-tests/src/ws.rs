@@ -153,6 +153,15 @@ impl WsClients {
         });
     }
 
+    /// Wait until `pid` has answered `n` clients.
+    pub fn wait_answered_by_count(&self, pid: u32, n: usize, timeout: Duration) {
+        let what = format!("pid {pid} to answer {n} {:?} clients", self.lang);
+        crate::wait_for(timeout, &what, || {
+            let s = self.seen.lock().unwrap();
+            (s.by_pid.get(&pid).map_or(0, BTreeSet::len) >= n).then_some(())
+        });
+    }
+
     /// Wait until `pid` has answered every client.
     pub fn wait_all_answered_by(&self, pid: u32, timeout: Duration) {
         let what = format!("pid {pid} to answer every {:?} client", self.lang);

@@ -464,3 +464,52 @@ fn a_failed_canary_gives_its_keepalive_and_websocket_connections_back() {
     });
     assert!(gone.is_some(), "the rolled-back generation exits");
 }
+
+/// The refusal the kernel makes: a successor whose fd limit is 64 (fault
+/// `nofile:64`) takes the first batches of 100 WebSockets, then one is
+/// truncated (`MSG_CTRUNC`) and refused whole; the old generation keeps
+/// serving the rest and closes them with 1012 at the deadline. Every
+/// connection is either moved or closed with 1012 — none lost, none served
+/// twice — and the report's counts match what the clients saw.
+#[test]
+fn websockets_beyond_the_successors_fd_limit_stay_and_get_1012() {
+    let s = start("ws-nofile", "3s");
+    let py = WsClients::start(
+        Lang::Python,
+        &url(&s),
+        100,
+        Duration::from_millis(200),
+        Duration::from_secs(120),
+    );
+    py.wait_ready(Duration::from_secs(60));
+    let old = s.pid();
+    s.arm_fault("nofile:64");
+    let r = upgrade(&s);
+    assert_eq!(r.handed_over + r.closed_at_deadline, 100, "{r:?}");
+    assert!(r.closed_at_deadline > 0, "the fd limit refused some: {r:?}");
+    assert!(
+        s.log().contains("MSG_CTRUNC"),
+        "the refusal says why (the kernel truncated the fds)"
+    );
+    py.wait_answered_by_count(r.new_pid, r.handed_over as usize, Duration::from_secs(20));
+    let all = py.finish(Duration::from_secs(30));
+    let (mut moved, mut closed) = (0, 0);
+    for c in &all {
+        let who = format!("client {}", c.client);
+        assert_eq!(
+            (c.seq_errors, c.echo_errors, c.ports.len()),
+            (0, 0, 1),
+            "{who}"
+        );
+        if c.closes.is_empty() {
+            assert!(c.errors.is_empty(), "{who}: {:?}", c.errors);
+            assert_eq!(c.pids, vec![old, r.new_pid], "{who}");
+            moved += 1;
+        } else {
+            assert_eq!(c.closes, vec![1012], "{who}");
+            assert_eq!(c.pids, vec![old], "{who}");
+            closed += 1;
+        }
+    }
+    assert_eq!((moved, closed), (r.handed_over, r.closed_at_deadline));
+}
