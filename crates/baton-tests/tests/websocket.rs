@@ -513,3 +513,41 @@ fn websockets_beyond_the_successors_fd_limit_stay_and_get_1012() {
     }
     assert_eq!((moved, closed), (r.handed_over, r.closed_at_deadline));
 }
+
+/// A plain stop (no successor): every WebSocket gets a close frame with
+/// 1001 (Going Away) at once, not a cut at the drain deadline, and the
+/// generation exits without waiting for the deadline.
+#[test]
+fn a_plain_stop_closes_websockets_with_1001_at_once() {
+    let s = start("ws-stop", "30s");
+    let py = WsClients::start(
+        Lang::Python,
+        &url(&s),
+        3,
+        Duration::from_millis(50),
+        Duration::from_secs(120),
+    );
+    let node = WsClients::start(
+        Lang::Node,
+        &url(&s),
+        3,
+        Duration::from_millis(50),
+        Duration::from_secs(120),
+    );
+    py.wait_ready(Duration::from_secs(30));
+    node.wait_ready(Duration::from_secs(30));
+    let pid = s.pid();
+    let t = Instant::now();
+    match baton_tests::control_call(&s.control, &baton::control::Request::Stop, |_| {}) {
+        Reply::Stopping => {}
+        other => panic!("{other:?}"),
+    }
+    let gone = wait_for_opt(Duration::from_secs(10), || {
+        (!proc::alive(pid)).then_some(())
+    });
+    assert!(gone.is_some(), "exited well before the 30 s drain deadline");
+    eprintln!("stopped in {} ms", t.elapsed().as_millis());
+    let mut all = py.wait_ended(Duration::from_secs(20));
+    all.extend(node.wait_ended(Duration::from_secs(20)));
+    assert_closed_with(&all, 1001);
+}
