@@ -261,6 +261,10 @@ impl WebSocket {
         if header.rsv1 || header.rsv2 || header.rsv3 {
             return Err(CLOSE_PROTOCOL);
         }
+        // Control frames are whole and small (RFC 6455 §5.5).
+        if matches!(header.opcode, OpCode::Control(_)) && (!header.is_final || len > 125) {
+            return Err(CLOSE_PROTOCOL);
+        }
         self.buf.advance(head);
         let mut payload = self.buf.split_to(len);
         for (i, b) in payload.iter_mut().enumerate() {
