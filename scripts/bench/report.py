@@ -49,6 +49,8 @@ SHORT = {
     "ecdysis": "ecdysis",
     "pingora": "pingora",
     "stop-start": "stop + start",
+    "nginx-ws": "nginx reload (proxy)",
+    "haproxy-ws": "HAProxy reload (proxy)",
 }
 
 TRIGGER = {
@@ -913,6 +915,10 @@ class Report:
                         + ", ".join(f"{SHORT.get(p, p)} "
                                     + "/".join(str(v.get(c, "—")) for c in CLIENT_LABEL)
                                     for p, v in cl.items()))
+        ws = s.get("ws", {})
+        if ws:
+            bits.append("WebSockets still answering on their own connection after one upgrade: "
+                        + ", ".join(f"{SHORT.get(p, p)} {a}/{b}" for p, (a, b) in ws.items()))
         if "steady" in s:
             med, lo, hi, k = s["steady"]
             bits.append(f"steady req/s baton-demo ÷ plain hyper × {med:.3f} (× {lo:.3f}–{hi:.3f}, {k} rounds)")
@@ -942,7 +948,8 @@ scripts/bench/run.sh --quick                        # a smoke run (the test suit
 Options: `--rounds N` (default 5), `--duration S` (wrk `-d` of a load run, default 8), `--upgrades N`
 (per load run, default 2), `--latency-count N` (rounds of the latency and spawn scenarios, default 20),
 `--server-cpu N` / `--load-cpu N` (default 0 / 1), `--bin-dir DIR` (prebuilt `baton-demo`,
-`bench-handoff`, `bench-spawn` and `baton`), `--keep` (keep the run directory with every raw output).
+`bench-handoff`, `bench-spawn` and `baton`), `--keep` (keep the run directory with every raw output),
+`--ws-conns N` (WebSockets in the ws scenario, default 1000).
 Every process it starts is stopped by pid on exit, every port is picked free on 127.0.0.1, every wait
 and every load loop has a deadline. It installs what the peers need (Debian packages, a pinned Python
 venv) and builds pingora and ecdysis from their own lockfiles; a peer that cannot be installed is a
