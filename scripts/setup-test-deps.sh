@@ -10,6 +10,8 @@ command -v wrk >/dev/null || need_apt+=(wrk)
 command -v h2load >/dev/null || need_apt+=(nghttp2-client)
 command -v go >/dev/null || need_apt+=(golang-go)
 command -v node >/dev/null || need_apt+=(nodejs)
+# npm: Node's `ws` for the WebSocket tests (Debian packages it apart).
+command -v npm >/dev/null || need_apt+=(npm)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
 # systemd-socket-activate and systemd-analyze (the unit-file test).
 { command -v systemd-socket-activate && command -v systemd-analyze; } >/dev/null || need_apt+=(systemd)
@@ -35,9 +37,10 @@ fi
 # ansible-core for the fleet play and modules (contrib/ansible; 2.19 is the
 # newest that runs on Python 3.11), kubernetes-validate for the manifests in
 # contrib/kubernetes (its schemas ship in the package: no network at test
-# time). A pin that is missing or at another version is (re)installed.
+# time), websockets for the WebSocket tests' Python clients. A pin that is
+# missing or at another version is (re)installed.
 PY_PINS=(gunicorn==27.0.1 uvicorn==0.55.0 prometheus_client==0.26.0
-  ansible-core==2.19.14 kubernetes-validate==1.37.0)
+  ansible-core==2.19.14 kubernetes-validate==1.37.0 websockets==17.4)
 if [[ ! -x .venv/bin/python ]]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
@@ -63,6 +66,15 @@ read -r -a need_pip <<<"$missing"
 if ((${#need_pip[@]})); then
   echo "setup: installing into .venv: ${need_pip[*]}"
   .venv/bin/pip install -q --disable-pip-version-check "${need_pip[@]}"
+fi
+
+# Node packages of the test apps (Node's `ws` for the WebSocket tests),
+# pinned in crates/baton-tests/apps/package.json and package-lock.json.
+ws_have=$(node -p 'try { require("./crates/baton-tests/apps/node_modules/ws/package.json").version } catch (e) { "" }' 2>/dev/null || true)
+ws_want=$(node -p 'require("./crates/baton-tests/apps/package.json").dependencies.ws')
+if [[ "$ws_have" != "$ws_want" ]]; then
+  echo "setup: installing Node packages into crates/baton-tests/apps (ws@$ws_want)"
+  npm ci --prefix crates/baton-tests/apps --no-audit --no-fund --ignore-scripts --loglevel=error
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -15,6 +15,9 @@ cd "$(dirname "$0")/.."
 scripts/setup-test-deps.sh
 export PATH="$PWD/.venv/bin:$PATH"
 cargo build --workspace --all-targets
+# The previous release's fixture for tests/wire_compat.rs, built here rather
+# than inside the test's time budget (a no-op once built).
+scripts/build-previous-release.sh
 doc_rc=0
 doc_log=$(mktemp)
 trap 'rm -f "$doc_log"' EXIT

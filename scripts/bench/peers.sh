@@ -211,6 +211,27 @@ start_peer() {
         "$HERE/haproxy-backend.cfg" > "$dir/haproxy.cfg"
       "${ON_SRV[@]}" haproxy -W -f "$dir/haproxy.cfg" -p "$dir/pid" >>"$dir/log" 2>&1 &
       ;;
+    nginx-ws|haproxy-ws)
+      # A proxy in front of one WebSocket backend (baton-demo's /ws, never
+      # upgraded): the ws scenario. WS_STOP_AFTER is the stated limit on the
+      # old worker's life (worker_shutdown_timeout / hard-stop-after).
+      local bport; bport=$(free_port)
+      "${ON_SRV[@]}" "$BIN/baton-demo" --listen "127.0.0.1:$bport" --pid-file "$dir/backend.pid" \
+        --no-state --log warn >>"$dir/backend.log" 2>&1 &
+      "${PROBE[@]}" wait --port "$bport" --timeout 30 >/dev/null || return 1
+      if [[ $name == nginx-ws ]]; then
+        KIND=nginx-reload
+        mkdir -p "$dir/logs"
+        sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$port#g" -e "s#@BACKEND@#127.0.0.1:$bport#" \
+          -e "s#@STOP_AFTER@#${WS_STOP_AFTER}s#" "$HERE/nginx-ws.conf" > "$dir/nginx.conf"
+        "${ON_SRV[@]}" "$(command -v nginx)" -p "$dir" -c "$dir/nginx.conf" >>"$dir/log" 2>&1
+      else
+        KIND=haproxy
+        sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$port#g" -e "s#@BACKEND@#127.0.0.1:$bport#" \
+          -e "s#@STOP_AFTER@#${WS_STOP_AFTER}s#" "$HERE/haproxy-ws.cfg" > "$dir/haproxy.cfg"
+        "${ON_SRV[@]}" haproxy -W -f "$dir/haproxy.cfg" -p "$dir/pid" >>"$dir/log" 2>&1 &
+      fi
+      ;;
     pingora)
       KIND=pingora
       sed -e "s#@DIR@#$dir#g" "$HERE/pingora.yaml" > "$dir/pingora.yaml"

@@ -32,6 +32,8 @@ PEER_LABEL = {
     "stop-start": "stop + start (plain hyper, SIGTERM then start)",
     "uvicorn-steer": "uvicorn under `baton run` (steering, the default)",
     "uvicorn-nosteer": "uvicorn under `baton run --no-steer --ready delay=1s`",
+    "nginx-ws": "nginx -s reload (HUP) proxying to a WebSocket backend",
+    "haproxy-ws": "HAProxy reload (USR2) proxying to a WebSocket backend",
 }
 
 SHORT = {
@@ -47,6 +49,8 @@ SHORT = {
     "ecdysis": "ecdysis",
     "pingora": "pingora",
     "stop-start": "stop + start",
+    "nginx-ws": "nginx reload (proxy)",
+    "haproxy-ws": "HAProxy reload (proxy)",
 }
 
 TRIGGER = {
@@ -825,12 +829,64 @@ class Report:
             self.p(f"| {name} | {'yes' if ok else '**no**'} | {txt} |")
         self.p()
 
+    # ---------------------------------------------------------------- ws -----
+    def ws(self, n):
+        rows = self.kind("ws")
+        if not rows:
+            return
+        stop_after = rows[0].get("stop_after", "?")
+        self.p(f"#### {n}. Long-lived WebSockets through one upgrade")
+        self.p()
+        self.p("Each connection (scripts/bench/ws_probe.py, its own RFC 6455 client) exchanges a text message "
+               "every second with baton-demo's `GET /ws` echo; one upgrade is triggered and the probe waits "
+               "until every process of the old generation has exited, then one more second. *survived*: "
+               "still answering on its own connection; *closed*: the server sent a close frame (code); "
+               "*cut*: the connection ended without one. *old generation gone*: trigger to the last old "
+               "process exiting (median, min-max over the rounds). nginx and HAProxy proxy to one named "
+               "backend, baton-demo's `/ws` on its own port (never upgraded), and are reloaded with "
+               f"`worker_shutdown_timeout {stop_after}s` / `hard-stop-after {stop_after}s`.")
+        self.p()
+        self.p("| peer | rounds | connections | survived | closed (code: n) | cut | old generation gone |")
+        self.p("|---|---:|---:|---:|---|---:|---:|")
+        by = {}
+        for r in rows:
+            by.setdefault(r["peer"], []).append(r)
+        for peer in sorted(by, key=lambda k: list(PEER_LABEL).index(k) if k in PEER_LABEL else 99):
+            t = {"opened": 0, "survived": 0, "cut": 0, "stalled": 0}
+            closes, gone, errs = {}, [], []
+            for r in by[peer]:
+                res = jsonl(r.get("file", ""))
+                if r.get("error") or not res:
+                    errs.append(r.get("error", "no result"))
+                    continue
+                x = res[-1]
+                for k in t:
+                    t[k] += x[k]
+                for code, c in x["closes"].items():
+                    closes[code] = closes.get(code, 0) + c
+                if x["gone_ms"] is not None:
+                    gone.append(x["gone_ms"])
+            note = f" ({len(errs)}: {errs[0]})" if errs else ""
+            closed = ", ".join(f"{k}: {v}" for k, v in sorted(closes.items())) or "0"
+            stalled = f" (+{t['stalled']} stalled)" if t["stalled"] else ""
+            self.p(f"| {PEER_LABEL.get(peer, peer)} | {len(by[peer])}{note} | {t['opened']} | {t['survived']} | "
+                   f"{closed} | {t['cut']}{stalled} | {med_range(gone, f_ms) if gone else 'not gone'} |")
+            self.summary.setdefault("ws", {})[peer] = (t["survived"], t["opened"])
+            if peer == "baton-demo":
+                self.goal("baton-demo: every WebSocket survives the upgrade on its own connection",
+                          t["survived"] == t["opened"] > 0 and not errs,
+                          f"{t['survived']}/{t['opened']} survived, {sum(closes.values())} closed, {t['cut']} cut")
+                self.goal("baton-demo: old generation gone within 1 s with the WebSockets open",
+                          bool(gone) and max(gone) < 1000,
+                          med_range(gone, f_ms) if gone else "not gone")
+        self.p()
+
     def render(self, level="###"):
         self.header(level)
         self.failures()
         n = 0
         for section in (self.load, self.idle, self.steady, self.latency, self.handoff, self.spawn,
-                        self.h2, self.memory, self.clients, self.steering):
+                        self.h2, self.memory, self.clients, self.steering, self.ws):
             before = len(self.out)
             section(n + 1)
             if len(self.out) > before:
@@ -866,6 +922,10 @@ class Report:
                         + ", ".join(f"{SHORT.get(p, p)} "
                                     + "/".join(str(v.get(c, "—")) for c in CLIENT_LABEL)
                                     for p, v in cl.items()))
+        ws = s.get("ws", {})
+        if ws:
+            bits.append("WebSockets still answering on their own connection after one upgrade: "
+                        + ", ".join(f"{SHORT.get(p, p)} {a}/{b}" for p, (a, b) in ws.items()))
         if "steady" in s:
             med, lo, hi, k = s["steady"]
             bits.append(f"steady req/s baton-demo ÷ plain hyper × {med:.3f} (× {lo:.3f}–{hi:.3f}, {k} rounds)")
@@ -895,7 +955,8 @@ scripts/bench/run.sh --quick                        # a smoke run (the test suit
 Options: `--rounds N` (default 5), `--duration S` (wrk `-d` of a load run, default 8), `--upgrades N`
 (per load run, default 2), `--latency-count N` (rounds of the latency and spawn scenarios, default 20),
 `--server-cpu N` / `--load-cpu N` (default 0 / 1), `--bin-dir DIR` (prebuilt `baton-demo`,
-`bench-handoff`, `bench-spawn` and `baton`), `--keep` (keep the run directory with every raw output).
+`bench-handoff`, `bench-spawn` and `baton`), `--keep` (keep the run directory with every raw output),
+`--ws-conns N` (WebSockets in the ws scenario, default 1000).
 Every process it starts is stopped by pid on exit, every port is picked free on 127.0.0.1, every wait
 and every load loop has a deadline. It installs what the peers need (Debian packages, a pinned Python
 venv) and builds pingora and ecdysis from their own lockfiles; a peer that cannot be installed is a

@@ -4,6 +4,7 @@
 #   scripts/bench/run.sh [--write-docs] [--quick] [--only NAME[,NAME]] [--rounds N]
 #                        [--duration S] [--upgrades N] [--latency-count N]
 #                        [--server-cpu N] [--load-cpu N] [--bin-dir DIR] [--keep]
+#                        [--ws-conns N]
 #
 # Prints one Markdown report on stdout (progress on stderr) and keeps a copy
 # in target/bench/latest.md. --write-docs also writes docs/benchmarks.md and
@@ -37,6 +38,15 @@
 #             workers, 0-40 ms idle gaps) through 8 upgrades: errors
 #   steering  uvicorn under `baton run` with and without steering, wrk -c8
 #             Connection: close, 10 upgrades per run, 3 runs each
+#   ws        1,000 WebSockets (a message a second each) through one upgrade:
+#             how many survive on their connection, how many are closed (by
+#             code) or cut, and the time from the trigger to the old
+#             generation gone; baton-demo's /ws against nginx and HAProxy
+#             reloading in front of the same backend (baton-demo's /ws, not
+#             upgraded) with worker_shutdown_timeout / hard-stop-after 10 s.
+#             Not in --quick's default list: --quick --only ws (100
+#             connections, baton-demo; add nginx-reload,haproxy for those;
+#             --ws-conns N for another count)
 # Peers: baton-demo baton-run nginx-binary nginx-reload haproxy
 #        haproxy-idle-close tableflip pingora ecdysis stop-start
 # --only takes peer and/or scenario names (e.g. --only baton-demo,latency).
@@ -65,8 +75,11 @@ source "$HERE/lib.sh"
 # shellcheck source=scripts/bench/peers.sh
 source "$HERE/peers.sh"
 
-QUICK=0 ONLY="" DUR="" ROUNDS="" LATN="" KEEP=0 BIN_DIR="" UPGRADES="" WRITE_DOCS=0
+WS_CONNS_ARG="" QUICK=0 ONLY="" DUR="" ROUNDS="" LATN="" KEEP=0 BIN_DIR="" UPGRADES="" WRITE_DOCS=0
 SRV_CPU=0 LOAD_CPU=1
+# ws scenario: the stated limit on an old proxy worker's life after a reload
+# (nginx worker_shutdown_timeout, HAProxy hard-stop-after), seconds.
+WS_STOP_AFTER=10
 ARGS_ECHO="$*"
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -82,6 +95,7 @@ while [[ $# -gt 0 ]]; do
     --load-cpu) LOAD_CPU="$2"; shift ;;
     --bin-dir) BIN_DIR="$(cd "$2" && pwd)"; shift ;;
     --keep) KEEP=1 ;;
+    --ws-conns) WS_CONNS_ARG="$2"; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -97,21 +111,22 @@ fi
 pin_cpus
 
 ALL_PEERS="baton-demo baton-run nginx-binary nginx-reload haproxy haproxy-idle-close tableflip pingora ecdysis stop-start"
-ALL_SCEN="load idle steady latency handoff spawn h2 memory clients steering"
+ALL_SCEN="load idle steady latency handoff spawn h2 memory clients steering ws"
 if [[ $QUICK == 1 ]]; then
   DUR=${DUR:-3}; ROUNDS=${ROUNDS:-1}; LATN=${LATN:-5}; UPGRADES=${UPGRADES:-2}
   SCALE="200" FIRST=0.5 STEADY_DUR=2 STEADY_ROUNDS=1 BALLAST="20 256" H2_UPGRADES=2
   SUP_COUNT=5 SUP_AT="2,5" CLIENT_UPGRADES=2 STEER_RUNS=1 STEER_UPGRADES=2
   # fewer connections: a debug build on one CPU would time some of 64 out
-  CONNS=16
+  CONNS=16 WS_CONNS=100
   PEERS="baton-demo" SCEN="load idle steady latency handoff spawn h2 memory"
 else
   DUR=${DUR:-8}; ROUNDS=${ROUNDS:-5}; LATN=${LATN:-20}; UPGRADES=${UPGRADES:-2}
   SCALE="1000 10000" FIRST=1.5 STEADY_DUR=5 STEADY_ROUNDS=$ROUNDS BALLAST="20 2048" H2_UPGRADES=2
   SUP_COUNT=100 SUP_AT="10,100" CLIENT_UPGRADES=8 STEER_RUNS=3 STEER_UPGRADES=10
-  CONNS=64
+  CONNS=64 WS_CONNS=1000
   PEERS=$ALL_PEERS SCEN=$ALL_SCEN
 fi
+[[ -n $WS_CONNS_ARG ]] && WS_CONNS=$WS_CONNS_ARG
 if [[ -n $ONLY ]]; then
   sel_peers="" sel_scen=""
   for n in ${ONLY//,/ }; do
@@ -535,6 +550,30 @@ if want steering && usable baton-run; then
       done
     done
   fi
+fi
+
+# ------------------------------------------------------------------ ws ----
+if want ws; then
+  scenario_start ws
+  list=()
+  usable baton-demo && list+=(baton-demo)
+  want_peer nginx-reload && ! failed nginx-reload && list+=(nginx-ws)
+  want_peer haproxy && ! failed haproxy && list+=(haproxy-ws)
+  for r in $(seq "$ROUNDS"); do
+    for peer in $(rotate "$r" "${list[@]}"); do
+      newdir "$peer"; dir=$NEWDIR; port=$(free_port)
+      if start_peer "$peer" "$dir" "$port"; then
+        log "ws: $peer, $WS_CONNS WebSockets through one upgrade, round $r/$ROUNDS"
+        bounded 240 "${PROBE[@]/probe.py/ws_probe.py}" --kind "$KIND" --port "$port" --ws-port "$port" \
+          --pidfile "$dir/pid" --conns "$WS_CONNS" --gone-timeout $((WS_STOP_AFTER * 3)) \
+          --stop-after "$WS_STOP_AFTER" --out "$dir/ws.json" >/dev/null 2>>"$dir/probe.log" || true
+        record kind=ws peer="$peer" round="$r" file="$dir/ws.json" stop_after="$WS_STOP_AFTER"
+      else
+        record kind=ws peer="$peer" round="$r" error="did not start"
+      fi
+      stop_peer "$dir"
+    done
+  done
 fi
 
 record kind=end load_after="$(loadavg)" t_end="$(date +%s)"

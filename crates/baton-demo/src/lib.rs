@@ -18,6 +18,8 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 mod plain;
+mod routes;
+pub mod ws;
 
 /// The version string: `BATON_DEMO_VERSION` at build time, else the crate
 /// version. Build twice with different values to watch an upgrade switch
@@ -297,6 +299,9 @@ pub struct Custom {
     pub state_fill: Option<usize>,
     /// Override `--state-limit`.
     pub state_limit: Option<u64>,
+    /// Kind of the `/ws` connections (default [`ws::WS_KIND`]): another one
+    /// does not take the previous generation's WebSockets.
+    pub ws_kind: Option<String>,
 }
 
 impl std::fmt::Debug for Custom {
@@ -316,6 +321,8 @@ struct App {
     pid: u32,
     state: Arc<Mutex<StateV2>>,
     intercept: Option<Intercept>,
+    /// `GET /ws` (absent in `--plain` mode).
+    ws: Option<baton_http::ws::Endpoint>,
 }
 
 /// Parse the command line and run the demo server. Returns the process
@@ -433,7 +440,10 @@ pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
         "demo_requests",
         "Requests answered by baton-demo, across upgrades",
     )?;
+    let ws_kind = custom.ws_kind.take();
+    let ws = ws::endpoint(&baton, ws_kind.as_deref().unwrap_or(ws::WS_KIND))?;
     let app = Arc::new(App {
+        ws: Some(ws),
         baton: Some(baton.clone()),
         requests,
         version,
@@ -627,89 +637,6 @@ fn install_stop_signals(baton: &Baton) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `GET /upgrade` with `Upgrade: echo`: switch protocols and echo every
-/// byte back (a stand-in for WebSocket). An upgraded connection cannot move
-/// to another generation: it stays on this one until it closes or the drain
-/// deadline passes.
-fn echo_upgrade(req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let wants = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("echo"));
-    if !wants {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "send Upgrade: echo and Connection: upgrade\n",
-        );
-    }
-    tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        match hyper::upgrade::on(req).await {
-            Ok(up) => {
-                let mut io = hyper_util::rt::TokioIo::new(up);
-                let mut buf = vec![0u8; 4096];
-                loop {
-                    match io.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if io.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-        }
-    });
-    let mut r = Response::new(Full::new(Bytes::new()));
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    r.headers_mut()
-        .insert(header::UPGRADE, header::HeaderValue::from_static("echo"));
-    r.headers_mut().insert(
-        header::CONNECTION,
-        header::HeaderValue::from_static("upgrade"),
-    );
-    r
-}
-
-async fn kv(
-    app: &App,
-    method: Method,
-    key: String,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    if key.is_empty() || key.len() > 256 {
-        return text(StatusCode::BAD_REQUEST, "key must be 1 to 256 bytes\n");
-    }
-    match method {
-        Method::GET => match lock_state(&app.state).kv.get(&key) {
-            Some(v) => Response::new(Full::new(Bytes::from(v.clone()))),
-            None => text(StatusCode::NOT_FOUND, "no such key\n"),
-        },
-        Method::PUT => match Limited::new(req.into_body(), MAX_KV_VALUE).collect().await {
-            Ok(b) => {
-                let mut s = lock_state(&app.state);
-                if s.kv.len() >= MAX_KV_KEYS && !s.kv.contains_key(&key) {
-                    return text(StatusCode::INSUFFICIENT_STORAGE, "the cache is full\n");
-                }
-                s.kv.insert(key, b.to_bytes().to_vec());
-                text(StatusCode::OK, "stored\n")
-            }
-            Err(e) => text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("cannot read the value: {e}\n"),
-            ),
-        },
-        Method::DELETE => match lock_state(&app.state).kv.remove(&key) {
-            Some(_) => text(StatusCode::OK, "deleted\n"),
-            None => text(StatusCode::NOT_FOUND, "no such key\n"),
-        },
-        _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
-    }
-}
-
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
@@ -814,9 +741,13 @@ async fn handle(
         // the hot path (the per-request cost the steady benchmark saw).
         (method, path) if path.starts_with("/kv/") => {
             let (method, key) = (method.clone(), path[4..].to_owned());
-            Box::pin(async move { kv(&app, method, key, req).await }).await
+            Box::pin(async move { routes::kv(&app, method, key, req).await }).await
         }
-        (&Method::GET, "/upgrade") => echo_upgrade(req),
+        (&Method::GET, "/upgrade") => routes::echo_upgrade(req),
+        (&Method::GET, "/ws") => match &app.ws {
+            Some(ws) => ws.upgrade(req),
+            None => text(StatusCode::NOT_FOUND, "no WebSockets in --plain mode\n"),
+        },
         (&Method::GET, "/slow") => {
             let ms = query_u64(&req, "ms").unwrap_or(1000).min(MAX_SLOW_MS);
             Box::pin(tokio::time::sleep(Duration::from_millis(ms))).await;
@@ -846,7 +777,8 @@ async fn handle(
         }
         (
             _,
-            "/" | "/version" | "/health" | "/slow" | "/echo" | "/counter" | "/state" | "/upgrade",
+            "/" | "/version" | "/health" | "/slow" | "/echo" | "/counter" | "/state" | "/upgrade"
+            | "/ws",
         ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };

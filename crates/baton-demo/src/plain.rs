@@ -37,6 +37,7 @@ pub(crate) async fn run(
         pid: std::process::id(),
         state: Arc::new(Mutex::new(StateV2::default())),
         intercept,
+        ws: None,
     });
     let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&app), req));
     let builder = auto::Builder::new(TokioExecutor::new());

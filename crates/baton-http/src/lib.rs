@@ -9,8 +9,12 @@
 //!   response comes from the new version. No `Connection: close`, no reset.
 //! * connections busy with a request finish it here, then move;
 //! * HTTP/2 connections get a two-phase GOAWAY and finish their streams;
-//! * upgraded connections (WebSocket) stay here until they close or the
-//!   drain deadline passes;
+//! * WebSockets served through [`ws::Endpoint`] move to the new generation
+//!   at a message boundary, with their unread bytes and the application's
+//!   state for them; those that cannot move get a close frame with code
+//!   1012 at the drain deadline ([`ws`]);
+//! * other upgraded connections stay here until they close or the drain
+//!   deadline passes;
 //! * with no successor taking connections (a plain stop, or a successor
 //!   that does not use baton-http), in-flight responses carry
 //!   `Connection: close`.
@@ -67,6 +71,7 @@ mod error;
 mod io;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod ws;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -77,6 +77,132 @@ pub fn built_bin(package: &str, bin: &str, override_var: &str) -> PathBuf {
     p
 }
 
+/// Example `example` of workspace package `package`, built now with `cargo
+/// build --example` into this test's target directory and profile (a no-op
+/// when it is up to date). Callers keep the result in a `OnceLock`.
+pub fn built_example(package: &str, example: &str) -> PathBuf {
+    let profile_dir = profile_dir();
+    let target_dir = profile_dir.parent().expect("target directory");
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_owned(),
+        Some(other) => other.to_owned(),
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = crate::output(
+        Command::new(cargo)
+            .args([
+                "build",
+                "-q",
+                "-p",
+                package,
+                "--example",
+                example,
+                "--profile",
+            ])
+            .arg(&profile)
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(workspace_root()),
+    )
+    .unwrap_or_else(|e| panic!("running cargo build -p {package} --example {example}: {e}"));
+    assert!(
+        out.status.success(),
+        "cargo build -p {package} --example {example} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = profile_dir.join("examples").join(example);
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
+/// The previous release, for the wire-compatibility tests: the commit this
+/// branch of the handoff protocol (revision 2) was built on, whose build
+/// speaks revision 1 only.
+pub const PREVIOUS_RELEASE: &str = "58b91e2a2299dd949ea857038502bbdb18d4e431";
+
+/// The previous release's fixture server (`baton-fixture` at
+/// [`PREVIOUS_RELEASE`]), built once from this repository's history (`git
+/// archive`, then `cargo build`) into `target/previous-release/`, and kept
+/// there: later runs reuse it. `scripts/test.sh` builds it beforehand
+/// (`scripts/build-previous-release.sh`, the same place), so the test's
+/// time budget is not spent compiling. `BATON_PREVIOUS_FIXTURE` names a
+/// binary to use instead.
+pub fn previous_release_fixture() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("BATON_PREVIOUS_FIXTURE") {
+            return PathBuf::from(p);
+        }
+        let profile_dir = profile_dir();
+        let root = profile_dir
+            .parent()
+            .expect("target directory")
+            .join("previous-release")
+            .join(PREVIOUS_RELEASE);
+        let bin = root.join("target/debug/baton-fixture");
+        if bin.exists() {
+            return bin;
+        }
+        let src = root.join("src");
+        let _ = std::fs::remove_dir_all(&src);
+        std::fs::create_dir_all(&src).expect("creating the previous release's directory");
+        let archive = root.join("src.tar");
+        let out = crate::output(
+            Command::new("git")
+                .arg("-C")
+                .arg(workspace_root())
+                .args(["archive", "--format=tar", "-o"])
+                .arg(&archive)
+                .arg(PREVIOUS_RELEASE),
+        )
+        .expect("running git archive");
+        assert!(
+            out.status.success(),
+            "git archive {PREVIOUS_RELEASE} failed (a clone with its history is needed):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = crate::output(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(&archive)
+                .arg("-C")
+                .arg(&src),
+        )
+        .expect("running tar");
+        assert!(
+            out.status.success(),
+            "tar: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = crate::output(
+            Command::new(cargo)
+                .args([
+                    "build",
+                    "-q",
+                    "--locked",
+                    "-p",
+                    "baton-tests",
+                    "--bin",
+                    "baton-fixture",
+                ])
+                .arg("--target-dir")
+                .arg(root.join("target"))
+                .current_dir(&src)
+                .env_remove("CARGO_TARGET_DIR"),
+        )
+        .expect("running cargo build for the previous release");
+        assert!(
+            out.status.success(),
+            "building the previous release's fixture failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(bin.exists(), "{} was not built", bin.display());
+        bin
+    })
+    .clone()
+}
+
 /// A tool in the repository's Python venv (`.venv/bin/NAME`); a missing
 /// one fails the test with a message saying to run the set-up.
 pub fn venv_tool(name: &str) -> PathBuf {

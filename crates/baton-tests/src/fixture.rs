@@ -24,11 +24,19 @@
 //! * `state-limit:BYTES` — accept at most BYTES of state.
 //! * `state-fill:BYTES` — put BYTES of filler in the cache at start.
 //! * `health-bad-after:MS` — `GET /health` answers 503 from MS after start.
-//! * `error-rate:PCT` — answer 500 to PCT % of requests (every n-th).
+//! * `health-bad-when:PATH` — `GET /health` answers 503 once PATH exists
+//!   (the test decides when the window fails).
+//! * `error-rate:PCT` — answer 500 to PCT % of requests (every n-th), but
+//!   never to `/health` and `/ws`.
 //! * `self-upgrade:MS` — MS after it is ready, upgrade itself through the
 //!   library call `Baton::upgrade` and log the result.
 //! * `nofile:N` — lower this process's `RLIMIT_NOFILE` (soft and hard) to N
 //!   before baton starts, so a batch of handed-over connections cannot fit.
+//! * `ws-kind:NAME` — serve `/ws` under this kind instead of the demo's, so
+//!   this generation does not take its predecessor's WebSockets.
+//! * `ws-refuse` — take the predecessor's WebSockets' kind with a check
+//!   that refuses every batch (and serve `/ws` under another kind), so
+//!   they stay with the predecessor.
 //! * `tls-state:garbage` / `tls-state:v2` — export, for the *next*
 //!   generation, TLS session-ticket state that is not a ticket-key state at
 //!   all / claims format version 2 (so that generation must refuse it).
@@ -148,11 +156,18 @@ pub fn main(version: &str) -> ExitCode {
                         .then(|| error_response(503, "unhealthy (fixture)\n"))
                 }));
             }
+            "health-bad-when" => {
+                let gate = std::path::PathBuf::from(arg);
+                custom.intercept = Some(Arc::new(move |req| {
+                    (req.uri().path() == "/health" && gate.exists())
+                        .then(|| error_response(503, "unhealthy (fixture)\n"))
+                }));
+            }
             "error-rate" => {
                 let pct: u64 = arg.parse().unwrap_or(20).clamp(1, 100);
                 let n = std::sync::atomic::AtomicU64::new(0);
                 custom.intercept = Some(Arc::new(move |req| {
-                    if req.uri().path() == "/health" {
+                    if matches!(req.uri().path(), "/health" | "/ws") {
                         return None;
                     }
                     let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -174,6 +189,21 @@ pub fn main(version: &str) -> ExitCode {
                             Err(e) => eprintln!("fixture: self-upgrade failed: {e}"),
                         }
                     });
+                    Ok(())
+                }));
+            }
+            "ws-kind" => custom.ws_kind = Some(arg.to_owned()),
+            "ws-refuse" => {
+                custom.ws_kind = Some("fixture.ws-refusing".to_owned());
+                custom.before_ready = Some(Box::new(|b| {
+                    let rx = b
+                        .receive_owned_checked(baton_demo::ws::WS_KIND, |_| {
+                            Err("the fixture refuses every WebSocket (ws-refuse)".into())
+                        })
+                        .map_err(|e| e.to_string())?;
+                    // Kept for the process's life: a refused batch never
+                    // reaches it, and a dropped receiver is another case.
+                    std::mem::forget(rx);
                     Ok(())
                 }));
             }

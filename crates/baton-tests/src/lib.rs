@@ -22,6 +22,7 @@ pub mod openmetrics;
 pub mod proc;
 pub mod supervisor;
 pub mod tls;
+pub mod ws;
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener};

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::control::{Command, Counters, LastUpgrade, StatusReport};
 use crate::handoff::HandoffConn;
+use crate::handoff::owned::{Closers, OwnedOut, OwnedSink};
 use crate::handoff::recv::NewSide;
 use crate::lifecycle::{Activity, Lifecycle};
 use crate::listeners::Registry;
@@ -77,6 +78,17 @@ pub(crate) struct Inner {
     pub(crate) incoming_tx: Mutex<Option<mpsc::UnboundedSender<HandoffConn>>>,
     pub(crate) incoming_rx: Mutex<Option<mpsc::UnboundedReceiver<HandoffConn>>>,
     pub(crate) incoming_taken: AtomicBool,
+    /// New side: receivers of application-owned connections by kind,
+    /// registered before `ready()` (which takes them).
+    pub(crate) owned_sinks: Mutex<Option<Vec<OwnedSink>>>,
+    /// The receivers of owned connections this generation registered, kept
+    /// after `ready()`: a rolled-back successor gives connections back to
+    /// them.
+    pub(crate) owned_sinks_live: Mutex<Vec<OwnedSink>>,
+    /// Old side: open while a promoted successor takes owned connections.
+    pub(crate) owned_out: Mutex<Option<OwnedOut>>,
+    /// The close callbacks of this generation's live owned connections.
+    pub(crate) closers: Arc<Closers>,
     pub(crate) exporters: Mutex<Vec<(String, Exporter)>>,
     pub(crate) imported: tokio::sync::Mutex<Option<Blobs>>,
     pub(crate) last_upgrade: Mutex<Option<LastUpgrade>>,
@@ -128,6 +140,31 @@ impl Inner {
             tracing::error!(path = %p.display(), error = %e, "could not write the pid file");
         } else {
             tracing::debug!(path = %p.display(), pid = self.pid, "pid file written");
+        }
+    }
+
+    /// The drain deadline passed: close every owned connection still here
+    /// in its own protocol, and give them [`OWNED_CLOSE_GRACE`] to finish.
+    ///
+    /// [`OWNED_CLOSE_GRACE`]: crate::handoff::owned::OWNED_CLOSE_GRACE
+    pub(crate) async fn close_owned_at_deadline(&self) {
+        let n = self.closers.close_all();
+        if n == 0 {
+            return;
+        }
+        tracing::info!(
+            connections = n,
+            "drain deadline: closing the owned connections still here in their own protocol"
+        );
+        let grace = crate::handoff::owned::OWNED_CLOSE_GRACE;
+        if tokio::time::timeout(grace, self.life.tracker().wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "owned connections did not all finish closing in time"
+            );
         }
     }
 

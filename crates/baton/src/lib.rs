@@ -18,7 +18,10 @@
 //! 3. the old generation answers `Promote` — the single commit point: only
 //!    now does the new one accept;
 //! 4. the old generation stops accepting, hands its idle keep-alive
-//!    connections over, lets busy ones finish, and exits.
+//!    connections over — and the connections the application owns
+//!    (WebSockets, its own protocols) at their next message boundary, with
+//!    their unread bytes and a state blob ([`Baton::hand_over_owned`],
+//!    [`Baton::receive_owned`]) — lets busy ones finish, and exits.
 //!
 //! If the new generation exits, fails, hangs, or dies during the drain, the
 //! old one kills and reaps it and keeps (or resumes) serving.
@@ -63,7 +66,9 @@
 //! ```
 //!
 //! For HTTP, the `baton-http` crate serves hyper/axum services with drain and
-//! idle keep-alive handoff built in.
+//! idle keep-alive handoff built in, and WebSockets that move (`baton_http::ws`).
+//! `examples/line_counter.rs` moves the connections of a line-based TCP
+//! protocol with the same API.
 //!
 //! ## Gotchas
 //!
@@ -110,6 +115,7 @@ pub use control::{UpgradeOptions, UpgradeReport};
 pub use error::Error;
 pub use generation::Baton;
 pub use handoff::HandoffConn;
+pub use handoff::owned::{OWNED_CLOSE_GRACE, OwnedCheck, OwnedConn, OwnedGuard};
 pub use lifecycle::{Activity, ConnectionToken, DrainSignal, Phase, PhaseCell};
 pub use listeners::{
     ListenFds, Listener, ListenerInfo, Stream, StreamAddr, bind_unix as bind_unix_listener,

@@ -32,13 +32,58 @@
 //!
 //! Every length is bounded; a decoded message is validated against the
 //! number of fds that arrived with it before anything acts on it.
+//!
+//! ## Revisions: how a release talks to the one before it
+//!
+//! The frame's version byte and `Hello::protocol` stay at
+//! [`PROTOCOL_VERSION`] 1: the first release refuses any other value, and an
+//! upgrade from or back to it must keep working. What later releases add is
+//! negotiated inside version 1, by *revision* ([`PROTOCOL_REVISION`]):
+//!
+//! * The old side announces its revision in a reserved state blob,
+//!   [`REVISION_BLOB`] (one byte), sent with the state. A revision-1 new
+//!   side keeps unknown blobs to itself (nobody imports that name), so the
+//!   announcement costs it nothing.
+//! * A new side that read revision ≥ 2 there says, before `Ready`, which
+//!   kinds of application-owned connection it takes (`Accepts`). It never
+//!   sends `Accepts` to a revision-1 peer, which could not decode it.
+//! * The old side sends `Owned` batches only to a new side that sent
+//!   `Accepts` naming their kind. A revision-1 new side never does, so it
+//!   never sees one; those connections stay and close at the drain deadline.
+//! * New variants are only ever appended to [`Msg`]: postcard numbers enum
+//!   variants by position, so every revision-1 message keeps its encoding
+//!   (a test pins those bytes).
+//!
+//! ```text
+//! State            ...  + blob "baton.protocol" = [revision]   (old → new)
+//! Accepts          ←  revision ≥ 2 on both sides: owned kinds taken
+//! Ready            ←
+//! ...
+//! Owned               app-owned connections of an accepted kind, ≤ 253 per
+//!                     batch, each with its unread bytes and a state blob
+//! ConnsAck | ConnsNack ← per batch, as for Conns (one batch numbering)
+//!
+//! GiveBack            replaces Demote (the window failed) to a new side
+//!                     that sent Accepts: it stops accepting and sends its
+//!                     idle connections back —
+//! Conns | Owned    ←  the other way round, batch by batch,
+//! ConnsAck | ConnsNack  acknowledged by the old side, which serves them
+//! ```
 
 use serde::{Deserialize, Serialize};
 
 use baton_sys::fd::SCM_MAX_FD;
 
-/// The protocol version this build speaks.
+/// The protocol version this build speaks (the frame's version byte and
+/// `Hello::protocol`): 1, the only one, kept so that the first release can
+/// still upgrade to and from this one (see the module docs).
 pub const PROTOCOL_VERSION: u8 = 1;
+/// The revision of version 1 this build speaks: 1 is the first release;
+/// 2 adds `Accepts` and `Owned` (application-owned connections).
+pub const PROTOCOL_REVISION: u8 = 2;
+/// Name of the reserved state blob in which the old side announces its
+/// revision (one byte). Never handed to the application.
+pub const REVISION_BLOB: &str = "baton.protocol";
 /// Frame magic.
 const MAGIC: &[u8; 3] = b"BTN";
 /// Largest datagram either side sends or accepts (fits the default Unix
@@ -56,6 +101,12 @@ pub const MAX_BLOBS: usize = 64;
 pub const MAX_INLINE_BLOB: usize = 64 * 1024;
 /// Largest already-read prefix that travels with one handed-over connection.
 pub const MAX_CONN_PREFIX: usize = 16 * 1024;
+/// Largest state blob that travels with one application-owned connection.
+pub const MAX_OWNED_STATE: usize = 4 * 1024;
+/// Longest name of a kind of application-owned connection.
+pub const MAX_KIND: usize = 64;
+/// Most kinds of application-owned connection one generation takes.
+pub const MAX_OWNED_KINDS: usize = 64;
 
 /// A handoff message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +178,56 @@ pub enum Msg {
         /// Why.
         reason: String,
     },
+    // Revision 2. Append only: postcard numbers variants by position.
+    /// New → old, before `Ready`, only to a peer of revision ≥ 2: the kinds
+    /// of application-owned connection this generation takes.
+    Accepts(Accepts),
+    /// Old → new: a batch of application-owned connections, one fd each, in
+    /// order; acknowledged with `ConnsAck` / `ConnsNack` like `Conns`.
+    Owned {
+        /// Batch number (shared with `Conns`), echoed in the acknowledgement.
+        batch: u32,
+        /// One entry per fd.
+        conns: Vec<OwnedMeta>,
+    },
+    /// Old → new, instead of `Demote`, to a new side that sent `Accepts`:
+    /// the window failed; stop accepting and give your idle connections
+    /// back (`Conns` / `Owned` batches the other way, acknowledged by the old
+    /// side), then finish and exit.
+    GiveBack(GiveBack),
+}
+
+/// What a rolled-back generation may give back, sent with `GiveBack`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GiveBack {
+    /// Why the window failed.
+    pub reason: String,
+    /// The old side takes idle HTTP connections back.
+    pub accepts_conns: bool,
+    /// The kinds of owned connection the old side takes back.
+    pub accepts: Accepts,
+}
+
+/// What a new generation of revision ≥ 2 takes, sent with `Accepts`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepts {
+    /// Kinds of application-owned connection it registered a receiver for.
+    pub owned_kinds: Vec<String>,
+}
+
+/// One application-owned connection in an `Owned` batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedMeta {
+    /// Its kind (the receiver the new side registered).
+    pub kind: String,
+    /// The listener it was accepted on.
+    pub listener: String,
+    /// Bytes read from the socket and not processed (≤ [`MAX_CONN_PREFIX`]).
+    #[serde(with = "crate::state::as_bytes")]
+    pub unread: Vec<u8>,
+    /// The application's state for this connection (≤ [`MAX_OWNED_STATE`]).
+    #[serde(with = "crate::state::as_bytes")]
+    pub state: Vec<u8>,
 }
 
 /// Who is speaking.
@@ -309,6 +410,7 @@ pub fn fds_expected(msg: &Msg) -> usize {
             .filter(|b| matches!(b.data, BlobData::Memfd { .. }))
             .count(),
         Msg::Conns { conns, .. } => conns.len(),
+        Msg::Owned { conns, .. } => conns.len(),
         _ => 0,
     }
 }
@@ -317,6 +419,20 @@ fn check_name(what: &str, s: &str) -> Result<(), FrameError> {
     if s.is_empty() || s.len() > MAX_NAME {
         return Err(FrameError::Invalid(format!(
             "{what} must be 1..={MAX_NAME} bytes, got {}",
+            s.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A kind of application-owned connection: 1..=[`MAX_KIND`] bytes.
+///
+/// # Errors
+/// [`FrameError::Invalid`] otherwise.
+pub fn check_kind(s: &str) -> Result<(), FrameError> {
+    if s.is_empty() || s.len() > MAX_KIND {
+        return Err(FrameError::Invalid(format!(
+            "owned connection kind must be 1..={MAX_KIND} bytes, got {}",
             s.len()
         )));
     }
@@ -406,6 +522,53 @@ pub fn validate(msg: &Msg, nfds: usize) -> Result<(), FrameError> {
                 }
             }
         }
+        Msg::Accepts(a) => {
+            if a.owned_kinds.len() > MAX_OWNED_KINDS {
+                return Err(FrameError::Invalid(format!(
+                    "{} owned kinds (at most {MAX_OWNED_KINDS})",
+                    a.owned_kinds.len()
+                )));
+            }
+            for k in &a.owned_kinds {
+                check_kind(k)?;
+            }
+        }
+        Msg::GiveBack(g) => {
+            check_reason(&g.reason)?;
+            if g.accepts.owned_kinds.len() > MAX_OWNED_KINDS {
+                return Err(FrameError::Invalid(format!(
+                    "{} owned kinds (at most {MAX_OWNED_KINDS})",
+                    g.accepts.owned_kinds.len()
+                )));
+            }
+            for k in &g.accepts.owned_kinds {
+                check_kind(k)?;
+            }
+        }
+        Msg::Owned { conns, .. } => {
+            if conns.is_empty() || conns.len() > SCM_MAX_FD {
+                return Err(FrameError::Invalid(format!(
+                    "owned connection batch of {} (1..={SCM_MAX_FD})",
+                    conns.len()
+                )));
+            }
+            for c in conns {
+                check_kind(&c.kind)?;
+                check_name("listener name", &c.listener)?;
+                if c.unread.len() > MAX_CONN_PREFIX {
+                    return Err(FrameError::Invalid(format!(
+                        "owned connection unread bytes of {} exceed {MAX_CONN_PREFIX}",
+                        c.unread.len()
+                    )));
+                }
+                if c.state.len() > MAX_OWNED_STATE {
+                    return Err(FrameError::Invalid(format!(
+                        "owned connection state of {} bytes exceeds {MAX_OWNED_STATE}",
+                        c.state.len()
+                    )));
+                }
+            }
+        }
         Msg::WantState
         | Msg::Ready(_)
         | Msg::Promote
@@ -448,248 +611,12 @@ impl Msg {
             Msg::Conns { .. } => "Conns",
             Msg::ConnsAck { .. } => "ConnsAck",
             Msg::ConnsNack { .. } => "ConnsNack",
+            Msg::Accepts(_) => "Accepts",
+            Msg::Owned { .. } => "Owned",
+            Msg::GiveBack(_) => "GiveBack",
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn hello() -> Msg {
-        Msg::Hello(Hello {
-            protocol: PROTOCOL_VERSION,
-            app_version: "1.2.3".into(),
-            generation: 7,
-            pid: 42,
-        })
-    }
-
-    #[test]
-    fn roundtrip_every_message() {
-        let msgs = vec![
-            (hello(), 0),
-            (
-                Msg::Listeners(vec![
-                    ListenerMeta {
-                        name: "http".into(),
-                        kind: ListenerKind::Tcp,
-                    },
-                    ListenerMeta {
-                        name: "admin".into(),
-                        kind: ListenerKind::Unix,
-                    },
-                ]),
-                2,
-            ),
-            (Msg::WantState, 0),
-            (
-                Msg::State(vec![
-                    BlobMeta {
-                        name: "app".into(),
-                        data: BlobData::Inline(vec![1, 2, 3]),
-                    },
-                    BlobMeta {
-                        name: "big".into(),
-                        data: BlobData::Memfd { len: 1 << 30 },
-                    },
-                ]),
-                1,
-            ),
-            (
-                Msg::Ready(ReadyInfo {
-                    accepts_conns: true,
-                }),
-                0,
-            ),
-            (
-                Msg::Failed {
-                    reason: "config broken".into(),
-                },
-                0,
-            ),
-            (Msg::Promote, 0),
-            (Msg::Serving, 0),
-            (Msg::PromoteProvisional { canary: true }, 0),
-            (Msg::Commit, 0),
-            (
-                Msg::Demote {
-                    reason: "health check failed".into(),
-                },
-                0,
-            ),
-            (Msg::StatsRequest, 0),
-            (
-                Msg::Done(DoneReport {
-                    ready_ms: 1,
-                    drain_ms: 2,
-                    total_ms: 3,
-                    closed: 0,
-                }),
-                0,
-            ),
-            (
-                Msg::Stats {
-                    requests: 10,
-                    errors: 2,
-                },
-                0,
-            ),
-            (
-                Msg::Conns {
-                    batch: 3,
-                    conns: vec![ConnMeta {
-                        listener: "http".into(),
-                        prefix: b"GET / HT".to_vec(),
-                    }],
-                },
-                1,
-            ),
-            (Msg::ConnsAck { batch: 3 }, 0),
-            (
-                Msg::ConnsNack {
-                    batch: 4,
-                    reason: "EMFILE".into(),
-                },
-                0,
-            ),
-        ];
-        for (m, n) in msgs {
-            let f = encode(&m).unwrap();
-            assert_eq!(decode(&f, n).unwrap(), m);
-        }
-    }
-
-    #[test]
-    fn fd_count_must_match() {
-        let m = Msg::Listeners(vec![ListenerMeta {
-            name: "http".into(),
-            kind: ListenerKind::Tcp,
-        }]);
-        let f = encode(&m).unwrap();
-        assert!(matches!(decode(&f, 0), Err(FrameError::Invalid(_))));
-        assert!(matches!(decode(&f, 2), Err(FrameError::Invalid(_))));
-        assert!(decode(&f, 1).is_ok());
-        // A message that carries no fds must not come with any.
-        assert!(matches!(
-            decode(&encode(&Msg::Promote).unwrap(), 1),
-            Err(FrameError::Invalid(_))
-        ));
-    }
-
-    #[test]
-    fn bad_magic_version_and_trailing_bytes() {
-        let mut f = encode(&Msg::Promote).unwrap();
-        f[0] = b'X';
-        assert_eq!(decode(&f, 0), Err(FrameError::BadMagic));
-        let mut f = encode(&Msg::Promote).unwrap();
-        f[3] = 99;
-        assert!(matches!(
-            decode(&f, 0),
-            Err(FrameError::Version { peer: 99, .. })
-        ));
-        let mut f = encode(&Msg::Promote).unwrap();
-        f.push(0);
-        assert!(matches!(decode(&f, 0), Err(FrameError::Invalid(_))));
-        assert_eq!(decode(b"BT", 0), Err(FrameError::BadMagic));
-    }
-
-    #[test]
-    fn bounds_are_enforced() {
-        let long = "x".repeat(MAX_NAME + 1);
-        let m = Msg::Listeners(vec![ListenerMeta {
-            name: long,
-            kind: ListenerKind::Tcp,
-        }]);
-        assert!(matches!(
-            decode(&encode(&m).unwrap(), 1),
-            Err(FrameError::Invalid(_))
-        ));
-        let dup = Msg::Listeners(vec![
-            ListenerMeta {
-                name: "a".into(),
-                kind: ListenerKind::Tcp,
-            },
-            ListenerMeta {
-                name: "a".into(),
-                kind: ListenerKind::Tcp,
-            },
-        ]);
-        assert!(matches!(
-            decode(&encode(&dup).unwrap(), 2),
-            Err(FrameError::Invalid(_))
-        ));
-        let empty = Msg::Conns {
-            batch: 1,
-            conns: vec![],
-        };
-        assert!(matches!(
-            decode(&encode(&empty).unwrap(), 0),
-            Err(FrameError::Invalid(_))
-        ));
-        let big_prefix = Msg::Conns {
-            batch: 1,
-            conns: vec![ConnMeta {
-                listener: "http".into(),
-                prefix: vec![0; MAX_CONN_PREFIX + 1],
-            }],
-        };
-        assert!(matches!(
-            decode(&encode(&big_prefix).unwrap(), 1),
-            Err(FrameError::Invalid(_))
-        ));
-    }
-
-    #[test]
-    fn a_full_batch_of_maximal_prefixes_is_refused_at_encode() {
-        let conns = (0..SCM_MAX_FD)
-            .map(|_| ConnMeta {
-                listener: "http".into(),
-                prefix: vec![b'a'; MAX_CONN_PREFIX],
-            })
-            .collect();
-        assert!(matches!(
-            encode(&Msg::Conns { batch: 1, conns }),
-            Err(FrameError::TooLarge(_))
-        ));
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
-
-        /// The decoder never panics, whatever the bytes and fd count.
-        #[test]
-        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512), nfds in 0usize..300) {
-            let _ = decode(&bytes, nfds);
-        }
-
-        /// Valid headers followed by garbage never panic either (exercises the
-        /// postcard path rather than the magic check).
-        #[test]
-        fn decoder_never_panics_past_header(body in proptest::collection::vec(any::<u8>(), 0..512), nfds in 0usize..300) {
-            let mut f = b"BTN".to_vec();
-            f.push(PROTOCOL_VERSION);
-            f.extend(body);
-            let _ = decode(&f, nfds);
-        }
-
-        /// Mutating one byte of a valid frame is either rejected or decodes
-        /// to a message this side could have sent: it encodes again, and
-        /// that frame decodes to the same message. (`decode` validates;
-        /// checking `validate` again here could not fail.)
-        #[test]
-        fn single_byte_mutations(idx in 0usize..64, val in any::<u8>()) {
-            let m = Msg::Conns { batch: 9, conns: vec![ConnMeta { listener: "http".into(), prefix: b"GET /x HTTP/1.1\r\n".to_vec() }] };
-            let mut f = encode(&m).unwrap();
-            let i = idx % f.len();
-            f[i] = val;
-            if let Ok(d) = decode(&f, 1) {
-                let again = encode(&d);
-                prop_assert!(again.is_ok(), "{:?} decoded but does not encode: {:?}", d, again);
-                let again = again.unwrap_or_default();
-                prop_assert_eq!(decode(&again, 1), Ok(d));
-            }
-        }
-    }
-}
+mod tests;

@@ -6,6 +6,7 @@
 //! and import on the handle in `state.rs`. The shared state behind the
 //! handle is [`Inner`](crate::inner).
 
+mod owned;
 mod start;
 mod state;
 
@@ -26,7 +27,7 @@ use crate::handoff::recv::{PeerEvent, Promotion};
 use crate::inner::{Inner, lock};
 use crate::lifecycle::{Activity, ConnectionToken, DrainSignal, Phase, PhaseCell};
 use crate::listeners::Listener;
-use crate::protocol::ReadyInfo;
+use crate::protocol::{Accepts, ReadyInfo};
 use crate::spawn::ENV_OOM_SCORE_ADJ;
 
 /// This process's generation: its listeners, its upgrade machinery, its
@@ -170,12 +171,18 @@ impl Baton {
             }
         }
         let side = inner.predecessor.lock().await.take();
+        // No receiver of owned connections can be registered from now on.
+        let owned = lock(&inner.owned_sinks).take().unwrap_or_default();
+        lock(&inner.owned_sinks_live).clone_from(&owned);
         match side {
             Some(side) => {
                 let accepts_conns = inner.incoming_taken.load(Ordering::SeqCst);
+                let accepts = Accepts {
+                    owned_kinds: owned.iter().map(|s| s.kind.clone()).collect(),
+                };
                 let limit = inner.config.ready_timeout + Duration::from_secs(10);
                 let how = side
-                    .ready(ReadyInfo { accepts_conns }, limit, || {
+                    .ready(ReadyInfo { accepts_conns }, accepts, limit, || {
                         inner
                             .config
                             .run_hook(crate::config::HandoffPoint::ReadySent);
@@ -207,8 +214,10 @@ impl Baton {
                     self.write_pid_file();
                 }
                 inner.config.run_hook(crate::config::HandoffPoint::Promoted);
+                // A clone: the same queue takes connections a rolled-back
+                // successor gives back, when this generation is the old one.
                 let deliver = if accepts_conns {
-                    lock(&inner.incoming_tx).take()
+                    lock(&inner.incoming_tx).clone()
                 } else {
                     None
                 };
@@ -220,7 +229,7 @@ impl Baton {
                 let (etx, mut erx) = mpsc::unbounded_channel();
                 let activity = Arc::clone(&inner.activity);
                 tokio::spawn(async move {
-                    side.receive_connections(deliver, received, activity, etx)
+                    side.receive_connections(deliver, owned, received, activity, etx)
                         .await;
                     alive.send_replace(false);
                     restore_oom_score_adj();
@@ -239,6 +248,10 @@ impl Baton {
                             PeerEvent::Demote(reason) => {
                                 tracing::warn!(%reason, "demoted by the previous generation: stopping gracefully");
                                 me.shutdown().await;
+                            }
+                            PeerEvent::GiveBack(g, chan) => {
+                                tracing::warn!(reason = %g.reason, "demoted by the previous generation: giving the connections back, then stopping");
+                                crate::upgrade::give_back(Arc::clone(&me.inner), chan, g).await;
                             }
                         }
                     }

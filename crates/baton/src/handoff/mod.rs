@@ -1,8 +1,10 @@
 //! The two roles of a handoff, in two files that mirror each other:
 //! `send.rs` is the old generation, `recv.rs` the new one.
 
+pub(crate) mod owned;
 pub(crate) mod recv;
 pub(crate) mod send;
+pub(crate) mod take;
 
 use crate::listeners::Stream;
 
@@ -60,5 +62,181 @@ mod tests {
             Err(Error::NewGenerationFailed { reason }) => assert_eq!(reason, "config file missing"),
             other => panic!("expected NewGenerationFailed, got {other:?}"),
         }
+    }
+
+    /// Revision 2 on both sides: the new side says which owned kinds it
+    /// takes; a batch of such connections arrives with its unread bytes
+    /// and state and is acknowledged; a batch of a kind it did not register,
+    /// or that its check refuses, is refused whole.
+    #[tokio::test]
+    async fn owned_connections_move_to_a_new_side_that_takes_their_kind() {
+        use crate::handoff::owned::{OwnedConn, OwnedSink};
+        use crate::protocol::{Accepts, Msg, ReadyInfo};
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicU64;
+        use tokio::sync::mpsc;
+
+        let (ours, theirs) = baton_sys::fd::seqpacket_pair().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let new = tokio::spawn(async move {
+            let (side, _) = NewSide::connect(theirs, |_| hello("new", 2)).await.unwrap();
+            side.want_state(1 << 20).await.unwrap();
+            assert_eq!(side.peer_revision(), crate::protocol::PROTOCOL_REVISION);
+            let accepts = Accepts {
+                owned_kinds: vec!["ws".into(), "picky".into()],
+            };
+            let info = ReadyInfo {
+                accepts_conns: false,
+            };
+            side.ready(info, accepts, std::time::Duration::from_secs(10), || {})
+                .await
+                .unwrap();
+            let sinks = vec![
+                OwnedSink {
+                    kind: "ws".into(),
+                    tx: tx.clone(),
+                    check: None,
+                },
+                OwnedSink {
+                    kind: "picky".into(),
+                    tx,
+                    check: Some(Arc::new(|c: &OwnedConn| {
+                        Err(format!("state v{} unknown", c.state[0]))
+                    })),
+                },
+            ];
+            let counts = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+            let (etx, _erx) = mpsc::unbounded_channel();
+            side.receive_connections(None, sinks, counts, Arc::default(), etx)
+                .await;
+        });
+        let mut old = OldSide::new(Channel::new(ours).unwrap());
+        let mut log = HandshakeLog::default();
+        old.handshake(hello("old", 1), &[], &NoState, &mut log)
+            .await
+            .unwrap();
+        assert_eq!(old.accepts.owned_kinds, ["ws", "picky"]);
+        old.promote().await.unwrap();
+
+        let conn = |kind: &str| {
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            a.set_nonblocking(true).unwrap();
+            let a = crate::listeners::Stream::Unix(tokio::net::UnixStream::from_std(a).unwrap());
+            (
+                OwnedConn {
+                    kind: kind.into(),
+                    stream: a,
+                    unread: b"half a fra".to_vec(),
+                    state: vec![7, 0, 0, 0],
+                    listener: "http".into(),
+                },
+                b,
+            )
+        };
+        let (c, mut peer) = conn("ws");
+        old.send_owned_batch(1, vec![(c, ())]).await.unwrap();
+        assert_eq!(old.recv().await.unwrap(), Some(Msg::ConnsAck { batch: 1 }));
+        let got = rx.recv().await.unwrap();
+        assert_eq!(
+            (got.kind.as_str(), &got.unread[..], &got.state[..]),
+            ("ws", &b"half a fra"[..], &[7u8, 0, 0, 0][..])
+        );
+        // The same socket: what the moved end writes, the client reads.
+        let crate::listeners::Stream::Unix(s) = got.stream else {
+            panic!("not a unix stream")
+        };
+        s.try_write(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        std::io::Read::read_exact(&mut peer, &mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+
+        for (batch, kind) in [(2, "other"), (3, "picky")] {
+            let (c, _peer) = conn(kind);
+            let sent = old.send_owned_batch(batch, vec![(c, ())]).await.unwrap();
+            match old.recv().await.unwrap() {
+                Some(Msg::ConnsNack { batch: b, reason }) => {
+                    assert_eq!(b, batch);
+                    assert!(reason.contains(kind), "{reason}");
+                }
+                other => panic!("expected ConnsNack, got {other:?}"),
+            }
+            // The old side still has its copy to serve.
+            assert_eq!(sent.items.len(), 1);
+        }
+        drop(old);
+        new.await.unwrap();
+    }
+
+    /// A new side that heard no revision from the old side (the first
+    /// release announces none) sends no `Accepts`, which that release could
+    /// not decode.
+    #[tokio::test]
+    async fn no_accepts_to_a_first_release_peer() {
+        use crate::protocol::{Accepts, Msg, ReadyInfo};
+        let (ours, theirs) = baton_sys::fd::seqpacket_pair().unwrap();
+        let new = tokio::spawn(async move {
+            let (side, _) = NewSide::connect(theirs, |_| hello("new", 2)).await.unwrap();
+            assert_eq!(side.peer_revision(), 1);
+            let accepts = Accepts {
+                owned_kinds: vec!["ws".into()],
+            };
+            let info = ReadyInfo {
+                accepts_conns: true,
+            };
+            let _ = side
+                .ready(info, accepts, std::time::Duration::from_secs(5), || {})
+                .await;
+        });
+        // Play the first release by hand: Hello, Listeners, then read.
+        let chan = Channel::new(ours).unwrap();
+        chan.send(&Msg::Hello(hello("old", 1)), &[]).await.unwrap();
+        assert!(matches!(
+            chan.recv().await.unwrap(),
+            Some((Msg::Hello(_), _))
+        ));
+        chan.send(&Msg::Listeners(vec![]), &[]).await.unwrap();
+        match chan.recv().await.unwrap() {
+            Some((Msg::Ready(_), _)) => {}
+            other => panic!("expected Ready first, got {other:?}"),
+        }
+        chan.send(&Msg::Promote, &[]).await.unwrap();
+        new.await.unwrap();
+    }
+
+    /// The drain cuts owned batches by count and by bytes: a batch of
+    /// maximal entries (16 KiB unread, 4 KiB state, 64-byte kind, 256-byte
+    /// listener name) that `fits_owned_batch` accepts always encodes within
+    /// one frame, and the next entry would not have fitted.
+    #[test]
+    fn a_batch_cut_by_fits_owned_batch_always_encodes() {
+        use super::send::fits_owned_batch;
+        use crate::protocol::{
+            MAX_CONN_PREFIX, MAX_KIND, MAX_NAME, MAX_OWNED_STATE, Msg, OwnedMeta, encode,
+        };
+        let meta = OwnedMeta {
+            kind: "k".repeat(MAX_KIND),
+            listener: "l".repeat(MAX_NAME),
+            unread: vec![0xff; MAX_CONN_PREFIX],
+            state: vec![0xff; MAX_OWNED_STATE],
+        };
+        let entry =
+            meta.unread.len() + meta.state.len() + meta.kind.len() + meta.listener.len() + 16;
+        let mut conns = vec![meta.clone()];
+        let mut bytes = entry;
+        while fits_owned_batch(conns.len(), bytes, entry) {
+            conns.push(meta.clone());
+            bytes += entry;
+        }
+        assert!(conns.len() > 1);
+        let frame = encode(&Msg::Owned {
+            batch: u32::MAX,
+            conns: conns.clone(),
+        });
+        assert!(frame.is_ok(), "{} entries: {frame:?}", conns.len());
+        conns.push(meta);
+        assert!(
+            encode(&Msg::Owned { batch: 1, conns }).is_err(),
+            "one more would not fit"
+        );
     }
 }

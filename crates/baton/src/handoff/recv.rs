@@ -2,7 +2,7 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -10,8 +10,12 @@ use tokio::sync::mpsc;
 use crate::channel::Channel;
 use crate::error::Error;
 use crate::handoff::HandoffConn;
-use crate::listeners::Stream;
-use crate::protocol::{BlobData, Hello, ListenerMeta, Msg, ReadyInfo};
+use crate::handoff::owned::OwnedSink;
+use crate::handoff::take::Taker;
+use crate::protocol::{
+    Accepts, BlobData, GiveBack, Hello, ListenerMeta, Msg, PROTOCOL_REVISION, REVISION_BLOB,
+    ReadyInfo,
+};
 use baton_sys as sys;
 
 /// How long the new side waits for the old side's first messages.
@@ -23,6 +27,9 @@ pub(crate) struct NewSide {
     chan: Arc<Channel>,
     /// The old generation's hello.
     pub(crate) peer: Hello,
+    /// The old generation's protocol revision, from its state (1 until
+    /// then: the first release announces none).
+    peer_revision: AtomicU8,
 }
 
 /// What the old side tells a promoted new side later.
@@ -34,6 +41,9 @@ pub(crate) enum PeerEvent {
     Demote(String),
     /// The old side finished the upgrade.
     Done(crate::protocol::DoneReport),
+    /// The window failed: give the connections back over this channel,
+    /// then stop.
+    GiveBack(GiveBack, Arc<Channel>),
 }
 
 /// How waiting for `Promote` ended.
@@ -94,7 +104,12 @@ impl NewSide {
                 ));
             }
         };
-        Ok((NewSide { chan, peer }, listeners))
+        let side = NewSide {
+            chan,
+            peer,
+            peer_revision: AtomicU8::new(1),
+        };
+        Ok((side, listeners))
     }
 
     /// Ask for the state and read it (memfds checked against `limit`).
@@ -118,6 +133,15 @@ impl NewSide {
         let mut out = Vec::with_capacity(metas.len());
         let mut total: u64 = 0;
         for m in metas {
+            if m.name == REVISION_BLOB {
+                // Not the application's: the old side's revision.
+                if let BlobData::Inline(b) = &m.data
+                    && let Some(&r) = b.first()
+                {
+                    self.peer_revision.store(r, Ordering::Relaxed);
+                }
+                continue;
+            }
             let bytes = match m.data {
                 BlobData::Inline(b) => b,
                 BlobData::Memfd { len } => {
@@ -139,13 +163,23 @@ impl NewSide {
         Ok(out)
     }
 
-    /// Say `Ready` and wait for `Promote`.
+    /// The old generation's protocol revision, as far as it said.
+    pub(crate) fn peer_revision(&self) -> u8 {
+        self.peer_revision.load(Ordering::Relaxed)
+    }
+
+    /// Say what we take (`Accepts`, only to a peer of revision ≥ 2), then
+    /// `Ready`, and wait for `Promote`.
     pub(crate) async fn ready(
         &self,
         info: ReadyInfo,
+        accepts: Accepts,
         limit: Duration,
         sent: impl FnOnce(),
     ) -> Result<Promotion, Error> {
+        if self.peer_revision() >= 2 && PROTOCOL_REVISION >= 2 {
+            self.chan.send(&Msg::Accepts(accepts), &[]).await?;
+        }
         self.chan
             .send(&Msg::Ready(info), &[])
             .await
@@ -185,15 +219,17 @@ impl NewSide {
     }
 
     /// After promotion: receive handed-over connections until the old side
-    /// exits. Each batch is acknowledged once its fds are ours.
+    /// exits (or asks for them back: `GiveBack`). Each batch is
+    /// acknowledged once its fds are ours, before any is touched.
     pub(crate) async fn receive_connections(
         self,
         deliver: Option<mpsc::UnboundedSender<HandoffConn>>,
+        owned: Vec<OwnedSink>,
         (received, prefix_bytes): (Arc<AtomicU64>, Arc<AtomicU64>),
         activity: Arc<crate::lifecycle::Activity>,
         events: mpsc::UnboundedSender<PeerEvent>,
     ) {
-        let mut kinds: Vec<(String, baton_sys::socket::SocketKind)> = Vec::new();
+        let mut taker = Taker::default();
         loop {
             let (msg, fds, truncated) = match self.chan.recv_detail().await {
                 Ok(Some(m)) => m,
@@ -209,19 +245,45 @@ impl NewSide {
                     return;
                 }
             };
-            let (batch, conns) = match msg {
-                Msg::Conns { batch, conns } => (batch, conns),
+            let msg = match taker.take(msg, fds, truncated, deliver.is_some(), &owned) {
+                Ok((batch, Ok(taken))) => {
+                    if self.chan.send(&Msg::ConnsAck { batch }, &[]).await.is_err() {
+                        // The old side is gone; these connections are ours
+                        // now anyway (its copies closed with it): serve them.
+                        tracing::warn!(
+                            "could not acknowledge a connection batch; serving it anyway"
+                        );
+                    }
+                    received.fetch_add(taken.len(), Ordering::Relaxed);
+                    prefix_bytes.fetch_add(taken.prefix_bytes(), Ordering::Relaxed);
+                    tracing::debug!(batch, connections = taken.len(), "received connections");
+                    taken.deliver(deliver.as_ref());
+                    continue;
+                }
+                Ok((batch, Err(reason))) => {
+                    // Refused whole: the old side keeps every connection of
+                    // it, so none is served twice. Our copies close on drop.
+                    tracing::warn!(batch, %reason, "refusing a connection batch; the previous generation keeps it");
+                    let _ = self.chan.send(&Msg::ConnsNack { batch, reason }, &[]).await;
+                    continue;
+                }
+                Err(msg) => msg,
+            };
+            match msg {
                 Msg::Commit => {
                     let _ = events.send(PeerEvent::Commit);
-                    continue;
                 }
                 Msg::Demote { reason } => {
                     let _ = events.send(PeerEvent::Demote(reason));
-                    continue;
+                }
+                Msg::GiveBack(g) => {
+                    // The channel is the give-back's now (it reads the
+                    // acknowledgements): stop reading it here.
+                    let _ = events.send(PeerEvent::GiveBack(g, Arc::clone(&self.chan)));
+                    return;
                 }
                 Msg::Done(report) => {
                     let _ = events.send(PeerEvent::Done(report));
-                    continue;
                 }
                 Msg::StatsRequest => {
                     let stats = Msg::Stats {
@@ -231,97 +293,10 @@ impl NewSide {
                     if self.chan.send(&stats, &[]).await.is_err() {
                         return;
                     }
-                    continue;
                 }
                 other => {
                     tracing::error!(msg = other.name(), "unexpected message after promotion");
                     return;
-                }
-            };
-            if truncated {
-                // The kernel could not install every fd (our RLIMIT_NOFILE):
-                // refuse the whole batch so the old side keeps serving it.
-                tracing::error!(
-                    batch,
-                    arrived = fds.len(),
-                    wanted = conns.len(),
-                    "connection batch truncated by the kernel (fd limit); refusing it"
-                );
-                drop(fds);
-                let _ = self
-                    .chan
-                    .send(
-                        &Msg::ConnsNack {
-                            batch,
-                            reason: "fd limit reached in the new generation (MSG_CTRUNC)".into(),
-                        },
-                        &[],
-                    )
-                    .await;
-                continue;
-            }
-            let Some(deliver) = deliver.as_ref() else {
-                let _ = self
-                    .chan
-                    .send(
-                        &Msg::ConnsNack {
-                            batch,
-                            reason: "this generation does not take connections".into(),
-                        },
-                        &[],
-                    )
-                    .await;
-                continue;
-            };
-            let mut ready = Vec::with_capacity(conns.len());
-            let mut bad = None;
-            for (meta, fd) in conns.into_iter().zip(fds) {
-                // The kind of a listener's connections never changes: check
-                // it once per listener, not once per connection.
-                let kind = match kinds.iter().find(|(n, _)| *n == meta.listener) {
-                    Some((_, k)) => Ok(*k),
-                    None => baton_sys::socket::socket_family_kind(std::os::fd::AsFd::as_fd(&fd))
-                        .inspect(|k| {
-                            kinds.push((meta.listener.clone(), *k));
-                        }),
-                };
-                match kind.and_then(|k| Stream::from_handed_fd(fd, k)) {
-                    Ok(stream) => ready.push(HandoffConn {
-                        stream,
-                        prefix: meta.prefix,
-                        listener: meta.listener,
-                    }),
-                    Err(e) => {
-                        bad = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-            if let Some(reason) = bad {
-                // Refuse the whole batch: the old side keeps every connection
-                // of it, so none is served twice. Our copies close on drop.
-                drop(ready);
-                let _ = self.chan.send(&Msg::ConnsNack { batch, reason }, &[]).await;
-                continue;
-            }
-            let n = ready.len() as u64;
-            let bytes: u64 = ready.iter().map(|c| c.prefix.len() as u64).sum();
-            if self.chan.send(&Msg::ConnsAck { batch }, &[]).await.is_err() {
-                // The old side is gone; these connections are ours now anyway
-                // (its copies closed with it), so serve them.
-                tracing::warn!("could not acknowledge a connection batch; serving it anyway");
-            }
-            received.fetch_add(n, Ordering::Relaxed);
-            prefix_bytes.fetch_add(bytes, Ordering::Relaxed);
-            tracing::debug!(
-                batch,
-                connections = n,
-                prefix_bytes = bytes,
-                "received idle connections"
-            );
-            for c in ready {
-                if deliver.send(c).is_err() {
-                    tracing::warn!("connection receiver dropped; closing a handed-over connection");
                 }
             }
         }

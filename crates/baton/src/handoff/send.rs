@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use crate::channel::Channel;
 use crate::error::Error;
+use crate::handoff::owned::OwnedConn;
 use crate::handoff::{HandoffConn, INLINE_STATE_BUDGET};
 use crate::protocol::{
-    BlobData, BlobMeta, ConnMeta, Hello, ListenerMeta, MAX_CONN_PREFIX, MAX_FRAME, MAX_INLINE_BLOB,
-    Msg, PROTOCOL_VERSION, ReadyInfo,
+    Accepts, BlobData, BlobMeta, ConnMeta, Hello, ListenerMeta, MAX_CONN_PREFIX, MAX_FRAME,
+    MAX_INLINE_BLOB, Msg, OwnedMeta, PROTOCOL_REVISION, PROTOCOL_VERSION, REVISION_BLOB, ReadyInfo,
 };
 use baton_sys as sys;
 use baton_sys::fd::SCM_MAX_FD;
@@ -32,9 +33,14 @@ pub(crate) struct HandshakeLog {
 /// The old side of one handoff channel.
 #[derive(Debug)]
 pub(crate) struct OldSide {
-    chan: Channel,
+    chan: Arc<Channel>,
     /// The new side's hello, once received.
     pub(crate) peer: Option<Hello>,
+    /// What the new side takes (`Accepts`; empty from a revision-1 peer).
+    pub(crate) accepts: Accepts,
+    /// The new side sent `Accepts`: it speaks revision 2 (it can give its
+    /// connections back after a failed window, `GiveBack`).
+    pub(crate) peer_accepts: bool,
 }
 
 /// A connection batch in flight: sent, not yet acknowledged.
@@ -45,9 +51,57 @@ pub(crate) struct SentBatch<R> {
     pub(crate) items: Vec<(HandoffConn, R)>,
 }
 
+/// An owned-connection batch in flight (see [`SentBatch`]).
+#[derive(Debug)]
+pub(crate) struct SentOwned<R> {
+    pub(crate) id: u32,
+    pub(crate) items: Vec<(OwnedConn, R)>,
+}
+
 impl OldSide {
     pub(crate) fn new(chan: Channel) -> Self {
-        OldSide { chan, peer: None }
+        OldSide {
+            chan: Arc::new(chan),
+            peer: None,
+            accepts: Accepts::default(),
+            peer_accepts: false,
+        }
+    }
+
+    /// The sending role on a channel that exists already: a rolled-back
+    /// generation giving its connections back to its predecessor, which
+    /// takes what `accepts` says.
+    pub(crate) fn over(chan: Arc<Channel>, accepts: Accepts) -> Self {
+        OldSide {
+            chan,
+            peer: None,
+            accepts,
+            peer_accepts: true,
+        }
+    }
+
+    /// The window failed: ask the new side for its connections back.
+    pub(crate) async fn give_back(&self, g: crate::protocol::GiveBack) -> Result<(), Error> {
+        self.chan.send(&Msg::GiveBack(g), &[]).await
+    }
+
+    /// The next message with its fds, and whether the kernel truncated them
+    /// (connections given back).
+    pub(crate) async fn recv_detail(&self) -> Result<Option<(Msg, Vec<OwnedFd>, bool)>, Error> {
+        self.chan.recv_detail().await
+    }
+
+    /// Acknowledge (or refuse) a batch given back.
+    pub(crate) async fn answer_batch(
+        &self,
+        batch: u32,
+        res: Result<(), String>,
+    ) -> Result<(), Error> {
+        let msg = match res {
+            Ok(()) => Msg::ConnsAck { batch },
+            Err(reason) => Msg::ConnsNack { batch, reason },
+        };
+        self.chan.send(&msg, &[]).await
     }
 
     /// Hello both ways, the listeners, state on request; returns when the
@@ -82,6 +136,11 @@ impl OldSide {
                     self.send_state(blobs).await?;
                     state_sent = true;
                 }
+                (Msg::Accepts(a), _) => {
+                    tracing::debug!(kinds = ?a.owned_kinds, "the new generation takes owned connections");
+                    self.accepts = a;
+                    self.peer_accepts = true;
+                }
                 (Msg::Ready(info), _) => return Ok(info),
                 (Msg::Failed { reason }, _) => {
                     return Err(Error::NewGenerationFailed { reason });
@@ -91,7 +150,9 @@ impl OldSide {
         }
     }
 
-    async fn send_state(&self, blobs: Vec<(String, Vec<u8>)>) -> Result<(), Error> {
+    async fn send_state(&self, mut blobs: Vec<(String, Vec<u8>)>) -> Result<(), Error> {
+        // Our revision, for a new side that can use it (see `protocol`).
+        blobs.push((REVISION_BLOB.to_owned(), vec![PROTOCOL_REVISION]));
         let total: usize = blobs.iter().map(|(_, b)| b.len()).sum();
         let mut metas = Vec::with_capacity(blobs.len());
         let mut memfds: Vec<OwnedFd> = Vec::new();
@@ -241,6 +302,87 @@ impl OldSide {
         }
     }
 
+    /// Send a batch of application-owned connections; as
+    /// [`send_batch`](Self::send_batch), acknowledged the same way.
+    pub(crate) async fn send_owned_batch<R>(
+        &self,
+        id: u32,
+        items: Vec<(OwnedConn, R)>,
+    ) -> Result<SentOwned<R>, (Error, Vec<(OwnedConn, R)>)> {
+        let mut metas = Vec::with_capacity(items.len());
+        let mut owned: Vec<(OwnedFd, OwnedMeta, R)> = Vec::with_capacity(items.len());
+        for (c, r) in items {
+            let OwnedConn {
+                kind,
+                stream,
+                unread,
+                state,
+                listener,
+            } = c;
+            match stream.into_owned_fd() {
+                Ok(fd) => {
+                    let meta = OwnedMeta {
+                        kind,
+                        listener,
+                        unread,
+                        state,
+                    };
+                    metas.push(meta.clone());
+                    owned.push((fd, meta, r));
+                }
+                Err(e) => {
+                    // As in send_batch: unusable here, closed and counted.
+                    tracing::warn!(error = %e, "could not detach an owned connection for handoff");
+                }
+            }
+        }
+        let fds: Vec<BorrowedFd<'_>> = owned.iter().map(|(fd, ..)| fd.as_fd()).collect();
+        let res = if metas.is_empty() {
+            Ok(())
+        } else {
+            self.chan
+                .send(
+                    &Msg::Owned {
+                        batch: id,
+                        conns: metas,
+                    },
+                    &fds,
+                )
+                .await
+        };
+        drop(fds);
+        let rewrap = |owned: Vec<(OwnedFd, OwnedMeta, R)>| -> Vec<(OwnedConn, R)> {
+            owned
+                .into_iter()
+                .filter_map(
+                    |(fd, m, r)| match crate::listeners::Stream::from_owned_fd(fd) {
+                        Ok(stream) => Some((
+                            OwnedConn {
+                                kind: m.kind,
+                                stream,
+                                unread: m.unread,
+                                state: m.state,
+                                listener: m.listener,
+                            },
+                            r,
+                        )),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not re-register an owned connection");
+                            None
+                        }
+                    },
+                )
+                .collect()
+        };
+        match res {
+            Ok(()) => Ok(SentOwned {
+                id,
+                items: rewrap(owned),
+            }),
+            Err(e) => Err((e, rewrap(owned))),
+        }
+    }
+
     /// Next message from the new side (acks); `None` at EOF.
     pub(crate) async fn recv(&self) -> Result<Option<Msg>, Error> {
         Ok(self.chan.recv().await?.map(|(m, _fds)| m))
@@ -294,4 +436,16 @@ pub(crate) fn fits_batch(
     // Per entry: the prefix, the listener name, and a few bytes of varints.
     let entry = prefix_len + listener_len + 8;
     count < SCM_MAX_FD && bytes + entry + 64 < MAX_FRAME && prefix_len <= MAX_CONN_PREFIX
+}
+
+/// Whether one more owned connection fits a batch that already has `count`
+/// entries and `bytes` of payload: `entry` is its unread bytes, state,
+/// kind and listener name.
+pub(crate) fn fits_owned_batch(count: usize, bytes: usize, entry: usize) -> bool {
+    count < SCM_MAX_FD && bytes + entry + 16 + 64 < MAX_FRAME
+}
+
+/// The payload of one owned connection in a batch, for [`fits_owned_batch`].
+pub(crate) fn owned_entry_len(c: &OwnedConn) -> usize {
+    c.unread.len() + c.state.len() + c.kind.len() + c.listener.len() + 16
 }

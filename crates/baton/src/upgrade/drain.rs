@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::handoff::send::{OldSide, SentBatch, fits_batch};
+use crate::handoff::owned::{OwnedConn, OwnedReq};
+use crate::handoff::send::{
+    OldSide, SentBatch, SentOwned, fits_batch, fits_owned_batch, owned_entry_len,
+};
 use crate::inner::{HandoffReq, Inner, lock};
 use crate::lifecycle::Phase;
 use crate::protocol::Msg;
@@ -20,6 +23,95 @@ pub(super) enum DrainEnd {
 }
 
 type Reply = oneshot::Sender<Result<(), crate::handoff::HandoffConn>>;
+type OwnedReply = oneshot::Sender<Result<(), OwnedConn>>;
+
+/// A batch in flight: idle HTTP connections or application-owned ones (one
+/// batch numbering, one acknowledgement protocol).
+enum Sent {
+    Http(SentBatch<Reply>),
+    Owned(SentOwned<OwnedReply>),
+}
+
+impl Sent {
+    fn id(&self) -> u32 {
+        match self {
+            Sent::Http(b) => b.id,
+            Sent::Owned(b) => b.id,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Sent::Http(b) => b.items.len() as u64,
+            Sent::Owned(b) => b.items.len() as u64,
+        }
+    }
+
+    /// Taken: close our copies, tell each task it moved.
+    fn acked(self) {
+        match self {
+            Sent::Http(b) => {
+                for (conn, reply) in b.items {
+                    drop(conn); // our copy; the successor has its own
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Sent::Owned(b) => {
+                for (conn, reply) in b.items {
+                    drop(conn);
+                    let _ = reply.send(Ok(()));
+                }
+            }
+        }
+    }
+
+    /// Not taken: each task gets its connection back to serve here.
+    fn give_back(self) {
+        match self {
+            Sent::Http(b) => {
+                for (conn, reply) in b.items {
+                    let _ = reply.send(Err(conn));
+                }
+            }
+            Sent::Owned(b) => {
+                for (conn, reply) in b.items {
+                    let _ = reply.send(Err(conn));
+                }
+            }
+        }
+    }
+}
+
+async fn next_owned(
+    carry: &mut Option<OwnedReq>,
+    rx: &mut Option<mpsc::Receiver<OwnedReq>>,
+) -> Option<OwnedReq> {
+    if let Some(c) = carry.take() {
+        return Some(c);
+    }
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Give every queued owned connection back and close the queue.
+fn close_owned(
+    inner: &Inner,
+    rx: &mut Option<mpsc::Receiver<OwnedReq>>,
+    carry: &mut Option<OwnedReq>,
+) {
+    *lock(&inner.owned_out) = None;
+    if let Some((c, reply)) = carry.take() {
+        let _ = reply.send(Err(c));
+    }
+    if let Some(mut r) = rx.take() {
+        r.close();
+        while let Ok((c, reply)) = r.try_recv() {
+            let _ = reply.send(Err(c));
+        }
+    }
+}
 
 async fn next_req(
     carry: &mut Option<HandoffReq>,
@@ -35,7 +127,7 @@ async fn next_req(
 }
 
 /// Connection batches sent and not yet acknowledged, oldest first.
-type InFlight = std::collections::VecDeque<(SentBatch<Reply>, tokio::time::Instant)>;
+type InFlight = std::collections::VecDeque<(Sent, tokio::time::Instant)>;
 
 /// How many connection batches may be in flight at once (acknowledgements
 /// are pipelined: the next batch goes out before the previous one's ack).
@@ -59,16 +151,14 @@ fn settle_unacked(old: &OldSide, pending: &mut InFlight) -> u64 {
     let acked = old.queued_acks();
     let mut lost = 0;
     for (b, _) in pending.drain(..) {
-        if acked.contains(&b.id) {
-            lost += b.items.len() as u64;
+        if acked.contains(&b.id()) {
+            lost += b.len();
         } else {
             tracing::info!(
-                connections = b.items.len(),
+                connections = b.len(),
                 "taking back a connection batch the successor never acknowledged"
             );
-            for (conn, reply) in b.items {
-                let _ = reply.send(Err(conn));
-            }
+            b.give_back();
         }
     }
     lost
@@ -78,6 +168,7 @@ fn settle_unacked(old: &OldSide, pending: &mut InFlight) -> u64 {
 /// back see `Serving`), then settle the batches in flight.
 fn resume_unacked(inner: &Inner, old: &OldSide, pending: &mut InFlight) -> u64 {
     *lock(&inner.handoff_tx) = None;
+    *lock(&inner.owned_out) = None;
     inner.life.set(Phase::Serving);
     settle_unacked(old, pending)
 }
@@ -100,13 +191,43 @@ fn close_handoff(
     }
 }
 
+/// The queues of connections waiting to be handed over: idle HTTP ones
+/// and application-owned ones, each with the request that did not fit the
+/// previous batch.
+pub(super) struct Queues {
+    pub(super) http: Option<mpsc::Receiver<HandoffReq>>,
+    pub(super) owned: Option<mpsc::Receiver<OwnedReq>>,
+    http_carry: Option<HandoffReq>,
+    owned_carry: Option<OwnedReq>,
+}
+
+impl Queues {
+    pub(super) fn new(
+        http: Option<mpsc::Receiver<HandoffReq>>,
+        owned: Option<mpsc::Receiver<OwnedReq>>,
+    ) -> Self {
+        Queues {
+            http,
+            owned,
+            http_carry: None,
+            owned_carry: None,
+        }
+    }
+
+    /// Give everything queued back and close both queues.
+    fn close(&mut self, inner: &Inner) {
+        close_handoff(inner, &mut self.http, &mut self.http_carry);
+        close_owned(inner, &mut self.owned, &mut self.owned_carry);
+    }
+}
+
 /// After promotion: hand idle connections over in acknowledged batches,
 /// watch the successor, wait for our connections to finish.
 pub(super) async fn drain(
     inner: &Inner,
     old: &OldSide,
     child: &mut Box<dyn ChildProcess>,
-    mut handoff_rx: Option<mpsc::Receiver<HandoffReq>>,
+    mut q: Queues,
     confirmed: bool,
 ) -> DrainEnd {
     let deadline = tokio::time::Instant::now() + inner.config.drain_timeout;
@@ -116,7 +237,6 @@ pub(super) async fn drain(
     let mut handed_over: u64 = 0;
     let mut lost_unacked: u64 = 0;
     let mut chan_open = true;
-    let mut carry: Option<HandoffReq> = None;
     // The drain cannot finish before the successor confirmed it accepts.
     let mut confirmed = confirmed;
     let confirm_deadline = tokio::time::Instant::now() + ack_timeout;
@@ -127,7 +247,7 @@ pub(super) async fn drain(
             st = child.wait() => {
                 let why = format!("died ({})", describe_exit(&st));
                 let lost = handed_over + lost_unacked + resume_unacked(inner, old, &mut pending);
-                close_handoff(inner, &mut handoff_rx, &mut carry);
+                q.close(inner);
                 return DrainEnd::SuccessorFailed { why, lost };
             }
             msg = old.recv(), if chan_open => {
@@ -136,27 +256,32 @@ pub(super) async fn drain(
                         confirmed = true;
                         tracing::debug!(pid = child.pid(), "the new generation confirmed it serves");
                     }
-                    Ok(Some(Msg::ConnsAck { batch })) if pending.iter().any(|(b, _)| b.id == batch) => {
-                        if let Some(i) = pending.iter().position(|(b, _)| b.id == batch)
+                    Ok(Some(Msg::ConnsAck { batch })) if pending.iter().any(|(b, _)| b.id() == batch) => {
+                        if let Some(i) = pending.iter().position(|(b, _)| b.id() == batch)
                             && let Some((b, _)) = pending.remove(i)
                         {
-                            handed_over += b.items.len() as u64;
-                            for (conn, reply) in b.items {
-                                drop(conn); // our copy; the successor has its own
-                                let _ = reply.send(Ok(()));
-                            }
+                            handed_over += b.len();
+                            b.acked();
                         }
                     }
-                    Ok(Some(Msg::ConnsNack { batch, reason })) if pending.iter().any(|(b, _)| b.id == batch) => {
-                        tracing::warn!(%reason, "the new generation refused a connection batch; serving those connections here");
-                        if let Some(i) = pending.iter().position(|(b, _)| b.id == batch)
+                    Ok(Some(Msg::ConnsNack { batch, reason })) if pending.iter().any(|(b, _)| b.id() == batch) => {
+                        if let Some(i) = pending.iter().position(|(b, _)| b.id() == batch)
                             && let Some((b, _)) = pending.remove(i)
                         {
-                            for (conn, reply) in b.items {
-                                let _ = reply.send(Err(conn));
+                            // A refused batch of one kind stops handing over
+                            // that kind only.
+                            match &b {
+                                Sent::Http(_) => {
+                                    tracing::warn!(%reason, "the new generation refused a connection batch; serving those connections here");
+                                    close_handoff(inner, &mut q.http, &mut q.http_carry);
+                                }
+                                Sent::Owned(_) => {
+                                    tracing::warn!(%reason, "the new generation refused a batch of owned connections; they stay here until the drain deadline");
+                                    close_owned(inner, &mut q.owned, &mut q.owned_carry);
+                                }
                             }
+                            b.give_back();
                         }
-                        close_handoff(inner, &mut handoff_rx, &mut carry);
                     }
                     other => {
                         // EOF with the child alive, a protocol error, or an
@@ -169,21 +294,21 @@ pub(super) async fn drain(
                         }
                         chan_open = false;
                         lost_unacked += settle_unacked(old, &mut pending);
-                        close_handoff(inner, &mut handoff_rx, &mut carry);
+                        q.close(inner);
                     }
                 }
             }
-            req = next_req(&mut carry, &mut handoff_rx), if pending.len() < BATCHES_IN_FLIGHT && chan_open => {
+            req = next_req(&mut q.http_carry, &mut q.http), if pending.len() < BATCHES_IN_FLIGHT && chan_open => {
                 let Some(first) = req else {
-                    handoff_rx = None;
+                    q.http = None;
                     continue;
                 };
                 let mut bytes = first.0.prefix.len() + first.0.listener.len() + 8;
                 let mut items = vec![first];
-                if let Some(rx) = handoff_rx.as_mut() {
+                if let Some(rx) = q.http.as_mut() {
                     while let Ok(more) = rx.try_recv() {
                         if !fits_batch(items.len(), bytes, more.0.listener.len(), more.0.prefix.len()) {
-                            carry = Some(more);
+                            q.http_carry = Some(more);
                             break;
                         }
                         bytes += more.0.prefix.len() + more.0.listener.len() + 8;
@@ -193,14 +318,46 @@ pub(super) async fn drain(
                 let id = next_batch;
                 next_batch = next_batch.wrapping_add(1);
                 match old.send_batch(id, items).await {
-                    Ok(sent) => pending.push_back((sent, tokio::time::Instant::now() + ack_timeout)),
+                    Ok(sent) => pending.push_back((Sent::Http(sent), tokio::time::Instant::now() + ack_timeout)),
                     Err((e, back)) => {
                         tracing::warn!(error = %e, "could not send a connection batch; serving those connections here");
                         for (c, r) in back {
                             let _ = r.send(Err(c));
                         }
                         chan_open = false;
-                        close_handoff(inner, &mut handoff_rx, &mut carry);
+                        q.close(inner);
+                    }
+                }
+            }
+            req = next_owned(&mut q.owned_carry, &mut q.owned), if pending.len() < BATCHES_IN_FLIGHT && chan_open => {
+                let Some(first) = req else {
+                    q.owned = None;
+                    continue;
+                };
+                let mut bytes = owned_entry_len(&first.0);
+                let mut items = vec![first];
+                if let Some(rx) = q.owned.as_mut() {
+                    while let Ok(more) = rx.try_recv() {
+                        let entry = owned_entry_len(&more.0);
+                        if !fits_owned_batch(items.len(), bytes, entry) {
+                            q.owned_carry = Some(more);
+                            break;
+                        }
+                        bytes += entry;
+                        items.push(more);
+                    }
+                }
+                let id = next_batch;
+                next_batch = next_batch.wrapping_add(1);
+                match old.send_owned_batch(id, items).await {
+                    Ok(sent) => pending.push_back((Sent::Owned(sent), tokio::time::Instant::now() + ack_timeout)),
+                    Err((e, back)) => {
+                        tracing::warn!(error = %e, "could not send a batch of owned connections; they stay here");
+                        for (c, r) in back {
+                            let _ = r.send(Err(c));
+                        }
+                        chan_open = false;
+                        q.close(inner);
                     }
                 }
             }
@@ -210,18 +367,18 @@ pub(super) async fn drain(
                 let status = abort_child(child, Duration::ZERO).await;
                 let why = format!("did not acknowledge handed-over connections within {ack_timeout:?} and was killed ({status})");
                 let lost = handed_over + lost_unacked + resume_unacked(inner, old, &mut pending);
-                close_handoff(inner, &mut handoff_rx, &mut carry);
+                q.close(inner);
                 return DrainEnd::SuccessorFailed { why, lost };
             }
             () = tokio::time::sleep_until(confirm_deadline), if !confirmed => {
                 let status = abort_child(child, Duration::ZERO).await;
                 let why = format!("did not confirm it serves within {ack_timeout:?} of promotion and was killed ({status})");
                 let lost = handed_over + lost_unacked + resume_unacked(inner, old, &mut pending);
-                close_handoff(inner, &mut handoff_rx, &mut carry);
+                q.close(inner);
                 return DrainEnd::SuccessorFailed { why, lost };
             }
             () = inner.life.drained(), if pending.is_empty() && confirmed => {
-                close_handoff(inner, &mut handoff_rx, &mut carry);
+                q.close(inner);
                 return DrainEnd::Drained { handed_over, closed: lost_unacked };
             }
             () = tokio::time::sleep_until(deadline) => {
@@ -229,7 +386,8 @@ pub(super) async fn drain(
                 if left > 0 {
                     tracing::warn!(connections = left, "drain timeout reached; closing the connections still open");
                 }
-                close_handoff(inner, &mut handoff_rx, &mut carry);
+                q.close(inner);
+                inner.close_owned_at_deadline().await;
                 return DrainEnd::Drained { handed_over, closed: left + lost_unacked };
             }
         }

@@ -15,6 +15,7 @@
 //! `child.rs` (how the new generation's process ended, and ending it).
 
 mod child;
+mod demote;
 mod drain;
 mod observe;
 mod run;
@@ -240,6 +241,9 @@ fn begin_shutdown(inner: &Arc<Inner>) {
                 "drain timeout: closing connections still open"
             );
         }
+        if left > 0 {
+            inner.close_owned_at_deadline().await;
+        }
         tracing::info!(after_ms = t.elapsed().as_millis() as u64, "stopped");
         finish(&inner).await;
     });
@@ -247,8 +251,20 @@ fn begin_shutdown(inner: &Arc<Inner>) {
 
 /// Let control replies go out, then mark the generation done (the app
 /// exits).
-async fn finish(inner: &Inner) {
+pub(super) async fn finish(inner: &Inner) {
     inner.control_tasks.close();
     let _ = tokio::time::timeout(CONTROL_FLUSH_TIMEOUT, inner.control_tasks.wait()).await;
     inner.life.set(Phase::Done);
+}
+
+/// The window failed in the generation before this one and it asked for
+/// the connections back (the new side of a demotion): see `demote.rs`.
+pub(crate) async fn give_back(
+    inner: Arc<Inner>,
+    chan: Arc<crate::channel::Channel>,
+    g: crate::protocol::GiveBack,
+) {
+    if demote::give_back(&inner, chan, g).await {
+        finish(&inner).await;
+    }
 }

@@ -16,8 +16,9 @@ use crate::handoff::send::{HandshakeLog, OldSide, StateSource, hello};
 use crate::inner::{Inner, lock};
 use crate::lifecycle::Phase;
 use crate::spawn::{ENV_HANDOFF_FD, ENV_OOM_SCORE_ADJ, ENV_PARENT_PID, HANDOFF_FD, SpawnSpec};
-use crate::upgrade::child::{abort_child, describe_exit, wait_or_kill};
-use crate::upgrade::drain::{DrainEnd, drain};
+use crate::upgrade::child::{abort_child, describe_exit};
+use crate::upgrade::demote::take_back;
+use crate::upgrade::drain::{DrainEnd, Queues, drain};
 use crate::upgrade::observe::window;
 use baton_sys as sys;
 
@@ -292,8 +293,8 @@ pub(super) async fn run_upgrade(
                 // the new generation gracefully: its requests in flight end.
                 *lock(&inner.successor_pid) = None;
                 inner.life.set(Phase::Serving);
-                let _ = old.demote(&why).await;
-                let status = wait_or_kill(&mut child, inner.config.drain_timeout).await;
+                let status =
+                    take_back(&inner, &old, &mut child, &why, inner.config.drain_timeout).await;
                 let err = Error::Failed(format!(
                     "{why}; the new generation (pid {new_pid}) was stopped ({status}); this generation (pid {}) serves again",
                     inner.pid
@@ -313,6 +314,16 @@ pub(super) async fn run_upgrade(
     } else {
         None
     };
+    let owned_rx = if old.accepts.owned_kinds.is_empty() {
+        None
+    } else {
+        let (tx, rx) = mpsc::channel(8192);
+        *lock(&inner.owned_out) = Some(crate::handoff::owned::OwnedOut {
+            kinds: old.accepts.owned_kinds.clone(),
+            tx,
+        });
+        Some(rx)
+    };
     inner.life.set(Phase::Handover);
     *lock(&inner.successor_pid) = Some(new_pid);
     tracing::info!(
@@ -323,8 +334,10 @@ pub(super) async fn run_upgrade(
     emit(&events, Event::Promoted { pid: new_pid });
     notify_main_pid(&inner, new_pid, next_gen).await;
 
-    let end = drain(&inner, &old, &mut child, handoff_rx, confirmed).await;
+    let queues = Queues::new(handoff_rx, owned_rx);
+    let end = drain(&inner, &old, &mut child, queues, confirmed).await;
     *lock(&inner.handoff_tx) = None;
+    *lock(&inner.owned_out) = None;
     let drain_ms = promoted_at.elapsed().as_millis() as u64;
     match end {
         DrainEnd::Drained {

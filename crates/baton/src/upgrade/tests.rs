@@ -149,6 +149,7 @@ async fn play(script: Script, fd: OwnedFd, state: Arc<ChildState>) {
                     ReadyInfo {
                         accepts_conns: false,
                     },
+                    crate::protocol::Accepts::default(),
                     Duration::from_secs(600),
                     || {},
                 )
@@ -158,7 +159,13 @@ async fn play(script: Script, fd: OwnedFd, state: Arc<ChildState>) {
             side.confirm_serving().await;
             let (etx, mut erx) = mpsc::unbounded_channel();
             let counts = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-            let serve = side.receive_connections(None, counts, Arc::new(Activity::default()), etx);
+            let serve = side.receive_connections(
+                None,
+                Vec::new(),
+                counts,
+                Arc::new(Activity::default()),
+                etx,
+            );
             tokio::pin!(serve);
             loop {
                 tokio::select! {
