@@ -1,0 +1,206 @@
+//! Upstream connections to one listener's generation sockets, pooled per
+//! epoch: a connection is reused only within the epoch it was opened in,
+//! and the supervisor can wait until every connection of the earlier epochs
+//! is idle before it stops the old generation.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::sync::Notify;
+
+/// The body baton sends upstream: the client's, or an empty one when an
+/// idempotent request without a body is sent again.
+pub type UpBody = http_body_util::Either<Incoming, http_body_util::Empty<Bytes>>;
+
+/// The pool of one listener (cheap to clone).
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    addr: SocketAddr,
+    idle_limit: Duration,
+    state: Mutex<State>,
+    /// Woken when a connection of any epoch stops being busy.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// Connections between requests, newest last.
+    idle: Vec<Idle>,
+    /// Busy connections per epoch.
+    busy: BTreeMap<u64, usize>,
+    /// Connections of an earlier epoch are never reused.
+    current: u64,
+}
+
+struct Idle {
+    epoch: u64,
+    since: Instant,
+    sender: SendRequest<UpBody>,
+}
+
+/// A connection lent to one request. Give it back with [`Lease::release`]
+/// once the response head arrived; dropped, it is closed.
+pub struct Lease {
+    pool: Pool,
+    epoch: u64,
+    /// Whether the connection was reused (a reused connection may have been
+    /// closed by the app in the meantime).
+    pub reused: bool,
+    pub sender: SendRequest<UpBody>,
+}
+
+impl Pool {
+    /// A pool of connections to `addr`.
+    pub fn new(addr: SocketAddr, idle_limit: Duration) -> Pool {
+        Pool {
+            inner: Arc::new(PoolInner {
+                addr,
+                idle_limit,
+                state: Mutex::new(State::default()),
+                changed: Notify::new(),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves plain counters behind:
+        // still usable.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection of `epoch`: an idle one, or a new one.
+    ///
+    /// # Errors
+    ///
+    /// The connect or the HTTP/1 handshake failed (nothing was sent).
+    pub async fn checkout(&self, epoch: u64) -> std::io::Result<Lease> {
+        let reused = {
+            let mut st = self.state();
+            let mut found = None;
+            while let Some(c) = st.idle.pop() {
+                if c.epoch == epoch
+                    && c.since.elapsed() < self.inner.idle_limit
+                    && c.sender.is_ready()
+                {
+                    found = Some(c.sender);
+                    break;
+                }
+                // Older ones below it are older still: the scan goes on only
+                // to drop them.
+            }
+            if found.is_some() {
+                *st.busy.entry(epoch).or_default() += 1;
+            }
+            found
+        };
+        if let Some(sender) = reused {
+            return Ok(Lease {
+                pool: self.clone(),
+                epoch,
+                reused: true,
+                sender,
+            });
+        }
+        let stream = tokio::net::TcpStream::connect(self.inner.addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "front: upstream connection ended");
+            }
+        });
+        *self.state().busy.entry(epoch).or_default() += 1;
+        Ok(Lease {
+            pool: self.clone(),
+            epoch,
+            reused: false,
+            sender,
+        })
+    }
+
+    /// Later requests use connections of `epoch` or later only; idle
+    /// connections of earlier epochs are closed now.
+    pub fn retire_before(&self, epoch: u64) {
+        let mut st = self.state();
+        st.current = epoch;
+        st.idle.retain(|c| c.epoch >= epoch);
+    }
+
+    /// Wait until no connection of an epoch before the current one is busy,
+    /// or `deadline`. Returns whether they are all idle (and closed).
+    pub async fn wait_retired_idle(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let notified = self.inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.state();
+                let cur = st.current;
+                if st.busy.range(..cur).all(|(_, n)| *n == 0) {
+                    return true;
+                }
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
+    }
+
+    fn done(&self, epoch: u64, sender: Option<SendRequest<UpBody>>) {
+        let mut st = self.state();
+        if let Some(n) = st.busy.get_mut(&epoch) {
+            *n = n.saturating_sub(1);
+            if *n == 0 && epoch < st.current {
+                st.busy.remove(&epoch);
+            }
+        }
+        if let Some(sender) = sender
+            && epoch >= st.current
+        {
+            st.idle.push(Idle {
+                epoch,
+                since: Instant::now(),
+                sender,
+            });
+        }
+        drop(st);
+        self.inner.changed.notify_waiters();
+    }
+}
+
+impl Lease {
+    /// The response head arrived: the connection goes back to the pool once
+    /// the response body is read (hyper says so by being ready again), or
+    /// is closed if it fails meanwhile or its epoch ended.
+    pub fn release(self) {
+        let Lease {
+            pool,
+            epoch,
+            mut sender,
+            ..
+        } = self;
+        tokio::spawn(async move {
+            match sender.ready().await {
+                Ok(()) => pool.done(epoch, Some(sender)),
+                Err(_) => pool.done(epoch, None),
+            }
+        });
+    }
+
+    /// The request failed: the connection is closed.
+    pub fn discard(self) {
+        self.pool.done(self.epoch, None);
+    }
+}

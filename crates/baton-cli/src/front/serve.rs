@@ -1,0 +1,71 @@
+//! The client side: accept on a public listener (at most
+//! `max_connections` at once), serve each connection with hyper's HTTP/1.1
+//! server (keep-alive, a header-read timeout), every request through
+//! [`super::proxy::handle`].
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::Semaphore;
+
+use super::Front;
+
+/// Pause after an accept error (EMFILE and the like) so that a full fd
+/// table does not become a busy loop.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Start accepting on `fd`, the public listener number `idx` (a TCP
+/// listening socket).
+///
+/// # Errors
+///
+/// `fd` is not a TCP listener tokio can register.
+pub fn spawn_accept(front: Front, idx: usize, fd: OwnedFd) -> anyhow::Result<()> {
+    let std_l = std::net::TcpListener::from(fd);
+    std_l.set_nonblocking(true)?;
+    let listener =
+        tokio::net::TcpListener::from_std(std_l).context("the front serves TCP listeners only")?;
+    let slots = Arc::new(Semaphore::new(front.inner.cfg.max_connections));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (stream, peer) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "front: accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            };
+            front
+                .inner
+                .counters
+                .connections
+                .fetch_add(1, Ordering::Relaxed);
+            let _ = stream.set_nodelay(true);
+            let front = front.clone();
+            tokio::spawn(async move {
+                let header_timeout = front.inner.cfg.header_timeout;
+                let svc =
+                    service_fn(move |req| super::proxy::handle(front.clone(), idx, peer, req));
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), svc);
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, %peer, "front: client connection ended");
+                }
+                drop(permit);
+            });
+        }
+    });
+    Ok(())
+}
