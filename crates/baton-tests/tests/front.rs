@@ -286,3 +286,120 @@ fn without_the_front_the_same_clients_are_counted_for_comparison() {
     let total: u64 = counts.iter().map(|c| c.errors).sum();
     eprintln!("nofront-node: {total} client errors in all without --front");
 }
+
+/// A field of the front's line in `baton status`'s notes.
+fn front_count(sup: &Supervised, field: &str) -> u64 {
+    let note = sup
+        .status()
+        .notes
+        .into_iter()
+        .find(|n| n.starts_with("front:"))
+        .expect("a front line in the status notes");
+    note.split_whitespace()
+        .find_map(|w| w.strip_prefix(field)?.strip_prefix('=')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {note}"))
+}
+
+fn front_node(name: &str) -> Supervised {
+    Supervised::start(
+        name,
+        RunOpts {
+            args: s(&["--front", "http"]),
+            command: node_app(),
+            ..RunOpts::default()
+        },
+    )
+}
+
+fn curl(args: &[&str]) -> std::process::Output {
+    let o = baton_tests::output(
+        Command::new(apps::in_path("curl", "install curl"))
+            .args(["-sS", "--max-time", "60"])
+            .args(args),
+    )
+    .expect("running curl");
+    assert!(o.status.success(), "curl {args:?}: {o:?}");
+    o
+}
+
+const TEN_MIB: usize = 10 << 20;
+
+#[test]
+fn ten_mib_request_and_response_bodies_stream_through_unchanged() {
+    let sup = front_node("front-bodies");
+    // The request body: not a repeated pattern, so a lost or moved chunk
+    // shows.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let body: Vec<u8> = (0..TEN_MIB)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let input = sup.dir.join("body.in");
+    std::fs::write(&input, &body).unwrap();
+    let echoed = sup.dir.join("body.echo");
+    curl(&[
+        "--data-binary",
+        &format!("@{}", input.display()),
+        "-H",
+        "Content-Type: application/octet-stream",
+        "-o",
+        &echoed.display().to_string(),
+        &format!("http://{}/echo", sup.addr),
+    ]);
+    let back = std::fs::read(&echoed).unwrap();
+    assert_eq!(back.len(), body.len(), "echoed length");
+    assert!(back == body, "the echoed 10 MiB body differs");
+
+    let got = sup.dir.join("bytes.out");
+    curl(&[
+        "-o",
+        &got.display().to_string(),
+        &format!("http://{}/bytes/{TEN_MIB}", sup.addr),
+    ]);
+    let got = std::fs::read(&got).unwrap();
+    assert_eq!(got.len(), TEN_MIB, "response length");
+    assert!(
+        got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8),
+        "the 10 MiB response body differs"
+    );
+    assert_eq!(front_count(&sup, "bad_gateway"), 0);
+}
+
+#[test]
+fn a_slow_request_in_flight_during_an_upgrade_completes_on_the_old_generation() {
+    let sup = front_node("front-slow");
+    let before = sup.status();
+    let addr = sup.addr;
+    let slow = std::thread::spawn(move || {
+        use std::io::Read as _;
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(T)).unwrap();
+        c.write_all(b"GET /slow/3000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    });
+    // The request has its upstream connection (to generation 1) before the
+    // upgrade starts.
+    wait_for(T, "the slow request to be in flight upstream", || {
+        (front_count(&sup, "upstream_busy") == 1).then_some(())
+    });
+    let out = sup.upgrade(&["--json"]);
+    assert_eq!(out.code, 0, "upgrade: {out:?}");
+    let j = out.json();
+    assert_eq!(j["to_generation"], 2, "{j}");
+    let answer = slow.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["generation"], 1, "{answer}");
+    assert_eq!(v["pid"], before.pid, "{answer}");
+    assert_eq!(sup.version().generation, 2);
+    assert_eq!(front_count(&sup, "bad_gateway"), 0);
+    assert_eq!(front_count(&sup, "upstream_busy"), 0);
+}

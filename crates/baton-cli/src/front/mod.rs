@@ -110,14 +110,21 @@ pub struct CountersView {
     pub bad_gateway: u64,
     /// See [`Counters::connections`].
     pub connections: u64,
+    /// Upstream connections carrying a request now.
+    pub upstream_busy: usize,
 }
 
 impl CountersView {
     /// The line in `baton status`'s notes.
     pub fn note(&self) -> String {
         format!(
-            "front: requests={} upstream_errors={} retries={} bad_gateway={} connections={}",
-            self.requests, self.upstream_errors, self.retries, self.bad_gateway, self.connections
+            "front: requests={} upstream_errors={} retries={} bad_gateway={} connections={} upstream_busy={}",
+            self.requests,
+            self.upstream_errors,
+            self.retries,
+            self.bad_gateway,
+            self.connections,
+            self.upstream_busy
         )
     }
 }
@@ -213,6 +220,7 @@ impl Front {
             retries: l(&c.retries),
             bad_gateway: l(&c.bad_gateway),
             connections: l(&c.connections),
+            upstream_busy: self.inner.pools.iter().map(Pool::busy).sum(),
         }
     }
 

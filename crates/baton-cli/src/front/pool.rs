@@ -158,6 +158,11 @@ impl Pool {
         }
     }
 
+    /// Connections carrying a request now, every epoch.
+    pub fn busy(&self) -> usize {
+        self.state().busy.values().sum()
+    }
+
     fn done(&self, epoch: u64, sender: Option<SendRequest<UpBody>>) {
         let mut st = self.state();
         if let Some(n) = st.busy.get_mut(&epoch) {
