@@ -300,11 +300,13 @@ fn front_count(sup: &Supervised, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in {note}"))
 }
 
-fn front_node(name: &str) -> Supervised {
+fn front_node(name: &str, more: &[&str]) -> Supervised {
+    let mut args = s(&["--front", "http"]);
+    args.extend(s(more));
     Supervised::start(
         name,
         RunOpts {
-            args: s(&["--front", "http"]),
+            args,
             command: node_app(),
             ..RunOpts::default()
         },
@@ -326,7 +328,8 @@ const TEN_MIB: usize = 10 << 20;
 
 #[test]
 fn ten_mib_request_and_response_bodies_stream_through_unchanged() {
-    let sup = front_node("front-bodies");
+    let metrics = format!("127.0.0.1:{}", baton_tests::free_port());
+    let sup = front_node("front-bodies", &["--metrics", &metrics]);
     // The request body: not a repeated pattern, so a lost or moved chunk
     // shows.
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -367,11 +370,19 @@ fn ten_mib_request_and_response_bodies_stream_through_unchanged() {
         "the 10 MiB response body differs"
     );
     assert_eq!(front_count(&sup, "bad_gateway"), 0);
+    // The front's counters are metrics too (the two bodies at least).
+    let text = String::from_utf8(curl(&[&format!("http://{metrics}/metrics")]).stdout).unwrap();
+    let requests: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("baton_front_requests_total ")?.parse().ok())
+        .unwrap_or_else(|| panic!("no baton_front_requests_total in {text}"));
+    assert!(requests >= 2, "{text}");
+    assert!(text.contains("baton_front_bad_gateway_total 0"), "{text}");
 }
 
 #[test]
 fn a_slow_request_in_flight_during_an_upgrade_completes_on_the_old_generation() {
-    let sup = front_node("front-slow");
+    let sup = front_node("front-slow", &[]);
     let before = sup.status();
     let addr = sup.addr;
     let slow = std::thread::spawn(move || {

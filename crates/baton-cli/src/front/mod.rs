@@ -115,6 +115,40 @@ pub struct CountersView {
 }
 
 impl CountersView {
+    /// For `baton run --metrics`: (name without `_total`, help, value).
+    pub fn metrics(&self) -> Vec<(String, String, u64)> {
+        [
+            (
+                "baton_front_requests",
+                "Requests received from clients by --front",
+                self.requests,
+            ),
+            (
+                "baton_front_upstream_errors",
+                "Upstream failures (connect, reset, closed), retried or not",
+                self.upstream_errors,
+            ),
+            (
+                "baton_front_retries",
+                "Requests sent again after an upstream failure",
+                self.retries,
+            ),
+            (
+                "baton_front_bad_gateway",
+                "502 answers: the request may have been processed",
+                self.bad_gateway,
+            ),
+            (
+                "baton_front_connections",
+                "Client connections accepted by --front",
+                self.connections,
+            ),
+        ]
+        .into_iter()
+        .map(|(n, h, v)| (n.to_owned(), h.to_owned(), v))
+        .collect()
+    }
+
     /// The line in `baton status`'s notes.
     pub fn note(&self) -> String {
         format!(

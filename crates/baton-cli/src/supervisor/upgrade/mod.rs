@@ -418,10 +418,17 @@ pub async fn run(
     if let Some(l) = metrics {
         let v = Arc::clone(&shared);
         let started = unix_ms() as f64 / 1000.0;
+        let front = statics.front.clone();
         // Runs until the runtime ends.
         drop(tokio::spawn(crate::supervisor::metrics::serve(
             l,
-            move || baton::metrics::render(&metrics_snapshot(&view(&v), started)),
+            move || {
+                let mut snap = metrics_snapshot(&view(&v), started);
+                if let Some(f) = &front {
+                    snap.counters.extend(f.counters().metrics());
+                }
+                baton::metrics::render(&snap)
+            },
         )));
     }
     let mut job: Option<Job> = None;
