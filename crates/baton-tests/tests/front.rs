@@ -193,10 +193,13 @@ fn gunicorn_app() -> Vec<String> {
 
 /// The three clients, GET and POST at once, across ten upgrades of `app`
 /// (with `--front http` or without). Returns what each client counted.
+/// With `--front`, readiness is the app's `/health` on the public address
+/// (baton sends the probe to the new generation's private socket).
 fn clients_across_ten_upgrades(name: &str, app: Vec<String>, front: bool) -> Vec<Counts> {
     let sup = Supervised::start(
         name,
         RunOpts {
+            ready: front.then(|| "http://{addr}/health".to_owned()),
             args: if front {
                 s(&["--front", "http"])
             } else {

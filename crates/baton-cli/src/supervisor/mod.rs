@@ -124,6 +124,31 @@ fn start_front(
     Ok((private, front))
 }
 
+/// `--front`: a probe URL whose port is a public listener's is sent to the
+/// same listener's private socket (the one the generations get).
+fn to_private(
+    url: &mut ready::HttpUrl,
+    public: &sockets::ListenerSet,
+    private: &sockets::ListenerSet,
+) {
+    let ready::ProbePort::Fixed(port) = url.port else {
+        return;
+    };
+    let hit = public
+        .items
+        .iter()
+        .zip(&private.items)
+        .find(|(p, _)| p.tcp_addr().is_some_and(|a| a.port() == port));
+    if let Some((_, q)) = hit
+        && let Some(a) = q.tcp_addr()
+    {
+        tracing::info!(public_port = port, private = %a, "front: the probe goes to the generation's private socket");
+        url.host = a.ip().to_string();
+        url.ip = a.ip();
+        url.port = ready::ProbePort::Fixed(a.port());
+    }
+}
+
 /// `baton run` arguments.
 #[derive(Debug, clap::Args)]
 #[command(after_help = RUN_AFTER_HELP)]
@@ -471,7 +496,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         child::resolve_program(first)
             .map_err(|e| CliError::usage(format!("cannot run the command: {e}")))?;
     }
-    let ready_spec = args.ready.clone().unwrap_or(ready::ReadySpec::Tcp(None));
+    let mut ready_spec = args.ready.clone().unwrap_or(ready::ReadySpec::Tcp(None));
     if let ready::ReadySpec::Delay(d) = &ready_spec
         && *d >= args.ready_timeout
     {
@@ -528,6 +553,14 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         Some(FrontMode::Http) => {
             let (private, front) = start_front(&args, &listeners)
                 .map_err(|e| CliError::new(exit::FAILED, e.context("starting --front http")))?;
+            // A probe URL naming a public listener goes to the generation's
+            // private socket of that listener instead.
+            if let ready::ReadySpec::Http(u) = &mut ready_spec {
+                to_private(u, &listeners, &private);
+            }
+            if let Some(u) = &mut args.health {
+                to_private(u, &listeners, &private);
+            }
             (private, Some(front))
         }
     };
