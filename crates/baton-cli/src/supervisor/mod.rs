@@ -67,6 +67,12 @@ sends new connections to the ready generation's socket, the old one empties its
 queue, and only then gets --stop-signal. Unix sockets, systemd sockets without
 ReusePort=yes and --no-steer use one shared socket (said in the log and status).
 
+Keep-alive clients (--front http): baton serves the clients' HTTP/1.1 connections
+itself and forwards each request to the serving generation, which gets a private
+127.0.0.1 socket (same LISTEN_FDNAMES); client connections survive upgrades, the
+old generation is stopped once its requests are done. The app sees baton's
+address; the client's is in X-Forwarded-For and Forwarded.
+
 Safety: before anything is spawned, the executable is checked (exists, is
 executable, matches `baton upgrade --expect-sha256`), --check must exit 0 and
 memory headroom must allow a second generation (refused: exit 3, nothing
