@@ -417,3 +417,55 @@ fn a_slow_request_in_flight_during_an_upgrade_completes_on_the_old_generation() 
     assert_eq!(front_count(&sup, "bad_gateway"), 0);
     assert_eq!(front_count(&sup, "upstream_busy"), 0);
 }
+
+/// A generation that dies under load: the keep-alive GET clients see no
+/// error. Requests that were in flight on it were written upstream but got
+/// no answer; idempotent and bodiless, they are sent again, and the private
+/// socket (baton's, never closed) queues them until the restarted
+/// generation accepts.
+#[test]
+fn get_clients_see_no_errors_when_the_generation_is_killed_three_times() {
+    let sup = front_node("front-crash", &[]);
+    let java_cp = compile_java(&sup.dir.path);
+    let url = format!("http://{}/", sup.addr);
+    let clients: Vec<Client> = KINDS
+        .iter()
+        .map(|k| Client::start(*k, "GET", &url, &sup.dir, &java_cp))
+        .collect();
+    let progressed = |base: &[(u64, u64)], n: u64| {
+        clients
+            .iter()
+            .zip(base)
+            .all(|(c, b)| c.progress().0 + c.progress().1 >= b.0 + b.1 + n)
+    };
+    wait_for(T, "every client to complete requests", || {
+        progressed(&[(0, 0); 3], 20).then_some(())
+    });
+    for i in 1..=3u64 {
+        let st = sup.status();
+        baton_tests::proc::signal(st.pid, rustix::process::Signal::KILL);
+        wait_for(T, "the restarted generation", || {
+            let st = sup.try_status()?;
+            (st.phase == "serving" && st.counters.restarts == i).then_some(())
+        });
+        let base: Vec<(u64, u64)> = clients.iter().map(Client::progress).collect();
+        wait_for(T, "every client to go on after the restart", || {
+            progressed(&base, 10).then_some(())
+        });
+    }
+    let counts: Vec<Counts> = clients.into_iter().map(Client::finish).collect();
+    for c in &counts {
+        eprintln!(
+            "front-crash: {}: {} ok, {} errors {} {}",
+            c.label, c.ok, c.errors, c.kinds, c.samples
+        );
+    }
+    eprintln!(
+        "front-crash: upstream_errors={} retries={} bad_gateway={}",
+        front_count(&sup, "upstream_errors"),
+        front_count(&sup, "retries"),
+        front_count(&sup, "bad_gateway")
+    );
+    assert_no_errors("front-crash", &counts);
+    assert_eq!(front_count(&sup, "bad_gateway"), 0);
+}
