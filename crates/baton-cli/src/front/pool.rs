@@ -50,12 +50,35 @@ struct Idle {
 /// A connection lent to one request. Give it back with [`Lease::release`]
 /// once the response head arrived; dropped, it is closed.
 pub struct Lease {
-    pool: Pool,
-    epoch: u64,
+    busy: Busy,
     /// Whether the connection was reused (a reused connection may have been
     /// closed by the app in the meantime).
     pub reused: bool,
     pub sender: SendRequest<UpBody>,
+}
+
+/// One busy count of an epoch, given back exactly once: by
+/// [`Busy::finish`], or on drop (a request whose client went away while
+/// baton connected or waited for the answer).
+struct Busy {
+    pool: Pool,
+    epoch: u64,
+    finished: bool,
+}
+
+impl Busy {
+    fn finish(mut self, sender: Option<SendRequest<UpBody>>) {
+        self.finished = true;
+        self.pool.done(self.epoch, sender);
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.pool.done(self.epoch, None);
+        }
+    }
 }
 
 impl Pool {
@@ -85,31 +108,45 @@ impl Pool {
     pub async fn checkout(&self, epoch: u64) -> std::io::Result<Lease> {
         let reused = {
             let mut st = self.state();
-            let mut found = None;
-            while let Some(c) = st.idle.pop() {
-                if c.epoch == epoch
-                    && c.since.elapsed() < self.inner.idle_limit
-                    && c.sender.is_ready()
-                {
-                    found = Some(c.sender);
-                    break;
-                }
-                // Older ones below it are older still: the scan goes on only
-                // to drop them.
-            }
-            if found.is_some() {
-                *st.busy.entry(epoch).or_default() += 1;
-            }
+            let limit = self.inner.idle_limit;
+            // Closed and expired connections go; one of a later epoch (the
+            // supervisor switched since this request read the epoch) stays
+            // for the requests of its own.
+            st.idle
+                .retain(|c| !c.sender.is_closed() && c.since.elapsed() < limit);
+            let found = st
+                .idle
+                .iter()
+                .rposition(|c| c.epoch == epoch && c.sender.is_ready())
+                .map(|i| st.idle.remove(i).sender);
+            // Counted busy from now, a new connection too: the supervisor
+            // must not stop a generation while a connection to it is being
+            // opened for a request.
+            *st.busy.entry(epoch).or_default() += 1;
             found
+        };
+        let busy = Busy {
+            pool: self.clone(),
+            epoch,
+            finished: false,
         };
         if let Some(sender) = reused {
             return Ok(Lease {
-                pool: self.clone(),
-                epoch,
+                busy,
                 reused: true,
                 sender,
             });
         }
+        // On an error or a cancel, `busy` gives its count back as it drops.
+        let sender = self.connect().await?;
+        Ok(Lease {
+            busy,
+            reused: false,
+            sender,
+        })
+    }
+
+    async fn connect(&self) -> std::io::Result<SendRequest<UpBody>> {
         let stream = tokio::net::TcpStream::connect(self.inner.addr).await?;
         stream.set_nodelay(true)?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -120,13 +157,7 @@ impl Pool {
                 tracing::debug!(error = %e, "front: upstream connection ended");
             }
         });
-        *self.state().busy.entry(epoch).or_default() += 1;
-        Ok(Lease {
-            pool: self.clone(),
-            epoch,
-            reused: false,
-            sender,
-        })
+        Ok(sender)
     }
 
     /// Later requests use connections of `epoch` or later only; idle
@@ -191,21 +222,18 @@ impl Lease {
     /// is closed if it fails meanwhile or its epoch ended.
     pub fn release(self) {
         let Lease {
-            pool,
-            epoch,
-            mut sender,
-            ..
+            busy, mut sender, ..
         } = self;
         tokio::spawn(async move {
             match sender.ready().await {
-                Ok(()) => pool.done(epoch, Some(sender)),
-                Err(_) => pool.done(epoch, None),
+                Ok(()) => busy.finish(Some(sender)),
+                Err(_) => busy.finish(None),
             }
         });
     }
 
     /// The request failed: the connection is closed.
     pub fn discard(self) {
-        self.pool.done(self.epoch, None);
+        self.busy.finish(None);
     }
 }
