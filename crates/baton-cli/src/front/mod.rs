@@ -23,8 +23,10 @@
 //!   byte; any other upstream failure is a 502.
 //!
 //! Cost: the front runs on the supervisor's one-thread tokio runtime (no
-//! thread of its own); per client connection one hyper task and its buffers
-//! (about 16 KiB of read buffer), per busy upstream connection one more.
+//! thread of its own); per client connection one hyper task and its
+//! buffers, per upstream connection one more: about 24 KiB of RSS per idle
+//! client connection with its pooled upstream one (measured once, debug
+//! build, 500 connections; docs/supervisor.md).
 //!
 //! Files: `serve.rs` (the client side: accept, limits, hyper server),
 //! `proxy.rs` (one request: headers, forwarding, retries), `pool.rs` (the
