@@ -7,11 +7,18 @@ const generation = parseInt(process.env.BATON_GENERATION || '0', 10);
 const version = process.env.APP_VERSION || 'node-app';
 
 const server = http.createServer((req, res) => {
-  // /echo: the request body streamed back; /bytes/N: N bytes (i % 251);
+  // /echo: the request body streamed back; /headers: the request headers
+  // and the peer address as JSON; /bytes/N: N bytes (i % 251);
   // /slow/MS: the answer after MS ms (the front's tests).
   if (req.url === '/echo') {
     res.writeHead(200, { 'Content-Type': 'application/octet-stream' });
     req.pipe(res);
+    return;
+  }
+  if (req.url === '/headers') {
+    const b = JSON.stringify({ headers: req.headers, peer: req.socket.remoteAddress });
+    res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(b) });
+    res.end(b);
     return;
   }
   const bytes = /^\/bytes\/(\d+)$/.exec(req.url);

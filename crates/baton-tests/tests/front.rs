@@ -469,3 +469,43 @@ fn get_clients_see_no_errors_when_the_generation_is_killed_three_times() {
     assert_no_errors("front-crash", &counts);
     assert_eq!(front_count(&sup, "bad_gateway"), 0);
 }
+
+#[test]
+fn the_app_gets_baton_forwarding_headers_and_no_hop_by_hop_ones() {
+    let sup = front_node("front-headers", &[]);
+    let o = curl(&[
+        "-H",
+        "X-Forwarded-For: 6.6.6.6",
+        "-H",
+        "Forwarded: for=6.6.6.6",
+        "-H",
+        "Connection: keep-alive, X-Secret",
+        "-H",
+        "X-Secret: 1",
+        "-H",
+        "X-Kept: 1",
+        &format!("http://{}/headers", sup.addr),
+    ]);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let h = &j["headers"];
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{j}");
+    assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http", "{j}");
+    assert_eq!(h["x-forwarded-proto"], "http", "{j}");
+    assert_eq!(h["x-kept"], "1", "{j}");
+    assert!(h.get("x-secret").is_none(), "{j}");
+    assert_eq!(h["host"], sup.addr.to_string(), "{j}");
+    // The app's peer is baton.
+    assert_eq!(j["peer"], "127.0.0.1", "{j}");
+}
+
+#[test]
+fn with_trust_forwarded_the_clients_forwarding_headers_are_extended() {
+    let sup = front_node("front-trust", &["--front-trust-forwarded"]);
+    let o = curl(&[
+        "-H",
+        "X-Forwarded-For: 6.6.6.6",
+        &format!("http://{}/headers", sup.addr),
+    ]);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["headers"]["x-forwarded-for"], "6.6.6.6, 127.0.0.1", "{j}");
+}
