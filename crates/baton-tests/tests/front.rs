@@ -509,3 +509,35 @@ fn with_trust_forwarded_the_clients_forwarding_headers_are_extended() {
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["headers"]["x-forwarded-for"], "6.6.6.6, 127.0.0.1", "{j}");
 }
+
+#[test]
+fn h2c_clients_are_served_and_forwarded_over_http1() {
+    let sup = front_node("front-h2c", &[]);
+    let o = curl(&[
+        "--http2-prior-knowledge",
+        "-w",
+        "\n%{http_version}",
+        &format!("http://{}/headers", sup.addr),
+    ]);
+    let text = String::from_utf8(o.stdout).unwrap();
+    let (body, version) = text.rsplit_once('\n').unwrap();
+    assert_eq!(version, "2", "{text}");
+    let j: serde_json::Value = serde_json::from_str(body).unwrap();
+    // The app gets a Host header made from :authority.
+    assert_eq!(j["headers"]["host"], sup.addr.to_string(), "{j}");
+    let input = sup.dir.join("h2.in");
+    std::fs::write(&input, vec![7u8; 1 << 20]).unwrap();
+    let out = sup.dir.join("h2.out");
+    curl(&[
+        "--http2-prior-knowledge",
+        "--data-binary",
+        &format!("@{}", input.display()),
+        "-o",
+        &out.display().to_string(),
+        &format!("http://{}/echo", sup.addr),
+    ]);
+    assert!(
+        std::fs::read(&out).unwrap() == vec![7u8; 1 << 20],
+        "h2c echo differs"
+    );
+}

@@ -141,6 +141,14 @@ pub async fn handle(
     };
     let (mut parts, body) = req.into_parts();
     forward_headers(&mut parts.headers, peer, front.inner.cfg.trust_forwarded);
+    // HTTP/2 carries the host in `:authority`; HTTP/1.1 upstream needs it
+    // in `Host`.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
     parts.version = Version::HTTP_11;
     if let Some(pq) = parts.uri.path_and_query() {
         // An absolute-form target goes upstream in origin form.

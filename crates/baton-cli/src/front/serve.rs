@@ -1,6 +1,7 @@
 //! The client side: accept on a public listener (at most
 //! `max_connections` at once), serve each connection with hyper's HTTP/1.1
-//! server (keep-alive, a header-read timeout), every request through
+//! server (keep-alive, a header-read timeout) or HTTP/2 with prior
+//! knowledge (h2c), every request through
 //! [`super::proxy::handle`].
 
 use std::os::fd::OwnedFd;
@@ -10,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::sync::Semaphore;
 
 use super::Front;
@@ -55,11 +57,19 @@ pub fn spawn_accept(front: Front, idx: usize, fd: OwnedFd) -> anyhow::Result<()>
                 let header_timeout = front.inner.cfg.header_timeout;
                 let svc =
                     service_fn(move |req| super::proxy::handle(front.clone(), idx, peer, req));
-                let conn = hyper::server::conn::http1::Builder::new()
+                // HTTP/1.1, or HTTP/2 with prior knowledge (h2c): the
+                // builder reads the preface.
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_timeout)
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), svc);
+                    .keep_alive(true);
+                builder
+                    .http2()
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(None);
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, %peer, "front: client connection ended");
                 }

@@ -67,8 +67,8 @@ sends new connections to the ready generation's socket, the old one empties its
 queue, and only then gets --stop-signal. Unix sockets, systemd sockets without
 ReusePort=yes and --no-steer use one shared socket (said in the log and status).
 
-Keep-alive clients (--front http): baton serves the clients' HTTP/1.1 connections
-itself and forwards each request to the serving generation, which gets a private
+Keep-alive clients (--front http): baton serves the clients' HTTP/1.1 (and h2c)
+connections itself and forwards each request to the serving generation, which gets a private
 127.0.0.1 socket (same LISTEN_FDNAMES); client connections survive upgrades, the
 old generation is stopped once its requests are done. The app sees baton's
 address; the client's is in X-Forwarded-For and Forwarded.
@@ -99,7 +99,8 @@ Examples:
 /// `baton run --front` modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FrontMode {
-    /// HTTP/1.1 from clients and to the app.
+    /// HTTP/1.1 and h2c (HTTP/2 with prior knowledge) from clients,
+    /// HTTP/1.1 to the app.
     Http,
 }
 
@@ -276,7 +277,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIG", default_value = "USR2", value_parser = parse_signal, requires = "delegate")]
     upgrade_signal: Signal,
     /// Serve the clients' HTTP connections in baton and forward each request
-    /// to the serving generation (`http`: HTTP/1.1). Client connections then
+    /// to the serving generation (`http`: HTTP/1.1 and h2c from clients,
+    /// HTTP/1.1 to the app). Client connections then
     /// survive upgrades: no keep-alive client sees an error. Each generation
     /// gets a private 127.0.0.1 socket instead of the listeners (same names
     /// in LISTEN_FDNAMES); the app sees baton's address, the client's is in
