@@ -33,6 +33,7 @@ if ((${#need_apt[@]})); then
 fi
 
 # The venv, pinned: gunicorn and uvicorn for the supervisor tests,
+# requests for the keep-alive client the front tests share with the benchmark,
 # prometheus_client for its OpenMetrics parser (the metrics tests),
 # ansible-core for the fleet play and modules (contrib/ansible; 2.19 is the
 # newest that runs on Python 3.11), kubernetes-validate for the manifests in
@@ -40,6 +41,7 @@ fi
 # time), websockets for the WebSocket tests' Python clients. A pin that is
 # missing or at another version is (re)installed.
 PY_PINS=(gunicorn==27.0.1 uvicorn==0.55.0 prometheus_client==0.26.0
+  requests==2.34.2 charset-normalizer==3.5.3 idna==3.20 urllib3==2.8.0 certifi==2026.10.19.post1
   ansible-core==2.19.14 kubernetes-validate==1.37.0 websockets==17.4)
 if [[ ! -x .venv/bin/python ]]; then
   echo "setup: creating .venv"

@@ -13,6 +13,7 @@
 
 mod client;
 mod exit;
+mod front;
 mod shim;
 mod supervisor;
 

@@ -7,6 +7,38 @@ const generation = parseInt(process.env.BATON_GENERATION || '0', 10);
 const version = process.env.APP_VERSION || 'node-app';
 
 const server = http.createServer((req, res) => {
+  // /echo: the request body streamed back; /headers: the request headers
+  // and the peer address as JSON; /bytes/N: N bytes (i % 251);
+  // /slow/MS: the answer after MS ms (the front's tests).
+  if (req.url === '/echo') {
+    res.writeHead(200, { 'Content-Type': 'application/octet-stream' });
+    req.pipe(res);
+    return;
+  }
+  if (req.url === '/headers') {
+    const b = JSON.stringify({ headers: req.headers, peer: req.socket.remoteAddress });
+    res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(b) });
+    res.end(b);
+    return;
+  }
+  const bytes = /^\/bytes\/(\d+)$/.exec(req.url);
+  if (bytes) {
+    const n = parseInt(bytes[1], 10);
+    const buf = Buffer.alloc(n);
+    for (let i = 0; i < n; i++) buf[i] = i % 251;
+    res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Length': n });
+    res.end(buf);
+    return;
+  }
+  const slow = /^\/slow\/(\d+)$/.exec(req.url);
+  if (slow) {
+    setTimeout(() => {
+      const b = JSON.stringify({ pid: process.pid, generation, version });
+      res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(b) });
+      res.end(b);
+    }, parseInt(slow[1], 10));
+    return;
+  }
   let body;
   let type = 'text/plain';
   if (req.url === '/version') {

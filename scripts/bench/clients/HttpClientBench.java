@@ -22,6 +22,9 @@ import java.util.concurrent.atomic.AtomicLong;
 import org.apache.http.client.config.RequestConfig;
 import org.apache.http.client.methods.CloseableHttpResponse;
 import org.apache.http.client.methods.HttpGet;
+import org.apache.http.client.methods.HttpPost;
+import org.apache.http.client.methods.HttpUriRequest;
+import org.apache.http.entity.ByteArrayEntity;
 import org.apache.http.impl.client.CloseableHttpClient;
 import org.apache.http.impl.client.DefaultHttpRequestRetryHandler;
 import org.apache.http.impl.client.HttpClients;
@@ -73,7 +76,7 @@ public class HttpClientBench {
         for (int i = 0; i < workers; i++) {
             Thread t = new Thread(() -> {
                 while (!stop.get() && System.currentTimeMillis() < deadline) {
-                    try (CloseableHttpResponse r = client.execute(new HttpGet(url))) {
+                    try (CloseableHttpResponse r = client.execute(request(url))) {
                         int status = r.getStatusLine().getStatusCode();
                         EntityUtils.consume(r.getEntity());
                         if (status == 200) ok.incrementAndGet();
@@ -133,5 +136,15 @@ public class HttpClientBench {
         out.append("]}");
         System.out.println(out);
         System.exit(0);
+    }
+
+    // CLIENT_METHOD=POST sends a small body with each request (the tests).
+    static HttpUriRequest request(String url) {
+        if ("POST".equals(System.getenv("CLIENT_METHOD"))) {
+            HttpPost p = new HttpPost(url);
+            p.setEntity(new ByteArrayEntity(new byte[1024]));
+            return p;
+        }
+        return new HttpGet(url);
     }
 }

@@ -12,6 +12,9 @@ const [url, workersArg, gapArg, deadlineArg] = process.argv.slice(2);
 const WORKERS = Number(workersArg);
 const MAX_GAP = Number(gapArg);
 const DEADLINE = Date.now() + Number(deadlineArg) * 1000;
+// CLIENT_METHOD=POST sends a small body with each request (the tests).
+const METHOD = process.env.CLIENT_METHOD || 'GET';
+const POST_BODY = 'x'.repeat(1024);
 const agent = new http.Agent({ keepAlive: true, maxSockets: WORKERS });
 
 const totals = { client: 'node-http', ok: 0, errors: 0, kinds: {}, samples: [] };
@@ -35,7 +38,7 @@ function worker() {
     done = true;
     setTimeout(worker, Math.floor(Math.random() * (MAX_GAP + 1)));
   };
-  const req = http.get(url, { agent }, (res) => {
+  const req = http.request(url, { agent, method: METHOD }, (res) => {
     res.resume();
     res.on('end', () => {
       if (res.statusCode === 200) totals.ok++;
@@ -46,6 +49,7 @@ function worker() {
   });
   req.setTimeout(5000, () => req.destroy(Object.assign(new Error('timeout'), { code: 'TIMEOUT' })));
   req.on('error', (e) => { error(e.code || e.message, `${e.code}: ${e.message}`); next(); });
+  req.end(METHOD === 'POST' ? POST_BODY : undefined);
 }
 
 function finish() {

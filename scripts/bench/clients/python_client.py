@@ -9,6 +9,7 @@ Session is thread-safe), mounted with HTTPAdapter(max_retries=0): no retry.
 """
 
 import json
+import os
 import random
 import sys
 import threading
@@ -17,6 +18,10 @@ import time
 import requests
 from requests.adapters import HTTPAdapter
 
+
+# CLIENT_METHOD=POST sends a small body with each request (the tests).
+METHOD = os.environ.get("CLIENT_METHOD", "GET")
+POST_BODY = b"x" * 1024
 
 def main():
     url, workers, max_gap, deadline_s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
@@ -37,7 +42,7 @@ def main():
         s.mount("http://", HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=1))
         while not stop.is_set() and time.monotonic() < deadline:
             try:
-                r = s.get(url, timeout=5)
+                r = s.request(METHOD, url, timeout=5, data=POST_BODY if METHOD == "POST" else None)
                 if r.status_code == 200:
                     with lock:
                         totals["ok"] += 1

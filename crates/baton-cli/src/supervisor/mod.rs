@@ -67,6 +67,12 @@ sends new connections to the ready generation's socket, the old one empties its
 queue, and only then gets --stop-signal. Unix sockets, systemd sockets without
 ReusePort=yes and --no-steer use one shared socket (said in the log and status).
 
+Keep-alive clients (--front http): baton serves the clients' HTTP/1.1 (and h2c)
+connections itself and forwards each request to the serving generation, which gets a private
+127.0.0.1 socket (same LISTEN_FDNAMES); client connections survive upgrades, the
+old generation is stopped once its requests are done. The app sees baton's
+address; the client's is in X-Forwarded-For and Forwarded.
+
 Safety: before anything is spawned, the executable is checked (exists, is
 executable, matches `baton upgrade --expect-sha256`), --check must exit 0 and
 memory headroom must allow a second generation (refused: exit 3, nothing
@@ -89,6 +95,66 @@ Examples:
       -- /app/server --listen http=0.0.0.0:8080 --control /run/app.sock
   baton run --listen 127.0.0.1:8000 -- uvicorn --fd 3 app:app
   baton run --listen 127.0.0.1:3000 --ready http://127.0.0.1:3000/health -- node server.js";
+
+/// `baton run --front` modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FrontMode {
+    /// HTTP/1.1 and h2c (HTTP/2 with prior knowledge) from clients,
+    /// HTTP/1.1 to the app.
+    Http,
+}
+
+/// `--front http`: the generations get private sockets (returned); the
+/// front serves `public` (its sockets are duplicated, the set may go).
+fn start_front(
+    args: &RunArgs,
+    public: &sockets::ListenerSet,
+) -> anyhow::Result<(sockets::ListenerSet, crate::front::Front)> {
+    let names: Vec<String> = public.items.iter().map(|l| l.name.clone()).collect();
+    let private = sockets::ListenerSet::open_private(&names, baton::DEFAULT_BACKLOG)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let upstream = private
+        .items
+        .iter()
+        .filter_map(|l| l.local_target())
+        .collect();
+    let cfg = crate::front::FrontConfig {
+        header_timeout: args.front_header_timeout,
+        max_connections: args.front_max_connections,
+        upstream_idle: args.front_upstream_idle,
+        trust_forwarded: args.front_trust_forwarded,
+    };
+    let front = crate::front::Front::start(cfg, public.dup_for(0)?, upstream)?;
+    for (p, q) in public.items.iter().zip(&private.items) {
+        tracing::info!(listener = %p.name, public = %p.addr, generations = %q.addr, "front: serving HTTP clients; generations get a private socket");
+    }
+    Ok((private, front))
+}
+
+/// `--front`: a probe URL whose port is a public listener's is sent to the
+/// same listener's private socket (the one the generations get).
+fn to_private(
+    url: &mut ready::HttpUrl,
+    public: &sockets::ListenerSet,
+    private: &sockets::ListenerSet,
+) {
+    let ready::ProbePort::Fixed(port) = url.port else {
+        return;
+    };
+    let hit = public
+        .items
+        .iter()
+        .zip(&private.items)
+        .find(|(p, _)| p.tcp_addr().is_some_and(|a| a.port() == port));
+    if let Some((_, q)) = hit
+        && let Some(a) = q.tcp_addr()
+    {
+        tracing::info!(public_port = port, private = %a, "front: the probe goes to the generation's private socket");
+        url.host = a.ip().to_string();
+        url.ip = a.ip();
+        url.port = ready::ProbePort::Fixed(a.port());
+    }
+}
 
 /// `baton run` arguments.
 #[derive(Debug, clap::Args)]
@@ -210,6 +276,31 @@ pub struct RunArgs {
     /// server (a library-mode server upgrades itself on SIGUSR2).
     #[arg(long, value_name = "SIG", default_value = "USR2", value_parser = parse_signal, requires = "delegate")]
     upgrade_signal: Signal,
+    /// Serve the clients' HTTP connections in baton and forward each request
+    /// to the serving generation (`http`: HTTP/1.1 and h2c from clients,
+    /// HTTP/1.1 to the app). Client connections then
+    /// survive upgrades: no keep-alive client sees an error. Each generation
+    /// gets a private 127.0.0.1 socket instead of the listeners (same names
+    /// in LISTEN_FDNAMES); the app sees baton's address, the client's is in
+    /// X-Forwarded-For and Forwarded. See docs/supervisor.md.
+    #[arg(long, value_name = "MODE", conflicts_with_all = ["delegate", "no_steer"])]
+    front: Option<FrontMode>,
+    /// --front: keep the clients' Forwarded and X-Forwarded-* headers (baton
+    /// is behind a proxy that sets them) and append to them; without it they
+    /// are replaced.
+    #[arg(long, requires = "front")]
+    front_trust_forwarded: bool,
+    /// --front: time a client has to send a request's headers.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_dur, requires = "front")]
+    front_header_timeout: Duration,
+    /// --front: client connections served at once (past it, baton stops
+    /// accepting until one ends).
+    #[arg(long, value_name = "N", default_value_t = crate::front::DEFAULT_MAX_CONNECTIONS, requires = "front")]
+    front_max_connections: usize,
+    /// --front: an idle upstream connection older than this is closed by
+    /// baton instead of reused; keep it below the app's keep-alive timeout.
+    #[arg(long, value_name = "DUR", default_value = "1500ms", value_parser = parse_dur, requires = "front")]
+    front_upstream_idle: Duration,
     /// The app's command line.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -328,6 +419,8 @@ pub struct RunConfig {
     pub health_failures: u32,
     /// `--health-timeout`.
     pub health_timeout: Duration,
+    /// `--front`: baton serves the clients and forwards to the generations.
+    pub front: Option<crate::front::Front>,
 }
 
 /// The control socket file, removed when baton exits (if it is still
@@ -411,7 +504,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         child::resolve_program(first)
             .map_err(|e| CliError::usage(format!("cannot run the command: {e}")))?;
     }
-    let ready_spec = args.ready.clone().unwrap_or(ready::ReadySpec::Tcp(None));
+    let mut ready_spec = args.ready.clone().unwrap_or(ready::ReadySpec::Tcp(None));
     if let ready::ReadySpec::Delay(d) = &ready_spec
         && *d >= args.ready_timeout
     {
@@ -457,8 +550,28 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     if args.delegate {
         return run_delegate(args, signals, control_path).await;
     }
-    let listeners = sockets::ListenerSet::open(&args.listen, args.no_steer, baton::DEFAULT_BACKLOG)
-        .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?;
+    let listeners = sockets::ListenerSet::open(
+        &args.listen,
+        args.no_steer || args.front.is_some(),
+        baton::DEFAULT_BACKLOG,
+    )
+    .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?;
+    let (listeners, front) = match args.front {
+        None => (listeners, None),
+        Some(FrontMode::Http) => {
+            let (private, front) = start_front(&args, &listeners)
+                .map_err(|e| CliError::new(exit::FAILED, e.context("starting --front http")))?;
+            // A probe URL naming a public listener goes to the generation's
+            // private socket of that listener instead.
+            if let ready::ReadySpec::Http(u) = &mut ready_spec {
+                to_private(u, &listeners, &private);
+            }
+            if let Some(u) = &mut args.health {
+                to_private(u, &listeners, &private);
+            }
+            (private, Some(front))
+        }
+    };
     let plan = ready::plan(&ready_spec, &listeners).map_err(|e| {
         if args.ready.is_none() {
             CliError::usage(format!("{e} (tcp is the default readiness check)"))
@@ -525,6 +638,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         steer_quiet: args.steer_quiet,
         health_failures: args.health_failures,
         health_timeout: args.health_timeout,
+        front,
     };
     let status = upgrade::run(cfg, listeners, plan, health, rx, signals, metrics).await;
     // A container's init exits with its app's status; under systemd or a

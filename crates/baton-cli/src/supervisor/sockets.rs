@@ -340,6 +340,24 @@ impl ListenerSet {
         Ok(ListenerSet { items })
     }
 
+    /// `baton run --front`: one private steering pair on a free
+    /// `127.0.0.1` port per name (never systemd's sockets), the sockets the
+    /// generations get while baton serves the public listeners itself.
+    pub fn open_private(names: &[String], backlog: i32) -> Result<Self, OpenError> {
+        let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        let items = names
+            .iter()
+            .map(|n| {
+                bind(
+                    &ListenSpec::new(n.clone(), ListenAddr::Tcp(loopback)),
+                    backlog,
+                    false,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ListenerSet { items })
+    }
+
     /// Whether any listener is steered.
     pub fn any_steered(&self) -> bool {
         self.items.iter().any(Listener::steered)

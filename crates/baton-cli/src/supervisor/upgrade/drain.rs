@@ -75,6 +75,18 @@ pub(super) async fn stop_old(
 ) -> u64 {
     let mut closed = 0;
     if let Some(mut o) = old {
+        // --front: the old generation finishes the requests baton sent it,
+        // and gets the stop signal only when no upstream connection of it
+        // carries one (baton closes them; the app never closes one baton
+        // is about to use).
+        if let Some(f) = &sup.cfg.front
+            && !f.wait_retired_idle(sup.cfg.drain_timeout).await
+        {
+            tracing::warn!(
+                generation = o.generation,
+                "front: requests still in flight on the old generation after --drain-timeout; stopping it anyway"
+            );
+        }
         let out = stop_generation(&sup.cfg, &mut o, "stopping the old generation", hurry).await;
         if out.graceful {
             tracing::info!(generation = o.generation, pid = o.pid, status = %out.status, after_ms = out.after.as_millis() as u64, "old generation exited");

@@ -195,6 +195,9 @@ struct Statics {
     name: String,
     listeners: Vec<baton::ListenerInfo>,
     notes: Vec<String>,
+    /// `--front`: its counters are a note (the status message is postcard:
+    /// a new field would break `baton status` across versions).
+    front: Option<crate::front::Front>,
 }
 
 fn status_report(v: &View, s: &Statics, in_progress: bool) -> StatusReport {
@@ -213,6 +216,9 @@ fn status_report(v: &View, s: &Statics, in_progress: bool) -> StatusReport {
         notes.push(format!("app status (STATUS=): {st}"));
     }
     notes.extend(s.notes.iter().cloned());
+    if let Some(f) = &s.front {
+        notes.push(f.counters().note());
+    }
     notes.extend(v.recent.iter().cloned());
     let shown = match v.starting {
         Some(g) if matches!(v.phase, "starting" | "restarting") => g,
@@ -389,6 +395,7 @@ pub async fn run(
         name: cfg.name.clone(),
         listeners: listeners.infos(),
         notes: static_notes,
+        front: cfg.front.clone(),
     };
     let shared = Arc::new(Mutex::new(View {
         phase: "starting",
@@ -411,10 +418,17 @@ pub async fn run(
     if let Some(l) = metrics {
         let v = Arc::clone(&shared);
         let started = unix_ms() as f64 / 1000.0;
+        let front = statics.front.clone();
         // Runs until the runtime ends.
         drop(tokio::spawn(crate::supervisor::metrics::serve(
             l,
-            move || baton::metrics::render(&metrics_snapshot(&view(&v), started)),
+            move || {
+                let mut snap = metrics_snapshot(&view(&v), started);
+                if let Some(f) = &front {
+                    snap.counters.extend(f.counters().metrics());
+                }
+                baton::metrics::render(&snap)
+            },
         )));
     }
     let mut job: Option<Job> = None;

@@ -184,6 +184,9 @@ async fn roll_back(
     if let Err(e) = sup.listeners.steer(old_slot, old_slot) {
         tracing::error!(error = %e, "could not steer connections back to the old generation");
     }
+    if let Some(f) = &sup.cfg.front {
+        f.switch();
+    }
     sup.serving_slot = old_slot;
     let (generation, pid) = (new.generation, new.pid);
     let ended = if new.has_exited() {
@@ -386,6 +389,9 @@ pub(super) async fn upgrade(
             return Err(failed(FailureKind::Failed, msg));
         }
         tracing::info!(generation, pid, "new connections now go to this generation");
+        if let Some(f) = &sup.cfg.front {
+            f.switch();
+        }
         let next = if sup.cfg.observe.is_zero() {
             format!("waiting for generation {from_generation}'s queue to empty")
         } else {

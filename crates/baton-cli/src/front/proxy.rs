@@ -1,0 +1,241 @@
+//! One client request: its headers made fit to forward, sent to the current
+//! epoch's generation, retried when that is safe, 502 otherwise.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http_body_util::{Either, Empty, Full};
+use hyper::body::{Body, Bytes, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+
+use super::Front;
+use super::pool::UpBody;
+
+/// The body baton sends a client: the generation's, or its own 502.
+pub type DownBody = Either<Incoming, Full<Bytes>>;
+
+/// Pause before the retry number `n` (1, 2, ...): a generation that just
+/// died is restarted with a backoff of its own, a connect refused at once
+/// is not worth repeating at once.
+fn retry_pause(n: u32) -> Duration {
+    Duration::from_millis(25 * u64::from(n * n))
+}
+
+/// Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+const FORWARDED: [&str; 4] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+];
+
+/// Remove the hop-by-hop headers, those `Connection` names included.
+/// `Transfer-Encoding` goes too: hyper frames the body again itself.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    h.remove(header::TRANSFER_ENCODING);
+}
+
+/// The request headers baton sends upstream: hop-by-hop ones removed, the
+/// client's forwarding headers removed unless trusted, baton's added.
+pub fn forward_headers(h: &mut HeaderMap, peer: SocketAddr, trust: bool) {
+    strip_hop_by_hop(h);
+    // baton read the body and answered `100 Continue` itself.
+    h.remove(header::EXPECT);
+    if !trust {
+        for n in FORWARDED {
+            h.remove(n);
+        }
+    }
+    let ip = peer.ip();
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.to_string(),
+    };
+    let node = match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let fwd = match h.get("forwarded").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, for={node};proto=http"),
+        None => format!("for={node};proto=http"),
+    };
+    // Both are ASCII built from an address and a header that was ASCII.
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        h.insert("forwarded", v);
+    }
+    if !h.contains_key("x-forwarded-proto") {
+        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+}
+
+/// What is needed to send a request again without its body.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn request(&self) -> Request<UpBody> {
+        let mut r = Request::new(Either::Right(Empty::new()));
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+fn bad_gateway() -> Response<DownBody> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
+        b"502 Bad Gateway: the application did not answer\n",
+    ))));
+    *r.status_mut() = StatusCode::BAD_GATEWAY;
+    r
+}
+
+/// Serve one request of listener `idx` from `peer`.
+///
+/// # Errors
+///
+/// None: every failure is a response.
+pub async fn handle(
+    front: Front,
+    idx: usize,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<DownBody>, Infallible> {
+    let counters = &front.inner.counters;
+    counters.requests.fetch_add(1, Ordering::Relaxed);
+    let Some(pool) = front.inner.pools.get(idx) else {
+        return Ok(bad_gateway());
+    };
+    let (mut parts, body) = req.into_parts();
+    forward_headers(&mut parts.headers, peer, front.inner.cfg.trust_forwarded);
+    // HTTP/2 carries the host in `:authority`; HTTP/1.1 upstream needs it
+    // in `Host`.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    parts.version = Version::HTTP_11;
+    if let Some(pq) = parts.uri.path_and_query() {
+        // An absolute-form target goes upstream in origin form.
+        if parts.uri.scheme().is_some()
+            && let Ok(u) = Uri::builder().path_and_query(pq.clone()).build()
+        {
+            parts.uri = u;
+        }
+    }
+    let replay = (parts.method.is_idempotent() && body.is_end_stream()).then(|| Replay {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        headers: parts.headers.clone(),
+    });
+    let mut req = Some(Request::from_parts(parts, Either::Left(body)));
+    for attempt in 1..=super::MAX_ATTEMPTS {
+        if attempt > 1 {
+            counters.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(retry_pause(attempt - 1)).await;
+        }
+        let Some(r) = req.take().or_else(|| replay.as_ref().map(Replay::request)) else {
+            break;
+        };
+        let mut lease = match pool.checkout(front.epoch()).await {
+            Ok(l) => l,
+            Err(e) => {
+                counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, attempt, "front: cannot reach the generation");
+                req = Some(r);
+                continue;
+            }
+        };
+        match lease.sender.try_send_request(r).await {
+            Ok(mut resp) => {
+                lease.release();
+                strip_hop_by_hop(resp.headers_mut());
+                return Ok(resp.map(Either::Left));
+            }
+            Err(mut e) => {
+                counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                let reused = lease.reused;
+                lease.discard();
+                tracing::warn!(error = %e.error(), attempt, reused, "front: upstream request failed");
+                // Never written: the same request, body included, can go
+                // again; otherwise only a replayable one (taken above).
+                req = e.take_message();
+            }
+        }
+    }
+    counters.bad_gateway.fetch_add(1, Ordering::Relaxed);
+    Ok(bad_gateway())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_listed_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn untrusted_forwarding_headers_are_replaced() {
+        let peer: SocketAddr = "10.0.0.7:5000".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        h.insert("forwarded", HeaderValue::from_static("for=1.2.3.4"));
+        forward_headers(&mut h, peer, false);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.7");
+        assert_eq!(h["forwarded"], "for=10.0.0.7;proto=http");
+        assert_eq!(h["x-forwarded-proto"], "http");
+
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        forward_headers(&mut h, peer, true);
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.7");
+    }
+}
