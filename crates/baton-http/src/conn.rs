@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use baton::{HandoffConn, Phase, Stream};
 use bytes::Bytes;
@@ -228,15 +228,13 @@ where
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
     // The phase is read at every wake (each request wakes this task a few
-    // times): from the lock-free cell, not the watch. The watch only wakes
-    // us; its future is re-polled only when it may have something to say.
+    // times): from the lock-free cell, not the watch. The watch's future
+    // is still polled at every wake: a `Pending` from it does not always
+    // mean it is registered (tokio's cooperative budget can make it yield
+    // without registering), so skipping it when "nothing changed" loses
+    // wake-ups — the exact-state test hung a connection in 11 of 25 runs.
     let cell = shared.baton.phase_cell();
-    let mut rx = shared.baton.phase_watch();
-    let mut phase_fut = next_phase_change(rx.clone());
-    // The waker `phase_fut` registered on its last poll. While it is still
-    // this task's and the watch has not changed, polling `phase_fut` again
-    // would only take the watch's waiter lock to learn nothing.
-    let mut armed: Option<Waker> = None;
+    let mut phase_fut = next_phase_change(shared.baton.phase_watch());
     let mut closing = false;
     // Idle at a request boundary: hyper flushed everything, has no request
     // in flight and is blocked reading the next one (its last read found
@@ -290,23 +288,12 @@ where
                     continue;
                 }
             }
-            let still_armed = armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-            if still_armed && rx.has_changed().is_ok_and(|changed| !changed) {
-                return Poll::Pending;
-            }
             match phase_fut.as_mut().poll(cx) {
                 Poll::Ready(rx2) => {
-                    rx.borrow_and_update();
                     phase_fut = next_phase_change(rx2);
-                    armed = None;
                     continue;
                 }
-                Poll::Pending => {
-                    if !still_armed {
-                        armed = Some(cx.waker().clone());
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending => return Poll::Pending,
             }
         }
     })
