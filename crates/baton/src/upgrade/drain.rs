@@ -82,10 +82,16 @@ impl Sent {
     }
 }
 
-async fn next_owned(
-    carry: &mut Option<OwnedReq>,
-    rx: &mut Option<mpsc::Receiver<OwnedReq>>,
-) -> Option<OwnedReq> {
+/// A queued connection and the reply its task waits for (`Err` gives it
+/// back).
+type Queued<C> = (C, oneshot::Sender<Result<(), C>>);
+
+/// The next connection to hand over: the one that did not fit the previous
+/// batch, else the queue's next (never, once the queue is closed).
+async fn next_queued<C>(
+    carry: &mut Option<Queued<C>>,
+    rx: &mut Option<mpsc::Receiver<Queued<C>>>,
+) -> Option<Queued<C>> {
     if let Some(c) = carry.take() {
         return Some(c);
     }
@@ -95,13 +101,8 @@ async fn next_owned(
     }
 }
 
-/// Give every queued owned connection back and close the queue.
-fn close_owned(
-    inner: &Inner,
-    rx: &mut Option<mpsc::Receiver<OwnedReq>>,
-    carry: &mut Option<OwnedReq>,
-) {
-    *lock(&inner.owned_out) = None;
+/// Give every queued connection back to its task and close the queue.
+fn give_back_queued<C>(rx: &mut Option<mpsc::Receiver<Queued<C>>>, carry: &mut Option<Queued<C>>) {
     if let Some((c, reply)) = carry.take() {
         let _ = reply.send(Err(c));
     }
@@ -113,17 +114,14 @@ fn close_owned(
     }
 }
 
-async fn next_req(
-    carry: &mut Option<HandoffReq>,
-    rx: &mut Option<mpsc::Receiver<HandoffReq>>,
-) -> Option<HandoffReq> {
-    if let Some(c) = carry.take() {
-        return Some(c);
-    }
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
+/// Give every queued owned connection back and close the queue.
+fn close_owned(
+    inner: &Inner,
+    rx: &mut Option<mpsc::Receiver<OwnedReq>>,
+    carry: &mut Option<OwnedReq>,
+) {
+    *lock(&inner.owned_out) = None;
+    give_back_queued(rx, carry);
 }
 
 /// Connection batches sent and not yet acknowledged, oldest first.
@@ -173,22 +171,14 @@ fn resume_unacked(inner: &Inner, old: &OldSide, pending: &mut InFlight) -> u64 {
     settle_unacked(old, pending)
 }
 
-/// Give every queued connection back to its task and close the queue.
+/// Give every queued HTTP connection back to its task and close the queue.
 fn close_handoff(
     inner: &Inner,
     rx: &mut Option<mpsc::Receiver<HandoffReq>>,
     carry: &mut Option<HandoffReq>,
 ) {
     *lock(&inner.handoff_tx) = None;
-    if let Some((c, reply)) = carry.take() {
-        let _ = reply.send(Err(c));
-    }
-    if let Some(mut r) = rx.take() {
-        r.close();
-        while let Ok((c, reply)) = r.try_recv() {
-            let _ = reply.send(Err(c));
-        }
-    }
+    give_back_queued(rx, carry);
 }
 
 /// The queues of connections waiting to be handed over: idle HTTP ones
@@ -298,7 +288,7 @@ pub(super) async fn drain(
                     }
                 }
             }
-            req = next_req(&mut q.http_carry, &mut q.http), if pending.len() < BATCHES_IN_FLIGHT && chan_open => {
+            req = next_queued(&mut q.http_carry, &mut q.http), if pending.len() < BATCHES_IN_FLIGHT && chan_open => {
                 let Some(first) = req else {
                     q.http = None;
                     continue;
@@ -329,7 +319,7 @@ pub(super) async fn drain(
                     }
                 }
             }
-            req = next_owned(&mut q.owned_carry, &mut q.owned), if pending.len() < BATCHES_IN_FLIGHT && chan_open => {
+            req = next_queued(&mut q.owned_carry, &mut q.owned), if pending.len() < BATCHES_IN_FLIGHT && chan_open => {
                 let Some(first) = req else {
                     q.owned = None;
                     continue;
