@@ -19,6 +19,11 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 # strip: the fleet tests deliver stripped copies of the fixture binaries.
 command -v strip >/dev/null || need_apt+=(binutils)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# The front tests' Java keep-alive client (scripts/bench/clients): Apache
+# HttpClient 4.5 and a compiler for it.
+[[ -e /usr/share/java/httpclient.jar && -e /usr/share/java/commons-codec.jar ]] \
+  || need_apt+=(libhttpclient-java)
+command -v javac >/dev/null || need_apt+=(default-jdk-headless)
 
 if ((${#need_apt[@]})); then
   echo "setup: installing Debian packages: ${need_apt[*]}"
