@@ -15,6 +15,9 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+/// Longest wait for one stream's response head, then for its body.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Counts of an HTTP/2 load run.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct H2Stats {
@@ -110,17 +113,52 @@ impl H2Load {
                                 streams_tasks.push(tokio::spawn(async move {
                                     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline
                                     {
-                                        if sender.ready().await.is_err() {
-                                            return; // the connection is going away: reconnect
+                                        match tokio::time::timeout(STREAM_TIMEOUT, sender.ready())
+                                            .await
+                                        {
+                                            Ok(Ok(())) => {}
+                                            // the connection is going away: reconnect
+                                            Ok(Err(_)) => return,
+                                            Err(_) => {
+                                                c.failed.fetch_add(1, Ordering::Relaxed);
+                                                errors.lock().unwrap().push(format!(
+                                                    "no stream slot in {STREAM_TIMEOUT:?}"
+                                                ));
+                                                return;
+                                            }
                                         }
                                         let req =
                                             hyper::Request::get(format!("http://{addr}{path}"))
                                                 .body(Empty::<Bytes>::new())
                                                 .unwrap();
-                                        match sender.send_request(req).await {
+                                        // Every wait is bounded: a stream that gets
+                                        // no answer is a failure, not a hung test.
+                                        let answer = tokio::time::timeout(
+                                            STREAM_TIMEOUT,
+                                            sender.send_request(req),
+                                        );
+                                        let Ok(answer) = answer.await else {
+                                            c.failed.fetch_add(1, Ordering::Relaxed);
+                                            errors.lock().unwrap().push(format!(
+                                                "no response head in {STREAM_TIMEOUT:?}"
+                                            ));
+                                            return;
+                                        };
+                                        match answer {
                                             Ok(resp) => {
                                                 let status = resp.status();
-                                                match resp.into_body().collect().await {
+                                                let body = tokio::time::timeout(
+                                                    STREAM_TIMEOUT,
+                                                    resp.into_body().collect(),
+                                                );
+                                                let Ok(body) = body.await else {
+                                                    c.failed.fetch_add(1, Ordering::Relaxed);
+                                                    errors.lock().unwrap().push(format!(
+                                                        "no complete body in {STREAM_TIMEOUT:?}"
+                                                    ));
+                                                    return;
+                                                };
+                                                match body {
                                                     Ok(_) if status == 200 => {
                                                         c.ok.fetch_add(1, Ordering::Relaxed);
                                                     }
