@@ -88,6 +88,10 @@ pub(super) async fn stop_old(
             );
         }
         let out = stop_generation(&sup.cfg, &mut o, "stopping the old generation", hurry).await;
+        // Its tunnels end with it; whatever the app left open, baton closes.
+        if let Some(f) = &sup.cfg.front {
+            f.close_retired_tunnels();
+        }
         if out.graceful {
             tracing::info!(generation = o.generation, pid = o.pid, status = %out.status, after_ms = out.after.as_millis() as u64, "old generation exited");
         } else {
@@ -129,6 +133,12 @@ pub(super) async fn stop_old(
 /// Stop the serving generation (baton is exiting).
 pub(super) async fn stop(sup: &mut Sup, hurry: &CancellationToken) {
     sup.notify_systemd(&["STOPPING=1".into(), "STATUS=stopping".into()]);
+    // --front: stop accepting, finish the requests in flight, close idle
+    // client connections; only then the app.
+    if let Some(f) = &sup.cfg.front {
+        let closed = f.shutdown(sup.cfg.drain_timeout, hurry).await;
+        tracing::info!(closed, "front: client connections done");
+    }
     if let Some(mut g) = sup.serving.take() {
         let out = stop_generation(&sup.cfg, &mut g, "stopping the serving generation", hurry).await;
         tracing::info!(generation = g.generation, pid = g.pid, status = %out.status, after_ms = out.after.as_millis() as u64, graceful = out.graceful, "generation stopped");
