@@ -415,6 +415,17 @@ fn ten_mib_request_and_response_bodies_stream_through_unchanged() {
         .unwrap_or_else(|| panic!("no baton_front_requests_total in {text}"));
     assert!(requests >= 2, "{text}");
     assert!(text.contains("baton_front_bad_gateway_total 0"), "{text}");
+    for name in [
+        "baton_front_tunnels_opened_total 0",
+        "baton_front_tunnels_closed_total 0",
+        "baton_front_tunnels_closed_at_drain_total 0",
+        "baton_front_body_too_large_total 0",
+        "baton_front_header_too_large_total 0",
+        "baton_front_header_timeouts_total 0",
+        "baton_front_closed_at_stop_total 0",
+    ] {
+        assert!(text.contains(name), "{name} in {text}");
+    }
 }
 
 #[test]

@@ -71,7 +71,12 @@ Keep-alive clients (--front http): baton serves the clients' HTTP/1.1 (and h2c)
 connections itself and forwards each request to the serving generation, which gets a private
 127.0.0.1 socket (same LISTEN_FDNAMES); client connections survive upgrades, the
 old generation is stopped once its requests are done. The app sees baton's
-address; the client's is in X-Forwarded-For and Forwarded.
+address; the client's is in X-Forwarded-For and Forwarded. WebSockets (any
+Upgrade but h2c) are tunnelled to the generation that accepted them; the old
+one is stopped once its tunnels close, at most --drain-timeout after the switch.
+On SIGTERM the front closes its listeners (after serving what is queued), closes
+idle client connections, lets requests and tunnels finish (--drain-timeout),
+then stops the app.
 
 Safety: before anything is spawned, the executable is checked (exists, is
 executable, matches `baton upgrade --expect-sha256`), --check must exit 0 and
