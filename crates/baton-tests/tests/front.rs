@@ -674,6 +674,7 @@ fn websockets_open_past_the_drain_timeout_are_counted_and_closed_by_the_app() {
     clients.wait_all_answered_by(gen1, T);
     let out = sup.upgrade(&["--json"]);
     assert_eq!(out.code, 0, "upgrade: {out:?}");
+    assert_eq!(out.json()["closed_at_deadline"], 3, "{out:?}");
     let reports = clients.wait_ended(T);
     for r in &reports {
         assert_eq!(r.closes, vec![1001], "the app's close: {r:?}");

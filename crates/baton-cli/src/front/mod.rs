@@ -375,6 +375,11 @@ impl Front {
         false
     }
 
+    /// Tunnels of the earlier epochs open now.
+    pub fn retired_tunnels(&self) -> usize {
+        self.inner.tunnels.open_before(self.epoch())
+    }
+
     /// Close the tunnels of the earlier epochs (their generation has
     /// exited). Returns how many were still open.
     pub fn close_retired_tunnels(&self) -> usize {

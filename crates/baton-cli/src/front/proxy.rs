@@ -131,18 +131,17 @@ fn bad_gateway() -> Response<DownBody> {
 /// (with `Connection: upgrade`), or `None` for a plain request. Only
 /// HTTP/1.1 upgrades; `h2c` is not forwarded (baton speaks h2c with prior
 /// knowledge itself, and the app behind it HTTP/1.1).
-fn upgrade_asked(req: &Request<Incoming>) -> Option<HeaderValue> {
-    if req.version() != Version::HTTP_11 {
+fn upgrade_asked(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 {
         return None;
     }
-    let asks = req
-        .headers()
+    let asks = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    let proto = req.headers().get(header::UPGRADE)?;
+    let proto = headers.get(header::UPGRADE)?;
     let h2c = proto
         .to_str()
         .is_ok_and(|p| p.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c")));
@@ -176,7 +175,7 @@ pub async fn handle(
         counters.body_too_large.fetch_add(1, Ordering::Relaxed);
         return Ok(super::limits::too_large(limit));
     }
-    let upgrade = upgrade_asked(&req);
+    let upgrade = upgrade_asked(req.version(), req.headers());
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     forward_headers(
@@ -298,6 +297,27 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn upgrades_are_asked_by_http11_connection_upgrade_but_h2c() {
+        let h = |conn: &'static str, up: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("connection", HeaderValue::from_static(conn));
+            h.insert("upgrade", HeaderValue::from_static(up));
+            h
+        };
+        let ws = h("keep-alive, Upgrade", "websocket");
+        assert_eq!(upgrade_asked(Version::HTTP_11, &ws).unwrap(), "websocket");
+        assert!(upgrade_asked(Version::HTTP_10, &ws).is_none());
+        assert!(upgrade_asked(Version::HTTP_11, &h("keep-alive", "websocket")).is_none());
+        assert!(upgrade_asked(Version::HTTP_11, &h("Upgrade, HTTP2-Settings", "h2c")).is_none());
+        // Forwarded with exactly these two hop-by-hop headers back.
+        let mut fwd = ws.clone();
+        forward_headers(&mut fwd, "10.0.0.7:5000".parse().unwrap(), false);
+        set_upgrade(&mut fwd, HeaderValue::from_static("websocket"));
+        assert_eq!(fwd["connection"], "upgrade");
+        assert_eq!(fwd["upgrade"], "websocket");
     }
 
     #[test]

@@ -64,7 +64,8 @@ pub(super) async fn settle(
 /// queue settled: the stop signal, then `--drain-timeout`, then SIGKILL (at
 /// once if `hurry` fires). Then what is left in its socket's queue (in
 /// `old_slot`) is relayed to the new generation. Returns how many of those
-/// connections were closed instead.
+/// connections were closed instead, plus (`--front`) the WebSocket tunnels
+/// the old generation still held at the deadline.
 pub(super) async fn stop_old(
     sup: &mut Sup,
     old: Option<GenProc>,
@@ -79,12 +80,14 @@ pub(super) async fn stop_old(
         // and gets the stop signal only when no upstream connection of it
         // carries one (baton closes them; the app never closes one baton
         // is about to use).
+        // Its WebSocket tunnels too, at most until the same deadline.
         if let Some(f) = &sup.cfg.front
             && !f.wait_retired_idle(sup.cfg.drain_timeout).await
         {
+            closed += f.retired_tunnels() as u64;
             tracing::warn!(
                 generation = o.generation,
-                "front: requests still in flight on the old generation after --drain-timeout; stopping it anyway"
+                "front: requests or tunnels still open on the old generation after --drain-timeout; stopping it anyway"
             );
         }
         let out = stop_generation(&sup.cfg, &mut o, "stopping the old generation", hurry).await;
@@ -113,7 +116,7 @@ pub(super) async fn stop_old(
     if steering {
         let (relayed, lost) = sup.listeners.relay_pending(old_slot, sup.cfg.drain_timeout);
         view(&sup.view).relayed += relayed as u64;
-        closed = lost as u64;
+        closed += lost as u64;
         if relayed > 0 {
             tracing::info!(
                 connections = relayed,
