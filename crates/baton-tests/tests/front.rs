@@ -941,3 +941,39 @@ fn on_sigterm_the_front_finishes_the_request_in_flight_refuses_new_ones_and_exit
     let log = sup.log_text();
     assert!(log.contains("front: client connections done"), "{log}");
 }
+
+/// A connection that completed its handshake but still sits in the listen
+/// queue when baton stops (here: past `--front-max-connections`) is
+/// answered — one request, then `Connection: close` — not reset by the
+/// listener's close.
+#[test]
+fn on_sigterm_a_connection_still_in_the_listen_queue_is_answered_not_reset() {
+    let mut sup = front_node("front-stop-queued", &["--front-max-connections", "1"]);
+    let mut first = raw(sup.addr);
+    first
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut first).0, 200);
+    let base = front_count(&sup, "connections");
+    let mut queued = raw(sup.addr);
+    queued
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    // `first` holds the only slot: `queued` waits in the listen queue.
+    first
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut first).0, 200);
+    assert_eq!(front_count(&sup, "connections"), base);
+    sup.signal(rustix::process::Signal::TERM);
+    let (status, head, _) = read_response(&mut queued);
+    assert_eq!(status, 200, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert!(closed(&mut queued));
+    assert!(closed(&mut first));
+    let st = sup.wait_exit(T).expect("baton exits");
+    assert_eq!(st.code(), Some(0), "{st:?}");
+}
