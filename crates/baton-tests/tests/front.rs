@@ -977,3 +977,29 @@ fn on_sigterm_a_connection_still_in_the_listen_queue_is_answered_not_reset() {
     let st = sup.wait_exit(T).expect("baton exits");
     assert_eq!(st.code(), Some(0), "{st:?}");
 }
+
+/// SIGTERM with WebSockets open through the front: baton does not wait
+/// for them (there is no generation to come); the app, stopped once the
+/// requests are done, closes them with its protocol's close (1001 from the
+/// Node server), and baton exits 0.
+#[test]
+fn on_sigterm_open_websockets_get_the_apps_close_and_baton_exits_0() {
+    let mut sup = front_node("front-stop-ws", &[]);
+    let url = format!("ws://{}/ws", sup.addr);
+    let clients = WsClients::start(
+        Lang::Node,
+        &url,
+        3,
+        Duration::from_millis(50),
+        Duration::from_secs(120),
+    );
+    clients.wait_ready(T);
+    sup.signal(rustix::process::Signal::TERM);
+    let reports = clients.wait_ended(T);
+    for r in &reports {
+        assert_eq!(r.closes, vec![1001], "the app's close: {r:?}");
+        assert_eq!((r.seq_errors, r.echo_errors), (0, 0), "{r:?}");
+    }
+    let st = sup.wait_exit(T).expect("baton exits");
+    assert_eq!(st.code(), Some(0), "{st:?}");
+}

@@ -343,9 +343,9 @@ impl Front {
 
     /// Wait until no upstream connection of an earlier epoch carries a
     /// request and no tunnel of an earlier epoch is open, at most `limit`.
-    /// Returns whether they are all done; if not, the tunnels still open
-    /// are counted in `tunnels_closed_at_drain` (the caller stops their
-    /// generation, then calls [`Front::close_retired_tunnels`]).
+    /// Returns whether they are all done; if not, the caller counts the
+    /// tunnels left ([`Front::tunnels_past_drain`]), stops their
+    /// generation, then calls [`Front::close_retired_tunnels`].
     ///
     /// # Cancel safety
     ///
@@ -359,25 +359,28 @@ impl Front {
         }
         // A tunnel comes from a busy upstream connection: once those are
         // idle, no tunnel of an old epoch can open.
-        let epoch = self.epoch();
-        if self.inner.tunnels.wait_closed_before(epoch, deadline).await {
-            return true;
-        }
-        let open = self.inner.tunnels.open_before(epoch);
         self.inner
-            .counters
-            .tunnels_closed_at_drain
-            .fetch_add(open as u64, Ordering::Relaxed);
-        tracing::warn!(
-            tunnels = open,
-            "front: upgraded connections (WebSocket) still open on the old generation after --drain-timeout; it is stopped under them"
-        );
-        false
+            .tunnels
+            .wait_closed_before(self.epoch(), deadline)
+            .await
     }
 
-    /// Tunnels of the earlier epochs open now.
-    pub fn retired_tunnels(&self) -> usize {
-        self.inner.tunnels.open_before(self.epoch())
+    /// The drain gave up on the old generation: count the tunnels of the
+    /// earlier epochs still open (`tunnels_closed_at_drain`) and return
+    /// how many.
+    pub fn tunnels_past_drain(&self) -> usize {
+        let open = self.inner.tunnels.open_before(self.epoch());
+        if open > 0 {
+            self.inner
+                .counters
+                .tunnels_closed_at_drain
+                .fetch_add(open as u64, Ordering::Relaxed);
+            tracing::warn!(
+                tunnels = open,
+                "front: upgraded connections (WebSocket) still open on the old generation after --drain-timeout; it is stopped under them"
+            );
+        }
+        open
     }
 
     /// Close the tunnels of the earlier epochs (their generation has
@@ -387,9 +390,11 @@ impl Front {
     }
 
     /// The front's graceful stop: accept no more (what is queued is served
-    /// one request), close idle client connections, let requests and
-    /// tunnels finish until `limit` (or `hurry`), then close the rest.
-    /// Returns how many were closed at the deadline.
+    /// one request), close idle client connections, let requests finish
+    /// until `limit` (or `hurry`), then close the rest. Tunnels run on:
+    /// the app closes them with its protocol's close when it is stopped,
+    /// then [`Front::close_tunnels`]. Returns how many connections were
+    /// closed at the deadline.
     ///
     /// # Cancel safety
     ///
@@ -397,6 +402,17 @@ impl Front {
     pub async fn shutdown(&self, limit: Duration, hurry: &CancellationToken) -> usize {
         let deadline = tokio::time::Instant::now() + limit;
         serve::shutdown(self, deadline, hurry).await
+    }
+
+    /// Close every tunnel still open (the app has exited: baton stops).
+    /// Counted in `closed_at_stop`; returns how many.
+    pub fn close_tunnels(&self) -> usize {
+        let n = self.inner.tunnels.cut_before(u64::MAX);
+        self.inner
+            .counters
+            .closed_at_stop
+            .fetch_add(n as u64, Ordering::Relaxed);
+        n
     }
 
     /// The counters now.

@@ -9,8 +9,8 @@
 //! and close their listeners, so that a new connection is refused rather
 //! than left unanswered; every client connection is asked to end after the
 //! request it carries (an idle one closes at once, HTTP/2 gets GOAWAY);
-//! tunnels run on. At the deadline (`--drain-timeout`) whatever is left is
-//! closed and counted.
+//! tunnels run on until the app, stopped next, closes them. At the deadline
+//! (`--drain-timeout`) whatever is left is closed and counted.
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -230,8 +230,9 @@ fn count_error(front: &Front, e: &(dyn std::error::Error + 'static), peer: Socke
 }
 
 /// The front's graceful stop (see the module doc), bounded by `deadline`
-/// (at once if `hurry` fires). Returns how many client connections and
-/// tunnels were still open then (closed, and counted in `closed_at_stop`).
+/// (at once if `hurry` fires). Returns how many client connections were
+/// still open then (closed, and counted in `closed_at_stop`). Tunnels are
+/// not waited for: they end with the app (see [`super::Front::shutdown`]).
 pub async fn shutdown(
     front: &Front,
     deadline: tokio::time::Instant,
@@ -240,16 +241,12 @@ pub async fn shutdown(
     let inner = &front.inner;
     inner.stop.cancel();
     tokio::select! {
-        _ = async {
-            inner.live.wait_zero(deadline).await
-                && inner.tunnels.wait_closed_before(u64::MAX, deadline).await
-        } => {}
+        _ = inner.live.wait_zero(deadline) => {}
         () = hurry.cancelled() => {}
     }
-    let left = inner.live.count() + inner.tunnels.open();
+    let left = inner.live.count();
     if left > 0 {
         inner.cut.cancel();
-        inner.tunnels.cut_before(u64::MAX);
         inner
             .counters
             .closed_at_stop

@@ -75,8 +75,8 @@ address; the client's is in X-Forwarded-For and Forwarded. WebSockets (any
 Upgrade but h2c) are tunnelled to the generation that accepted them; the old
 one is stopped once its tunnels close, at most --drain-timeout after the switch.
 On SIGTERM the front closes its listeners (after serving what is queued), closes
-idle client connections, lets requests and tunnels finish (--drain-timeout),
-then stops the app.
+idle client connections, lets requests finish (--drain-timeout), then stops the
+app (which closes its WebSockets).
 
 Safety: before anything is spawned, the executable is checked (exists, is
 executable, matches `baton upgrade --expect-sha256`), --check must exit 0 and

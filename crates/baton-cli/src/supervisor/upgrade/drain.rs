@@ -79,16 +79,20 @@ pub(super) async fn stop_old(
         // --front: the old generation finishes the requests baton sent it,
         // and gets the stop signal only when no upstream connection of it
         // carries one (baton closes them; the app never closes one baton
-        // is about to use).
-        // Its WebSocket tunnels too, at most until the same deadline.
-        if let Some(f) = &sup.cfg.front
-            && !f.wait_retired_idle(sup.cfg.drain_timeout).await
-        {
-            closed += f.retired_tunnels() as u64;
-            tracing::warn!(
-                generation = o.generation,
-                "front: requests or tunnels still open on the old generation after --drain-timeout; stopping it anyway"
-            );
+        // is about to use). Its WebSocket tunnels too, at most until the
+        // same deadline (at once on a second stop signal).
+        if let Some(f) = &sup.cfg.front {
+            let idle = tokio::select! {
+                idle = f.wait_retired_idle(sup.cfg.drain_timeout) => idle,
+                () = hurry.cancelled() => false,
+            };
+            if !idle {
+                closed += f.tunnels_past_drain() as u64;
+                tracing::warn!(
+                    generation = o.generation,
+                    "front: requests or tunnels still open on the old generation after --drain-timeout; stopping it anyway"
+                );
+            }
         }
         let out = stop_generation(&sup.cfg, &mut o, "stopping the old generation", hurry).await;
         // Its tunnels end with it; whatever the app left open, baton closes.
@@ -137,7 +141,9 @@ pub(super) async fn stop_old(
 pub(super) async fn stop(sup: &mut Sup, hurry: &CancellationToken) {
     sup.notify_systemd(&["STOPPING=1".into(), "STATUS=stopping".into()]);
     // --front: stop accepting, finish the requests in flight, close idle
-    // client connections; only then the app.
+    // client connections; only then the app. WebSocket tunnels are not
+    // waited for (there is no generation to come): the app closes them
+    // with its protocol's close when it stops, baton what it left.
     if let Some(f) = &sup.cfg.front {
         let closed = f.shutdown(sup.cfg.drain_timeout, hurry).await;
         tracing::info!(closed, "front: client connections done");
@@ -146,6 +152,15 @@ pub(super) async fn stop(sup: &mut Sup, hurry: &CancellationToken) {
         let out = stop_generation(&sup.cfg, &mut g, "stopping the serving generation", hurry).await;
         tracing::info!(generation = g.generation, pid = g.pid, status = %out.status, after_ms = out.after.as_millis() as u64, graceful = out.graceful, "generation stopped");
         sup.final_status = g.exit_code();
+    }
+    if let Some(f) = &sup.cfg.front {
+        let closed = f.close_tunnels();
+        if closed > 0 {
+            tracing::warn!(
+                tunnels = closed,
+                "front: tunnels the app left open were closed"
+            );
+        }
     }
 }
 
