@@ -60,7 +60,7 @@ impl Drop for LiveGuard {
 }
 
 impl Live {
-    /// Client connections and tunnels open now.
+    /// Client connections being served now (upgraded ones are tunnels).
     pub fn count(&self) -> usize {
         self.n.load(Ordering::Acquire)
     }
