@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
-use hyper::{Response, StatusCode, header};
+use hyper::{Response, StatusCode, Version, header};
 
 use super::proxy::DownBody;
 
@@ -85,17 +85,21 @@ impl Body for Capped {
     }
 }
 
-/// The `413` baton answers for a body over `limit`.
-pub fn too_large(limit: u64) -> Response<DownBody> {
+/// The `413` baton answers for a body over `limit`, to a request of
+/// `version`.
+pub fn too_large(limit: u64, version: Version) -> Response<DownBody> {
     let mut r = Response::new(Either::Right(Full::new(Bytes::from(format!(
         "413 Content Too Large: the request body is larger than {limit} bytes (baton --front-max-body)\n"
     )))));
     *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-    // The rest of the body is not read: the connection cannot carry
-    // another request.
-    r.headers_mut().insert(
-        header::CONNECTION,
-        header::HeaderValue::from_static("close"),
-    );
+    // HTTP/1: the rest of the body is not read, the connection cannot
+    // carry another request. (HTTP/2 resets the stream instead, and has no
+    // connection headers.)
+    if version < Version::HTTP_2 {
+        r.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
     r
 }

@@ -173,8 +173,9 @@ pub async fn handle(
     let limit = front.inner.cfg.max_body;
     if req.body().size_hint().lower() > limit {
         counters.body_too_large.fetch_add(1, Ordering::Relaxed);
-        return Ok(super::limits::too_large(limit));
+        return Ok(super::limits::too_large(limit, req.version()));
     }
+    let client_version = req.version();
     let upgrade = upgrade_asked(req.version(), req.headers());
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -265,7 +266,7 @@ pub async fn handle(
                 if tripped.load(Ordering::Acquire) {
                     // The client's body, not the app, failed the request.
                     counters.body_too_large.fetch_add(1, Ordering::Relaxed);
-                    return Ok(super::limits::too_large(limit));
+                    return Ok(super::limits::too_large(limit, client_version));
                 }
                 counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e.error(), attempt, reused, "front: upstream request failed");
