@@ -867,6 +867,24 @@ fn request_heads_over_front_max_header_get_431_and_the_front_keeps_serving() {
     ]);
     assert_eq!(o.code, 2, "{o:?}");
     assert!(o.stderr.contains("at least 8192 bytes"), "{o:?}");
+    // Every limit is in `baton run --help`, with its default.
+    let help = baton_tests::supervisor::baton_cli(&["run", "--help"]).stdout;
+    for (flag, default) in [
+        ("--front-max-body", "1G"),
+        ("--front-max-header", "64K"),
+        ("--front-header-timeout", "30s"),
+        ("--front-max-connections", "10000"),
+    ] {
+        let at = help
+            .find(&format!("{flag} <"))
+            .unwrap_or_else(|| panic!("{flag} in {help}"));
+        let entry = &help[at..];
+        let entry = &entry[..entry.find("\n\n      --").unwrap_or(entry.len())];
+        assert!(
+            entry.contains(&format!("[default: {default}]")),
+            "{flag}: {entry}"
+        );
+    }
 }
 
 /// `--front-header-timeout`: a client that sends half a head, and an idle
