@@ -638,11 +638,23 @@ fn websockets_through_the_front_stay_on_their_generation_across_an_upgrade() {
     let new = WsClients::start(Lang::Python, &url, 3, every, Duration::from_secs(120));
     new.wait_ready(T);
     new.wait_all_answered_by(gen2, T);
-    // The old clients close: the drain ends, the upgrade completes.
+    // The drain waits for their tunnels (and says so)...
+    wait_for(T, "the drain to wait for the old tunnels", || {
+        sup.log_text()
+            .contains("waiting for 4 WebSocket tunnel(s) on generation 1")
+            .then_some(())
+    });
+    // ... the old clients close: the drain ends, the upgrade completes.
     let old_reports = old.finish(T);
     let out = up.join().unwrap();
     assert_eq!(out.code, 0, "upgrade: {out:?}");
     assert_eq!(out.json()["closed_at_deadline"], 0, "{out:?}");
+    // `baton upgrade` said what it waited for.
+    let notes = out.json()["events"].to_string();
+    assert!(
+        notes.contains("waiting for 4 WebSocket tunnel(s) on generation 1"),
+        "{notes}"
+    );
     assert!(!baton_tests::proc::alive(gen1), "generation 1 was stopped");
     let since = new.answers();
     new.wait_more_answers(&since, 5, T);

@@ -365,6 +365,11 @@ impl Front {
             .await
     }
 
+    /// Tunnels of the earlier epochs open now.
+    pub fn retired_tunnels(&self) -> usize {
+        self.inner.tunnels.open_before(self.epoch())
+    }
+
     /// The drain gave up on the old generation: count the tunnels of the
     /// earlier epochs still open (`tunnels_closed_at_drain`) and return
     /// how many.

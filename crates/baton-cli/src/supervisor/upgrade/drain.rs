@@ -82,6 +82,15 @@ pub(super) async fn stop_old(
         // is about to use). Its WebSocket tunnels too, at most until the
         // same deadline (at once on a second stop signal).
         if let Some(f) = &sup.cfg.front {
+            let tunnels = f.retired_tunnels();
+            if tunnels > 0 {
+                let note = format!(
+                    "waiting for {tunnels} WebSocket tunnel(s) on generation {} to close (at most --drain-timeout {:?})",
+                    o.generation, sup.cfg.drain_timeout
+                );
+                tracing::info!(generation = o.generation, tunnels, "front: {note}");
+                emit(events, Event::Note(note));
+            }
             let idle = tokio::select! {
                 idle = f.wait_retired_idle(sup.cfg.drain_timeout) => idle,
                 () = hurry.cancelled() => false,
