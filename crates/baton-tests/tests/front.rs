@@ -798,6 +798,21 @@ fn request_bodies_over_front_max_body_get_413_and_the_front_keeps_serving() {
         "a clear body: {}",
         String::from_utf8_lossy(&body)
     );
+    // Declared too large, no Expect (Python requests, browsers): the client
+    // sends the whole body before it reads its answer. baton answers at
+    // once and lingers, reading what the client still sends, so that the
+    // close does not reset the connection under the 413.
+    let mut c = raw(sup.addr);
+    let body = 4 * limit;
+    c.write_all(
+        format!("POST /sink HTTP/1.1\r\nHost: t\r\nContent-Length: {body}\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    c.write_all(&vec![b'x'; body])
+        .expect("baton reads the refused body");
+    let (status, _, _) = read_response(&mut c);
+    assert_eq!(status, 413);
+    assert!(closed(&mut c));
     // Chunked (no declared length): cut where it passes the limit; the app
     // (which reads the whole body before answering) had not answered.
     let mut c = raw(sup.addr);
@@ -840,7 +855,7 @@ fn request_bodies_over_front_max_body_get_413_and_the_front_keeps_serving() {
     .expect("running node");
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "413", "{o:?}");
     get_ok(&sup);
-    assert_eq!(front_count(&sup, "body_too_large"), 3);
+    assert_eq!(front_count(&sup, "body_too_large"), 4);
     assert_eq!(front_count(&sup, "bad_gateway"), 0);
 }
 

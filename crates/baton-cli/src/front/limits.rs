@@ -6,16 +6,24 @@
 //! cut (either way the upstream connection is closed, never reused).
 //!
 //! The header limit (`--front-max-header`, `431`) and the header-read
-//! timeout are hyper's own (`serve.rs`).
+//! timeout are hyper's own (`serve.rs`). Refusing a request without
+//! reading all of it needs a lingering close ([`Lingering`]) for the
+//! client to see the answer.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::{Response, StatusCode, Version, header};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use super::proxy::DownBody;
 
@@ -102,4 +110,97 @@ pub fn too_large(limit: u64, version: Version) -> Response<DownBody> {
         );
     }
     r
+}
+
+/// Longest time baton goes on reading (and discarding) a client's request
+/// after it answered `413` without reading the body, before it closes.
+pub const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// A client connection that can *linger* when it is closed: closing a
+/// socket with unread bytes in its receive queue sends a reset, and a
+/// client still sending the body baton refused would lose the `413` it was
+/// sent (it reads its answer only after sending). So, at close (hyper's
+/// shutdown) after such a `413`, the write side is closed first (FIN after
+/// the answer), then what the client still sends is read and discarded,
+/// until it closes or for at most [`LINGER_TIME`]. Otherwise (`linger`
+/// unset) the shutdown is the plain one: an upgraded connection's
+/// half-close must not lose a byte.
+pub struct Lingering {
+    io: TcpStream,
+    linger: Arc<AtomicBool>,
+    until: Option<Pin<Box<Sleep>>>,
+}
+
+impl Lingering {
+    /// `io`, lingering at close when `linger` is set.
+    pub fn new(io: TcpStream, linger: Arc<AtomicBool>) -> Lingering {
+        Lingering {
+            io,
+            linger,
+            until: None,
+        }
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if !this.linger.load(Ordering::Acquire) {
+            return Pin::new(&mut this.io).poll_shutdown(cx);
+        }
+        if this.until.is_none() {
+            ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+            this.until = Some(Box::pin(tokio::time::sleep(LINGER_TIME)));
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+                // The client closed (or reset): done.
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => continue,
+                Poll::Pending => {
+                    return match this.until.as_mut().map(|s| s.as_mut().poll(cx)) {
+                        Some(Poll::Pending) => Poll::Pending,
+                        _ => Poll::Ready(Ok(())),
+                    };
+                }
+            }
+        }
+    }
 }

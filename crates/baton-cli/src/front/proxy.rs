@@ -155,6 +155,15 @@ fn set_upgrade(h: &mut HeaderMap, proto: HeaderValue) {
     h.insert(header::UPGRADE, proto);
 }
 
+/// The `413` for a body over `limit`; over HTTP/1 the connection lingers
+/// at close, so that a client still sending gets to read it.
+fn refuse_body(client: &Client, limit: u64, version: Version) -> Response<DownBody> {
+    if version < Version::HTTP_2 {
+        client.linger.store(true, Ordering::Release);
+    }
+    super::limits::too_large(limit, version)
+}
+
 /// Serve one request of a client connection.
 ///
 /// # Errors
@@ -173,7 +182,7 @@ pub async fn handle(
     let limit = front.inner.cfg.max_body;
     if req.body().size_hint().lower() > limit {
         counters.body_too_large.fetch_add(1, Ordering::Relaxed);
-        return Ok(super::limits::too_large(limit, req.version()));
+        return Ok(refuse_body(&client, limit, req.version()));
     }
     let client_version = req.version();
     let upgrade = upgrade_asked(req.version(), req.headers());
@@ -266,7 +275,7 @@ pub async fn handle(
                 if tripped.load(Ordering::Acquire) {
                     // The client's body, not the app, failed the request.
                     counters.body_too_large.fetch_add(1, Ordering::Relaxed);
-                    return Ok(super::limits::too_large(limit, client_version));
+                    return Ok(refuse_body(&client, limit, client_version));
                 }
                 counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e.error(), attempt, reused, "front: upstream request failed");

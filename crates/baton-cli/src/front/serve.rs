@@ -15,7 +15,7 @@
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -27,6 +27,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::Front;
+use super::limits::Lingering;
 
 /// Pause after an accept error (EMFILE and the like) so that a full fd
 /// table does not become a busy loop.
@@ -40,6 +41,9 @@ pub struct Client {
     pub peer: SocketAddr,
     /// Its `--front-max-connections` slot (a tunnel holds it too).
     pub slot: Arc<OwnedSemaphorePermit>,
+    /// Set when a request was refused without its body read: the
+    /// connection lingers when it is closed ([`super::limits::Lingering`]).
+    pub linger: Arc<AtomicBool>,
 }
 
 /// The client connections being served, to wait for at the stop.
@@ -171,7 +175,9 @@ fn serve(
             idx,
             peer,
             slot: Arc::new(permit),
+            linger: Arc::new(AtomicBool::new(false)),
         });
+        let io = Lingering::new(stream, Arc::clone(&client.linger));
         let f = front.clone();
         let svc = service_fn(move |req| super::proxy::handle(f.clone(), Arc::clone(&client), req));
         // HTTP/1.1, or HTTP/2 with prior knowledge (h2c): the builder reads
@@ -189,7 +195,7 @@ fn serve(
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(cfg.max_header).unwrap_or(u32::MAX))
             .keep_alive_interval(None);
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         tokio::pin!(conn);
         let stop = front.inner.stop.clone();
         let cut = front.inner.cut.clone();
