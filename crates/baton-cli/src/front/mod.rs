@@ -16,8 +16,9 @@
 //!   it finishes what it carries, then baton drops it (baton closes it, not
 //!   the app);
 //! - the supervisor stops the old generation only after the old epochs'
-//!   upstream connections are idle ([`Front::wait_retired_idle`], bounded by
-//!   `--drain-timeout`);
+//!   upstream connections are idle and their tunnels closed
+//!   ([`Front::wait_retired_idle`], bounded by `--drain-timeout`; tunnels
+//!   still open then are counted);
 //! - a request that was never written upstream is retried on the current
 //!   epoch; so is an idempotent request without a body that got no response
 //!   byte; any other upstream failure is a 502.
@@ -31,12 +32,18 @@
 //! Upgrade requests (WebSocket) are forwarded with their `Upgrade` header;
 //! after the app's `101` the two connections are spliced into a tunnel
 //! that stays on that generation until it closes; the supervisor waits for
-//! the old epochs' tunnels like for their requests (`tunnel.rs`).
+//! the old epochs' tunnels like for their requests (`tunnel.rs`). A tunnel
+//! costs one task and two copy buffers (8 KiB each).
+//!
+//! The stop ([`Front::shutdown`]): listeners closed after what is queued is
+//! served, idle client connections closed, requests finished (bounded);
+//! then the app is stopped, and closes its own WebSockets.
 //!
 //! Files: `serve.rs` (the client side: accept, hyper server, the graceful
 //! stop), `proxy.rs` (one request: headers, forwarding, retries,
 //! upgrades), `pool.rs` (the upstream connections per epoch), `tunnel.rs`
-//! (upgraded connections), `limits.rs` (the body size limit).
+//! (upgraded connections), `limits.rs` (the body size limit and the
+//! lingering close after a `413`).
 
 mod limits;
 mod pool;
