@@ -22,7 +22,6 @@ use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::{Response, StatusCode, Version, header};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use super::proxy::DownBody;
@@ -116,24 +115,25 @@ pub fn too_large(limit: u64, version: Version) -> Response<DownBody> {
 /// after it answered `413` without reading the body, before it closes.
 pub const LINGER_TIME: Duration = Duration::from_secs(5);
 
-/// A client connection that can *linger* when it is closed: closing a
-/// socket with unread bytes in its receive queue sends a reset, and a
-/// client still sending the body baton refused would lose the `413` it was
-/// sent (it reads its answer only after sending). So, at close (hyper's
+/// A client connection (`T`: the socket, or a wrapper of it) that can
+/// *linger* when it is closed: closing a socket with unread bytes in its
+/// receive queue sends a reset, and a client still sending the body baton
+/// refused would lose the `413` it was sent (it reads its answer only after
+/// sending). So, at close (hyper's
 /// shutdown) after such a `413`, the write side is closed first (FIN after
 /// the answer), then what the client still sends is read and discarded,
 /// until it closes or for at most [`LINGER_TIME`]. Otherwise (`linger`
 /// unset) the shutdown is the plain one: an upgraded connection's
 /// half-close must not lose a byte.
-pub struct Lingering {
-    io: TcpStream,
+pub struct Lingering<T> {
+    io: T,
     linger: Arc<AtomicBool>,
     until: Option<Pin<Box<Sleep>>>,
 }
 
-impl Lingering {
+impl<T> Lingering<T> {
     /// `io`, lingering at close when `linger` is set.
-    pub fn new(io: TcpStream, linger: Arc<AtomicBool>) -> Lingering {
+    pub fn new(io: T, linger: Arc<AtomicBool>) -> Lingering<T> {
         Lingering {
             io,
             linger,
@@ -142,7 +142,7 @@ impl Lingering {
     }
 }
 
-impl AsyncRead for Lingering {
+impl<T: AsyncRead + Unpin> AsyncRead for Lingering<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -152,7 +152,7 @@ impl AsyncRead for Lingering {
     }
 }
 
-impl AsyncWrite for Lingering {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -254,7 +254,7 @@ pub async fn handle(
                 let tunnel = Tunnel::open(&front, lease.epoch());
                 lease.discard();
                 let up = hyper::upgrade::on(&mut resp);
-                tunnel.spawn(down, up, Arc::clone(&client.slot));
+                tunnel.spawn(down, up, client.slot.clone());
                 let proto = resp
                     .headers()
                     .get(header::UPGRADE)

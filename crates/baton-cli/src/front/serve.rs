@@ -39,8 +39,9 @@ pub struct Client {
     pub idx: usize,
     /// The client's address.
     pub peer: SocketAddr,
-    /// Its `--front-max-connections` slot (a tunnel holds it too).
-    pub slot: Arc<OwnedSemaphorePermit>,
+    /// Its `--front-max-connections` slot (a tunnel holds it too); `None`
+    /// for a connection served past the limit.
+    pub slot: Option<Arc<OwnedSemaphorePermit>>,
     /// Set when a request was refused without its body read: the
     /// connection lingers when it is closed ([`super::limits::Lingering`]).
     pub linger: Arc<AtomicBool>,
@@ -119,7 +120,7 @@ pub fn spawn_accept(front: Front, idx: usize, fd: OwnedFd) -> anyhow::Result<()>
                 },
                 () = stop.cancelled() => break,
             };
-            serve(&front, idx, stream, peer, permit, false);
+            serve_conn(&front, idx, stream, peer, Some(permit), false);
         }
         // Stopping: what already sits in the listen queue completed its
         // handshake and may have sent a request; closing the listener would
@@ -128,16 +129,13 @@ pub fn spawn_accept(front: Front, idx: usize, fd: OwnedFd) -> anyhow::Result<()>
         match listener.into_std() {
             Ok(l) => {
                 while let Ok((stream, peer)) = l.accept() {
-                    let permit = match slots.clone().try_acquire_owned() {
-                        Ok(p) => Ok(p),
-                        // Past the limit: these few are served anyway.
-                        Err(_) => Arc::new(Semaphore::new(1)).try_acquire_owned(),
-                    };
+                    // Past the limit, these few are served anyway.
+                    let permit = slots.clone().try_acquire_owned().ok();
                     let stream = stream
                         .set_nonblocking(true)
                         .and_then(|()| TcpStream::from_std(stream));
-                    if let (Ok(permit), Ok(stream)) = (permit, stream) {
-                        serve(&front, idx, stream, peer, permit, true);
+                    if let Ok(stream) = stream {
+                        serve_conn(&front, idx, stream, peer, permit, true);
                         queued += 1;
                     }
                 }
@@ -155,12 +153,12 @@ pub fn spawn_accept(front: Front, idx: usize, fd: OwnedFd) -> anyhow::Result<()>
 
 /// Serve one client connection on a task of its own. `last` (the stop
 /// has begun): one request, then close.
-fn serve(
+fn serve_conn(
     front: &Front,
     idx: usize,
     stream: TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
     last: bool,
 ) {
     let counters = &front.inner.counters;
@@ -174,7 +172,7 @@ fn serve(
         let client = Arc::new(Client {
             idx,
             peer,
-            slot: Arc::new(permit),
+            slot: permit.map(Arc::new),
             linger: Arc::new(AtomicBool::new(false)),
         });
         let io = Lingering::new(stream, Arc::clone(&client.linger));

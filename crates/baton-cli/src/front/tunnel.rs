@@ -135,7 +135,12 @@ impl Tunnel {
     /// both upgrades completed, on a task of its own. `slot` is the client
     /// connection's `--front-max-connections` slot: held until the tunnel
     /// closes.
-    pub fn spawn(self, client: OnUpgrade, upstream: OnUpgrade, slot: Arc<OwnedSemaphorePermit>) {
+    pub fn spawn(
+        self,
+        client: OnUpgrade,
+        upstream: OnUpgrade,
+        slot: Option<Arc<OwnedSemaphorePermit>>,
+    ) {
         tokio::spawn(async move {
             let cut = self.cut.clone();
             tokio::select! {
