@@ -143,6 +143,11 @@ impl Pki {
     /// A server certificate for `localhost` / 127.0.0.1 with this serial,
     /// subject `CN=baton-tls-<name>`, in `<name>.pem` / `<name>.key`.
     pub fn issue(&self, name: &str, serial: u32) -> Cert {
+        self.issue_key(name, serial, crate::tls_matrix::KeyKind::Ecdsa)
+    }
+
+    /// [`Pki::issue`] with an RSA or an ECDSA key.
+    pub fn issue_key(&self, name: &str, serial: u32, kind: crate::tls_matrix::KeyKind) -> Cert {
         let cn = format!("baton-tls-{name}");
         let (pem, key, csr) = (
             format!("{name}.pem"),
@@ -152,20 +157,19 @@ impl Pki {
         openssl(
             &self.dir,
             &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
+                &["req", "-new"][..],
+                kind.newkey_args(),
+                &[
+                    "-nodes",
+                    "-keyout",
+                    &key,
+                    "-out",
+                    &csr,
+                    "-subj",
+                    &format!("/CN={cn}"),
+                ],
+            ]
+            .concat(),
         );
         openssl(
             &self.dir,
@@ -224,10 +228,20 @@ impl TlsServer {
     /// A new CA and certificate (serial 0x1001, `CN=baton-tls-a`), and the
     /// server with `extra` arguments.
     pub fn start(binary: &Path, name: &str, extra: &[&str]) -> TlsServer {
+        Self::start_with_key(binary, name, extra, crate::tls_matrix::KeyKind::Ecdsa)
+    }
+
+    /// [`TlsServer::start`] with an RSA or an ECDSA certificate.
+    pub fn start_with_key(
+        binary: &Path,
+        name: &str,
+        extra: &[&str],
+        kind: crate::tls_matrix::KeyKind,
+    ) -> TlsServer {
         crate::init();
         let dir = Arc::new(TestDir::new(&format!("{name}-pki")));
         let pki = Arc::new(Pki::new(&dir.path));
-        let first = pki.issue("a", 0x1001);
+        let first = pki.issue_key("a", 0x1001, kind);
         Self::start_inner(binary, name, extra, dir, pki, first)
     }
 

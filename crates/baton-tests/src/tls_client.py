@@ -32,6 +32,16 @@ Standard library only. No retries: every request is counted once.
       each one, and right after each close asks a new connection which pid
       answers. Prints {"closes": [...]} with, per connection, the time, how
       it ended (clean = close_notify) and that pid.
+
+  tls_client.py held --port P --ca CA --conns N [--tls12 --cipher NAME]
+      N HTTP/1.1 connections (TLS 1.2 with only the OpenSSL cipher NAME
+      offered, or TLS 1.3: its suites come from OpenSSL's configuration, so
+      the test sets OPENSSL_CONF to choose one), one `GET /version` each;
+      prints {"ready": [answer...], "version": V, "cipher": C}. Then, on
+      stdin: `get` (`GET /version` on each connection, never a new one:
+      {"answers": [answer...]}) and `quit`. An answer is {"ok": true, "pid",
+      "generation", "handed_over", "peer", "local"} or {"ok": false,
+      "error"}.
 """
 
 import argparse
@@ -497,17 +507,52 @@ def run_idle(args):
     print(json.dumps({"closes": closes, "still_open": len(open_)}), flush=True)
 
 
+def held_answer(c):
+    try:
+        status, _, body = c.get("/version")
+        if status != 200:
+            return {"ok": False, "error": "status %d" % status}
+        v = json.loads(body)
+        return {"ok": True, "pid": v["pid"], "generation": v["generation"],
+                "handed_over": v["handed_over"], "tls": v["tls"],
+                "peer": v["peer"], "local": "%s:%d" % c.s.getsockname()[:2]}
+    except Exception as e:  # noqa: BLE001 - every failure is reported
+        return {"ok": False, "error": "%r" % (e,)}
+
+
+def run_held(args):
+    ctx = context(args.ca, ["http/1.1"], tls12=args.tls12)
+    if args.cipher:
+        ctx.set_ciphers(args.cipher)
+    conns = [H1(connect(ctx, args.port)) for _ in range(args.conns)]
+    ready = [held_answer(c) for c in conns]
+    first = conns[0].s
+    print(json.dumps({"ready": ready, "version": first.version(),
+                      "cipher": first.cipher()[0]}), flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "quit":
+            break
+        if cmd == "get":
+            print(json.dumps({"answers": [held_answer(c) for c in conns]}), flush=True)
+        else:
+            print(json.dumps({"error": "unknown command %r" % cmd}), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["load", "session", "idle"])
+    p.add_argument("mode", choices=["load", "session", "idle", "held"])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ca", required=True)
     p.add_argument("--proto", choices=["h1", "h2"], default="h1")
     p.add_argument("--conns", type=int, default=4)
     p.add_argument("--seconds", type=float, default=120)
     p.add_argument("--stop-file", default="/nonexistent/stop")
+    p.add_argument("--tls12", action="store_true")
+    p.add_argument("--cipher", default="")
     args = p.parse_args()
-    {"load": run_load, "session": run_session, "idle": run_idle}[args.mode](args)
+    {"load": run_load, "session": run_session, "idle": run_idle,
+     "held": run_held}[args.mode](args)
 
 
 if __name__ == "__main__":
