@@ -1024,7 +1024,8 @@ Options: `--rounds N` (default 5), `--duration S` (wrk `-d` of a load run, defau
 (per load run, default 2), `--latency-count N` (rounds of the latency and spawn scenarios, default 20),
 `--server-cpu N` / `--load-cpu N` (default 0 / 1), `--bin-dir DIR` (prebuilt `baton-demo`,
 `bench-handoff`, `bench-spawn` and `baton`), `--keep` (keep the run directory with every raw output),
-`--ws-conns N` (WebSockets in the ws scenario, default 1000).
+`--ws-conns N` (WebSockets in the ws scenario, default 1000), `--tls-conns N` (idle HTTPS connections in
+the tls scenario, default 200).
 Every process it starts is stopped by pid on exit, every port is picked free on 127.0.0.1, every wait
 and every load loop has a deadline. It installs what the peers need (Debian packages, a pinned Python
 venv) and builds pingora and ecdysis from their own lockfiles; a peer that cannot be installed is a
