@@ -682,3 +682,40 @@ pub fn check_same_socket(h: &Held, now: &[Answer], pid: u64) -> Vec<String> {
     }
     bad
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_matrix_has_every_suite_of_both_versions_for_both_key_types() {
+        let all = Combo::all();
+        assert_eq!(all.len(), 12);
+        let names: std::collections::BTreeSet<String> =
+            all.iter().map(Combo::rustls_suite).collect();
+        // TLS 1.3 suites do not name the key type: 3 + 2 × 3.
+        assert_eq!(names.len(), 9, "{names:?}");
+        let c = Combo {
+            version: TlsVersion::V12,
+            aead: Aead::Chacha20Poly1305,
+            key: KeyKind::Ecdsa,
+        };
+        assert_eq!(c.openssl_suite(), "ECDHE-ECDSA-CHACHA20-POLY1305");
+        assert_eq!(
+            c.rustls_suite(),
+            "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"
+        );
+    }
+
+    #[test]
+    fn s_client_output_yields_whole_responses_only() {
+        let out = b"---\nSSL-Session:\n---\nHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab";
+        assert_eq!(find_response(out, 0), None, "the body is not complete yet");
+        let mut out = out.to_vec();
+        out.extend_from_slice(b"cdHTTP/1.1 503 No\r\ncontent-length: 0\r\n\r\n");
+        let (end, status, body) = find_response(&out, 0).unwrap();
+        assert_eq!((status, body.as_slice()), (200, &b"abcd"[..]));
+        let (end2, status, body) = find_response(&out, end).unwrap();
+        assert_eq!((status, body.len(), end2), (503, 0, out.len()));
+    }
+}
