@@ -32,6 +32,17 @@ Standard library only. No retries: every request is counted once.
       each one, and right after each close asks a new connection which pid
       answers. Prints {"closes": [...]} with, per connection, the time, how
       it ended (clean = close_notify) and that pid.
+
+  tls_client.py hold --port P --ca CA --conns N [--tls12]
+      N HTTP/1.1 keep-alive connections, one `GET /version` each; prints
+      {"ready": [...]} (per connection: pid, TLS version, cipher). Then
+      commands on stdin, one JSON line answered for each:
+        get PATH     one request on each connection, in turn; per
+                     connection: ok, status, the JSON body (or text), the
+                     Connection header, or the error
+        send PATH    send the request on connection 0 without reading
+        recv         read connection 0's response to `send`
+        quit
 """
 
 import argparse
@@ -497,17 +508,82 @@ def run_idle(args):
     print(json.dumps({"closes": closes, "still_open": len(open_)}), flush=True)
 
 
+# ---------------------------------------------------------------- hold
+
+
+def hold_get(h, path):
+    try:
+        status, headers, body = h.get(path)
+        try:
+            body = json.loads(body)
+        except ValueError:
+            body = body.decode("utf-8", "replace")
+        return {"ok": status == 200, "status": status, "body": body,
+                "connection": headers.get("connection")}
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return {"ok": False, "error": repr(e)}
+
+
+def run_hold(args):
+    ctx = context(args.ca, ["http/1.1"], tls12=args.tls12)
+    conns, ready = [], []
+    for _ in range(args.conns):
+        s = connect(ctx, args.port)
+        h = H1(s)
+        _, _, body = h.get("/version")
+        ready.append({"pid": json.loads(body)["pid"], "tls": s.version(), "cipher": s.cipher()[0]})
+        conns.append(h)
+    print(json.dumps({"ready": ready}), flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "quit":
+            return
+        if words[0] == "get":
+            out = {"results": [hold_get(h, words[1]) for h in conns]}
+        elif words[0] == "send":
+            req = "GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (words[1], HOST)
+            conns[0].s.sendall(req.encode())
+            out = {"sent": True}
+        elif words[0] == "recv":
+            h = conns[0]
+            try:
+                while b"\r\n\r\n" not in h.buf:
+                    h.fill()
+                head, h.buf = h.buf.split(b"\r\n\r\n", 1)
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {}
+                for l in lines[1:]:
+                    k, _, v = l.partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                n = int(headers.get("content-length", "0"))
+                while len(h.buf) < n:
+                    h.fill()
+                body, h.buf = h.buf[:n], h.buf[n:]
+                out = {"ok": int(lines[0].split()[1]) == 200,
+                       "body": body.decode("utf-8", "replace"),
+                       "connection": headers.get("connection")}
+            except Exception as e:  # noqa: BLE001
+                out = {"ok": False, "error": repr(e)}
+        else:
+            out = {"ok": False, "error": "unknown command %r" % words[0]}
+        print(json.dumps(out), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["load", "session", "idle"])
+    p.add_argument("mode", choices=["load", "session", "idle", "hold"])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ca", required=True)
     p.add_argument("--proto", choices=["h1", "h2"], default="h1")
     p.add_argument("--conns", type=int, default=4)
     p.add_argument("--seconds", type=float, default=120)
     p.add_argument("--stop-file", default="/nonexistent/stop")
+    p.add_argument("--tls12", action="store_true")
     args = p.parse_args()
-    {"load": run_load, "session": run_session, "idle": run_idle}[args.mode](args)
+    {"load": run_load, "session": run_session, "idle": run_idle,
+     "hold": run_hold}[args.mode](args)
 
 
 if __name__ == "__main__":
