@@ -239,6 +239,26 @@ where
     #[cfg(feature = "tls")]
     pub fn serve_tls(&self, listener: Listener, tls: &Tls) {
         let tls = Arc::clone(tls.inner());
+        if let Some(mut moved) = tls.take_moved() {
+            let (shared, tls) = (Arc::clone(&self.shared), Arc::clone(&tls));
+            tokio::spawn(async move {
+                while let Some(c) = moved.recv().await {
+                    let info = ConnInfo {
+                        peer: c.stream.peer_addr().ok(),
+                        listener: Arc::from(c.listener.as_str()),
+                        handed_over: true,
+                        tls: true,
+                    };
+                    let tracker = shared.baton.tracker().clone();
+                    tracker.spawn(tls::serve_moved(
+                        Arc::clone(&shared),
+                        Arc::clone(&tls),
+                        c,
+                        info,
+                    ));
+                }
+            });
+        }
         self.accept_loop(listener, move |shared, stream, mut info| {
             info.tls = true;
             let tracker = shared.baton.tracker().clone();

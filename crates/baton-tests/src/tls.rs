@@ -773,3 +773,79 @@ fn tally(st: &mut CurlStats, out: &Output, http2: bool, per_run: usize) -> u64 {
     }
     per_run as u64
 }
+
+/// HTTP/1.1 keep-alive TLS connections held open by the Python client
+/// (`tls_client.py hold`), used on demand.
+#[derive(Debug)]
+pub struct PyHold {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+    /// Per connection: the pid that answered its first request, its TLS
+    /// version and cipher.
+    pub ready: Vec<Value>,
+}
+
+impl PyHold {
+    /// Open `conns` connections (TLS 1.2 only if `tls12`); returns once each
+    /// has had its first answer.
+    pub fn start(s: &TlsServer, conns: usize, tls12: bool) -> PyHold {
+        let mut extra = vec!["--conns".to_string(), conns.to_string()];
+        if tls12 {
+            extra.push("--tls12".into());
+        }
+        let mut cmd = s.python("hold", &extra);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = crate::spawn_owned(&mut cmd).unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let lines = line_reader(&mut child);
+        let first = lines
+            .recv_timeout(CLIENT_TIMEOUT)
+            .expect("the hold client opened its connections");
+        let v: Value = serde_json::from_str(&first).unwrap();
+        let ready = v["ready"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .clone();
+        PyHold {
+            child,
+            stdin,
+            lines,
+            ready,
+        }
+    }
+
+    /// Send one command, return its JSON answer.
+    pub fn cmd(&mut self, line: &str) -> Value {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+        let answer = self
+            .lines
+            .recv_timeout(CLIENT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("no answer to {line:?} within {CLIENT_TIMEOUT:?}: {e}"));
+        serde_json::from_str(&answer).unwrap()
+    }
+
+    /// One request on each connection: the per-connection results.
+    pub fn get_all(&mut self, path: &str) -> Vec<Value> {
+        self.cmd(&format!("get {path}"))["results"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+impl Drop for PyHold {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        if wait_for_opt(Duration::from_secs(5), || {
+            self.child.try_wait().ok().flatten()
+        })
+        .is_none()
+        {
+            kill(&mut self.child);
+        }
+    }
+}

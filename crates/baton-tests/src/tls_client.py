@@ -42,6 +42,17 @@ Standard library only. No retries: every request is counted once.
       {"answers": [answer...]}) and `quit`. An answer is {"ok": true, "pid",
       "generation", "handed_over", "peer", "local"} or {"ok": false,
       "error"}.
+
+  tls_client.py hold --port P --ca CA --conns N [--tls12]
+      N HTTP/1.1 keep-alive connections, one `GET /version` each; prints
+      {"ready": [...]} (per connection: pid, TLS version, cipher). Then
+      commands on stdin, one JSON line answered for each:
+        get PATH     one request on each connection, in turn; per
+                     connection: ok, status, the JSON body (or text), the
+                     Connection header, or the error
+        send PATH    send the request on connection 0 without reading
+        recv         read connection 0's response to `send`
+        quit
 """
 
 import argparse
@@ -539,9 +550,72 @@ def run_held(args):
             print(json.dumps({"error": "unknown command %r" % cmd}), flush=True)
 
 
+# ---------------------------------------------------------------- hold
+
+
+def hold_get(h, path):
+    try:
+        status, headers, body = h.get(path)
+        try:
+            body = json.loads(body)
+        except ValueError:
+            body = body.decode("utf-8", "replace")
+        return {"ok": status == 200, "status": status, "body": body,
+                "connection": headers.get("connection")}
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return {"ok": False, "error": repr(e)}
+
+
+def run_hold(args):
+    ctx = context(args.ca, ["http/1.1"], tls12=args.tls12)
+    conns, ready = [], []
+    for _ in range(args.conns):
+        s = connect(ctx, args.port)
+        h = H1(s)
+        _, _, body = h.get("/version")
+        ready.append({"pid": json.loads(body)["pid"], "tls": s.version(), "cipher": s.cipher()[0]})
+        conns.append(h)
+    print(json.dumps({"ready": ready}), flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "quit":
+            return
+        if words[0] == "get":
+            out = {"results": [hold_get(h, words[1]) for h in conns]}
+        elif words[0] == "send":
+            req = "GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (words[1], HOST)
+            conns[0].s.sendall(req.encode())
+            out = {"sent": True}
+        elif words[0] == "recv":
+            h = conns[0]
+            try:
+                while b"\r\n\r\n" not in h.buf:
+                    h.fill()
+                head, h.buf = h.buf.split(b"\r\n\r\n", 1)
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {}
+                for l in lines[1:]:
+                    k, _, v = l.partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                n = int(headers.get("content-length", "0"))
+                while len(h.buf) < n:
+                    h.fill()
+                body, h.buf = h.buf[:n], h.buf[n:]
+                out = {"ok": int(lines[0].split()[1]) == 200,
+                       "body": body.decode("utf-8", "replace"),
+                       "connection": headers.get("connection")}
+            except Exception as e:  # noqa: BLE001
+                out = {"ok": False, "error": repr(e)}
+        else:
+            out = {"ok": False, "error": "unknown command %r" % words[0]}
+        print(json.dumps(out), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["load", "session", "idle", "held"])
+    p.add_argument("mode", choices=["load", "session", "idle", "held", "hold"])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ca", required=True)
     p.add_argument("--proto", choices=["h1", "h2"], default="h1")
@@ -552,7 +626,7 @@ def main():
     p.add_argument("--cipher", default="")
     args = p.parse_args()
     {"load": run_load, "session": run_session, "idle": run_idle,
-     "held": run_held}[args.mode](args)
+     "held": run_held, "hold": run_hold}[args.mode](args)
 
 
 if __name__ == "__main__":
