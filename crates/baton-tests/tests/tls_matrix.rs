@@ -160,7 +160,20 @@ fn idle_tls_connections_of_every_client_version_and_suite_answer_on_their_socket
         bad.join("\n")
     );
     for ((k, s), (rs, n)) in servers.iter().zip(reports.iter().zip(&conns)) {
+        eprintln!(
+            "{}: drain_ms {:?}, handed over {:?}",
+            k.name(),
+            rs.iter().map(|r| r.drain_ms).collect::<Vec<_>>(),
+            rs.iter().map(|r| r.handed_over).collect::<Vec<_>>()
+        );
         for (u, r) in rs.iter().enumerate() {
+            assert_eq!(
+                r.handed_over,
+                *n,
+                "{}: upgrade {}: every connection handed over",
+                k.name(),
+                u + 1
+            );
             assert!(
                 r.drain_ms < 1000,
                 "{}: upgrade {}: the old generation took {} ms after promotion to exit",
