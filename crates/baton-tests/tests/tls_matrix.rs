@@ -344,3 +344,76 @@ fn a_key_update_on_a_handed_over_tls_connection_closes_it_cleanly() {
     let h = rustls_client(Path::new(CLIENT), port, &ca, t13[0], 1);
     assert!(h.first[0].ok && h.first[0].pid == pid, "{:?}", h.first);
 }
+
+/// Requests sent on idle TLS connections while they are being handed over:
+/// the new generation is held at its promotion (`hold-at:promoted`), so the
+/// old one is draining — detaching, extracting keys, handing over — when
+/// the requests arrive, and cannot finish until the test lets the new one
+/// go on. Every request is answered, and the connections then answer from
+/// the new generation on their socket, with no new handshake.
+#[test]
+fn requests_sent_while_tls_connections_are_being_handed_over_are_answered() {
+    let s = server("tls-inflight", KeyKind::Rsa);
+    let (port, ca) = (s.tls.tls_port, s.tls.pki.ca.clone());
+    let old = s.tls.server.version();
+    let mut clients: Vec<Held> = Combo::all()
+        .into_iter()
+        .filter(|c| c.key == KeyKind::Rsa && c.aead == Aead::Chacha20Poly1305)
+        .map(|c| rustls_client(Path::new(CLIENT), port, &ca, c, 4))
+        .collect();
+    let before = metric(&s, HANDSHAKES);
+    let gate = s.tls.server.dir.join("promoted-gate");
+    let reached = s.tls.server.dir.join("promoted-gate.reached");
+    s.tls
+        .server
+        .arm_fault(&format!("hold-at:promoted:{}", gate.display()));
+    let ctl = s.tls.server.control.clone();
+    let up = std::thread::spawn(move || baton_tests::control_upgrade(&ctl));
+    wait_for(T, "the new generation to reach its promotion", || {
+        reached.exists().then_some(())
+    });
+    let mut bad = Vec::new();
+    for h in &mut clients {
+        let v = rustls_cmd(h, "send");
+        for (i, a) in v["sent"].as_array().unwrap().iter().enumerate() {
+            if a["ok"] != true {
+                bad.push(format!("{} #{i}: send: {a}", h.combo.label()));
+            }
+        }
+    }
+    std::fs::write(&gate, b"go").unwrap();
+    for h in &mut clients {
+        let v = rustls_cmd(h, "recv");
+        eprintln!("{}: {v}", h.combo.label());
+        for (i, a) in v["answers"].as_array().unwrap().iter().enumerate() {
+            if a["ok"] != true {
+                bad.push(format!(
+                    "{} #{i}: the request sent during the handoff: {a}",
+                    h.combo.label()
+                ));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "lost requests:\n{}", bad.join("\n"));
+    let report = match up.join().unwrap() {
+        Reply::Upgraded(r) => r,
+        other => panic!("upgrade failed: {other:?}"),
+    };
+    wait_for(T, "the old generation to exit", || {
+        (!proc::alive(old.pid)).then_some(())
+    });
+    for h in &mut clients {
+        let now = h.get();
+        bad.extend(check_same_socket(h, &now, report.new_pid as u64));
+    }
+    assert!(
+        bad.is_empty(),
+        "after the handoff, on the same connection:\n{}",
+        bad.join("\n")
+    );
+    assert_eq!(
+        Some(require_metric(&s, HANDSHAKES)),
+        before,
+        "no new TLS handshake"
+    );
+}

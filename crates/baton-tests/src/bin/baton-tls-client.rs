@@ -23,6 +23,9 @@
 //! * `release` — on every connection, the held request's body and a
 //!   pipelined `GET /version` in the same write; both answers are read
 //!   (`{"released": [{"echo": answer, "next": answer}...]}`).
+//! * `send` — `GET /version` written on every connection, nothing read
+//!   (`{"sent": [ok...]}`); `recv` reads those answers (`{"answers": [..]}`).
+//!   A test sends while something happens in the server, then reads.
 //! * `keyupdate` — TLS 1.3 KeyUpdate (`refresh_traffic_keys`, update
 //!   requested) on every connection, then read until the server ends it:
 //!   `{"endings": [..]}`, each `clean` (close_notify), `eof` (closed
@@ -346,6 +349,14 @@ fn main() -> std::process::ExitCode {
             "release" => {
                 json!({"released": conns.iter_mut().map(|(s, b)| release(s, b)).collect::<Vec<_>>()})
             }
+            "send" => json!({"sent": conns.iter_mut().map(|(s, _)| match send(s, GET_VERSION) {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => json!({"ok": false, "error": e}),
+            }).collect::<Vec<_>>()}),
+            "recv" => json!({"answers": conns.iter_mut().map(|(s, b)| {
+                let r = read_response(s, b);
+                version_answer(s, r)
+            }).collect::<Vec<_>>()}),
             "keyupdate" => {
                 json!({"endings": conns.iter_mut().map(|(s, b)| key_update(s, b)).collect::<Vec<_>>()})
             }
