@@ -122,7 +122,7 @@ where
 #[cfg(feature = "tls")]
 pub use tls::{
     DEFAULT_CLOSE_QUIET, DEFAULT_CLOSE_SPREAD, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_TICKET_ROTATION,
-    MAX_TICKET_ROTATION, MIN_TICKET_ROTATION, TICKET_STATE_NAME, Tls, TlsConfig,
+    MAX_TICKET_ROTATION, MIN_TICKET_ROTATION, TICKET_STATE_NAME, TLS_KIND, Tls, TlsConfig,
 };
 
 /// Facts about the connection a request arrived on, in the request's

@@ -62,6 +62,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::Error;
+pub use conn::TLS_KIND;
 pub(crate) use conn::{serve, serve_moved};
 use counters::TlsCounters;
 pub use tickets::TICKET_STATE_NAME;
