@@ -308,6 +308,9 @@ pub struct Custom {
     /// Kind of the `/ws` connections (default [`ws::WS_KIND`]): another one
     /// does not take the previous generation's WebSockets.
     pub ws_kind: Option<String>,
+    /// Act as `--no-tls-handoff` (a fixture then registers the TLS kind
+    /// itself, e.g. with a check that refuses every batch).
+    pub no_tls_handoff: bool,
 }
 
 impl std::fmt::Debug for Custom {
@@ -360,7 +363,8 @@ pub fn main_with(custom: Custom) -> ExitCode {
 ///
 /// # Errors
 /// Start-up failures (listeners, handoff, readiness).
-pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
+pub async fn run(mut args: Args, mut custom: Custom) -> anyhow::Result<()> {
+    args.no_tls_handoff |= custom.no_tls_handoff;
     let version = custom.version.clone().unwrap_or_else(|| VERSION.to_owned());
     if args.plain {
         return plain::run(args, version, custom.intercept.take()).await;

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use baton::control::{Reply, Request, UpgradeReport};
-use baton_tests::tls::{PyHold, TlsServer};
+use baton_tests::tls::{PyHold, PyIdle, TlsServer};
 use baton_tests::{free_port, proc, wait_for};
 use serde_json::Value;
 
@@ -28,9 +28,13 @@ const T: Duration = Duration::from_secs(30);
 /// spread is long (5 s): a connection that did not move would keep the old
 /// generation for seconds.
 fn start(name: &str, extra: &[&str]) -> (TlsServer, SocketAddr) {
+    start_spread(name, "5s", extra)
+}
+
+fn start_spread(name: &str, spread: &str, extra: &[&str]) -> (TlsServer, SocketAddr) {
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let m = metrics.to_string();
-    let mut args = vec!["--metrics", &m, "--close-spread", "5s"];
+    let mut args = vec!["--metrics", &m, "--close-spread", spread];
     args.extend_from_slice(extra);
     (TlsServer::start(Path::new(FIXTURE), name, &args), metrics)
 }
@@ -254,5 +258,32 @@ fn a_key_update_on_a_handed_over_connection_closes_it_cleanly() {
     let (_c2, first) = KeyUpdateClient::start(&s);
     assert_eq!(first["pid"].as_u64(), Some(r.new_pid as u64));
     assert_eq!(counter(metrics, "baton_tls_handshakes_total"), 2);
+    assert!(!s.server.log().contains("panicked"));
+}
+
+#[test]
+fn a_tls_connection_whose_successor_refuses_it_continues_here_and_closes_cleanly() {
+    const N: usize = 4;
+    let (s, metrics) = start_spread("tls-handoff-refused", "1s", &[]);
+    let idle = PyIdle::start(&s, N, Duration::from_secs(60));
+    // The next generation takes the TLS kind but refuses every batch: the
+    // keys are out of rustls by then, so the old generation carries on with
+    // its record layer and ends each connection politely at its moment.
+    s.server.arm_fault("tls-refuse");
+    let r = upgrade(&s);
+    let report = idle.finish(Duration::from_secs(60));
+    eprintln!("{report}");
+    assert_eq!(report["still_open"], 0);
+    let closes = report["closes"].as_array().unwrap();
+    assert_eq!(closes.len(), N);
+    for c in closes {
+        assert_eq!(c["ending"], "clean", "closed with close_notify: {c}");
+        assert_eq!(
+            c["serving_pid"].as_u64(),
+            Some(r.new_pid as u64),
+            "closed only once the new generation served: {c}"
+        );
+    }
+    assert_eq!(counter(metrics, "baton_tls_handed_over_total"), 0);
     assert!(!s.server.log().contains("panicked"));
 }

@@ -32,8 +32,11 @@ use crate::count::Counted;
 use crate::io::ConnIo;
 use crate::{ConnInfo, HttpService, Shared};
 
-/// The kind TLS connections move under (see [`baton::Baton::receive_owned`]).
-pub(crate) const TLS_KIND: &str = "baton-http/tls";
+/// The kind HTTP/1.1 TLS connections move under between generations (see
+/// [`baton::Baton::receive_owned`]); [`Tls::load`](super::Tls::load)
+/// registers it unless [`TlsConfig::take_connections`](super::TlsConfig::take_connections)
+/// is off.
+pub const TLS_KIND: &str = "baton-http/tls";
 
 type Rustls = TlsStream<Aligned<Stream>>;
 

@@ -2,13 +2,24 @@
 //!
 //! ## What happens to TLS connections at an upgrade
 //!
-//! A TLS connection cannot move to the new generation: its session keys
-//! and record sequence numbers live in this process's rustls state, and
-//! rustls cannot take a live session back in. Moving one would take kernel
-//! TLS (kTLS: rustls can hand its secrets to the kernel, and the socket
-//! would then carry the session), which this machine's kernel lacks, plus
-//! serving HTTP over a kTLS socket instead of through rustls. So TLS
-//! connections **finish on the old generation**, after the new one serves,
+//! **HTTP/1.1 connections move with their session keys** (issue 16). rustls
+//! is given whole records only (`aligned.rs`), so at an idle point — hyper
+//! between requests, nothing for rustls to send, no plaintext or partial
+//! record inside it — the traffic keys, IVs and sequence numbers can be
+//! extracted without losing a byte. That happens only when the successor
+//! takes the kind [`TLS_KIND`] (every [`Tls::load`] registers it unless
+//! [`TlsConfig::take_connections`] is off); the socket then moves with the
+//! keys in its state blob (`session.rs`), in memory only, and the successor
+//! continues the session on baton's record layer (`record/`,
+//! `record_io.rs`), serving HTTP/1.1 with the same service; it moves again
+//! at the next upgrade. After the extraction the session never goes back to
+//! rustls: a refused batch continues here on the record layer. What the
+//! record layer cannot follow (a TLS 1.3 KeyUpdate, a TLS 1.2
+//! renegotiation) ends the connection after the response in progress, with
+//! close_notify; a bad record gets its fatal alert. Counters: `counters.rs`.
+//!
+//! The others — HTTP/2, and connections the successor does not take or
+//! refused — **finish on the old generation**, after the new one serves,
 //! each at its own moment within [`TlsConfig::close_spread`] (so clients do
 //! not all reconnect at once):
 //!
@@ -62,6 +73,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::Error;
+pub use conn::TLS_KIND;
 pub(crate) use conn::{serve, serve_moved};
 use counters::TlsCounters;
 pub use tickets::TICKET_STATE_NAME;
