@@ -455,11 +455,17 @@ impl SClient {
     /// `clean` (close_notify: s_client prints `closed`), `eof` (ended
     /// without close_notify), `timeout` (still open: a hang), or `error`.
     pub fn key_update(&mut self, timeout: Duration) -> String {
-        if let Err(e) = self
-            .stdin
-            .write_all(b"k\n")
-            .and_then(|()| self.stdin.flush())
-        {
+        self.command_then_end(b"k\n", "KEYUPDATE", timeout)
+    }
+
+    /// Type `R` (TLS 1.2 renegotiation: a new ClientHello), then wait for
+    /// the connection to end, as [`SClient::key_update`].
+    pub fn renegotiate(&mut self, timeout: Duration) -> String {
+        self.command_then_end(b"R\n", "RENEGOTIATING", timeout)
+    }
+
+    fn command_then_end(&mut self, cmd: &[u8], said: &str, timeout: Duration) -> String {
+        if let Err(e) = self.stdin.write_all(cmd).and_then(|()| self.stdin.flush()) {
             return format!("error: write: {e}");
         }
         let exited = wait_for_opt(timeout, || self.child.try_wait().ok().flatten());
@@ -479,8 +485,8 @@ impl SClient {
             return "error: s_client exited but its output did not end".into();
         }
         let err = String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned();
-        if !err.contains("KEYUPDATE") {
-            return format!("error: s_client did not send a KeyUpdate: {err}");
+        if !err.contains(said) {
+            return format!("error: s_client did not say {said}: {err}");
         }
         let out = self.out.lock().unwrap();
         let from = self.pos.min(out.len());

@@ -36,6 +36,8 @@ const HANDSHAKES: &str = "baton_tls_handshakes_total";
 const HANDED_OVER: &str = "baton_tls_handed_over_total";
 /// TLS connections closed after a KeyUpdate.
 const CLOSED_KEY_UPDATE: &str = "baton_tls_closed_key_update_total";
+/// TLS connections closed after a TLS 1.2 renegotiation request.
+const CLOSED_RENEGOTIATION: &str = "baton_tls_closed_renegotiation_total";
 
 struct Srv {
     tls: TlsServer,
@@ -416,4 +418,57 @@ fn requests_sent_while_tls_connections_are_being_handed_over_are_answered() {
         before,
         "no new TLS handshake"
     );
+}
+
+/// A TLS 1.2 renegotiation request (`openssl s_client`'s `R`: a new
+/// ClientHello) on a connection the record layer carries: it cannot follow
+/// one, so the connection ends with close_notify — not a hang — for each
+/// TLS 1.2 suite; the server counts each close and serves on.
+#[test]
+fn a_renegotiation_request_on_a_handed_over_tls12_connection_closes_it_cleanly() {
+    let s = server("tls-renegotiation", KeyKind::Rsa);
+    let (port, ca) = (s.tls.tls_port, s.tls.pki.ca.clone());
+    let t12: Vec<Combo> = Combo::all()
+        .into_iter()
+        .filter(|c| c.key == KeyKind::Rsa && c.version == TlsVersion::V12)
+        .collect();
+    let mut ossl: Vec<(Combo, SClient, Answer)> = t12
+        .iter()
+        .map(|c| {
+            let (sc, a) = SClient::start(port, &ca, *c);
+            assert!(a.ok, "{}: {}", c.label(), a.error);
+            (*c, sc, a)
+        })
+        .collect();
+    let r = upgrade(&s);
+    let pid = r.new_pid as u64;
+    let before = metric(&s, CLOSED_RENEGOTIATION).unwrap_or(0.0);
+    let mut bad = Vec::new();
+    for (c, sc, first) in &mut ossl {
+        let a = sc.get();
+        if !a.ok || a.pid != pid || a.peer != first.peer || !a.handed_over {
+            bad.push(format!(
+                "openssl s_client {}: not answered by the new generation on its socket: {a:?}",
+                c.label()
+            ));
+            continue;
+        }
+        let ending = sc.renegotiate(Duration::from_secs(15));
+        if ending != "clean" {
+            bad.push(format!(
+                "openssl s_client {}: a renegotiation request ended the connection with {ending}\n{}",
+                c.label(),
+                sc.transcript()
+            ));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    assert_eq!(
+        require_metric(&s, CLOSED_RENEGOTIATION) - before,
+        ossl.len() as f64,
+        "each renegotiation close counted"
+    );
+    // The server serves on, over TLS too.
+    let h = rustls_client(Path::new(CLIENT), port, &ca, t12[0], 1);
+    assert!(h.first[0].ok && h.first[0].pid == pid, "{:?}", h.first);
 }
