@@ -414,4 +414,34 @@ mod tests {
         io.shutdown().await.unwrap();
         assert_eq!(next_record(&mut client, &mut c_open).await, "CloseNotify");
     }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_key_near_its_usage_limit_asks_for_a_close_and_is_never_used_past_it() {
+        use crate::tls::record::{AES_GCM_RECORD_LIMIT, CLOSE_MARGIN};
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let v = Version::Tls13;
+        let key = |seq| TrafficSecret::new(Cipher::Aes128Gcm, &[4; 16], [4; 12], seq).unwrap();
+        let mut io = RecordIo::new(
+            Stream::Unix(a),
+            Vec::new(),
+            Opener::new(v, key(0)).unwrap(),
+            Sealer::new(v, key(AES_GCM_RECORD_LIMIT - CLOSE_MARGIN - 2)).unwrap(),
+            Vec::new(),
+        );
+        io.write_all(b"x").await.unwrap();
+        assert_eq!(io.events().reason(), None);
+        io.write_all(b"y").await.unwrap();
+        assert_eq!(io.events().reason(), Some(CloseReason::Limit));
+        assert!(!io.can_move());
+        let mut io = RecordIo::new(
+            io.stream,
+            Vec::new(),
+            Opener::new(v, key(0)).unwrap(),
+            Sealer::new(v, key(AES_GCM_RECORD_LIMIT - 1)).unwrap(),
+            Vec::new(),
+        );
+        // The last sequence number is kept for the closing alert.
+        assert!(io.write_all(b"z").await.is_err());
+        io.shutdown().await.unwrap();
+    }
 }
