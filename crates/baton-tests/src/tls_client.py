@@ -52,6 +52,10 @@ Standard library only. No retries: every request is counted once.
                      Connection header, or the error
         send PATH    send the request on connection 0 without reading
         recv         read connection 0's response to `send`
+        part PATH    send the first half of the request (up to the middle of
+                     the Host header) on connection 0
+        rest         send the rest of it (same record layer: a new TLS
+                     record), and read the response as `recv` does
         quit
 """
 
@@ -588,8 +592,13 @@ def run_hold(args):
             req = "GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (words[1], HOST)
             conns[0].s.sendall(req.encode())
             out = {"sent": True}
-        elif words[0] == "recv":
+        elif words[0] == "part":
+            conns[0].s.sendall(("GET %s HTTP/1.1\r\nHo" % words[1]).encode())
+            out = {"sent": True}
+        elif words[0] in ("recv", "rest"):
             h = conns[0]
+            if words[0] == "rest":
+                h.s.sendall(("st: %s\r\n\r\n" % HOST).encode())
             try:
                 while b"\r\n\r\n" not in h.buf:
                     h.fill()

@@ -177,6 +177,30 @@ fn a_tls_connection_busy_with_a_request_moves_after_its_response() {
     assert_eq!(counter(metrics, "baton_tls_handed_over_total"), 1);
 }
 
+#[test]
+fn half_a_request_read_before_the_handoff_is_finished_and_answered_by_the_new_generation() {
+    let (s, metrics) = start("tls-handoff-half", &[]);
+    let mut h = PyHold::start(&s, 1, false);
+    // The old generation decrypts and reads the first half of a request
+    // (hyper holds it, waiting for the rest): the connection is idle, and
+    // that plaintext must travel with the keys.
+    assert_eq!(h.cmd("part /version")["sent"], true);
+    // (The upgrade takes milliseconds to start the new generation; the
+    // half request is read long before. Were it not, it would travel in
+    // the socket instead, and this test would still pass: the mutation
+    // that drops the carried plaintext makes it fail, see the report of
+    // the commit that added it.)
+    let r = upgrade(&s);
+    let resp = h.cmd("rest");
+    eprintln!("the finished request: {resp}");
+    assert_eq!(resp["ok"], true, "{resp}");
+    let body: Value = serde_json::from_str(resp["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["pid"].as_u64(), Some(r.new_pid as u64), "{resp}");
+    assert_eq!(body["handed_over"], true);
+    assert_eq!(counter(metrics, "baton_tls_handed_over_total"), 1);
+    assert_eq!(counter(metrics, "baton_tls_handshakes_total"), 1);
+}
+
 /// The rustls client: started, connected, first answer read.
 struct KeyUpdateClient {
     child: std::process::Child,

@@ -316,3 +316,132 @@ impl AsyncWrite for RecordIo {
         Pin::new(&mut this.stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::tls::record::{Cipher, TrafficSecret, Version};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn secret(fill: u8) -> TrafficSecret {
+        TrafficSecret::new(Cipher::Chacha20Poly1305, &[fill; 32], [fill; 12], 3).unwrap()
+    }
+
+    /// The server's RecordIo and the client's socket, sealer (for what the
+    /// server opens) and opener (for what it seals).
+    fn pair() -> (RecordIo, tokio::net::UnixStream, Sealer, Opener) {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let v = Version::Tls13;
+        let io = RecordIo::new(
+            Stream::Unix(a),
+            Vec::new(),
+            Opener::new(v, secret(1)).unwrap(),
+            Sealer::new(v, secret(2)).unwrap(),
+            b"carried ".to_vec(),
+        );
+        (
+            io,
+            b,
+            Sealer::new(v, secret(1)).unwrap(),
+            Opener::new(v, secret(2)).unwrap(),
+        )
+    }
+
+    async fn next_record(sock: &mut tokio::net::UnixStream, opener: &mut Opener) -> String {
+        let mut buf = Vec::new();
+        loop {
+            let mut scratch = buf.clone();
+            match opener.open(&mut scratch).unwrap() {
+                Opened::Record { content, .. } => return format!("{content:?}"),
+                Opened::Incomplete { .. } => {
+                    let mut chunk = [0u8; 4096];
+                    let n = sock.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "EOF before a whole record");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn data_flows_both_ways_and_a_bad_record_gets_bad_record_mac_then_an_error() {
+        let (mut io, mut client, mut c_seal, mut c_open) = pair();
+        let mut wire = Vec::new();
+        c_seal.seal_data(b"request", &mut wire).unwrap();
+        client.write_all(&wire).await.unwrap();
+        let mut got = vec![0u8; 15];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"carried request", "the carried plaintext comes first");
+        io.write_all(b"response").await.unwrap();
+        io.flush().await.unwrap();
+        assert_eq!(
+            next_record(&mut client, &mut c_open).await,
+            "Data([114, 101, 115, 112, 111, 110, 115, 101])"
+        );
+        // A record under the right header and the wrong key.
+        let mut bad = Vec::new();
+        Sealer::new(Version::Tls13, secret(9))
+            .unwrap()
+            .seal_data(b"forged", &mut bad)
+            .unwrap();
+        client.write_all(&bad).await.unwrap();
+        let e = io.read(&mut got).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        assert_eq!(io.events().reason(), Some(CloseReason::Alert));
+        assert_eq!(
+            next_record(&mut client, &mut c_open).await,
+            "Alert(BadRecordMac)"
+        );
+        assert!(!io.can_move());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn shutdown_sends_close_notify_and_the_peers_close_notify_is_the_end() {
+        let (mut io, mut client, mut c_seal, mut c_open) = pair();
+        let mut got = vec![0u8; 8];
+        io.read_exact(&mut got).await.unwrap();
+        let mut wire = Vec::new();
+        c_seal
+            .seal_alert(rustls::AlertDescription::CloseNotify, &mut wire)
+            .unwrap();
+        client.write_all(&wire).await.unwrap();
+        assert_eq!(
+            io.read(&mut got).await.unwrap(),
+            0,
+            "close_notify reads as the end"
+        );
+        io.shutdown().await.unwrap();
+        assert_eq!(next_record(&mut client, &mut c_open).await, "CloseNotify");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_key_near_its_usage_limit_asks_for_a_close_and_is_never_used_past_it() {
+        use crate::tls::record::{AES_GCM_RECORD_LIMIT, CLOSE_MARGIN};
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let v = Version::Tls13;
+        let key = |seq| TrafficSecret::new(Cipher::Aes128Gcm, &[4; 16], [4; 12], seq).unwrap();
+        let mut io = RecordIo::new(
+            Stream::Unix(a),
+            Vec::new(),
+            Opener::new(v, key(0)).unwrap(),
+            Sealer::new(v, key(AES_GCM_RECORD_LIMIT - CLOSE_MARGIN - 2)).unwrap(),
+            Vec::new(),
+        );
+        io.write_all(b"x").await.unwrap();
+        assert_eq!(io.events().reason(), None);
+        io.write_all(b"y").await.unwrap();
+        assert_eq!(io.events().reason(), Some(CloseReason::Limit));
+        assert!(!io.can_move());
+        let mut io = RecordIo::new(
+            io.stream,
+            Vec::new(),
+            Opener::new(v, key(0)).unwrap(),
+            Sealer::new(v, key(AES_GCM_RECORD_LIMIT - 1)).unwrap(),
+            Vec::new(),
+        );
+        // The last sequence number is kept for the closing alert.
+        assert!(io.write_all(b"z").await.is_err());
+        io.shutdown().await.unwrap();
+    }
+}

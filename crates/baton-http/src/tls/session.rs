@@ -183,3 +183,67 @@ impl<'a> Reader<'a> {
         Ok(u64::from_be_bytes(b))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn secret(cipher: Cipher, fill: u8, seq: u64) -> TrafficSecret {
+        TrafficSecret::new(cipher, &vec![fill; cipher.key_len()], [fill; 12], seq).unwrap()
+    }
+
+    #[test]
+    fn a_session_round_trips_for_every_suite_and_continues_where_it_was() {
+        for version in [Version::Tls12, Version::Tls13] {
+            for cipher in [
+                Cipher::Aes128Gcm,
+                Cipher::Aes256Gcm,
+                Cipher::Chacha20Poly1305,
+            ] {
+                let opener = Opener::new(version, secret(cipher, 1, 5)).unwrap();
+                let sealer = Sealer::new(version, secret(cipher, 2, 9)).unwrap();
+                let blob = encode(version, opener, sealer, b"GET / HT");
+                let p = parse(&blob).unwrap();
+                assert_eq!(p.plain, b"GET / HT");
+                let (o, mut s) = p.session().unwrap();
+                assert_eq!((o.version(), o.seq(), s.seq()), (version, 5, 9));
+                // The moved sealer's next record opens with the original
+                // key at the original sequence number.
+                let mut wire = Vec::new();
+                s.seal_data(b"hello", &mut wire).unwrap();
+                let mut check = Opener::new(version, secret(cipher, 2, 9)).unwrap();
+                match check.open(&mut wire).unwrap() {
+                    super::super::record::Opened::Record { content, .. } => {
+                        assert_eq!(content, super::super::record::Content::Data(b"hello"));
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn another_format_or_a_damaged_blob_is_refused_with_a_reason_and_no_key() {
+        let blob = encode(
+            Version::Tls13,
+            Opener::new(Version::Tls13, secret(Cipher::Aes128Gcm, 0xab, 0)).unwrap(),
+            Sealer::new(Version::Tls13, secret(Cipher::Aes128Gcm, 0xcd, 0)).unwrap(),
+            b"",
+        );
+        let mut v2 = blob.clone();
+        v2[1] = 2;
+        let e = parse(&v2).err().unwrap();
+        assert!(e.contains("another format"), "{e}");
+        for cut in [0, 3, 10, blob.len() - 1] {
+            let e = parse(&blob[..cut]).err().unwrap();
+            assert!(!e.contains("171") && !e.contains("ab"), "no key bytes: {e}");
+        }
+        let mut long = blob.clone();
+        long.push(0);
+        assert!(parse(&long).err().unwrap().contains("trailing"));
+        let mut bad_len = blob.clone();
+        bad_len[4] = 32; // an AES-128 key of 32 bytes
+        assert!(parse(&bad_len).is_err());
+    }
+}
