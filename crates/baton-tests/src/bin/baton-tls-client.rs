@@ -63,7 +63,15 @@ struct Args {
     conns: usize,
 }
 
-fn parse_args() -> Result<Args, String> {
+const USAGE: &str = "usage: baton-tls-client --port P --ca CA.pem --version 1.2|1.3 \
+    --suite RUSTLS_SUITE_NAME --conns N\n\
+    Opens N HTTP/1.1 keep-alive connections to 127.0.0.1:P (name localhost) offering only that \
+    TLS version and suite (rustls' name, e.g. TLS13_AES_128_GCM_SHA256), one GET /version each, \
+    then reads commands on stdin, one JSON line answered for each: get, hold, release, send, \
+    recv, keyupdate, quit.";
+
+/// The arguments, or `None` for `--help`.
+fn parse_args() -> Result<Option<Args>, String> {
     let mut a = Args {
         port: 0,
         ca: String::new(),
@@ -80,21 +88,14 @@ fn parse_args() -> Result<Args, String> {
             "--version" => a.version = val()?,
             "--suite" => a.suite = val()?,
             "--conns" => a.conns = val()?.parse().map_err(|e| format!("--conns: {e}"))?,
-            "--help" | "-h" => {
-                return Err(
-                    "usage: baton-tls-client --port P --ca CA.pem --version 1.2|1.3 \
-                     --suite RUSTLS_SUITE_NAME --conns N (then commands on stdin: \
-                     get, hold, release, keyupdate, quit)"
-                        .into(),
-                );
-            }
+            "--help" | "-h" => return Ok(None),
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
     if a.port == 0 || a.ca.is_empty() || a.suite.is_empty() {
         return Err("--port, --ca and --suite are required (see --help)".into());
     }
-    Ok(a)
+    Ok(Some(a))
 }
 
 fn config(a: &Args) -> Result<Arc<ClientConfig>, String> {
@@ -299,7 +300,11 @@ fn out(v: Value) {
 
 fn main() -> std::process::ExitCode {
     let a = match parse_args() {
-        Ok(a) => a,
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            println!("{USAGE}");
+            return std::process::ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!("baton-tls-client: {e}");
             return std::process::ExitCode::from(2);
