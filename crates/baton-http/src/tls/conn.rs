@@ -122,6 +122,10 @@ pub(crate) async fn serve_moved<S>(
     };
     tls.counters.received();
     let rec = RecordIo::new(conn.stream, conn.unread, opener, sealer, plain);
+    let info = ConnInfo {
+        handed_over: true,
+        ..info
+    };
     serve_record(shared, tls, rec, info, true, false).await;
 }
 
@@ -224,10 +228,6 @@ async fn serve_record<S>(
 ) where
     S: HttpService,
 {
-    let info = ConnInfo {
-        handed_over: true,
-        ..info
-    };
     loop {
         let events = rec.events();
         let io = ConnIo::new(rec, Bytes::new(), &shared.baton);
