@@ -311,3 +311,23 @@ fn a_tls_connection_whose_successor_refuses_it_continues_here_and_closes_cleanly
     assert_eq!(counter(metrics, "baton_tls_handed_over_total"), 0);
     assert!(!s.server.log().contains("panicked"));
 }
+
+#[test]
+fn a_key_update_in_the_middle_of_a_request_body_ends_the_connection_instead_of_hanging() {
+    let (s, metrics) = start("tls-handoff-keyupdate-body", &[]);
+    let (mut c, _) = KeyUpdateClient::start(&s);
+    let r = upgrade(&s);
+    assert_eq!(c.cmd("get")["pid"].as_u64(), Some(r.new_pid as u64));
+    // The rest of the body is under a key the record layer does not have:
+    // the request cannot finish; after a bounded time (10 s) the
+    // connection is dropped.
+    let v = c.cmd("keyupdate-mid-body");
+    eprintln!("after the KeyUpdate inside a body: {v}");
+    assert_ne!(v["ending"], "timeout", "the connection ended: {v}");
+    assert_eq!(v["answered"], false, "{v}");
+    wait_for(T, "the close to be counted", || {
+        (counter(metrics, "baton_tls_closed_key_update_total") == 1).then_some(())
+    });
+    let (_c2, first) = KeyUpdateClient::start(&s);
+    assert_eq!(first["pid"].as_u64(), Some(r.new_pid as u64));
+}

@@ -9,6 +9,8 @@
 //! * `get` — another `GET /version` on the same connection: `{"ok": true, "pid": N, "body": ...}`;
 //! * `keyupdate` — send a KeyUpdate, then a `GET /version` under the new key,
 //!   and read until the connection ends: `{"ending": "clean" | "eof-without-close_notify" | "error: ..." | "timeout", "answered": bool}`;
+//! * `keyupdate-mid-body` — send half of a `POST /echo` body, a KeyUpdate,
+//!   the other half; then as `keyupdate` (reads time out after 30 s);
 //! * `quit`.
 //!
 //! Every read has a 10 s timeout (reported as `timeout`: the hang a test
@@ -23,6 +25,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// For `keyupdate-mid-body`: longer than the server's limit for a request
+/// stuck after a KeyUpdate (10 s).
+const LONG_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
@@ -73,6 +78,22 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 ),
                 Err(e) => println!("{{\"ok\": false, \"error\": {:?}}}", e.to_string()),
             },
+            "keyupdate-mid-body" => {
+                // Half a request body, the KeyUpdate, the other half.
+                let head =
+                    "POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\nhello";
+                tls.write_all(head.as_bytes())?;
+                tls.flush()?;
+                tls.conn.refresh_traffic_keys()?;
+                let sent = tls.write_all(b"world").and_then(|()| tls.flush());
+                tls.sock.set_read_timeout(Some(LONG_TIMEOUT))?;
+                let (ending, got) = read_to_end(&mut tls);
+                println!(
+                    "{{\"ending\": {ending:?}, \"sent\": {}, \"answered\": {}}}",
+                    sent.is_ok(),
+                    String::from_utf8_lossy(&got).contains(" 200 ")
+                );
+            }
             "keyupdate" => {
                 tls.conn.refresh_traffic_keys()?;
                 let sent = tls.write_all(b"GET /version HTTP/1.1\r\nHost: localhost\r\n\r\n");
