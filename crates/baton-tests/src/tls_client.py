@@ -33,7 +33,7 @@ Standard library only. No retries: every request is counted once.
       answers. Prints {"closes": [...]} with, per connection, the time, how
       it ended (clean = close_notify) and that pid.
 
-  tls_client.py hold --port P --ca CA --conns N [--tls12]
+  tls_client.py hold --port P --ca CA --conns N [--tls12 [--cipher OPENSSL-NAME]]
       N HTTP/1.1 keep-alive connections, one `GET /version` each; prints
       {"ready": [...]} (per connection: pid, TLS version, cipher). Then
       commands on stdin, one JSON line answered for each:
@@ -530,6 +530,8 @@ def hold_get(h, path):
 
 def run_hold(args):
     ctx = context(args.ca, ["http/1.1"], tls12=args.tls12)
+    if args.cipher:
+        ctx.set_ciphers(args.cipher)  # TLS 1.2 suites only (OpenSSL names)
     conns, ready = [], []
     for _ in range(args.conns):
         s = connect(ctx, args.port)
@@ -590,6 +592,7 @@ def main():
     p.add_argument("--seconds", type=float, default=120)
     p.add_argument("--stop-file", default="/nonexistent/stop")
     p.add_argument("--tls12", action="store_true")
+    p.add_argument("--cipher", default="")
     args = p.parse_args()
     {"load": run_load, "session": run_session, "idle": run_idle,
      "hold": run_hold}[args.mode](args)

@@ -94,18 +94,38 @@ fn all_answered_by(results: &[Value], pid: u32, generation: u64) {
 
 #[test]
 fn idle_tls13_and_tls12_connections_move_across_ten_upgrades_without_a_new_handshake() {
+    // TLS 1.3 (Python's default suite), and TLS 1.2 with AES-256-GCM,
+    // AES-128-GCM and ChaCha20-Poly1305.
     const N: usize = 4;
     let (s, metrics) = start("tls-handoff-idle", &[]);
     let mut t13 = PyHold::start(&s, N, false);
     let mut t12 = PyHold::start(&s, N, true);
-    for (h, want) in [(&t13, "TLSv1.3"), (&t12, "TLSv1.2")] {
+    // The other two TLS 1.2 AEADs (the certificate is ECDSA).
+    let mut chacha = PyHold::start_with(&s, 1, true, Some("ECDHE-ECDSA-CHACHA20-POLY1305"));
+    let mut aes128 = PyHold::start_with(&s, 1, true, Some("ECDHE-ECDSA-AES128-GCM-SHA256"));
+    for (h, want) in [
+        (&t13, "TLSv1.3"),
+        (&t12, "TLSv1.2"),
+        (&chacha, "TLSv1.2"),
+        (&aes128, "TLSv1.2"),
+    ] {
         for r in &h.ready {
             assert_eq!(r["tls"], want, "{r}");
             assert_eq!(r["pid"].as_u64(), Some(s.server.pid() as u64));
         }
     }
+    eprintln!(
+        "suites: {} / {} / {} / {}",
+        t13.ready[0]["cipher"],
+        t12.ready[0]["cipher"],
+        chacha.ready[0]["cipher"],
+        aes128.ready[0]["cipher"]
+    );
+    assert_eq!(chacha.ready[0]["cipher"], "ECDHE-ECDSA-CHACHA20-POLY1305");
+    assert_eq!(aes128.ready[0]["cipher"], "ECDHE-ECDSA-AES128-GCM-SHA256");
+    const ALL: u64 = 2 * N as u64 + 2;
     let handshakes = counter(metrics, "baton_tls_handshakes_total");
-    assert_eq!(handshakes, 2 * N as u64, "one handshake per connection");
+    assert_eq!(handshakes, ALL, "one handshake per connection");
     let mut r = None;
     for i in 0..10 {
         let up = upgrade(&s);
@@ -129,6 +149,8 @@ fn idle_tls13_and_tls12_connections_move_across_ten_upgrades_without_a_new_hands
     assert_eq!(r.to_generation, 11);
     all_answered_by(&t13.get_all("/version"), r.new_pid, 11);
     all_answered_by(&t12.get_all("/version"), r.new_pid, 11);
+    all_answered_by(&chacha.get_all("/version"), r.new_pid, 11);
+    all_answered_by(&aes128.get_all("/version"), r.new_pid, 11);
     // And again, on the same sockets.
     all_answered_by(&t13.get_all("/version"), r.new_pid, 11);
     assert_eq!(
@@ -137,11 +159,7 @@ fn idle_tls13_and_tls12_connections_move_across_ten_upgrades_without_a_new_hands
         "no new TLS handshake in ten upgrades"
     );
     let moved = counter(metrics, "baton_tls_handed_over_total");
-    assert_eq!(
-        moved,
-        10 * 2 * N as u64,
-        "each connection moved at each upgrade"
-    );
+    assert_eq!(moved, 10 * ALL, "each connection moved at each upgrade");
     assert_eq!(counter(metrics, "baton_tls_received_total"), moved);
     for c in ["key_update", "renegotiation", "alert", "limit", "refused"] {
         assert_eq!(
