@@ -92,6 +92,14 @@ fn all_answered_by(results: &[Value], pid: u32, generation: u64) {
     }
 }
 
+/// `POST /echo` of `n` bytes on each connection comes back intact.
+fn echo_all(h: &mut PyHold, n: usize) {
+    let v = h.cmd(&format!("echo {n}"));
+    for (i, r) in v["results"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(r["ok"], true, "echo of {n} bytes on connection {i}: {r}");
+    }
+}
+
 #[test]
 fn idle_tls13_and_tls12_connections_move_across_ten_upgrades_without_a_new_handshake() {
     // TLS 1.3 (Python's default suite), and TLS 1.2 with AES-256-GCM,
@@ -143,6 +151,13 @@ fn idle_tls13_and_tls12_connections_move_across_ten_upgrades_without_a_new_hands
             i + 1,
             up.drain_ms
         );
+        if i == 4 {
+            // Halfway: big bodies both ways on the moved connections (many
+            // records each way; the sequence numbers move on with them).
+            for h in [&mut t13, &mut t12, &mut chacha, &mut aes128] {
+                echo_all(h, 200_000);
+            }
+        }
         r = Some(up);
     }
     let r = r.unwrap();
@@ -153,6 +168,7 @@ fn idle_tls13_and_tls12_connections_move_across_ten_upgrades_without_a_new_hands
     all_answered_by(&aes128.get_all("/version"), r.new_pid, 11);
     // And again, on the same sockets.
     all_answered_by(&t13.get_all("/version"), r.new_pid, 11);
+    echo_all(&mut t13, 1 << 20);
     assert_eq!(
         counter(metrics, "baton_tls_handshakes_total"),
         handshakes,
