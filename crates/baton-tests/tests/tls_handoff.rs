@@ -244,9 +244,14 @@ struct KeyUpdateClient {
 
 impl KeyUpdateClient {
     fn start(s: &TlsServer) -> (KeyUpdateClient, Value) {
+        Self::start_suite(s, None)
+    }
+
+    fn start_suite(s: &TlsServer, suite: Option<&str>) -> (KeyUpdateClient, Value) {
         let mut cmd = Command::new(KEYUPDATE_CLIENT);
         cmd.arg(s.tls_port.to_string())
             .arg(&s.pki.ca)
+            .args(suite)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -364,4 +369,34 @@ fn a_key_update_in_the_middle_of_a_request_body_ends_the_connection_instead_of_h
     });
     let (_c2, first) = KeyUpdateClient::start(&s);
     assert_eq!(first["pid"].as_u64(), Some(r.new_pid as u64));
+}
+
+#[test]
+fn every_tls13_suite_moves_from_a_rustls_client() {
+    let (s, metrics) = start("tls-handoff-tls13-suites", &[]);
+    let suites = [
+        "TLS13_AES_128_GCM_SHA256",
+        "TLS13_AES_256_GCM_SHA384",
+        "TLS13_CHACHA20_POLY1305_SHA256",
+    ];
+    let mut clients: Vec<KeyUpdateClient> = suites
+        .iter()
+        .map(|suite| {
+            let (c, first) = KeyUpdateClient::start_suite(&s, Some(suite));
+            assert_eq!(first["suite"], *suite, "{first}");
+            c
+        })
+        .collect();
+    let mut last = None;
+    for _ in 0..3 {
+        last = Some(upgrade(&s));
+    }
+    let r = last.unwrap();
+    for (c, suite) in clients.iter_mut().zip(suites) {
+        let v = c.cmd("get");
+        assert_eq!(v["ok"], true, "{suite}: {v}");
+        assert_eq!(v["pid"].as_u64(), Some(r.new_pid as u64), "{suite}: {v}");
+    }
+    assert_eq!(counter(metrics, "baton_tls_handshakes_total"), 3);
+    assert_eq!(counter(metrics, "baton_tls_handed_over_total"), 9);
 }
