@@ -790,9 +790,18 @@ impl PyHold {
     /// Open `conns` connections (TLS 1.2 only if `tls12`); returns once each
     /// has had its first answer.
     pub fn start(s: &TlsServer, conns: usize, tls12: bool) -> PyHold {
+        Self::start_with(s, conns, tls12, None)
+    }
+
+    /// [`start`](Self::start) with a TLS 1.2 cipher suite (OpenSSL name).
+    pub fn start_with(s: &TlsServer, conns: usize, tls12: bool, cipher: Option<&str>) -> PyHold {
         let mut extra = vec!["--conns".to_string(), conns.to_string()];
         if tls12 {
             extra.push("--tls12".into());
+        }
+        if let Some(c) = cipher {
+            extra.push("--cipher".into());
+            extra.push(c.into());
         }
         let mut cmd = s.python("hold", &extra);
         cmd.stdin(Stdio::piped())

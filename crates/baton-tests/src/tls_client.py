@@ -43,7 +43,7 @@ Standard library only. No retries: every request is counted once.
       "generation", "handed_over", "peer", "local"} or {"ok": false,
       "error"}.
 
-  tls_client.py hold --port P --ca CA --conns N [--tls12]
+  tls_client.py hold --port P --ca CA --conns N [--tls12 [--cipher OPENSSL-NAME]]
       N HTTP/1.1 keep-alive connections, one `GET /version` each; prints
       {"ready": [...]} (per connection: pid, TLS version, cipher). Then
       commands on stdin, one JSON line answered for each:
@@ -52,6 +52,8 @@ Standard library only. No retries: every request is counted once.
                      Connection header, or the error
         send PATH    send the request on connection 0 without reading
         recv         read connection 0's response to `send`
+        echo N       POST /echo with N bytes on each connection; per
+                     connection: ok (the same bytes came back), len
         part PATH    send the first half of the request (up to the middle of
                      the Host header) on connection 0
         rest         send the rest of it (same record layer: a new TLS
@@ -572,6 +574,8 @@ def hold_get(h, path):
 
 def run_hold(args):
     ctx = context(args.ca, ["http/1.1"], tls12=args.tls12)
+    if args.cipher:
+        ctx.set_ciphers(args.cipher)  # TLS 1.2 suites only (OpenSSL names)
     conns, ready = [], []
     for _ in range(args.conns):
         s = connect(ctx, args.port)
@@ -592,6 +596,31 @@ def run_hold(args):
             req = "GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (words[1], HOST)
             conns[0].s.sendall(req.encode())
             out = {"sent": True}
+        elif words[0] == "echo":
+            # POST /echo with N bytes on each connection; the body must come back.
+            n = int(words[1])
+            results = []
+            for i, h in enumerate(conns):
+                data = bytes((i + j * 7) % 251 for j in range(n))
+                try:
+                    req = ("POST /echo HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n"
+                           % (HOST, n)).encode() + data
+                    h.s.sendall(req)
+                    while b"\r\n\r\n" not in h.buf:
+                        h.fill()
+                    head, h.buf = h.buf.split(b"\r\n\r\n", 1)
+                    length = 0
+                    for l in head.decode("latin-1").split("\r\n")[1:]:
+                        k, _, v = l.partition(":")
+                        if k.strip().lower() == "content-length":
+                            length = int(v.strip())
+                    while len(h.buf) < length:
+                        h.fill()
+                    body, h.buf = h.buf[:length], h.buf[length:]
+                    results.append({"ok": body == data, "len": len(body)})
+                except Exception as e:  # noqa: BLE001
+                    results.append({"ok": False, "error": repr(e)})
+            out = {"results": results}
         elif words[0] == "part":
             conns[0].s.sendall(("GET %s HTTP/1.1\r\nHo" % words[1]).encode())
             out = {"sent": True}

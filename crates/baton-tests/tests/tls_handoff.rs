@@ -92,20 +92,48 @@ fn all_answered_by(results: &[Value], pid: u32, generation: u64) {
     }
 }
 
+/// `POST /echo` of `n` bytes on each connection comes back intact.
+fn echo_all(h: &mut PyHold, n: usize) {
+    let v = h.cmd(&format!("echo {n}"));
+    for (i, r) in v["results"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(r["ok"], true, "echo of {n} bytes on connection {i}: {r}");
+    }
+}
+
 #[test]
 fn idle_tls13_and_tls12_connections_move_across_ten_upgrades_without_a_new_handshake() {
+    // TLS 1.3 (Python's default suite), and TLS 1.2 with AES-256-GCM,
+    // AES-128-GCM and ChaCha20-Poly1305.
     const N: usize = 4;
     let (s, metrics) = start("tls-handoff-idle", &[]);
     let mut t13 = PyHold::start(&s, N, false);
     let mut t12 = PyHold::start(&s, N, true);
-    for (h, want) in [(&t13, "TLSv1.3"), (&t12, "TLSv1.2")] {
+    // The other two TLS 1.2 AEADs (the certificate is ECDSA).
+    let mut chacha = PyHold::start_with(&s, 1, true, Some("ECDHE-ECDSA-CHACHA20-POLY1305"));
+    let mut aes128 = PyHold::start_with(&s, 1, true, Some("ECDHE-ECDSA-AES128-GCM-SHA256"));
+    for (h, want) in [
+        (&t13, "TLSv1.3"),
+        (&t12, "TLSv1.2"),
+        (&chacha, "TLSv1.2"),
+        (&aes128, "TLSv1.2"),
+    ] {
         for r in &h.ready {
             assert_eq!(r["tls"], want, "{r}");
             assert_eq!(r["pid"].as_u64(), Some(s.server.pid() as u64));
         }
     }
+    eprintln!(
+        "suites: {} / {} / {} / {}",
+        t13.ready[0]["cipher"],
+        t12.ready[0]["cipher"],
+        chacha.ready[0]["cipher"],
+        aes128.ready[0]["cipher"]
+    );
+    assert_eq!(chacha.ready[0]["cipher"], "ECDHE-ECDSA-CHACHA20-POLY1305");
+    assert_eq!(aes128.ready[0]["cipher"], "ECDHE-ECDSA-AES128-GCM-SHA256");
+    const ALL: u64 = 2 * N as u64 + 2;
     let handshakes = counter(metrics, "baton_tls_handshakes_total");
-    assert_eq!(handshakes, 2 * N as u64, "one handshake per connection");
+    assert_eq!(handshakes, ALL, "one handshake per connection");
     let mut r = None;
     for i in 0..10 {
         let up = upgrade(&s);
@@ -123,25 +151,31 @@ fn idle_tls13_and_tls12_connections_move_across_ten_upgrades_without_a_new_hands
             i + 1,
             up.drain_ms
         );
+        if i == 4 {
+            // Halfway: big bodies both ways on the moved connections (many
+            // records each way; the sequence numbers move on with them).
+            for h in [&mut t13, &mut t12, &mut chacha, &mut aes128] {
+                echo_all(h, 200_000);
+            }
+        }
         r = Some(up);
     }
     let r = r.unwrap();
     assert_eq!(r.to_generation, 11);
     all_answered_by(&t13.get_all("/version"), r.new_pid, 11);
     all_answered_by(&t12.get_all("/version"), r.new_pid, 11);
+    all_answered_by(&chacha.get_all("/version"), r.new_pid, 11);
+    all_answered_by(&aes128.get_all("/version"), r.new_pid, 11);
     // And again, on the same sockets.
     all_answered_by(&t13.get_all("/version"), r.new_pid, 11);
+    echo_all(&mut t13, 1 << 20);
     assert_eq!(
         counter(metrics, "baton_tls_handshakes_total"),
         handshakes,
         "no new TLS handshake in ten upgrades"
     );
     let moved = counter(metrics, "baton_tls_handed_over_total");
-    assert_eq!(
-        moved,
-        10 * 2 * N as u64,
-        "each connection moved at each upgrade"
-    );
+    assert_eq!(moved, 10 * ALL, "each connection moved at each upgrade");
     assert_eq!(counter(metrics, "baton_tls_received_total"), moved);
     for c in ["key_update", "renegotiation", "alert", "limit", "refused"] {
         assert_eq!(
@@ -210,9 +244,14 @@ struct KeyUpdateClient {
 
 impl KeyUpdateClient {
     fn start(s: &TlsServer) -> (KeyUpdateClient, Value) {
+        Self::start_suite(s, None)
+    }
+
+    fn start_suite(s: &TlsServer, suite: Option<&str>) -> (KeyUpdateClient, Value) {
         let mut cmd = Command::new(KEYUPDATE_CLIENT);
         cmd.arg(s.tls_port.to_string())
             .arg(&s.pki.ca)
+            .args(suite)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -310,4 +349,54 @@ fn a_tls_connection_whose_successor_refuses_it_continues_here_and_closes_cleanly
     }
     assert_eq!(counter(metrics, "baton_tls_handed_over_total"), 0);
     assert!(!s.server.log().contains("panicked"));
+}
+
+#[test]
+fn a_key_update_in_the_middle_of_a_request_body_ends_the_connection_instead_of_hanging() {
+    let (s, metrics) = start("tls-handoff-keyupdate-body", &[]);
+    let (mut c, _) = KeyUpdateClient::start(&s);
+    let r = upgrade(&s);
+    assert_eq!(c.cmd("get")["pid"].as_u64(), Some(r.new_pid as u64));
+    // The rest of the body is under a key the record layer does not have:
+    // the request cannot finish; after a bounded time (10 s) the
+    // connection is dropped.
+    let v = c.cmd("keyupdate-mid-body");
+    eprintln!("after the KeyUpdate inside a body: {v}");
+    assert_ne!(v["ending"], "timeout", "the connection ended: {v}");
+    assert_eq!(v["answered"], false, "{v}");
+    wait_for(T, "the close to be counted", || {
+        (counter(metrics, "baton_tls_closed_key_update_total") == 1).then_some(())
+    });
+    let (_c2, first) = KeyUpdateClient::start(&s);
+    assert_eq!(first["pid"].as_u64(), Some(r.new_pid as u64));
+}
+
+#[test]
+fn every_tls13_suite_moves_from_a_rustls_client() {
+    let (s, metrics) = start("tls-handoff-tls13-suites", &[]);
+    let suites = [
+        "TLS13_AES_128_GCM_SHA256",
+        "TLS13_AES_256_GCM_SHA384",
+        "TLS13_CHACHA20_POLY1305_SHA256",
+    ];
+    let mut clients: Vec<KeyUpdateClient> = suites
+        .iter()
+        .map(|suite| {
+            let (c, first) = KeyUpdateClient::start_suite(&s, Some(suite));
+            assert_eq!(first["suite"], *suite, "{first}");
+            c
+        })
+        .collect();
+    let mut last = None;
+    for _ in 0..3 {
+        last = Some(upgrade(&s));
+    }
+    let r = last.unwrap();
+    for (c, suite) in clients.iter_mut().zip(suites) {
+        let v = c.cmd("get");
+        assert_eq!(v["ok"], true, "{suite}: {v}");
+        assert_eq!(v["pid"].as_u64(), Some(r.new_pid as u64), "{suite}: {v}");
+    }
+    assert_eq!(counter(metrics, "baton_tls_handshakes_total"), 3);
+    assert_eq!(counter(metrics, "baton_tls_handed_over_total"), 9);
 }

@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use baton::{OwnedConn, Phase, Stream};
 use bytes::Bytes;
@@ -31,6 +32,11 @@ use super::{TlsInner, session};
 use crate::count::Counted;
 use crate::io::ConnIo;
 use crate::{ConnInfo, HttpService, Shared};
+
+/// After the record layer met what it cannot follow (a KeyUpdate), how long
+/// a request in progress may take to finish: it may be waiting for body
+/// bytes that can no longer be read. Then the connection is dropped.
+const STUCK_REQUEST_LIMIT: Duration = Duration::from_secs(10);
 
 /// The kind HTTP/1.1 TLS connections move under between generations (see
 /// [`baton::Baton::receive_owned`]); [`Tls::load`](super::Tls::load)
@@ -122,6 +128,10 @@ pub(crate) async fn serve_moved<S>(
     };
     tls.counters.received();
     let rec = RecordIo::new(conn.stream, conn.unread, opener, sealer, plain);
+    let info = ConnInfo {
+        handed_over: true,
+        ..info
+    };
     serve_record(shared, tls, rec, info, true, false).await;
 }
 
@@ -224,10 +234,6 @@ async fn serve_record<S>(
 ) where
     S: HttpService,
 {
-    let info = ConnInfo {
-        handed_over: true,
-        ..info
-    };
     loop {
         let events = rec.events();
         let io = ConnIo::new(rec, Bytes::new(), &shared.baton);
@@ -400,6 +406,7 @@ where
     let mut phase_fut = next_phase_change(rx.clone());
     let mut moment = Moment::new();
     let mut quiet_timer: Option<Pin<Box<Sleep>>> = None;
+    let mut stuck_timer: Option<Pin<Box<Sleep>>> = None;
     let mut closing = false;
     let quiet = tls.config.close_quiet;
     // Idle at a request boundary: hyper flushed everything, has no request
@@ -439,6 +446,14 @@ where
                     Pin::new(&mut conn).graceful_shutdown();
                     closing = true;
                     continue;
+                }
+                // A request in progress may wait for body bytes that can
+                // no longer be read: it gets a bounded time.
+                let t = stuck_timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(STUCK_REQUEST_LIMIT)));
+                if t.as_mut().poll(cx).is_ready() {
+                    tracing::debug!(peer = %info.peer_string(), "TLS: the request in progress did not finish after a KeyUpdate; closing");
+                    return Poll::Ready(false);
                 }
             } else if moving(phase) {
                 if idle() {

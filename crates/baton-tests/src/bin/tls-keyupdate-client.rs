@@ -2,13 +2,15 @@
 //! `ssl` cannot send a TLS 1.3 KeyUpdate, rustls can
 //! (`refresh_traffic_keys`).
 //!
-//! `tls-keyupdate-client PORT CA_PEM`: connects to 127.0.0.1:PORT (name
-//! `localhost`, TLS 1.3, ALPN http/1.1), sends `GET /version` and prints
-//! `{"pid": N}`. Then reads commands on stdin, one JSON line answered each:
+//! `tls-keyupdate-client PORT CA_PEM [TLS13_SUITE]`: connects to
+//! 127.0.0.1:PORT (name `localhost`, TLS 1.3, only that suite if given,
+//! ALPN http/1.1), sends `GET /version` and prints `{"pid": N, "suite": S}`. Then reads commands on stdin, one JSON line answered each:
 //!
 //! * `get` — another `GET /version` on the same connection: `{"ok": true, "pid": N, "body": ...}`;
 //! * `keyupdate` — send a KeyUpdate, then a `GET /version` under the new key,
 //!   and read until the connection ends: `{"ending": "clean" | "eof-without-close_notify" | "error: ..." | "timeout", "answered": bool}`;
+//! * `keyupdate-mid-body` — send half of a `POST /echo` body, a KeyUpdate,
+//!   the other half; then as `keyupdate` (reads time out after 30 s);
 //! * `quit`.
 //!
 //! Every read has a 10 s timeout (reported as `timeout`: the hang a test
@@ -23,6 +25,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// For `keyupdate-mid-body`: longer than the server's limit for a request
+/// stuck after a KeyUpdate (10 s).
+const LONG_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
@@ -38,14 +43,27 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, port, ca] = &args[..] else {
-        return Err("usage: tls-keyupdate-client PORT CA_PEM".into());
+    let (port, ca, suite) = match &args[..] {
+        [_, port, ca] => (port, ca, None),
+        [_, port, ca, suite] => (port, ca, Some(suite.as_str())),
+        _ => return Err("usage: tls-keyupdate-client PORT CA_PEM [TLS13_SUITE]".into()),
     };
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca)? {
         roots.add(c?)?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(name) = suite {
+        use rustls::crypto::ring::cipher_suite as cs;
+        let chosen = match name {
+            "TLS13_AES_128_GCM_SHA256" => cs::TLS13_AES_128_GCM_SHA256,
+            "TLS13_AES_256_GCM_SHA384" => cs::TLS13_AES_256_GCM_SHA384,
+            "TLS13_CHACHA20_POLY1305_SHA256" => cs::TLS13_CHACHA20_POLY1305_SHA256,
+            other => return Err(format!("unknown TLS 1.3 suite {other}").into()),
+        };
+        provider.cipher_suites = vec![chosen];
+    }
+    let provider = Arc::new(provider);
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
@@ -60,7 +78,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     sock.set_nodelay(true)?;
     let mut tls = Tls::new(conn, sock);
     let (_, body) = get(&mut tls)?;
-    println!("{{\"pid\": {}}}", pid(&body));
+    let suite = tls
+        .conn
+        .negotiated_cipher_suite()
+        .map(|s| format!("{:?}", s.suite()))
+        .unwrap_or_default();
+    println!("{{\"pid\": {}, \"suite\": {suite:?}}}", pid(&body));
     for line in std::io::stdin().lock().lines() {
         let line = line?;
         match line.trim() {
@@ -73,6 +96,22 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 ),
                 Err(e) => println!("{{\"ok\": false, \"error\": {:?}}}", e.to_string()),
             },
+            "keyupdate-mid-body" => {
+                // Half a request body, the KeyUpdate, the other half.
+                let head =
+                    "POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\nhello";
+                tls.write_all(head.as_bytes())?;
+                tls.flush()?;
+                tls.conn.refresh_traffic_keys()?;
+                let sent = tls.write_all(b"world").and_then(|()| tls.flush());
+                tls.sock.set_read_timeout(Some(LONG_TIMEOUT))?;
+                let (ending, got) = read_to_end(&mut tls);
+                println!(
+                    "{{\"ending\": {ending:?}, \"sent\": {}, \"answered\": {}}}",
+                    sent.is_ok(),
+                    String::from_utf8_lossy(&got).contains(" 200 ")
+                );
+            }
             "keyupdate" => {
                 tls.conn.refresh_traffic_keys()?;
                 let sent = tls.write_all(b"GET /version HTTP/1.1\r\nHost: localhost\r\n\r\n");
