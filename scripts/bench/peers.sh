@@ -232,6 +232,22 @@ start_peer() {
         "${ON_SRV[@]}" haproxy -W -f "$dir/haproxy.cfg" -p "$dir/pid" >>"$dir/log" 2>&1 &
       fi
       ;;
+    nginx-tls|haproxy-tls)
+      # TLS termination (the tls scenario): HTTPS on $TLS_PORT with the
+      # certificate in $TLS_DIR (cert.pem, key.pem), plain HTTP on PORT.
+      if [[ $name == nginx-tls ]]; then
+        KIND=nginx-reload
+        mkdir -p "$dir/logs"
+        sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$port#g" -e "s#@TLSPORT@#$TLS_PORT#g" \
+          -e "s#@CERT@#$TLS_DIR/cert.pem#" -e "s#@KEY@#$TLS_DIR/key.pem#" "$HERE/nginx-tls.conf" > "$dir/nginx.conf"
+        "${ON_SRV[@]}" "$(command -v nginx)" -p "$dir" -c "$dir/nginx.conf" >>"$dir/log" 2>&1
+      else
+        KIND=haproxy
+        sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$port#g" -e "s#@TLSPORT@#$TLS_PORT#g" \
+          -e "s#@PEM@#$TLS_DIR/haproxy.pem#" "$HERE/haproxy-tls.cfg" > "$dir/haproxy.cfg"
+        "${ON_SRV[@]}" haproxy -W -f "$dir/haproxy.cfg" -p "$dir/pid" >>"$dir/log" 2>&1 &
+      fi
+      ;;
     pingora)
       KIND=pingora
       sed -e "s#@DIR@#$dir#g" "$HERE/pingora.yaml" > "$dir/pingora.yaml"

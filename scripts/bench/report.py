@@ -34,6 +34,8 @@ PEER_LABEL = {
     "uvicorn-nosteer": "uvicorn under `baton run --no-steer --ready delay=1s`",
     "nginx-ws": "nginx -s reload (HUP) proxying to a WebSocket backend",
     "haproxy-ws": "HAProxy reload (USR2) proxying to a WebSocket backend",
+    "nginx-tls": "nginx -s reload (HUP), terminating TLS",
+    "haproxy-tls": "HAProxy reload (USR2), terminating TLS",
 }
 
 SHORT = {
@@ -51,6 +53,8 @@ SHORT = {
     "stop-start": "stop + start",
     "nginx-ws": "nginx reload (proxy)",
     "haproxy-ws": "HAProxy reload (proxy)",
+    "nginx-tls": "nginx reload (TLS)",
+    "haproxy-tls": "HAProxy reload (TLS)",
 }
 
 TRIGGER = {
@@ -881,12 +885,72 @@ class Report:
                           med_range(gone, f_ms) if gone else "not gone")
         self.p()
 
+    # --------------------------------------------------------------- tls -----
+    def tls(self, n):
+        rows = self.kind("tls")
+        if not rows:
+            return
+        self.p(f"#### {n}. Idle HTTPS keep-alive connections through upgrades")
+        self.p()
+        self.p("Each round, the probe (scripts/bench/tls_probe.py, Python `ssl`, TLS 1.3, HTTP/1.1) opens "
+               "its connections with one `GET /` each and leaves them idle; then, per upgrade, it waits until "
+               "every process of the old generation has exited and, like a pooled client, checks each "
+               "connection and sends one `GET /` on it. *survived*: answered on its own socket (no new "
+               "handshake); *closed*: the server had closed it (clean: with close_notify), the client "
+               "reconnects — one TLS handshake (*resumed*: with its session ticket); *failed*: a request "
+               "sent on a connection that then failed. *handshakes per upgrade*: new handshakes over all "
+               "upgrades and rounds ÷ upgrades (the connections per round are in *connections*). nginx and "
+               "HAProxy terminate TLS with the same certificate and the same handler as in the other "
+               "scenarios, and are reloaded.")
+        self.p()
+        self.p("| peer | rounds | connections | upgrades | survived on their socket | handshakes per upgrade "
+               "(resumed) | closed (clean/other) | failed | old generation gone |")
+        self.p("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        by = {}
+        for r in rows:
+            by.setdefault(r["peer"], []).append(r)
+        for peer in sorted(by, key=lambda k: list(PEER_LABEL).index(k) if k in PEER_LABEL else 99):
+            t = {"opened": 0, "upgrades": 0, "survived": 0, "handshakes": 0, "resumed": 0,
+                 "closed_clean": 0, "closed_other": 0, "failed": 0}
+            gone, errs, conns, checks = [], [], [], 0
+            for r in by[peer]:
+                res = jsonl(r.get("file", ""))
+                if r.get("error") or not res:
+                    errs.append(r.get("error", "no result"))
+                    continue
+                x = res[-1]
+                for k in t:
+                    t[k] += x[k]
+                conns.append(x["opened"])
+                checks += x["opened"] * x["upgrades"]
+                gone += [g for g in x["gone_ms"] if g is not None]
+                if any(g is None for g in x["gone_ms"]):
+                    errs.append("an old generation was still there at the timeout")
+            note = f" ({len(errs)}: {errs[0]})" if errs else ""
+            per_up = t["handshakes"] / t["upgrades"] if t["upgrades"] else None
+            self.p(f"| {PEER_LABEL.get(peer, peer)} | {len(by[peer])}{note} | "
+                   f"{'/'.join(sorted(set(map(str, conns)))) or '—'} | {t['upgrades']} | "
+                   f"{t['survived']}/{checks} | {f_num(per_up) if per_up is not None else '—'} "
+                   f"({t['resumed']}) | {t['closed_clean']}/{t['closed_other']} | {t['failed']} | "
+                   f"{med_range(gone, f_ms) if gone else 'not gone'} |")
+            self.summary.setdefault("tls", {})[peer] = (t["survived"], checks, per_up)
+            if peer == "baton-demo":
+                self.goal("baton-demo: every idle TLS connection answers on its own socket after each upgrade, "
+                          "with no new handshake",
+                          t["survived"] == checks > 0 and t["handshakes"] == 0 and not errs,
+                          f"{t['survived']}/{checks} survived, {t['handshakes']} handshakes, "
+                          f"{t['failed']} failed")
+                self.goal("baton-demo: old generation gone within 1 s with the TLS connections idle",
+                          bool(gone) and max(gone) < 1000,
+                          med_range(gone, f_ms) if gone else "not gone")
+        self.p()
+
     def render(self, level="###"):
         self.header(level)
         self.failures()
         n = 0
         for section in (self.load, self.idle, self.steady, self.latency, self.handoff, self.spawn,
-                        self.h2, self.memory, self.clients, self.steering, self.ws):
+                        self.h2, self.memory, self.clients, self.steering, self.ws, self.tls):
             before = len(self.out)
             section(n + 1)
             if len(self.out) > before:
@@ -926,6 +990,10 @@ class Report:
         if ws:
             bits.append("WebSockets still answering on their own connection after one upgrade: "
                         + ", ".join(f"{SHORT.get(p, p)} {a}/{b}" for p, (a, b) in ws.items()))
+        tls = s.get("tls", {})
+        if tls:
+            bits.append("idle TLS connections answering on their own socket after upgrades: "
+                        + ", ".join(f"{SHORT.get(p, p)} {a}/{b}" for p, (a, b, _) in tls.items()))
         if "steady" in s:
             med, lo, hi, k = s["steady"]
             bits.append(f"steady req/s baton-demo ÷ plain hyper × {med:.3f} (× {lo:.3f}–{hi:.3f}, {k} rounds)")
@@ -956,7 +1024,8 @@ Options: `--rounds N` (default 5), `--duration S` (wrk `-d` of a load run, defau
 (per load run, default 2), `--latency-count N` (rounds of the latency and spawn scenarios, default 20),
 `--server-cpu N` / `--load-cpu N` (default 0 / 1), `--bin-dir DIR` (prebuilt `baton-demo`,
 `bench-handoff`, `bench-spawn` and `baton`), `--keep` (keep the run directory with every raw output),
-`--ws-conns N` (WebSockets in the ws scenario, default 1000).
+`--ws-conns N` (WebSockets in the ws scenario, default 1000), `--tls-conns N` (idle HTTPS connections in
+the tls scenario, default 200).
 Every process it starts is stopped by pid on exit, every port is picked free on 127.0.0.1, every wait
 and every load loop has a deadline. It installs what the peers need (Debian packages, a pinned Python
 venv) and builds pingora and ecdysis from their own lockfiles; a peer that cannot be installed is a

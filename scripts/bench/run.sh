@@ -4,7 +4,7 @@
 #   scripts/bench/run.sh [--write-docs] [--quick] [--only NAME[,NAME]] [--rounds N]
 #                        [--duration S] [--upgrades N] [--latency-count N]
 #                        [--server-cpu N] [--load-cpu N] [--bin-dir DIR] [--keep]
-#                        [--ws-conns N]
+#                        [--ws-conns N] [--tls-conns N]
 #
 # Prints one Markdown report on stdout (progress on stderr) and keeps a copy
 # in target/bench/latest.md. --write-docs also writes docs/benchmarks.md and
@@ -47,6 +47,13 @@
 #             Not in --quick's default list: --quick --only ws (100
 #             connections, baton-demo; add nginx-reload,haproxy for those;
 #             --ws-conns N for another count)
+#   tls       idle HTTPS keep-alive connections (Python ssl, TLS 1.3; 200,
+#             --tls-conns N) through 3 upgrades per round: after each, every
+#             connection is checked and used once; how many answer on their
+#             own socket and how many TLS handshakes each upgrade costs
+#             (closed connections reconnect); baton-demo's HTTPS listener vs
+#             nginx (ssl) and HAProxy (ssl crt) terminating TLS, reloaded.
+#             Not in --quick's default list: --quick --only tls
 # Peers: baton-demo baton-run nginx-binary nginx-reload haproxy
 #        haproxy-idle-close tableflip pingora ecdysis stop-start
 # --only takes peer and/or scenario names (e.g. --only baton-demo,latency).
@@ -75,7 +82,7 @@ source "$HERE/lib.sh"
 # shellcheck source=scripts/bench/peers.sh
 source "$HERE/peers.sh"
 
-WS_CONNS_ARG="" QUICK=0 ONLY="" DUR="" ROUNDS="" LATN="" KEEP=0 BIN_DIR="" UPGRADES="" WRITE_DOCS=0
+TLS_CONNS_ARG="" WS_CONNS_ARG="" QUICK=0 ONLY="" DUR="" ROUNDS="" LATN="" KEEP=0 BIN_DIR="" UPGRADES="" WRITE_DOCS=0
 SRV_CPU=0 LOAD_CPU=1
 # ws scenario: the stated limit on an old proxy worker's life after a reload
 # (nginx worker_shutdown_timeout, HAProxy hard-stop-after), seconds.
@@ -96,6 +103,7 @@ while [[ $# -gt 0 ]]; do
     --bin-dir) BIN_DIR="$(cd "$2" && pwd)"; shift ;;
     --keep) KEEP=1 ;;
     --ws-conns) WS_CONNS_ARG="$2"; shift ;;
+    --tls-conns) TLS_CONNS_ARG="$2"; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -111,22 +119,23 @@ fi
 pin_cpus
 
 ALL_PEERS="baton-demo baton-run nginx-binary nginx-reload haproxy haproxy-idle-close tableflip pingora ecdysis stop-start"
-ALL_SCEN="load idle steady latency handoff spawn h2 memory clients steering ws"
+ALL_SCEN="load idle steady latency handoff spawn h2 memory clients steering ws tls"
 if [[ $QUICK == 1 ]]; then
   DUR=${DUR:-3}; ROUNDS=${ROUNDS:-1}; LATN=${LATN:-5}; UPGRADES=${UPGRADES:-2}
   SCALE="200" FIRST=0.5 STEADY_DUR=2 STEADY_ROUNDS=1 BALLAST="20 256" H2_UPGRADES=2
   SUP_COUNT=5 SUP_AT="2,5" CLIENT_UPGRADES=2 STEER_RUNS=1 STEER_UPGRADES=2
   # fewer connections: a debug build on one CPU would time some of 64 out
-  CONNS=16 WS_CONNS=100
+  CONNS=16 WS_CONNS=100 TLS_CONNS=50 TLS_UPGRADES=3
   PEERS="baton-demo" SCEN="load idle steady latency handoff spawn h2 memory"
 else
   DUR=${DUR:-8}; ROUNDS=${ROUNDS:-5}; LATN=${LATN:-20}; UPGRADES=${UPGRADES:-2}
   SCALE="1000 10000" FIRST=1.5 STEADY_DUR=5 STEADY_ROUNDS=$ROUNDS BALLAST="20 2048" H2_UPGRADES=2
   SUP_COUNT=100 SUP_AT="10,100" CLIENT_UPGRADES=8 STEER_RUNS=3 STEER_UPGRADES=10
-  CONNS=64 WS_CONNS=1000
+  CONNS=64 WS_CONNS=1000 TLS_CONNS=200 TLS_UPGRADES=3
   PEERS=$ALL_PEERS SCEN=$ALL_SCEN
 fi
 [[ -n $WS_CONNS_ARG ]] && WS_CONNS=$WS_CONNS_ARG
+[[ -n $TLS_CONNS_ARG ]] && TLS_CONNS=$TLS_CONNS_ARG
 if [[ -n $ONLY ]]; then
   sel_peers="" sel_scen=""
   for n in ${ONLY//,/ }; do
@@ -574,6 +583,48 @@ if want ws; then
       stop_peer "$dir"
     done
   done
+fi
+
+# ----------------------------------------------------------------- tls ----
+if want tls; then
+  scenario_start tls
+  # One throwaway CA and an ECDSA P-256 certificate for localhost, shared by
+  # every peer (HAProxy wants the certificate and key in one file).
+  TLS_DIR=$RUN/tls; mkdir -p "$TLS_DIR"
+  if (cd "$TLS_DIR" &&
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem \
+        -days 2 -subj "/CN=baton bench CA" -addext basicConstraints=critical,CA:TRUE \
+        -addext keyUsage=critical,keyCertSign,cRLSign &&
+      openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout key.pem -out cert.csr \
+        -subj /CN=localhost &&
+      printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > ext.cnf &&
+      openssl x509 -req -in cert.csr -CA ca.pem -CAkey ca.key -set_serial 1 -days 2 -extfile ext.cnf \
+        -out cert.pem && cat cert.pem key.pem > haproxy.pem) >"$RUN/tls-pki.log" 2>&1; then
+    list=()
+    usable baton-demo && list+=(baton-demo)
+    want_peer nginx-reload && ! failed nginx-reload && list+=(nginx-tls)
+    want_peer haproxy && ! failed haproxy && list+=(haproxy-tls)
+    for r in $(seq "$ROUNDS"); do
+      for peer in $(rotate "$r" "${list[@]}"); do
+        newdir "$peer"; dir=$NEWDIR; port=$(free_port); TLS_PORT=$(free_port)
+        extra=""
+        [[ $peer == baton-demo ]] && extra="--listen https=127.0.0.1:$TLS_PORT --tls-listener https \
+          --tls-cert $TLS_DIR/cert.pem --tls-key $TLS_DIR/key.pem"
+        if EXTRA=$extra start_peer "$peer" "$dir" "$port"; then
+          log "tls: $peer, $TLS_CONNS idle HTTPS connections through $TLS_UPGRADES upgrades, round $r/$ROUNDS"
+          bounded 600 "${PROBE[@]/probe.py/tls_probe.py}" --kind "$KIND" --port "$port" --tls-port "$TLS_PORT" \
+            --ca "$TLS_DIR/ca.pem" --pidfile "$dir/pid" --conns "$TLS_CONNS" --upgrades "$TLS_UPGRADES" \
+            --gone-timeout 60 --out "$dir/tls.json" >/dev/null 2>>"$dir/probe.log" || true
+          record kind=tls peer="$peer" round="$r" file="$dir/tls.json"
+        else
+          record kind=tls peer="$peer" round="$r" error="did not start"
+        fi
+        stop_peer "$dir"
+      done
+    done
+  else
+    fail tls "cannot make the test certificate: $(tail -1 "$RUN/tls-pki.log")"
+  fi
 fi
 
 record kind=end load_after="$(loadavg)" t_end="$(date +%s)"
