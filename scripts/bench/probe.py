@@ -19,6 +19,7 @@ Every peer is upgraded the same way in every scenario, by this file:
            processes (JSON)
   sample   VmRSS, RssAnon and Threads of a process sampled for a while:
            peak and median (JSON)
+  cpu      CPU time of a process and of its descendants so far (JSON)
   rtt      the probe's own request time against an idle server
 
 Definitions (the same for every peer, measured from outside):
@@ -587,6 +588,25 @@ def cmd_mem(a):
     return 0
 
 
+def cpu_seconds(pid):
+    """utime + stime of a process (all its threads), in seconds; 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # after the command name: state is field 3, utime 14 and stime 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cmd_cpu(a):
+    """CPU time used so far by a process and, separately, by its live
+    descendants (a supervisor and its app), seconds, one JSON line."""
+    print(json.dumps({"pid": a.pid, "self_s": round(cpu_seconds(a.pid), 3),
+                      "children_s": round(sum(cpu_seconds(c) for c in descendants(a.pid)), 3)}))
+    return 0
+
+
 def cmd_sample(a):
     """/proc/PID/status every --every s for --for s (or until the process is
     gone): the peak and the median of VmRSS, RssAnon and Threads over the
@@ -763,6 +783,8 @@ def main():
     p.add_argument("--out")
     p = sub.add_parser("mem")
     p.add_argument("pids", type=int, nargs="+")
+    p = sub.add_parser("cpu")
+    p.add_argument("--pid", type=int, required=True)
     p = sub.add_parser("sample")
     p.add_argument("--pid", type=int, required=True)
     p.add_argument("--for", dest="for_", type=float, required=True, help="how long, s")
@@ -783,7 +805,7 @@ def main():
     p.add_argument("field")
     a = ap.parse_args()
     return {"upgrade": cmd_upgrade, "idle": cmd_idle, "drive": cmd_drive,
-            "supervisor-mem": cmd_supervisor_mem, "rtt": cmd_rtt, "mem": cmd_mem, "sample": cmd_sample,
+            "supervisor-mem": cmd_supervisor_mem, "rtt": cmd_rtt, "mem": cmd_mem, "cpu": cmd_cpu, "sample": cmd_sample,
             "wait": cmd_wait, "rss": cmd_rss, "cleanup": cmd_cleanup, "stats": cmd_stats}[a.action](a)
 
 

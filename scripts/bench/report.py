@@ -928,9 +928,18 @@ class Report:
             self.p("| round | order | direct req/s | front req/s | ratio | direct p99 | front p99 | failed |")
             self.p("|---:|---|---:|---:|---:|---:|---:|---:|")
             rounds = {}
+            cpu = {"direct": {"self": [], "children": []}, "front": {"self": [], "children": []}}
             for r in mx:
-                rounds.setdefault(int(r["round"]), {})[r["way"]] = parse_wrk(r["wrk"])
+                w = parse_wrk(r["wrk"])
+                rounds.setdefault(int(r["round"]), {})[r["way"]] = w
                 rounds[int(r["round"])].setdefault("order", []).append(r["way"])
+                try:
+                    c0, c1 = json.loads(r["cpu_before"]), json.loads(r["cpu_after"])
+                except (KeyError, ValueError):
+                    continue
+                if w and w.get("requests"):
+                    for k in ("self", "children"):
+                        cpu[r["way"]][k].append((c1[f"{k}_s"] - c0[f"{k}_s"]) * 1e6 / w["requests"])
             d_rps, f_rps_, d99, f99 = [], [], [], []
             for rn in sorted(rounds):
                 x = rounds[rn]
@@ -953,6 +962,16 @@ class Report:
                        f"median req/s: direct {f_rps(statistics.median(d_rps))}, through the front "
                        f"{f_rps(statistics.median(f_rps_))}.")
                 self.p()
+                if cpu["front"]["self"] and cpu["direct"]["self"]:
+                    def us(v):
+                        return f"{v:.1f}"
+                    self.p("CPU time per request during these runs (utime + stime from /proc, ÷ wrk's requests; "
+                           "median, min–max over the rounds): the `baton run` process "
+                           f"{med_range(cpu['front']['self'], us, ' µs')} through the front "
+                           f"({med_range(cpu['direct']['self'], us, ' µs')} direct), the Go app "
+                           f"{med_range(cpu['front']['children'], us, ' µs')} through the front "
+                           f"({med_range(cpu['direct']['children'], us, ' µs')} direct).")
+                    self.p()
                 self.summary["front_ratio"] = (med, min(ratios), max(ratios), len(ratios))
             self.goal("`--front http`, Go app: max req/s ≥ 0.5 × direct (median of the per-round ratios, "
                       "2 shared cores)", bool(ratios) and statistics.median(ratios) >= 0.5,

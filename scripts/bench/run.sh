@@ -608,12 +608,15 @@ front_wrk() {
   if [[ $way == direct ]]; then port=$dport dir=$ddir; else port=$fport dir=$fdir; fi
   pid=$(cat "$dir/pid")
   log "front: max req/s, $way, round $r/$FRONT_ROUNDS, ${FRONT_DUR}s"
+  local cpu0 cpu1
+  cpu0=$("${PROBE[@]}" cpu --pid "$pid")
   "${PROBE[@]}" sample --pid "$pid" --for "$FRONT_DUR" --every 0.2 --out "$dir/sample-$r.json" >/dev/null 2>&1 &
   local sampler=$!
   wrk_run "$dir/wrk-$r.txt" "$FRONT_DUR" "http://127.0.0.1:$port/health"
   wait "$sampler" 2>/dev/null || true
+  cpu1=$("${PROBE[@]}" cpu --pid "$pid")
   record kind=front_max way="$way" round="$r" wrk="$dir/wrk-$r.txt" sample="$dir/sample-$r.json" \
-    cmd="$(wrk_cmd "$FRONT_DUR" | sed 's#/$#/health#')"
+    cpu_before="$cpu0" cpu_after="$cpu1" cmd="$(wrk_cmd "$FRONT_DUR" | sed 's#/$#/health#')"
 }
 # front_oha WAY ROUND RATE: one fixed-rate oha run.
 front_oha() {
