@@ -988,15 +988,21 @@ class Report:
                    "achieved req/s direct / front | failed |")
             self.p("|---:|---|---:|---:|---:|---:|---:|---|---:|")
             rounds = {}
+            why = {}
             for r in rt:
                 rounds.setdefault(int(r["round"]), {})[r["way"]] = parse_oha(r["file"])
                 rounds[int(r["round"])].setdefault("order", []).append(r["way"])
+                try:
+                    why.setdefault(int(r["round"]), open(r["err"]).read().strip().splitlines()[-1])
+                except (OSError, IndexError, KeyError):
+                    pass
             d99, f99, diffs = [], [], []
             for rn in sorted(rounds):
                 x = rounds[rn]
                 d, f = x.get("direct"), x.get("front")
                 if not (d and f and d.get("p99") is not None and f.get("p99") is not None):
-                    self.p(f"| {rn} | {', '.join(x['order'])} | oha failed | | | | | | |")
+                    err = f" ({why[rn]})" if rn in why else ""
+                    self.p(f"| {rn} | {', '.join(x['order'])} | oha failed{err} | | | | | | |")
                     continue
                 d99.append(d["p99"])
                 f99.append(f["p99"])
