@@ -50,9 +50,10 @@
 #   front     `baton run --front http` (issue 17): the suite's Go app under
 #             `baton run` directly and through the front, both up at once,
 #             alternating A/B rounds: max req/s (wrk -t1 -c64 -d5s
-#             keep-alive, GET /health), then p99 at a fixed rate of half the
-#             direct median (oha -q, pinned, cargo-installed into
-#             target/bench/oha), 8 s each; the supervisor's VmRSS, RssAnon
+#             keep-alive, GET /health; CPU time per request), then p99 at
+#             fixed rates of half and a quarter of the direct median (oha -q
+#             --latency-correction, pinned, cargo-installed into
+#             target/bench/oha), 6 s each; the supervisor's VmRSS, RssAnon
 #             and threads idle, under the max-rate load (sampled) and after.
 #             The clients scenario has a `baton run --front http` row too.
 #             Alone: --only front,baton-run (clients too: front,clients,baton-run)
@@ -135,7 +136,7 @@ else
   DUR=${DUR:-8}; ROUNDS=${ROUNDS:-5}; LATN=${LATN:-20}; UPGRADES=${UPGRADES:-2}
   SCALE="1000 10000" FIRST=1.5 STEADY_DUR=5 STEADY_ROUNDS=$ROUNDS BALLAST="20 2048" H2_UPGRADES=2
   SUP_COUNT=100 SUP_AT="10,100" CLIENT_UPGRADES=8 STEER_RUNS=3 STEER_UPGRADES=10
-  FRONT_DUR=5 FRONT_RATE_DUR=8 FRONT_ROUNDS=${ROUNDS}
+  FRONT_DUR=5 FRONT_RATE_DUR=6 FRONT_ROUNDS=${ROUNDS}
   CONNS=64 WS_CONNS=1000
   PEERS=$ALL_PEERS SCEN=$ALL_SCEN
 fi
@@ -618,19 +619,21 @@ front_wrk() {
   record kind=front_max way="$way" round="$r" wrk="$dir/wrk-$r.txt" sample="$dir/sample-$r.json" \
     cpu_before="$cpu0" cpu_after="$cpu1" cmd="$(wrk_cmd "$FRONT_DUR" | sed 's#/$#/health#')"
 }
-# front_oha WAY ROUND RATE: one fixed-rate oha run.
+# front_oha WAY ROUND RATE SHARE: one fixed-rate oha run (RATE = the direct
+# max ÷ SHARE).
 front_oha() {
-  local way=$1 r=$2 rate=$3 port dir
+  local way=$1 r=$2 rate=$3 share=$4 port dir
   if [[ $way == direct ]]; then port=$dport dir=$ddir; else port=$fport dir=$fdir; fi
-  log "front: $rate req/s fixed, $way, round $r/$FRONT_ROUNDS, ${FRONT_RATE_DUR}s"
+  log "front: $rate req/s fixed (1/$share of the direct max), $way, round $r/$FRONT_ROUNDS, ${FRONT_RATE_DUR}s"
   # one worker thread (oha sizes its runtime to the physical cores, not to
   # the CPU it is pinned to); -w: requests in flight at the deadline finish
   # (not counted as errors)
   local args=(--no-tui --output-format json --worker-threads 1 -z "${FRONT_RATE_DUR}s" -w -c "$CONNS"
               -q "$rate" --latency-correction)
   bounded $((FRONT_RATE_DUR + 60)) taskset -c "$LOAD_CPU" "$OHA" "${args[@]}" "http://127.0.0.1:$port/health" \
-    > "$dir/oha-$r.json" 2>"$dir/oha-$r.err" || true
-  record kind=front_rate way="$way" round="$r" rate="$rate" file="$dir/oha-$r.json" err="$dir/oha-$r.err" \
+    > "$dir/oha-$share-$r.json" 2>"$dir/oha-$share-$r.err" || true
+  record kind=front_rate way="$way" round="$r" rate="$rate" share="$share" file="$dir/oha-$share-$r.json" \
+    err="$dir/oha-$share-$r.err" \
     cmd="taskset -c $LOAD_CPU oha ${args[*]} http://127.0.0.1:PORT/health"
 }
 if want front && usable baton-run; then
@@ -659,21 +662,24 @@ if want front && usable baton-run; then
         d=$ddir; [[ $way == front ]] && d=$fdir
         record kind=front_mem way="$way" state=after mem="$("${PROBE[@]}" mem "$(cat "$d/pid")")"
       done
-      # the fixed rate: half the direct median max of this run
-      rate=$("$PY" - "$ddir"/wrk-*.txt <<'PYEOF' || true
+      # the fixed rates: half the direct median max of this run (the goal's),
+      # and a quarter (where the front is not saturated on the shared CPU)
+      max=$("$PY" - "$ddir"/wrk-*.txt <<'PYEOF' || true
 import re, statistics, sys
 v = []
 for f in sys.argv[1:]:
     m = re.search(r"Requests/sec:\s+([\d.]+)", open(f).read())
     if m:
         v.append(float(m.group(1)))
-print(int(statistics.median(v) / 2) if v else "")
+print(int(statistics.median(v)) if v else "")
 PYEOF
 )
-      if [[ -n $rate && $rate -gt 0 ]]; then
-        for r in $(seq "$FRONT_ROUNDS"); do
-          order="direct front"; (( r % 2 == 0 )) && order="front direct"
-          for way in $order; do front_oha "$way" "$r" "$rate"; done
+      if [[ -n $max && $max -gt 4 ]]; then
+        for share in 2 4; do
+          for r in $(seq "$FRONT_ROUNDS"); do
+            order="direct front"; (( r % 2 == 0 )) && order="front direct"
+            for way in $order; do front_oha "$way" "$r" $((max / share)) "$share"; done
+          done
         done
       else
         fail front "no direct max req/s to take half of (wrk failed against the direct Go app)"

@@ -186,17 +186,24 @@ fn bench_report_renders_the_front_scenario_and_its_goals() {
             }));
         }
     }
-    // Fixed rate: p99 direct 1.0/1.2/1.1 ms, front 2.5/3.0/2.0 ms: medians
-    // 1.10 and 2.50 ms, more than 1 ms apart.
-    for r in 0..3 {
-        for (way, p99) in [("direct", d99[r]), ("front", f99[r])] {
-            let ms: f64 = p99.trim_end_matches("ms").parse().unwrap();
-            let f = dir.join(&format!("oha-{way}-{r}.json"));
-            std::fs::write(&f, oha_json(12_500.0, 0.5, ms)).unwrap();
-            rows.push(serde_json::json!({
-                "kind": "front_rate", "way": way, "round": (r + 1).to_string(), "rate": "12500",
-                "file": f, "cmd": "oha -q 12500",
-            }));
+    // Fixed rate, half the direct max: p99 direct 1.0/1.2/1.1 ms, front
+    // 2.5/3.0/2.0 ms: medians 1.10 and 2.50 ms, more than 1 ms apart. A
+    // quarter: 0.50 ms apart (no goal line of its own).
+    for (share, rate, front_extra) in [(2, 12_500, 0.0), (4, 6_250, -0.9)] {
+        for r in 0..3 {
+            for (way, p99) in [("direct", d99[r]), ("front", f99[r])] {
+                let mut ms: f64 = p99.trim_end_matches("ms").parse().unwrap();
+                if way == "front" {
+                    ms += front_extra;
+                }
+                let f = dir.join(&format!("oha-{share}-{way}-{r}.json"));
+                std::fs::write(&f, oha_json(f64::from(rate), 0.5, ms)).unwrap();
+                rows.push(serde_json::json!({
+                    "kind": "front_rate", "way": way, "round": (r + 1).to_string(),
+                    "rate": rate.to_string(), "share": share.to_string(), "file": f,
+                    "cmd": format!("oha -q {rate}"),
+                }));
+            }
         }
     }
     for (way, state, rss) in [
@@ -254,6 +261,8 @@ fn bench_report_renders_the_front_scenario_and_its_goals() {
         // fixed rate, per round, and the medians
         "| 3 | direct, front | 0.50 ms | 1.10 ms | 0.50 ms | 2.00 ms | +0.90 ms | 12,500 / 12,500 | 0 |",
         "Median p99: direct 1.10 ms, through the front 2.50 ms (+1.40 ms)",
+        "**Latency at a fixed rate, a quarter of the direct max**: `oha -q 6250`: 6,250 req/s",
+        "Median p99: direct 1.10 ms, through the front 1.60 ms (+0.50 ms)",
         // the supervisor's own figures
         "| `baton run --front http` | under load (75 samples) | 9.77 MiB (9.77 MiB) | 4.88 MiB (4.88 MiB) | 1 (1) |",
         "| `baton run --front http` | after | 9.57 MiB | 0.49 MiB | 1 |",
@@ -268,4 +277,10 @@ fn bench_report_renders_the_front_scenario_and_its_goals() {
     ] {
         assert!(stdout.contains(line), "missing from the report: {line}");
     }
+    // the quarter rate has no goal line
+    assert_eq!(
+        stdout.matches("≤ direct p99 + 1 ms").count(),
+        1,
+        "p99 goal lines"
+    );
 }
