@@ -21,6 +21,7 @@ PEER_LABEL = {
     "baton-demo": "baton-demo (library mode)",
     "baton-run": "`baton run` + plain hyper",
     "baton-run-node": "`baton run` + Node `http` server",
+    "baton-run-node-front": "`baton run --front http` + Node `http` server",
     "nginx-binary": "nginx binary upgrade (USR2, WINCH, QUIT)",
     "nginx-reload": "nginx -s reload (HUP)",
     "haproxy": "HAProxy reload (master-worker, USR2)",
@@ -42,6 +43,7 @@ SHORT = {
     "baton-demo": "baton-demo",
     "baton-run": "`baton run`",
     "baton-run-node": "`baton run` + Node",
+    "baton-run-node-front": "`baton run --front` + Node",
     "nginx-binary": "nginx binary upgrade",
     "nginx-reload": "nginx reload",
     "haproxy": "HAProxy",
@@ -113,6 +115,21 @@ def parse_wrk(path):
         return parse_wrk_text(open(path).read())
     except OSError:
         return None
+
+
+def parse_oha(path):
+    """oha --output-format json -> {rps, p50, p99 (ms), ok, failed}, or None."""
+    try:
+        x = json.load(open(path))
+    except (OSError, ValueError, TypeError):
+        return None
+    lat = x.get("metrics", {}).get("latency_ms", {})
+    codes = x.get("statusCodeDistribution", {})
+    ok = sum(v for k, v in codes.items() if k.startswith("2"))
+    failed = sum(v for k, v in codes.items() if not k.startswith("2")) + sum(
+        x.get("errorDistribution", {}).values())
+    return {"rps": x.get("summary", {}).get("requestsPerSec"), "p50": lat.get("p50"), "p99": lat.get("p99"),
+            "ok": ok, "failed": failed}
 
 
 def jsonl(path):
@@ -226,7 +243,7 @@ class Report:
                                ("tableflip", "tableflip (Debian)"), ("pingora", "pingora"),
                                ("ecdysis", "ecdysis"), ("node", "Node"), ("java", "Java"),
                                ("httpclient", "HttpClient (Debian)"), ("requests", "requests"),
-                               ("uvicorn", "uvicorn")):
+                               ("uvicorn", "uvicorn"), ("oha", "oha")):
                 if v.get(key):
                     parts.append(f"{label} {v[key]}")
             self.p()
@@ -725,8 +742,10 @@ class Report:
                "the answer and stay idle 0–40 ms (uniformly random) before the next, "
                f"through {self.meta.get('client_upgrades')} upgrades 0.5 s apart. No client retries. Each "
                "cell: failed requests / requests, over the whole run. `baton run` supervises "
-               "`crates/baton-tests/apps/node_server.js`; nginx serves a static `return 200` itself; HAProxy "
-               "proxies to the plain hyper server (not reloaded).")
+               "`crates/baton-tests/apps/node_server.js`, with the clients on the app's own connections or, "
+               "with `--front http`, on baton's (which forwards each request to the serving generation); "
+               "nginx serves a static `return 200` itself; HAProxy proxies to the plain hyper server (not "
+               "reloaded).")
         self.p()
         clients = [c for c in CLIENT_LABEL if any(r["client"] == c for r in cl)]
         self.p("| peer | upgrades done | " + " | ".join(CLIENT_LABEL[c] for c in clients) + " |")
@@ -754,11 +773,13 @@ class Report:
                 self.summary.setdefault("clients", {}).setdefault(peer, {})[c] = c_["errors"]
             done = "/".join(str(d) for d in dones) if len(set(dones)) > 1 else (str(dones[0]) if dones else "—")
             self.p(f"| {PEER_LABEL.get(peer, peer)} | {done} | " + " | ".join(cells) + " |")
-            if peer == "baton-demo":
-                errs = sum(self.summary.get("clients", {}).get(peer, {}).values())
-                self.goal("baton-demo: 0 errors for every keep-alive client", errs == 0 and len(cells) ==
-                          len(self.summary.get("clients", {}).get(peer, {})),
-                          "/".join(str(self.summary["clients"][peer].get(c, "—")) for c in clients))
+            if peer in ("baton-demo", "baton-run-node-front"):
+                got = self.summary.get("clients", {}).get(peer, {})
+                errs = sum(got.values())
+                self.goal(f"{SHORT[peer]}: 0 errors for every keep-alive client",
+                          errs == 0 and len(cells) == len(got) and min(dones, default=0) > 0,
+                          "/".join(str(got.get(c, "—")) for c in clients)
+                          + f" ({done} upgrades)")
         if kinds:
             self.p()
             self.p("Errors by kind: " + "; ".join(
@@ -944,13 +965,168 @@ class Report:
                           bool(gone) and max(gone) < 1000,
                           med_range(gone, f_ms) if gone else "not gone")
         self.p()
+    # ------------------------------------------------------------- front ----
+    def front(self, n):
+        mx, rt, mem = self.kind("front_max"), self.kind("front_rate"), self.kind("front_mem")
+        if not (mx or rt or mem):
+            return
+        m = self.meta
+        self.p(f"#### {n}. `baton run --front http`: through the front vs direct (Go app)")
+        self.p()
+        self.p("The suite's Go app (`crates/baton-tests/apps/go`: standard-library `net/http`, `GET /health` "
+               "answers `ok`) under `baton run --ready http://…/health`, *direct* (the clients connect to the "
+               "app's socket; the supervisor only supervises) and *through the front* (`--front http`: baton "
+               "accepts the clients' connections and forwards each request over its own keep-alive upstream "
+               f"connections to the app). Both are up at once on CPU {m.get('srv_cpu')} (the front, its "
+               "supervisor and the app share it; Go sizes itself to that one CPU), the client on CPU "
+               f"{m.get('load_cpu')}; the load alternates between them, the order swapped every round "
+               f"(direct, front; front, direct; …), {m.get('front_rounds')} rounds, after one uncounted "
+               "warm-up second each. No upgrade during these runs: this is what the front costs per request.")
+        self.p()
+        ratios = []
+        if mx:
+            self.p(f"**Max req/s**: `{mx[0].get('cmd', '')}` (keep-alive, as many requests as the server "
+                   "answers). Ratio = through the front ÷ direct, same round.")
+            self.p()
+            self.p("| round | order | direct req/s | front req/s | ratio | direct p99 | front p99 | failed |")
+            self.p("|---:|---|---:|---:|---:|---:|---:|---:|")
+            rounds = {}
+            cpu = {"direct": {"self": [], "children": []}, "front": {"self": [], "children": []}}
+            for r in mx:
+                w = parse_wrk(r["wrk"])
+                rounds.setdefault(int(r["round"]), {})[r["way"]] = w
+                rounds[int(r["round"])].setdefault("order", []).append(r["way"])
+                try:
+                    c0, c1 = json.loads(r["cpu_before"]), json.loads(r["cpu_after"])
+                except (KeyError, ValueError):
+                    continue
+                if w and w.get("requests"):
+                    for k in ("self", "children"):
+                        cpu[r["way"]][k].append((c1[f"{k}_s"] - c0[f"{k}_s"]) * 1e6 / w["requests"])
+            d_rps, f_rps_, d99, f99 = [], [], [], []
+            for rn in sorted(rounds):
+                x = rounds[rn]
+                d, f = x.get("direct"), x.get("front")
+                if not (d and f and d.get("rps") and f.get("rps")):
+                    self.p(f"| {rn} | {', '.join(x['order'])} | wrk failed | | | | | |")
+                    continue
+                ratio = f["rps"] / d["rps"]
+                ratios.append(ratio)
+                d_rps.append(d["rps"])
+                f_rps_.append(f["rps"])
+                d99.append(d["p99"])
+                f99.append(f["p99"])
+                self.p(f"| {rn} | {', '.join(x['order'])} | {f_rps(d['rps'])} | {f_rps(f['rps'])} | "
+                       f"× {ratio:.3f} | {f_ms(d['p99'])} | {f_ms(f['p99'])} | {d['failed'] + f['failed']} |")
+            self.p()
+            if ratios:
+                med = statistics.median(ratios)
+                self.p(f"Ratio per round, median: **× {med:.3f}** (× {min(ratios):.3f}–{max(ratios):.3f}); "
+                       f"median req/s: direct {f_rps(statistics.median(d_rps))}, through the front "
+                       f"{f_rps(statistics.median(f_rps_))}.")
+                self.p()
+                if cpu["front"]["self"] and cpu["direct"]["self"]:
+                    def us(v):
+                        return f"{v:.1f}"
+                    self.p("CPU time per request during these runs (utime + stime from /proc, ÷ wrk's requests; "
+                           "median, min–max over the rounds): the `baton run` process "
+                           f"{med_range(cpu['front']['self'], us, ' µs')} through the front "
+                           f"({med_range(cpu['direct']['self'], us, ' µs')} direct), the Go app "
+                           f"{med_range(cpu['front']['children'], us, ' µs')} through the front "
+                           f"({med_range(cpu['direct']['children'], us, ' µs')} direct).")
+                    self.p()
+                self.summary["front_ratio"] = (med, min(ratios), max(ratios), len(ratios))
+            self.goal("`--front http`, Go app: max req/s ≥ 0.5 × direct (median of the per-round ratios, "
+                      "2 shared cores)", bool(ratios) and statistics.median(ratios) >= 0.5,
+                      f"× {statistics.median(ratios):.3f} (× {min(ratios):.3f}–{max(ratios):.3f}, "
+                      f"{len(ratios)} rounds)" if ratios else "wrk failed")
+        shares = sorted({int(r.get("share", 2)) for r in rt})
+        for share in shares:
+            rows_ = [r for r in rt if int(r.get("share", 2)) == share]
+            rate = rows_[0].get("rate")
+            part = {2: "half", 4: "a quarter"}.get(share, f"1/{share}")
+            self.p(f"**Latency at a fixed rate, {part} of the direct max**: `{rows_[0].get('cmd', '')}`: "
+                   f"{f_rps(float(rate))} req/s, {part} of the direct median above; `--latency-correction`: a "
+                   "request's latency counts from when it was due, so a server that falls behind is not hidden "
+                   "by the client waiting for it (coordinated omission). *achieved*: oha's requests/s over the "
+                   "run.")
+            self.p()
+            self.p("| round | order | direct p50 | direct p99 | front p50 | front p99 | front − direct p99 | "
+                   "achieved req/s direct / front | failed |")
+            self.p("|---:|---|---:|---:|---:|---:|---:|---|---:|")
+            rounds = {}
+            why = {}
+            for r in rows_:
+                rounds.setdefault(int(r["round"]), {})[r["way"]] = parse_oha(r["file"])
+                rounds[int(r["round"])].setdefault("order", []).append(r["way"])
+                try:
+                    why.setdefault(int(r["round"]), open(r["err"]).read().strip().splitlines()[-1])
+                except (OSError, IndexError, KeyError):
+                    pass
+            d99, f99, diffs = [], [], []
+            for rn in sorted(rounds):
+                x = rounds[rn]
+                d, f = x.get("direct"), x.get("front")
+                if not (d and f and d.get("p99") is not None and f.get("p99") is not None):
+                    err = f" ({why[rn]})" if rn in why else ""
+                    self.p(f"| {rn} | {', '.join(x['order'])} | oha failed{err} | | | | | | |")
+                    continue
+                d99.append(d["p99"])
+                f99.append(f["p99"])
+                diffs.append(f["p99"] - d["p99"])
+                self.p(f"| {rn} | {', '.join(x['order'])} | {f_ms(d['p50'])} | {f_ms(d['p99'])} | "
+                       f"{f_ms(f['p50'])} | {f_ms(f['p99'])} | {diffs[-1]:+.2f} ms | "
+                       f"{f_rps(d['rps'])} / {f_rps(f['rps'])} | {d['failed'] + f['failed']} |")
+            self.p()
+            if diffs:
+                dm, fm = statistics.median(d99), statistics.median(f99)
+                self.p(f"Median p99: direct {f_ms(dm)}, through the front {f_ms(fm)} ({fm - dm:+.2f} ms); "
+                       f"per-round difference {med_range(diffs, lambda v: f'{v:+.2f}', ' ms')}.")
+                self.p()
+                if share == 2:
+                    self.summary["front_p99"] = (dm, fm)
+            if share == 2:
+                self.goal(f"`--front http`, Go app: p99 at {f_rps(float(rate))} req/s (half the direct max) ≤ "
+                          "direct p99 + 1 ms (medians)",
+                          bool(diffs) and statistics.median(f99) <= statistics.median(d99) + 1,
+                          f"{f_ms(statistics.median(f99))} vs {f_ms(statistics.median(d99))}" if diffs
+                          else "oha failed")
+        if mem:
+            self.p("**The supervisor's own figures** (the `baton run` process, not the app; /proc/PID/status): "
+                   "*idle*: 1 s after start, no client connection yet; *under load*: sampled every 0.2 s during "
+                   "every max-req/s run of that supervisor, the highest sample (median of the samples in "
+                   "brackets); *after*: 1 s after the last of those runs, its connections closed.")
+            self.p()
+            self.p("| supervisor | state | VmRSS | RssAnon | threads |")
+            self.p("|---|---|---:|---:|---:|")
+            label = {"direct": "`baton run` (direct)", "front": "`baton run --front http`"}
+            for way in ("direct", "front"):
+                rows = {r["state"]: r for r in mem if r["way"] == way}
+
+                def row(state, x):
+                    self.p(f"| {label[way]} | {state} | {f_kib(x.get('VmRSS'))} | {f_kib(x.get('RssAnon'))} | "
+                           f"{f_num(x.get('Threads'))} |")
+                if "idle" in rows:
+                    row("idle", json.loads(rows["idle"].get("mem") or "{}"))
+                samples = [x for r in mx if r["way"] == way for x in jsonl(r.get("sample", ""))]
+                if samples:
+                    peak = {k: max(x["peak"].get(k) or 0 for x in samples) for k in ("VmRSS", "RssAnon", "Threads")}
+                    medv = {k: statistics.median(x["median"].get(k) or 0 for x in samples)
+                            for k in ("VmRSS", "RssAnon", "Threads")}
+                    self.p(f"| {label[way]} | under load ({sum(x['n'] for x in samples)} samples) | "
+                           f"{f_kib(peak['VmRSS'])} ({f_kib(medv['VmRSS'])}) | "
+                           f"{f_kib(peak['RssAnon'])} ({f_kib(medv['RssAnon'])}) | "
+                           f"{f_num(peak['Threads'])} ({f_num(medv['Threads'])}) |")
+                if "after" in rows:
+                    row("after", json.loads(rows["after"].get("mem") or "{}"))
+            self.p()
 
     def render(self, level="###"):
         self.header(level)
         self.failures()
         n = 0
         for section in (self.load, self.idle, self.steady, self.latency, self.handoff, self.spawn,
-                        self.h2, self.memory, self.clients, self.steering, self.ws, self.tls):
+                        self.h2, self.memory, self.clients, self.steering, self.ws, self.tls, self.front):
             before = len(self.out)
             section(n + 1)
             if len(self.out) > before:
@@ -997,6 +1173,14 @@ class Report:
         if "steady" in s:
             med, lo, hi, k = s["steady"]
             bits.append(f"steady req/s baton-demo ÷ plain hyper × {med:.3f} (× {lo:.3f}–{hi:.3f}, {k} rounds)")
+        if "front_ratio" in s:
+            med, lo, hi, k = s["front_ratio"]
+            txt = (f"`baton run --front http` ÷ direct, Go app, max req/s × {med:.3f} (× {lo:.3f}–{hi:.3f}, "
+                   f"{k} rounds)")
+            if "front_p99" in s:
+                d, f = s["front_p99"]
+                txt += f", p99 at half the direct max {f_ms(f)} vs {f_ms(d)}"
+            bits.append(txt)
         if bits:
             line = "; ".join(bits) + "."
             lines.append(line[0].upper() + line[1:])
@@ -1028,8 +1212,8 @@ Options: `--rounds N` (default 5), `--duration S` (wrk `-d` of a load run, defau
 the tls scenario, default 200).
 Every process it starts is stopped by pid on exit, every port is picked free on 127.0.0.1, every wait
 and every load loop has a deadline. It installs what the peers need (Debian packages, a pinned Python
-venv) and builds pingora and ecdysis from their own lockfiles; a peer that cannot be installed is a
-failure of the run, named in the report, and the script exits 1.
+venv, oha from crates.io at a pinned version) and builds pingora and ecdysis from their own lockfiles;
+a peer that cannot be installed is a failure of the run, named in the report, and the script exits 1.
 
 **How it measures.** Every server runs on one CPU (`taskset -c 0`, one worker process or thread each:
 nginx `worker_processes 1`, HAProxy `nbthread 1`, pingora `threads: 1`; tokio and Go size themselves to
