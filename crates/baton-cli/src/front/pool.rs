@@ -3,7 +3,7 @@
 //! and the supervisor can wait until every connection of the earlier epochs
 //! is idle before it stops the old generation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -33,8 +33,9 @@ struct PoolInner {
 
 #[derive(Default)]
 struct State {
-    /// Connections between requests, newest last.
-    idle: Vec<Idle>,
+    /// Connections between requests, oldest first (their `since` in
+    /// order): the newest is taken, the expired ones go from the front.
+    idle: VecDeque<Idle>,
     /// Busy connections per epoch.
     busy: BTreeMap<u64, usize>,
     /// Connections of an earlier epoch are never reused.
@@ -109,16 +110,28 @@ impl Pool {
         let reused = {
             let mut st = self.state();
             let limit = self.inner.idle_limit;
-            // Closed and expired connections go; one of a later epoch (the
-            // supervisor switched since this request read the epoch) stays
-            // for the requests of its own.
-            st.idle
-                .retain(|c| !c.sender.is_closed() && c.since.elapsed() < limit);
-            let found = st
+            // Only the ends of the queue are looked at (this runs for every
+            // request): the expired connections at the front go, and the
+            // newest of this epoch is taken; a closed one on the way is
+            // dropped. Connections of a later epoch (the supervisor switched
+            // since this request read the epoch) stay for the requests of
+            // their own.
+            let now = Instant::now();
+            while st
                 .idle
-                .iter()
-                .rposition(|c| c.epoch == epoch && c.sender.is_ready())
-                .map(|i| st.idle.remove(i).sender);
+                .front()
+                .is_some_and(|c| now.saturating_duration_since(c.since) >= limit)
+            {
+                st.idle.pop_front();
+            }
+            let mut found = None;
+            while let Some(i) = st.idle.iter().rposition(|c| c.epoch == epoch) {
+                let Some(c) = st.idle.remove(i) else { break };
+                if c.sender.is_ready() {
+                    found = Some(c.sender);
+                    break;
+                }
+            }
             // Counted busy from now, a new connection too: the supervisor
             // must not stop a generation while a connection to it is being
             // opened for a request.
@@ -206,7 +219,7 @@ impl Pool {
         if let Some(sender) = sender
             && epoch >= st.current
         {
-            st.idle.push(Idle {
+            st.idle.push_back(Idle {
                 epoch,
                 since: Instant::now(),
                 sender,
