@@ -256,3 +256,107 @@ impl Lease {
         self.busy.finish(None);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A loopback HTTP/1.1 server answering `200 ok` to every request head;
+    /// counts the connections it accepted. Ends with the test's runtime.
+    async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let n = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                n.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while let Ok(k) = s.read(&mut chunk).await {
+                        if k == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..k]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// One GET on a connection of `epoch`; returns whether it was reused.
+    async fn get(pool: &Pool, epoch: u64) -> bool {
+        let mut lease = pool.checkout(epoch).await.unwrap();
+        let reused = lease.reused;
+        let req = hyper::Request::builder()
+            .uri("/")
+            .header("host", "x")
+            .body(http_body_util::Either::Right(http_body_util::Empty::new()))
+            .unwrap();
+        let resp = lease
+            .sender
+            .try_send_request(req)
+            .await
+            .map_err(|e| e.into_error())
+            .unwrap();
+        lease.release();
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        // Back in the pool once hyper's sender is ready again.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while pool.busy() > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        reused
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_reused_within_the_idle_limit_and_its_epoch_only() {
+        let (addr, accepted) = server().await;
+        let pool = Pool::new(addr, Duration::from_secs(60));
+        assert!(!get(&pool, 0).await);
+        assert!(get(&pool, 0).await);
+        assert!(get(&pool, 0).await);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // A new epoch: the old connection is not used again.
+        pool.retire_before(1);
+        assert!(!get(&pool, 1).await);
+        assert!(get(&pool, 1).await);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // A request that read the old epoch before the switch does not
+        // take the new epoch's connection (its connection is not kept).
+        assert!(!get(&pool, 0).await);
+        assert!(get(&pool, 1).await);
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_past_the_idle_limit_is_never_reused() {
+        let (addr, accepted) = server().await;
+        // Every idle connection is past a zero limit the moment it is idle.
+        let pool = Pool::new(addr, Duration::ZERO);
+        for _ in 0..3 {
+            assert!(!get(&pool, 0).await);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert!(
+            pool.state().idle.len() <= 1,
+            "expired connections are dropped"
+        );
+    }
+}
