@@ -162,7 +162,12 @@ impl Pool {
     async fn connect(&self) -> std::io::Result<SendRequest<UpBody>> {
         let stream = tokio::net::TcpStream::connect(self.inner.addr).await?;
         stream.set_nodelay(true)?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        // `writev(false)`: the head and a small body are copied into one
+        // buffer and sent with one `write`; cheaper per request than a
+        // vectored write of the pieces (measured), a copy for large bodies.
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .writev(false)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(std::io::Error::other)?;
         // With upgrades: a `101` hands the connection to a tunnel.

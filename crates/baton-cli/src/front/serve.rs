@@ -188,6 +188,8 @@ fn serve_conn(
             .header_read_timeout(cfg.header_timeout)
             // A head that does not fit in the buffer is answered 431.
             .max_buf_size(cfg.max_header)
+            // One buffer, one `write` per response (see `pool.rs`).
+            .writev(false)
             .keep_alive(!last);
         builder
             .http2()
