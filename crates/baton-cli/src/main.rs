@@ -138,6 +138,16 @@ struct UpgradeArgs {
     /// upgrading.
     #[arg(long)]
     no_wait: bool,
+    /// Upgrade baton itself, not the app (`baton run` only): once the
+    /// front's requests in flight are done (at most --drain-timeout; new
+    /// ones wait in the kernel), baton execs the baton binary now at its
+    /// path, in place: same pid, the app stays its child and keeps running,
+    /// the listeners, the control socket and --front's idle client
+    /// connections are carried over. Waits for the new baton to answer and
+    /// prints its version and exec count. If the exec fails, baton keeps
+    /// running as before (exit 1); see docs/supervisor.md.
+    #[arg(long = "self", conflicts_with_all = ["expect_sha256", "no_wait", "command"])]
+    self_: bool,
     /// A new command line for the next generation (`baton run` only).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -236,6 +246,10 @@ fn main() -> ExitCode {
         rt.block_on(async move {
             match cli.command {
                 Command::Run(args) => supervisor::run(*args).await,
+                Command::Upgrade(a) if a.self_ => {
+                    let path = a.target.path()?;
+                    client::upgrade_self(&path, a.json, a.timeout).await
+                }
                 Command::Upgrade(a) => {
                     let path = a.target.path()?;
                     client::upgrade(

@@ -30,8 +30,10 @@
 //!
 //! Files: `serve.rs` (the client side: accept, limits, hyper server),
 //! `proxy.rs` (one request: headers, forwarding, retries), `pool.rs` (the
-//! upstream connections per epoch).
+//! upstream connections per epoch), `carry.rs` (idle client connections
+//! across `baton upgrade --self`).
 
+pub mod carry;
 mod pool;
 mod proxy;
 mod serve;
@@ -177,6 +179,23 @@ struct Inner {
     /// One pool per public listener, in the order of the listeners.
     pools: Vec<Pool>,
     epoch: AtomicU64,
+    /// Every client connection, for `baton upgrade --self`.
+    carry: Arc<carry::Registry>,
+    /// Duplicates of the public listeners, carried by `--self`.
+    public: Vec<OwnedFd>,
+}
+
+/// What the previous image of baton left to the front (`baton upgrade
+/// --self`).
+#[derive(Debug, Default)]
+pub struct Resumed {
+    /// Its upstream epoch.
+    pub epoch: u64,
+    /// Its counters: requests, upstream_errors, retries, bad_gateway,
+    /// connections.
+    pub counters: [u64; 5],
+    /// Its idle client connections.
+    pub conns: Vec<carry::Parked>,
 }
 
 impl std::fmt::Debug for Front {
@@ -201,23 +220,72 @@ impl Front {
         cfg: FrontConfig,
         public: Vec<OwnedFd>,
         upstream: Vec<SocketAddr>,
+        resumed: Resumed,
     ) -> anyhow::Result<Front> {
         let pools = upstream
             .iter()
             .map(|a| Pool::new(*a, cfg.upstream_idle))
             .collect();
+        let [requests, upstream_errors, retries, bad_gateway, connections] =
+            resumed.counters.map(AtomicU64::new);
+        let kept = public
+            .iter()
+            .map(|fd| baton_sys::fd::dup(std::os::fd::AsFd::as_fd(fd)))
+            .collect::<std::io::Result<Vec<_>>>()?;
         let front = Front {
             inner: Arc::new(Inner {
                 cfg,
-                counters: Counters::default(),
+                counters: Counters {
+                    requests,
+                    upstream_errors,
+                    retries,
+                    bad_gateway,
+                    connections,
+                },
                 pools,
-                epoch: AtomicU64::new(0),
+                epoch: AtomicU64::new(resumed.epoch),
+                carry: Arc::default(),
+                public: kept,
             }),
         };
+        let mut conns = resumed.conns;
         for (i, fd) in public.into_iter().enumerate() {
-            serve::spawn_accept(front.clone(), i, fd)?;
+            let mine;
+            (mine, conns) = conns.into_iter().partition(|c| c.listener == i);
+            serve::spawn_accept(front.clone(), i, fd, mine)?;
+        }
+        if !conns.is_empty() {
+            tracing::warn!(
+                count = conns.len(),
+                "front: carried connections of a listener that no longer exists closed"
+            );
         }
         Ok(front)
+    }
+
+    /// The connection registry `baton upgrade --self` freezes and carries.
+    pub fn carry(&self) -> &carry::Registry {
+        &self.inner.carry
+    }
+
+    /// The public listening sockets (to carry across `--self`).
+    pub fn public_fds(&self) -> &[OwnedFd] {
+        &self.inner.public
+    }
+
+    /// The upstream epoch and the counters (to carry across `--self`).
+    pub fn carried_numbers(&self) -> (u64, [u64; 5]) {
+        let c = self.counters();
+        (
+            self.epoch(),
+            [
+                c.requests,
+                c.upstream_errors,
+                c.retries,
+                c.bad_gateway,
+                c.connections,
+            ],
+        )
     }
 
     /// A new epoch: the supervisor steered new connections to another
