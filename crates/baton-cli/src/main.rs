@@ -238,6 +238,14 @@ fn main() -> ExitCode {
         cli.log.as_str()
     };
     init_logging(cli.log_format, filter);
+    // `baton upgrade --self`: the state the previous image of this process
+    // left, read before the sweep below (if this image cannot read it, it
+    // goes back to the previous one with every inherited fd still open).
+    let taken = if matches!(cli.command, Command::Run(_)) {
+        supervisor::self_exec::recv::take()
+    } else {
+        None
+    };
     if !client_cmd {
         // Before the runtime opens fds of its own.
         supervisor::cloexec_inherited_fds();
@@ -245,7 +253,7 @@ fn main() -> ExitCode {
     let result = runtime().and_then(|rt| {
         rt.block_on(async move {
             match cli.command {
-                Command::Run(args) => supervisor::run(*args).await,
+                Command::Run(args) => supervisor::run(*args, taken).await,
                 Command::Upgrade(a) if a.self_ => {
                     let path = a.target.path()?;
                     client::upgrade_self(&path, a.json, a.timeout).await

@@ -62,6 +62,67 @@ fn self_field(sup: &Supervised, field: &str) -> String {
         .to_owned()
 }
 
+/// baton's open fds: number -> what (for messages).
+fn fd_list(pid: u32) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| {
+                let e = e.ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                Some(format!(
+                    "{} -> {}",
+                    e.file_name().to_string_lossy(),
+                    target.display()
+                ))
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The inodes of connected Unix stream sockets (control connections).
+fn unix_connected() -> std::collections::HashSet<String> {
+    let text = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(5) == Some(&"03")).then(|| f.get(6).map(|i| (*i).to_owned()))?
+        })
+        .collect()
+}
+
+/// baton's fds other than connections: established TCP ones (with
+/// `--front`, client and pooled upstream connections come and go with the
+/// load) and connected Unix ones (a `baton` command's control connection
+/// closing).
+fn fds_but_connections(pid: u32) -> usize {
+    let unix = unix_connected();
+    let unix_conns = fd_list(pid)
+        .iter()
+        .filter(|l| {
+            l.split_once("socket:[")
+                .and_then(|(_, r)| r.strip_suffix(']'))
+                .is_some_and(|i| unix.contains(i))
+        })
+        .count();
+    proc::open_fds(pid) - proc::established(pid).len() - unix_conns
+}
+
+/// Wait (bounded) until baton holds `want` fds besides its TCP
+/// connections: a connection that just ended may take a moment to close.
+fn assert_fds_settle(pid: u32, want: usize, what: &str) {
+    let got = baton_tests::wait_for_opt(T, || (fds_but_connections(pid) == want).then_some(()));
+    assert!(
+        got.is_some(),
+        "{what}: baton holds {} fds besides TCP connections, expected {want}: {:#?}",
+        fds_but_connections(pid),
+        fd_list(pid)
+    );
+}
+
 fn self_upgrade(sup: &Supervised) -> CliOut {
     sup.upgrade(&["--self", "--json"])
 }
@@ -88,9 +149,9 @@ fn self_upgrade_without_front_keeps_the_app_the_listeners_and_the_fds() {
     );
     load.wait_progress(20, T);
     let before = sup.status();
-    let fds_before = proc::open_fds(sup.pid);
+    let fds_before = fds_but_connections(sup.pid);
     assert_eq!(self_field(&sup, "execs"), "0");
-    let mut fds_after = Vec::new();
+    let mut first: Option<usize> = None;
     for i in 1..=3u64 {
         let ino = replace_binary(&bin);
         let out = self_upgrade(&sup);
@@ -102,7 +163,20 @@ fn self_upgrade_without_front_keeps_the_app_the_listeners_and_the_fds() {
         // The new image is the new file.
         assert_eq!(self_field(&sup, "exe_ino"), ino.to_string());
         assert_eq!(self_field(&sup, "last"), "ok");
-        fds_after.push(proc::open_fds(sup.pid));
+        // Repeated --self leaks nothing. The first image may hold more: fds
+        // its parent left open (marked close-on-exec at start, gone at the
+        // first exec) and tokio's handle of a child it spawned itself.
+        match first {
+            None => {
+                let n = fds_but_connections(sup.pid);
+                assert!(
+                    n <= fds_before,
+                    "{n} fds after --self 1, {fds_before} before"
+                );
+                first = Some(n);
+            }
+            Some(n) => assert_fds_settle(sup.pid, n, &format!("after --self {i}")),
+        }
         load.wait_progress(20, T);
     }
     let after = sup.status();
@@ -132,16 +206,12 @@ fn self_upgrade_without_front_keeps_the_app_the_listeners_and_the_fds() {
     let out = self_upgrade(&sup);
     assert_eq!(out.code, 0, "--self after the app upgrade: {out:?}");
     assert_eq!(out.json()["app_pid"], v.pid);
-    fds_after.push(proc::open_fds(sup.pid));
-    // Repeated --self (and an app upgrade in between) leak nothing. The
-    // first image may hold more: fds its parent left open (marked
-    // close-on-exec at start, gone at the first exec) and tokio's handle of
-    // a child it spawned itself.
-    assert!(
-        fds_after
-            .iter()
-            .all(|&n| n == fds_after[0] && n <= fds_before),
-        "fds of baton: {fds_before} before, {fds_after:?} after each --self"
+    sup.status();
+    // An app upgrade in between leaks nothing either.
+    assert_fds_settle(
+        sup.pid,
+        first.unwrap_or_default(),
+        "after an app upgrade and --self",
     );
 }
 
@@ -159,6 +229,8 @@ fn a_failed_exec_leaves_the_old_image_serving_with_a_clear_error() {
             ..RunOpts::default()
         },
     );
+    sup.status();
+    let fds_before = fds_but_connections(sup.pid);
     let load = Load::start(
         sup.addr,
         Mode::KeepAlive,
@@ -168,7 +240,6 @@ fn a_failed_exec_leaves_the_old_image_serving_with_a_clear_error() {
     );
     load.wait_progress(20, T);
     let before = sup.status();
-    let fds_before = proc::open_fds(sup.pid);
     // Executable, but not a program: execve fails (ENOEXEC) after the front
     // froze.
     let tmp = bin.with_extension("bad");
@@ -206,13 +277,13 @@ fn a_failed_exec_leaves_the_old_image_serving_with_a_clear_error() {
         (after.generation, after.pid),
         (before.generation, before.pid)
     );
-    assert_eq!(proc::open_fds(sup.pid), fds_before, "fds of baton");
+    let st = load.stop();
+    // Once the load's connections are gone: the fds of before it.
+    assert_fds_settle(sup.pid, fds_before, "after the failed exec");
     // A good binary again: it works.
     replace_binary(&bin);
     let out = self_upgrade(&sup);
     assert_eq!(out.code, 0, "{out:?}\n{}", sup.log_text());
-    load.wait_progress(20, T);
-    let st = load.stop();
     assert_eq!(
         (st.failed, st.wrong),
         (0, 0),
@@ -239,7 +310,8 @@ fn keepalive_clients_through_the_front_see_no_errors_across_self_upgrades() {
     let java_cp = compile_java(&sup.dir.path);
     // At rest, after a first --self (see the test without the front).
     assert_eq!(self_upgrade(&sup).code, 0);
-    let fds_at_rest = proc::open_fds(sup.pid);
+    sup.status();
+    let fds_at_rest = fds_but_connections(sup.pid);
     let before = sup.status();
     let url = format!("http://{}/", sup.addr);
     let clients: Vec<Client> = ["GET", "POST"]
@@ -300,7 +372,69 @@ fn keepalive_clients_through_the_front_see_no_errors_across_self_upgrades() {
     assert_eq!(out.code, 0, "--self at rest: {out:?}");
     // Once the clients are gone and the front's upstream connections idled
     // out, baton holds exactly the fds it held before the load.
-    wait_for(T, "baton's fds to come back to their count at rest", || {
-        (proc::open_fds(sup.pid) == fds_at_rest).then_some(())
-    });
+    assert_fds_settle(sup.pid, fds_at_rest, "at rest after the load");
+}
+
+#[test]
+fn a_new_baton_that_cannot_read_the_state_goes_back_to_the_old_one() {
+    let bin_dir = TestDir::new("self-back-bin");
+    let bin = baton_copy(&bin_dir);
+    let sup = Supervised::start(
+        "self-back",
+        RunOpts {
+            ready: Some("http://{addr}/health".into()),
+            args: s(&["--front", "http"]),
+            command: node_app(),
+            bin: Some(bin.clone()),
+            ..RunOpts::default()
+        },
+    );
+    let load = Load::start(
+        sup.addr,
+        Mode::KeepAlive,
+        4,
+        Duration::from_secs(120),
+        200_000,
+    );
+    load.wait_progress(20, T);
+    let before = sup.status();
+    // The "new baton": the real one, but the state's length in the
+    // environment is wrong, so it cannot read the state.
+    let script = format!(
+        "#!/bin/sh\nBATON_SELF_STATE=\"${{BATON_SELF_STATE%%:*}}:1\" exec {} \"$@\"\n",
+        apps::baton_bin().display()
+    );
+    let tmp = bin.with_extension("script");
+    baton_tests::write_exe(&tmp, script.as_bytes());
+    std::fs::rename(&tmp, &bin).unwrap();
+    let out = self_upgrade(&sup);
+    assert_eq!(out.code, 1, "{out:?}\n{}", sup.log_text());
+    let msg = out.json()["last"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        msg.starts_with("returned: the new baton could not read the state"),
+        "{msg}"
+    );
+    assert_eq!(self_field(&sup, "execs"), "0");
+    let after = sup.status();
+    assert_eq!(after.answered_by, sup.pid);
+    assert_eq!(
+        (after.generation, after.pid),
+        (before.generation, before.pid)
+    );
+    // The previous image took its idle connections back: the load goes on
+    // without an error.
+    load.wait_progress(50, T);
+    // A good binary again: it works.
+    replace_binary(&bin);
+    let out = self_upgrade(&sup);
+    assert_eq!(out.code, 0, "{out:?}\n{}", sup.log_text());
+    load.wait_progress(20, T);
+    let st = load.stop();
+    assert_eq!(
+        (st.failed, st.wrong),
+        (0, 0),
+        "{:?} {:?}",
+        st.failures,
+        st.errors
+    );
 }

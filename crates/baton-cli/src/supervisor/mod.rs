@@ -534,7 +534,13 @@ pub fn cloexec_inherited_fds() {
 }
 
 /// `baton run`.
-pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
+///
+/// `taken`: the state a previous image of this process left (`baton
+/// upgrade --self`), read by `main` first thing.
+pub async fn run(
+    args: RunArgs,
+    mut taken: Option<self_exec::recv::Taken>,
+) -> Result<ExitCode, CliError> {
     validate_name(&args.name).map_err(CliError::usage)?;
     if let Some(first) = args.command.first() {
         child::resolve_program(first)
@@ -586,15 +592,19 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     if args.delegate {
         return run_delegate(args, signals, control_path).await;
     }
-    // `baton upgrade --self`: the previous image of this process left its
-    // state (an unreadable one does not return here).
-    let exe = std::env::current_exe().map_err(|e| {
-        CliError::new(
-            exit::FAILED,
-            anyhow::anyhow!("finding baton's own executable: {e}"),
-        )
-    })?;
-    let mut taken = self_exec::recv::take();
+    // The path `--self` executes: resolved by the first image (this one's
+    // may be a /proc/self/fd path, or a file since replaced).
+    let exe = match &taken {
+        Some(t) => PathBuf::from(
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&t.state.exe_path),
+        ),
+        None => std::env::current_exe().map_err(|e| {
+            CliError::new(
+                exit::FAILED,
+                anyhow::anyhow!("finding baton's own executable: {e}"),
+            )
+        })?,
+    };
     let fail = |e: String| CliError::new(exit::FAILED, anyhow::anyhow!("{e}"));
     let book = match &taken {
         Some(t) => {

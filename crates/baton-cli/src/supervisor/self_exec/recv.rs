@@ -3,7 +3,7 @@
 //! go back to the previous image. Mirror of `send.rs`.
 
 use std::ffi::OsString;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 
 use baton_sys as sys;
 use baton_sys::socket::SocketKind;
@@ -33,38 +33,68 @@ pub fn take() -> Option<Taken> {
         .ok()
         .and_then(|v| v.parse::<RawFd>().ok())
         .and_then(|raw| sys::inherit::adopt_self_exec_fd(raw).ok().flatten());
-    match read(&spec) {
+    let mut memfd = None;
+    match read(&spec, &mut memfd) {
         Ok(state) => {
             drop(back);
             Some(Taken { state, returned })
         }
-        Err(why) => go_back(why, back, returned.is_some()),
+        Err(why) => go_back(why, back, memfd, returned.is_some()),
     }
 }
 
-fn read(spec: &str) -> Result<SelfState, String> {
+/// Read the state; the memfd is left in `memfd` (to hand it back).
+fn read(spec: &str, memfd: &mut Option<OwnedFd>) -> Result<SelfState, String> {
     let (fd, len) = spec
         .split_once(':')
         .and_then(|(f, l)| Some((f.parse::<RawFd>().ok()?, l.parse::<u64>().ok()?)))
         .ok_or_else(|| format!("{ENV_STATE}={spec} is not FD:LEN"))?;
-    let memfd = sys::inherit::adopt_self_exec_fd(fd)
-        .map_err(|e| format!("state fd {fd}: {e}"))?
-        .ok_or_else(|| format!("state fd {fd} is not open"))?;
-    let bytes = sys::fd::read_sealed_memfd(memfd, len, MAX_STATE)
+    let m = memfd.insert(
+        sys::inherit::adopt_self_exec_fd(fd)
+            .map_err(|e| format!("state fd {fd}: {e}"))?
+            .ok_or_else(|| format!("state fd {fd} is not open"))?,
+    );
+    let dup = sys::fd::dup(m.as_fd()).map_err(|e| format!("state fd {fd}: {e}"))?;
+    let bytes = sys::fd::read_sealed_memfd(dup, len, MAX_STATE)
         .map_err(|e| format!("reading the state: {e}"))?;
     state::decode(&bytes).map_err(|e| e.to_string())
 }
 
-fn go_back(why: String, back: Option<OwnedFd>, already_returned: bool) -> ! {
+/// The previous image gets the state back under its real size (the
+/// memfd is sealed: its size is the truth, whatever the environment
+/// said).
+fn state_spec(memfd: &OwnedFd) -> Option<String> {
+    let size = std::fs::File::from(sys::fd::dup(memfd.as_fd()).ok()?)
+        .metadata()
+        .ok()?
+        .len();
+    Some(format!("{}:{size}", sys::fd::raw(memfd)))
+}
+
+fn go_back(
+    why: String,
+    back: Option<OwnedFd>,
+    memfd: Option<OwnedFd>,
+    already_returned: bool,
+) -> ! {
     tracing::error!(reason = %why, "baton upgrade --self: this baton cannot read the state the previous one left");
     if let (Some(b), false) = (back, already_returned) {
         let path = format!("/proc/self/fd/{}", sys::fd::raw(&b));
         let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-            .filter(|(k, _)| k != ENV_RETURNED && k != ENV_RETURN)
+            .filter(|(k, _)| k != ENV_RETURNED && k != ENV_RETURN && k != ENV_STATE)
             .collect();
         env.push((ENV_RETURNED.into(), why.clone().into()));
+        if let Some(spec) = memfd.as_ref().and_then(state_spec) {
+            env.push((ENV_STATE.into(), spec.into()));
+        }
         let argv: Vec<OsString> = std::env::args_os().collect();
-        match sys::fd::clear_cloexec(std::os::fd::AsFd::as_fd(&b)) {
+        let memfd_kept = memfd
+            .as_ref()
+            .is_none_or(|m| sys::fd::clear_cloexec(m.as_fd()).is_ok());
+        match sys::fd::clear_cloexec(b.as_fd()) {
+            Ok(()) if !memfd_kept => {
+                tracing::error!("cannot pass the state memfd back");
+            }
             Ok(()) => {
                 tracing::error!("going back to the previous baton image");
                 let e = sys::process::exec_in_place(std::path::Path::new(&path), &argv, &env);

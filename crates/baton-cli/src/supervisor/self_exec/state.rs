@@ -43,6 +43,9 @@ pub struct SelfState {
     pub last: Option<String>,
     /// When the first image started (Unix ms).
     pub first_started_unix_ms: u64,
+    /// baton's executable path, as the first image resolved it (the path
+    /// the next `--self` executes).
+    pub exe_path: Vec<u8>,
     /// The control socket (listening).
     pub control: RawFd,
     /// `--metrics`'s listening socket.
@@ -211,6 +214,7 @@ mod tests {
             attempts: 3,
             last: Some("ok".into()),
             first_started_unix_ms: 5,
+            exe_path: b"/usr/bin/baton".to_vec(),
             control: 7,
             metrics: None,
             listeners: vec![CarriedListener {

@@ -166,6 +166,7 @@ pub(super) async fn run(sup: &mut Sup, drain_timeout: Duration) -> Failure {
             attempts: book.attempts,
             last: book.last.clone(),
             first_started_unix_ms: book.first_started_unix_ms,
+            exe_path: ctx.exe.as_os_str().as_bytes().to_vec(),
             control: sys::fd::raw(&ctx.control),
             metrics: ctx.metrics.as_ref().map(sys::fd::raw),
             listeners,
