@@ -33,7 +33,8 @@
 //!   pid type);
 //! * the raw `fcntl` calls of [`fd::cloexec_inherited`];
 //! * replacing this process's image in place ([`process::exec_in_place`],
-//!   `baton upgrade --self`).
+//!   `baton upgrade --self`), with the handled signals blocked across it
+//!   ([`process::block_handled_signals`]).
 //!
 //! Every fd this crate creates is `CLOEXEC`; functions return [`OwnedFd`]
 //! and take [`BorrowedFd`].

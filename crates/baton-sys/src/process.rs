@@ -432,6 +432,43 @@ pub fn exec_in_place(
     io::Error::last_os_error()
 }
 
+/// The signals `baton run` handles (stop, reload): SIGHUP, SIGTERM,
+/// SIGINT.
+fn handled_signals() -> libc::sigset_t {
+    // SAFETY: `sigemptyset`/`sigaddset` only write the set they are given,
+    // a local owned here.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Block (`true`) or unblock SIGHUP, SIGTERM and SIGINT in the calling
+/// thread. The mask and pending signals survive `execve`: blocked before
+/// [`exec_in_place`], a signal sent while the new image has no handler yet
+/// stays pending (instead of its default action killing the process) until
+/// the new image unblocks it after installing its handlers.
+pub fn block_handled_signals(block: bool) -> io::Result<()> {
+    let set = handled_signals();
+    let how = if block {
+        libc::SIG_BLOCK
+    } else {
+        libc::SIG_UNBLOCK
+    };
+    // SAFETY: `pthread_sigmask` reads the set (a valid local) and changes
+    // only the calling thread's mask; the old mask is not requested.
+    let rc = unsafe { libc::pthread_sigmask(how, &set, std::ptr::null_mut()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::ffi::OsString;

@@ -124,7 +124,7 @@ fn assert_fds_settle(pid: u32, want: usize, what: &str) {
 }
 
 fn self_upgrade(sup: &Supervised) -> CliOut {
-    sup.upgrade(&["--self", "--json"])
+    sup.upgrade(&["--self", "--json", "--timeout", "60s"])
 }
 
 #[test]

@@ -565,6 +565,11 @@ pub async fn run(
             anyhow::anyhow!("installing signal handlers: {e}"),
         )
     })?;
+    // `baton upgrade --self` blocked them across the exec: one sent
+    // meanwhile is delivered now, to the handlers.
+    if let Err(e) = baton_sys::process::block_handled_signals(false) {
+        tracing::warn!(error = %e, "could not unblock SIGHUP/SIGTERM/SIGINT");
+    }
     // As PID 1 (a container's init) every orphan of the container becomes
     // baton's child; in delegate mode each generation of the server becomes
     // one when its predecessor exits. Reap them all.

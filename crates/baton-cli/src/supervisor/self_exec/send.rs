@@ -60,7 +60,14 @@ pub fn exec(ctx: &SelfCtx, st: &SelfState, carry: &[BorrowedFd<'_>]) -> String {
         cleared.push(*fd);
     }
     tracing::info!(exe = %ctx.exe.display(), fds = all.len(), state_bytes = bytes.len(), "baton upgrade --self: executing the new image in place");
+    // A SIGHUP or SIGTERM sent while the new image has no handler yet must
+    // wait for it, not kill baton: blocked here, pending across the exec,
+    // unblocked by the new image once its handlers are in place.
+    if let Err(e) = sys::process::block_handled_signals(true) {
+        tracing::warn!(error = %e, "could not block SIGHUP/SIGTERM/SIGINT across the exec");
+    }
     let err = sys::process::exec_in_place(&ctx.exe, &ctx.argv, &env);
+    let _ = sys::process::block_handled_signals(false);
     restore(&cleared);
     format!(
         "executing {} failed: {err}; baton keeps running as before",
