@@ -438,3 +438,82 @@ fn a_new_baton_that_cannot_read_the_state_goes_back_to_the_old_one() {
         st.errors
     );
 }
+
+/// A field of the front's line in `baton status`'s notes.
+fn front_count(sup: &Supervised, field: &str) -> u64 {
+    let note = sup
+        .status()
+        .notes
+        .into_iter()
+        .find(|n| n.starts_with("front:"))
+        .expect("a front line in the status notes");
+    note.split_whitespace()
+        .find_map(|w| w.strip_prefix(field)?.strip_prefix('=')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {note}"))
+}
+
+/// One HTTP/1.1 response read from `c` (headers and a Content-Length
+/// body).
+fn read_response(c: &mut std::net::TcpStream) -> String {
+    use std::io::Read as _;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = c.read(&mut byte).expect("reading a response head");
+        assert_eq!(
+            n,
+            1,
+            "connection closed after {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    c.read_exact(&mut body).expect("reading a response body");
+    head + &String::from_utf8_lossy(&body)
+}
+
+#[test]
+fn a_request_in_flight_finishes_before_the_exec_and_its_connection_is_carried() {
+    use std::io::Write as _;
+    let bin_dir = TestDir::new("self-slow-bin");
+    let bin = baton_copy(&bin_dir);
+    let sup = Supervised::start(
+        "self-slow",
+        RunOpts {
+            args: s(&["--front", "http"]),
+            command: node_app(),
+            bin: Some(bin.clone()),
+            ..RunOpts::default()
+        },
+    );
+    let mut c = std::net::TcpStream::connect(sup.addr).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    c.write_all(b"GET /slow/1500 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    wait_for(T, "the slow request to be in flight upstream", || {
+        (front_count(&sup, "upstream_busy") == 1).then_some(())
+    });
+    replace_binary(&bin);
+    let out = self_upgrade(&sup);
+    assert_eq!(out.code, 0, "{out:?}\n{}", sup.log_text());
+    // The exec waited for it: answered in full by the old image.
+    let first = read_response(&mut c);
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert_eq!(self_field(&sup, "carried"), "1");
+    // Same connection, next request: the new image answers it.
+    c.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let second = read_response(&mut c);
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert_eq!(self_field(&sup, "execs"), "1");
+}
