@@ -31,6 +31,7 @@ Examples:
   baton run --listen 127.0.0.1:8000 --ready http://127.0.0.1:8000/health -- uvicorn --fd 3 app:app
   baton upgrade --name web              # or: kill -HUP <pid of baton run>
   baton upgrade --name web -- gunicorn --workers 8 app:app
+  baton upgrade --self --name web       # baton itself: exec in place, same pid, app kept
   baton status --name web --json
 
 Exit codes of upgrade/status/stop:

@@ -75,6 +75,10 @@ connections itself and forwards each request to the serving generation, which ge
 old generation is stopped once its requests are done. The app sees baton's
 address; the client's is in X-Forwarded-For and Forwarded.
 
+baton itself: `baton upgrade --self` re-executes the baton binary at its path in
+place (same pid; the app, the listeners, the control socket and --front's idle
+client connections are kept; --front's requests in flight finish first).
+
 Safety: before anything is spawned, the executable is checked (exists, is
 executable, matches `baton upgrade --expect-sha256`), --check must exit 0 and
 memory headroom must allow a second generation (refused: exit 3, nothing
