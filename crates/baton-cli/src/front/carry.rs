@@ -15,12 +15,13 @@
 //! duplicates are dropped and the connections read on.
 //!
 //! Not carried (closed by the exec, counted): HTTP/2 connections (their
-//! state lives in hyper), upgraded connections (WebSocket tunnels), and a
-//! connection still busy or still writing at the deadline. Known limit: a
-//! client that *pipelines* (sends its next request before the response)
-//! may have bytes hyper read during the previous request; they are not
-//! seen here, so such a connection would resume mid-request. Common
-//! keep-alive clients do not pipeline.
+//! state lives in hyper), upgraded connections (WebSocket tunnels), a
+//! connection still busy or still writing at the deadline, and one that
+//! sent a request with a chunked body (where that body ended in the byte
+//! stream is not known here). Bytes read after a `Content-Length` body —
+//! its tail arriving after the response (an app that answers before it
+//! reads), or a pipelined next request — are accounted to the next
+//! request.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -104,6 +105,37 @@ impl ConnState {
             && !self.write_blocked.load(Ordering::SeqCst)
             && inner.body_left == 0
             && inner.parked.is_some()
+    }
+}
+
+impl ConnState {
+    /// Account for `data`, just read from the client.
+    fn note(&self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        if !self.seen_first_read.swap(true, Ordering::SeqCst)
+            && (data.starts_with(H2_PREFACE_START) || H2_PREFACE_START.starts_with(data))
+            && data.first() == Some(&b'P')
+        {
+            self.not_http1.store(true, Ordering::SeqCst);
+        }
+        let mut inner = lock(&self.inner);
+        // The current request's body first (it may still arrive after the
+        // response ended: an app that answers without reading it); what
+        // follows belongs to the next request.
+        let body = usize::try_from(inner.body_left)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        inner.body_left -= body as u64;
+        let rest = &data[body..];
+        if inner.recorded.len() + rest.len() > MAX_CARRIED_PREFIX {
+            // Not a request boundary we can carry: never park it.
+            drop(inner);
+            self.not_http1.store(true, Ordering::SeqCst);
+        } else {
+            inner.recorded.extend_from_slice(rest);
+        }
     }
 }
 
@@ -251,31 +283,7 @@ impl CarryIo {
     }
 
     fn note_read(&self, data: &[u8]) {
-        if data.is_empty() {
-            return;
-        }
-        if !self.state.seen_first_read.swap(true, Ordering::SeqCst)
-            && (data.starts_with(H2_PREFACE_START) || H2_PREFACE_START.starts_with(data))
-            && data.first() == Some(&b'P')
-        {
-            self.state.not_http1.store(true, Ordering::SeqCst);
-        }
-        let mut inner = lock(&self.state.inner);
-        // The current request's body first (it may still arrive after the
-        // response ended: an app that answers without reading it); what
-        // follows belongs to the next request.
-        let body = usize::try_from(inner.body_left)
-            .unwrap_or(usize::MAX)
-            .min(data.len());
-        inner.body_left -= body as u64;
-        let rest = &data[body..];
-        if inner.recorded.len() + rest.len() > MAX_CARRIED_PREFIX {
-            // Not a request boundary we can carry: never park it.
-            drop(inner);
-            self.state.not_http1.store(true, Ordering::SeqCst);
-        } else {
-            inner.recorded.extend_from_slice(rest);
-        }
+        self.state.note(data);
     }
 }
 
@@ -508,5 +516,75 @@ where
             state.not_http1.store(true, Ordering::SeqCst);
         }
         Ok(resp.map(|inner| TrackedBody { inner, guard }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> (Arc<Registry>, Tracker) {
+        let r = Arc::new(Registry::default());
+        let state = r.register(0, "127.0.0.1:1".parse().unwrap());
+        let t = Tracker {
+            state,
+            registry: Arc::clone(&r),
+        };
+        (r, t)
+    }
+
+    fn recorded(t: &Tracker) -> Vec<u8> {
+        lock(&t.state.inner).recorded.clone()
+    }
+
+    #[test]
+    fn a_partial_next_request_is_what_is_carried() {
+        let (_r, t) = conn();
+        t.state.note(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+        t.begin(Some(0));
+        assert!(recorded(&t).is_empty());
+        t.end();
+        t.state.note(b"GET /b HT");
+        assert_eq!(recorded(&t), b"GET /b HT");
+        assert!(!t.state.not_http1.load(Ordering::SeqCst));
+    }
+
+    /// Regression (Python `requests` POST, an app that answers before it
+    /// reads the body): the body's tail, read after the response ended,
+    /// is not the next request.
+    #[test]
+    fn a_body_tail_read_after_the_response_is_not_a_request() {
+        let (_r, t) = conn();
+        t.state
+            .note(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123");
+        t.begin(Some(10));
+        assert_eq!(lock(&t.state.inner).body_left, 6);
+        t.end();
+        t.state.note(b"456789");
+        assert!(recorded(&t).is_empty());
+        assert_eq!(lock(&t.state.inner).body_left, 0);
+        t.state.note(b"GET /");
+        assert_eq!(recorded(&t), b"GET /");
+    }
+
+    #[test]
+    fn pipelined_bytes_after_the_body_belong_to_the_next_request() {
+        let (_r, t) = conn();
+        t.state
+            .note(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nabGET /next HTTP/1.1\r\n");
+        t.begin(Some(2));
+        assert_eq!(recorded(&t), b"GET /next HTTP/1.1\r\n");
+    }
+
+    #[test]
+    fn chunked_bodies_and_h2_are_never_carried() {
+        let (_r, t) = conn();
+        t.state
+            .note(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        t.begin(None);
+        assert!(t.state.not_http1.load(Ordering::SeqCst));
+        let (_r, t) = conn();
+        t.state.note(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert!(t.state.not_http1.load(Ordering::SeqCst));
     }
 }
