@@ -90,6 +90,35 @@ prepare_ecdysis() { build_cargo_peer ecdysis ecdysis-server bench-ecdysis-server
 
 prepare_node() { command -v node >/dev/null || need "$1" nodejs; }
 
+# The test suite's Go app (crates/baton-tests/apps/go: standard library
+# only, takes fd 3), built as the tests build it: $BIN/go-app.
+prepare_goapp() {
+  command -v go >/dev/null || need "$1" golang-go || return 1
+  log "building the Go app (crates/baton-tests/apps/go)"
+  (GO111MODULE=off GOPROXY=off GOFLAGS= CGO_ENABLED=0 GOCACHE=$CARGO_TARGET/bench/go-cache \
+    bounded 600 go build -o "$BIN/go-app" "$APPS/go/main.go") >&2 \
+    || { fail "$1" "go build of crates/baton-tests/apps/go failed"; return 1; }
+}
+
+# oha (crates.io), the fixed-rate load client: the pinned version, installed
+# once into target/bench/oha (its own target dir, kept between runs). It
+# needs a TLS feature to build; native-tls links Debian's OpenSSL, lighter
+# than its default rustls + aws-lc (a C build). The bench speaks plain HTTP.
+OHA_VERSION=1.16.0
+prepare_oha() {
+  OHA=$CARGO_TARGET/bench/oha/bin/oha
+  [[ -x $OHA ]] && [[ $("$OHA" --version 2>/dev/null) == "oha $OHA_VERSION" ]] && return 0
+  need "$1" libssl-dev pkg-config || return 1
+  log "cargo install oha $OHA_VERSION --locked into target/bench/oha (the first time only; minutes)"
+  if CARGO_TARGET_DIR=$CARGO_TARGET/bench/oha-build bounded 2400 cargo install -q oha --version "$OHA_VERSION" \
+      --locked --no-default-features --features native-tls --root "$CARGO_TARGET/bench/oha" \
+      >"$RUN/oha-install.log" 2>&1; then
+    return 0
+  fi
+  fail "$1" "cargo install oha $OHA_VERSION --locked failed: $(grep -m1 -E '^error' "$RUN/oha-install.log")"
+  return 1
+}
+
 # The Python venv of the clients and steering scenarios: pinned requests and
 # uvicorn (scripts/bench/requirements.txt), kept in target/bench/venv.
 prepare_venv() {
@@ -162,6 +191,24 @@ start_peer() {
         --ready "http://127.0.0.1:$port/health" -- node "$APPS/node_server.js" >>"$dir/log" 2>&1 &
       echo $! > "$dir/pid"
       ;;
+    baton-run-node-front)
+      # the clients scenario's `baton run` + Node row, through the front
+      KIND=baton-run
+      "${ON_SRV[@]}" "$BATON_CLI" run --front http --listen "http=127.0.0.1:$port" --control "$dir/ctl/ctl.sock" \
+        --ready "http://127.0.0.1:$port/health" -- node "$APPS/node_server.js" >>"$dir/log" 2>&1 &
+      echo $! > "$dir/pid"
+      ;;
+    baton-run-go|baton-run-go-front)
+      # the front scenario: the suite's Go app under `baton run`, direct or
+      # through the front (its /version names its pid; /health is trivial)
+      KIND=baton-run path=/version
+      local front=()
+      [[ $name == baton-run-go-front ]] && front=(--front http)
+      "${ON_SRV[@]}" "$BATON_CLI" run "${front[@]+"${front[@]}"}" --listen "http=127.0.0.1:$port" \
+        --control "$dir/ctl/ctl.sock" --ready "http://127.0.0.1:$port/health" -- "$BIN/go-app" >>"$dir/log" 2>&1 &
+      echo $! > "$dir/pid"
+      PEER_ARGS+=(--path /version)
+      ;;
     uvicorn-steer|uvicorn-nosteer)
       # The command line of the supervisor test
       # uvicorn_ten_upgrades_lose_nothing_with_steering_compared_with_plain_sigterm.
@@ -229,6 +276,22 @@ start_peer() {
         KIND=haproxy
         sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$port#g" -e "s#@BACKEND@#127.0.0.1:$bport#" \
           -e "s#@STOP_AFTER@#${WS_STOP_AFTER}s#" "$HERE/haproxy-ws.cfg" > "$dir/haproxy.cfg"
+        "${ON_SRV[@]}" haproxy -W -f "$dir/haproxy.cfg" -p "$dir/pid" >>"$dir/log" 2>&1 &
+      fi
+      ;;
+    nginx-tls|haproxy-tls)
+      # TLS termination (the tls scenario): HTTPS on $TLS_PORT with the
+      # certificate in $TLS_DIR (cert.pem, key.pem), plain HTTP on PORT.
+      if [[ $name == nginx-tls ]]; then
+        KIND=nginx-reload
+        mkdir -p "$dir/logs"
+        sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$port#g" -e "s#@TLSPORT@#$TLS_PORT#g" \
+          -e "s#@CERT@#$TLS_DIR/cert.pem#" -e "s#@KEY@#$TLS_DIR/key.pem#" "$HERE/nginx-tls.conf" > "$dir/nginx.conf"
+        "${ON_SRV[@]}" "$(command -v nginx)" -p "$dir" -c "$dir/nginx.conf" >>"$dir/log" 2>&1
+      else
+        KIND=haproxy
+        sed -e "s#@DIR@#$dir#g" -e "s#@PORT@#$port#g" -e "s#@TLSPORT@#$TLS_PORT#g" \
+          -e "s#@PEM@#$TLS_DIR/haproxy.pem#" "$HERE/haproxy-tls.cfg" > "$dir/haproxy.cfg"
         "${ON_SRV[@]}" haproxy -W -f "$dir/haproxy.cfg" -p "$dir/pid" >>"$dir/log" 2>&1 &
       fi
       ;;

@@ -15,7 +15,11 @@ Every peer is upgraded the same way in every scenario, by this file:
            memory (VmRSS, RssAnon, RssFile) at start and at checkpoints
   wait     wait until a URL answers
   rss      resident memory of processes (VmRSS, KiB)
-  mem      VmRSS, RssAnon, RssFile, RssShmem of processes (KiB, JSON)
+  mem      VmRSS, RssAnon, RssFile, RssShmem (KiB) and Threads of
+           processes (JSON)
+  sample   VmRSS, RssAnon and Threads of a process sampled for a while:
+           peak and median (JSON)
+  cpu      CPU time of a process and of its descendants so far (JSON)
   rtt      the probe's own request time against an idle server
 
 Definitions (the same for every peer, measured from outside):
@@ -76,7 +80,8 @@ def alive(pid):
 
 
 def proc_status(pid):
-    """The KiB fields of /proc/PID/status (VmRSS, RssAnon, RssFile, ...)."""
+    """The KiB fields of /proc/PID/status (VmRSS, RssAnon, RssFile, ...),
+    and Threads (a count)."""
     out = {}
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -84,6 +89,8 @@ def proc_status(pid):
                 k, _, v = line.partition(":")
                 v = v.split()
                 if len(v) == 2 and v[1] == "kB":
+                    out[k] = int(v[0])
+                elif k == "Threads" and len(v) == 1:
                     out[k] = int(v[0])
     except OSError:
         pass
@@ -571,11 +578,58 @@ def cmd_rtt(a):
     return 0
 
 
+MEM_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "Threads")
+
+
 def cmd_mem(a):
     for pid in a.pids:
         st = proc_status(pid)
-        print(json.dumps({k: st.get(k) for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}))
+        print(json.dumps({k: st.get(k) for k in MEM_FIELDS}))
     return 0
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process (all its threads), in seconds; 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # after the command name: state is field 3, utime 14 and stime 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cmd_cpu(a):
+    """CPU time used so far by a process and, separately, by its live
+    descendants (a supervisor and its app), seconds, one JSON line."""
+    print(json.dumps({"pid": a.pid, "self_s": round(cpu_seconds(a.pid), 3),
+                      "children_s": round(sum(cpu_seconds(c) for c in descendants(a.pid)), 3)}))
+    return 0
+
+
+def cmd_sample(a):
+    """/proc/PID/status every --every s for --for s (or until the process is
+    gone): the peak and the median of VmRSS, RssAnon and Threads over the
+    samples, one JSON line."""
+    samples = []
+    deadline = now() + a.for_
+    while now() < deadline:
+        st = proc_status(a.pid)
+        if not st:
+            break
+        samples.append(st)
+        time.sleep(a.every)
+    keys = ("VmRSS", "RssAnon", "Threads")
+    line = json.dumps({
+        "pid": a.pid, "n": len(samples),
+        "peak": {k: max((x.get(k, 0) for x in samples), default=None) for k in keys},
+        "median": {k: statistics.median(x.get(k, 0) for x in samples) if samples else None for k in keys},
+    })
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(line + "\n")
+    print(line)
+    return 0 if samples else 1
 
 
 def cmd_wait(a):
@@ -729,6 +783,13 @@ def main():
     p.add_argument("--out")
     p = sub.add_parser("mem")
     p.add_argument("pids", type=int, nargs="+")
+    p = sub.add_parser("cpu")
+    p.add_argument("--pid", type=int, required=True)
+    p = sub.add_parser("sample")
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--for", dest="for_", type=float, required=True, help="how long, s")
+    p.add_argument("--every", type=float, default=0.1, help="pause between samples, s")
+    p.add_argument("--out")
     p = sub.add_parser("wait")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
@@ -744,8 +805,8 @@ def main():
     p.add_argument("field")
     a = ap.parse_args()
     return {"upgrade": cmd_upgrade, "idle": cmd_idle, "drive": cmd_drive,
-            "supervisor-mem": cmd_supervisor_mem, "rtt": cmd_rtt, "mem": cmd_mem, "wait": cmd_wait,
-            "rss": cmd_rss, "cleanup": cmd_cleanup, "stats": cmd_stats}[a.action](a)
+            "supervisor-mem": cmd_supervisor_mem, "rtt": cmd_rtt, "mem": cmd_mem, "cpu": cmd_cpu, "sample": cmd_sample,
+            "wait": cmd_wait, "rss": cmd_rss, "cleanup": cmd_cleanup, "stats": cmd_stats}[a.action](a)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ PEER_LABEL = {
     "baton-demo": "baton-demo (library mode)",
     "baton-run": "`baton run` + plain hyper",
     "baton-run-node": "`baton run` + Node `http` server",
+    "baton-run-node-front": "`baton run --front http` + Node `http` server",
     "nginx-binary": "nginx binary upgrade (USR2, WINCH, QUIT)",
     "nginx-reload": "nginx -s reload (HUP)",
     "haproxy": "HAProxy reload (master-worker, USR2)",
@@ -34,12 +35,15 @@ PEER_LABEL = {
     "uvicorn-nosteer": "uvicorn under `baton run --no-steer --ready delay=1s`",
     "nginx-ws": "nginx -s reload (HUP) proxying to a WebSocket backend",
     "haproxy-ws": "HAProxy reload (USR2) proxying to a WebSocket backend",
+    "nginx-tls": "nginx -s reload (HUP), terminating TLS",
+    "haproxy-tls": "HAProxy reload (USR2), terminating TLS",
 }
 
 SHORT = {
     "baton-demo": "baton-demo",
     "baton-run": "`baton run`",
     "baton-run-node": "`baton run` + Node",
+    "baton-run-node-front": "`baton run --front` + Node",
     "nginx-binary": "nginx binary upgrade",
     "nginx-reload": "nginx reload",
     "haproxy": "HAProxy",
@@ -51,6 +55,8 @@ SHORT = {
     "stop-start": "stop + start",
     "nginx-ws": "nginx reload (proxy)",
     "haproxy-ws": "HAProxy reload (proxy)",
+    "nginx-tls": "nginx reload (TLS)",
+    "haproxy-tls": "HAProxy reload (TLS)",
 }
 
 TRIGGER = {
@@ -109,6 +115,21 @@ def parse_wrk(path):
         return parse_wrk_text(open(path).read())
     except OSError:
         return None
+
+
+def parse_oha(path):
+    """oha --output-format json -> {rps, p50, p99 (ms), ok, failed}, or None."""
+    try:
+        x = json.load(open(path))
+    except (OSError, ValueError, TypeError):
+        return None
+    lat = x.get("metrics", {}).get("latency_ms", {})
+    codes = x.get("statusCodeDistribution", {})
+    ok = sum(v for k, v in codes.items() if k.startswith("2"))
+    failed = sum(v for k, v in codes.items() if not k.startswith("2")) + sum(
+        x.get("errorDistribution", {}).values())
+    return {"rps": x.get("summary", {}).get("requestsPerSec"), "p50": lat.get("p50"), "p99": lat.get("p99"),
+            "ok": ok, "failed": failed}
 
 
 def jsonl(path):
@@ -222,7 +243,7 @@ class Report:
                                ("tableflip", "tableflip (Debian)"), ("pingora", "pingora"),
                                ("ecdysis", "ecdysis"), ("node", "Node"), ("java", "Java"),
                                ("httpclient", "HttpClient (Debian)"), ("requests", "requests"),
-                               ("uvicorn", "uvicorn")):
+                               ("uvicorn", "uvicorn"), ("oha", "oha")):
                 if v.get(key):
                     parts.append(f"{label} {v[key]}")
             self.p()
@@ -721,8 +742,10 @@ class Report:
                "the answer and stay idle 0–40 ms (uniformly random) before the next, "
                f"through {self.meta.get('client_upgrades')} upgrades 0.5 s apart. No client retries. Each "
                "cell: failed requests / requests, over the whole run. `baton run` supervises "
-               "`crates/baton-tests/apps/node_server.js`; nginx serves a static `return 200` itself; HAProxy "
-               "proxies to the plain hyper server (not reloaded).")
+               "`crates/baton-tests/apps/node_server.js`, with the clients on the app's own connections or, "
+               "with `--front http`, on baton's (which forwards each request to the serving generation); "
+               "nginx serves a static `return 200` itself; HAProxy proxies to the plain hyper server (not "
+               "reloaded).")
         self.p()
         clients = [c for c in CLIENT_LABEL if any(r["client"] == c for r in cl)]
         self.p("| peer | upgrades done | " + " | ".join(CLIENT_LABEL[c] for c in clients) + " |")
@@ -750,11 +773,13 @@ class Report:
                 self.summary.setdefault("clients", {}).setdefault(peer, {})[c] = c_["errors"]
             done = "/".join(str(d) for d in dones) if len(set(dones)) > 1 else (str(dones[0]) if dones else "—")
             self.p(f"| {PEER_LABEL.get(peer, peer)} | {done} | " + " | ".join(cells) + " |")
-            if peer == "baton-demo":
-                errs = sum(self.summary.get("clients", {}).get(peer, {}).values())
-                self.goal("baton-demo: 0 errors for every keep-alive client", errs == 0 and len(cells) ==
-                          len(self.summary.get("clients", {}).get(peer, {})),
-                          "/".join(str(self.summary["clients"][peer].get(c, "—")) for c in clients))
+            if peer in ("baton-demo", "baton-run-node-front"):
+                got = self.summary.get("clients", {}).get(peer, {})
+                errs = sum(got.values())
+                self.goal(f"{SHORT[peer]}: 0 errors for every keep-alive client",
+                          errs == 0 and len(cells) == len(got) and min(dones, default=0) > 0,
+                          "/".join(str(got.get(c, "—")) for c in clients)
+                          + f" ({done} upgrades)")
         if kinds:
             self.p()
             self.p("Errors by kind: " + "; ".join(
@@ -881,12 +906,227 @@ class Report:
                           med_range(gone, f_ms) if gone else "not gone")
         self.p()
 
+    # --------------------------------------------------------------- tls -----
+    def tls(self, n):
+        rows = self.kind("tls")
+        if not rows:
+            return
+        self.p(f"#### {n}. Idle HTTPS keep-alive connections through upgrades")
+        self.p()
+        self.p("Each round, the probe (scripts/bench/tls_probe.py, Python `ssl`, TLS 1.3, HTTP/1.1) opens "
+               "its connections with one `GET /` each and leaves them idle; then, per upgrade, it waits until "
+               "every process of the old generation has exited and, like a pooled client, checks each "
+               "connection and sends one `GET /` on it. *survived*: answered on its own socket (no new "
+               "handshake); *closed*: the server had closed it (clean: with close_notify), the client "
+               "reconnects — one TLS handshake (*resumed*: with its session ticket); *failed*: a request "
+               "sent on a connection that then failed. *handshakes per upgrade*: new handshakes over all "
+               "upgrades and rounds ÷ upgrades (the connections per round are in *connections*). nginx and "
+               "HAProxy terminate TLS with the same certificate and the same handler as in the other "
+               "scenarios, and are reloaded.")
+        self.p()
+        self.p("| peer | rounds | connections | upgrades | survived on their socket | handshakes per upgrade "
+               "(resumed) | closed (clean/other) | failed | old generation gone |")
+        self.p("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        by = {}
+        for r in rows:
+            by.setdefault(r["peer"], []).append(r)
+        for peer in sorted(by, key=lambda k: list(PEER_LABEL).index(k) if k in PEER_LABEL else 99):
+            t = {"opened": 0, "upgrades": 0, "survived": 0, "handshakes": 0, "resumed": 0,
+                 "closed_clean": 0, "closed_other": 0, "failed": 0}
+            gone, errs, conns, checks = [], [], [], 0
+            for r in by[peer]:
+                res = jsonl(r.get("file", ""))
+                if r.get("error") or not res:
+                    errs.append(r.get("error", "no result"))
+                    continue
+                x = res[-1]
+                for k in t:
+                    t[k] += x[k]
+                conns.append(x["opened"])
+                checks += x["opened"] * x["upgrades"]
+                gone += [g for g in x["gone_ms"] if g is not None]
+                if any(g is None for g in x["gone_ms"]):
+                    errs.append("an old generation was still there at the timeout")
+            note = f" ({len(errs)}: {errs[0]})" if errs else ""
+            per_up = t["handshakes"] / t["upgrades"] if t["upgrades"] else None
+            self.p(f"| {PEER_LABEL.get(peer, peer)} | {len(by[peer])}{note} | "
+                   f"{'/'.join(sorted(set(map(str, conns)))) or '—'} | {t['upgrades']} | "
+                   f"{t['survived']}/{checks} | {f_num(per_up) if per_up is not None else '—'} "
+                   f"({t['resumed']}) | {t['closed_clean']}/{t['closed_other']} | {t['failed']} | "
+                   f"{med_range(gone, f_ms) if gone else 'not gone'} |")
+            self.summary.setdefault("tls", {})[peer] = (t["survived"], checks, per_up)
+            if peer == "baton-demo":
+                self.goal("baton-demo: every idle TLS connection answers on its own socket after each upgrade, "
+                          "with no new handshake",
+                          t["survived"] == checks > 0 and t["handshakes"] == 0 and not errs,
+                          f"{t['survived']}/{checks} survived, {t['handshakes']} handshakes, "
+                          f"{t['failed']} failed")
+                self.goal("baton-demo: old generation gone within 1 s with the TLS connections idle",
+                          bool(gone) and max(gone) < 1000,
+                          med_range(gone, f_ms) if gone else "not gone")
+        self.p()
+    # ------------------------------------------------------------- front ----
+    def front(self, n):
+        mx, rt, mem = self.kind("front_max"), self.kind("front_rate"), self.kind("front_mem")
+        if not (mx or rt or mem):
+            return
+        m = self.meta
+        self.p(f"#### {n}. `baton run --front http`: through the front vs direct (Go app)")
+        self.p()
+        self.p("The suite's Go app (`crates/baton-tests/apps/go`: standard-library `net/http`, `GET /health` "
+               "answers `ok`) under `baton run --ready http://…/health`, *direct* (the clients connect to the "
+               "app's socket; the supervisor only supervises) and *through the front* (`--front http`: baton "
+               "accepts the clients' connections and forwards each request over its own keep-alive upstream "
+               f"connections to the app). Both are up at once on CPU {m.get('srv_cpu')} (the front, its "
+               "supervisor and the app share it; Go sizes itself to that one CPU), the client on CPU "
+               f"{m.get('load_cpu')}; the load alternates between them, the order swapped every round "
+               f"(direct, front; front, direct; …), {m.get('front_rounds')} rounds, after one uncounted "
+               "warm-up second each. No upgrade during these runs: this is what the front costs per request.")
+        self.p()
+        ratios = []
+        if mx:
+            self.p(f"**Max req/s**: `{mx[0].get('cmd', '')}` (keep-alive, as many requests as the server "
+                   "answers). Ratio = through the front ÷ direct, same round.")
+            self.p()
+            self.p("| round | order | direct req/s | front req/s | ratio | direct p99 | front p99 | failed |")
+            self.p("|---:|---|---:|---:|---:|---:|---:|---:|")
+            rounds = {}
+            cpu = {"direct": {"self": [], "children": []}, "front": {"self": [], "children": []}}
+            for r in mx:
+                w = parse_wrk(r["wrk"])
+                rounds.setdefault(int(r["round"]), {})[r["way"]] = w
+                rounds[int(r["round"])].setdefault("order", []).append(r["way"])
+                try:
+                    c0, c1 = json.loads(r["cpu_before"]), json.loads(r["cpu_after"])
+                except (KeyError, ValueError):
+                    continue
+                if w and w.get("requests"):
+                    for k in ("self", "children"):
+                        cpu[r["way"]][k].append((c1[f"{k}_s"] - c0[f"{k}_s"]) * 1e6 / w["requests"])
+            d_rps, f_rps_, d99, f99 = [], [], [], []
+            for rn in sorted(rounds):
+                x = rounds[rn]
+                d, f = x.get("direct"), x.get("front")
+                if not (d and f and d.get("rps") and f.get("rps")):
+                    self.p(f"| {rn} | {', '.join(x['order'])} | wrk failed | | | | | |")
+                    continue
+                ratio = f["rps"] / d["rps"]
+                ratios.append(ratio)
+                d_rps.append(d["rps"])
+                f_rps_.append(f["rps"])
+                d99.append(d["p99"])
+                f99.append(f["p99"])
+                self.p(f"| {rn} | {', '.join(x['order'])} | {f_rps(d['rps'])} | {f_rps(f['rps'])} | "
+                       f"× {ratio:.3f} | {f_ms(d['p99'])} | {f_ms(f['p99'])} | {d['failed'] + f['failed']} |")
+            self.p()
+            if ratios:
+                med = statistics.median(ratios)
+                self.p(f"Ratio per round, median: **× {med:.3f}** (× {min(ratios):.3f}–{max(ratios):.3f}); "
+                       f"median req/s: direct {f_rps(statistics.median(d_rps))}, through the front "
+                       f"{f_rps(statistics.median(f_rps_))}.")
+                self.p()
+                if cpu["front"]["self"] and cpu["direct"]["self"]:
+                    def us(v):
+                        return f"{v:.1f}"
+                    self.p("CPU time per request during these runs (utime + stime from /proc, ÷ wrk's requests; "
+                           "median, min–max over the rounds): the `baton run` process "
+                           f"{med_range(cpu['front']['self'], us, ' µs')} through the front "
+                           f"({med_range(cpu['direct']['self'], us, ' µs')} direct), the Go app "
+                           f"{med_range(cpu['front']['children'], us, ' µs')} through the front "
+                           f"({med_range(cpu['direct']['children'], us, ' µs')} direct).")
+                    self.p()
+                self.summary["front_ratio"] = (med, min(ratios), max(ratios), len(ratios))
+            self.goal("`--front http`, Go app: max req/s ≥ 0.5 × direct (median of the per-round ratios, "
+                      "2 shared cores)", bool(ratios) and statistics.median(ratios) >= 0.5,
+                      f"× {statistics.median(ratios):.3f} (× {min(ratios):.3f}–{max(ratios):.3f}, "
+                      f"{len(ratios)} rounds)" if ratios else "wrk failed")
+        shares = sorted({int(r.get("share", 2)) for r in rt})
+        for share in shares:
+            rows_ = [r for r in rt if int(r.get("share", 2)) == share]
+            rate = rows_[0].get("rate")
+            part = {2: "half", 4: "a quarter"}.get(share, f"1/{share}")
+            self.p(f"**Latency at a fixed rate, {part} of the direct max**: `{rows_[0].get('cmd', '')}`: "
+                   f"{f_rps(float(rate))} req/s, {part} of the direct median above; `--latency-correction`: a "
+                   "request's latency counts from when it was due, so a server that falls behind is not hidden "
+                   "by the client waiting for it (coordinated omission). *achieved*: oha's requests/s over the "
+                   "run.")
+            self.p()
+            self.p("| round | order | direct p50 | direct p99 | front p50 | front p99 | front − direct p99 | "
+                   "achieved req/s direct / front | failed |")
+            self.p("|---:|---|---:|---:|---:|---:|---:|---|---:|")
+            rounds = {}
+            why = {}
+            for r in rows_:
+                rounds.setdefault(int(r["round"]), {})[r["way"]] = parse_oha(r["file"])
+                rounds[int(r["round"])].setdefault("order", []).append(r["way"])
+                try:
+                    why.setdefault(int(r["round"]), open(r["err"]).read().strip().splitlines()[-1])
+                except (OSError, IndexError, KeyError):
+                    pass
+            d99, f99, diffs = [], [], []
+            for rn in sorted(rounds):
+                x = rounds[rn]
+                d, f = x.get("direct"), x.get("front")
+                if not (d and f and d.get("p99") is not None and f.get("p99") is not None):
+                    err = f" ({why[rn]})" if rn in why else ""
+                    self.p(f"| {rn} | {', '.join(x['order'])} | oha failed{err} | | | | | | |")
+                    continue
+                d99.append(d["p99"])
+                f99.append(f["p99"])
+                diffs.append(f["p99"] - d["p99"])
+                self.p(f"| {rn} | {', '.join(x['order'])} | {f_ms(d['p50'])} | {f_ms(d['p99'])} | "
+                       f"{f_ms(f['p50'])} | {f_ms(f['p99'])} | {diffs[-1]:+.2f} ms | "
+                       f"{f_rps(d['rps'])} / {f_rps(f['rps'])} | {d['failed'] + f['failed']} |")
+            self.p()
+            if diffs:
+                dm, fm = statistics.median(d99), statistics.median(f99)
+                self.p(f"Median p99: direct {f_ms(dm)}, through the front {f_ms(fm)} ({fm - dm:+.2f} ms); "
+                       f"per-round difference {med_range(diffs, lambda v: f'{v:+.2f}', ' ms')}.")
+                self.p()
+                if share == 2:
+                    self.summary["front_p99"] = (dm, fm)
+            if share == 2:
+                self.goal(f"`--front http`, Go app: p99 at {f_rps(float(rate))} req/s (half the direct max) ≤ "
+                          "direct p99 + 1 ms (medians)",
+                          bool(diffs) and statistics.median(f99) <= statistics.median(d99) + 1,
+                          f"{f_ms(statistics.median(f99))} vs {f_ms(statistics.median(d99))}" if diffs
+                          else "oha failed")
+        if mem:
+            self.p("**The supervisor's own figures** (the `baton run` process, not the app; /proc/PID/status): "
+                   "*idle*: 1 s after start, no client connection yet; *under load*: sampled every 0.2 s during "
+                   "every max-req/s run of that supervisor, the highest sample (median of the samples in "
+                   "brackets); *after*: 1 s after the last of those runs, its connections closed.")
+            self.p()
+            self.p("| supervisor | state | VmRSS | RssAnon | threads |")
+            self.p("|---|---|---:|---:|---:|")
+            label = {"direct": "`baton run` (direct)", "front": "`baton run --front http`"}
+            for way in ("direct", "front"):
+                rows = {r["state"]: r for r in mem if r["way"] == way}
+
+                def row(state, x):
+                    self.p(f"| {label[way]} | {state} | {f_kib(x.get('VmRSS'))} | {f_kib(x.get('RssAnon'))} | "
+                           f"{f_num(x.get('Threads'))} |")
+                if "idle" in rows:
+                    row("idle", json.loads(rows["idle"].get("mem") or "{}"))
+                samples = [x for r in mx if r["way"] == way for x in jsonl(r.get("sample", ""))]
+                if samples:
+                    peak = {k: max(x["peak"].get(k) or 0 for x in samples) for k in ("VmRSS", "RssAnon", "Threads")}
+                    medv = {k: statistics.median(x["median"].get(k) or 0 for x in samples)
+                            for k in ("VmRSS", "RssAnon", "Threads")}
+                    self.p(f"| {label[way]} | under load ({sum(x['n'] for x in samples)} samples) | "
+                           f"{f_kib(peak['VmRSS'])} ({f_kib(medv['VmRSS'])}) | "
+                           f"{f_kib(peak['RssAnon'])} ({f_kib(medv['RssAnon'])}) | "
+                           f"{f_num(peak['Threads'])} ({f_num(medv['Threads'])}) |")
+                if "after" in rows:
+                    row("after", json.loads(rows["after"].get("mem") or "{}"))
+            self.p()
+
     def render(self, level="###"):
         self.header(level)
         self.failures()
         n = 0
         for section in (self.load, self.idle, self.steady, self.latency, self.handoff, self.spawn,
-                        self.h2, self.memory, self.clients, self.steering, self.ws):
+                        self.h2, self.memory, self.clients, self.steering, self.ws, self.tls, self.front):
             before = len(self.out)
             section(n + 1)
             if len(self.out) > before:
@@ -926,9 +1166,21 @@ class Report:
         if ws:
             bits.append("WebSockets still answering on their own connection after one upgrade: "
                         + ", ".join(f"{SHORT.get(p, p)} {a}/{b}" for p, (a, b) in ws.items()))
+        tls = s.get("tls", {})
+        if tls:
+            bits.append("idle TLS connections answering on their own socket after upgrades: "
+                        + ", ".join(f"{SHORT.get(p, p)} {a}/{b}" for p, (a, b, _) in tls.items()))
         if "steady" in s:
             med, lo, hi, k = s["steady"]
             bits.append(f"steady req/s baton-demo ÷ plain hyper × {med:.3f} (× {lo:.3f}–{hi:.3f}, {k} rounds)")
+        if "front_ratio" in s:
+            med, lo, hi, k = s["front_ratio"]
+            txt = (f"`baton run --front http` ÷ direct, Go app, max req/s × {med:.3f} (× {lo:.3f}–{hi:.3f}, "
+                   f"{k} rounds)")
+            if "front_p99" in s:
+                d, f = s["front_p99"]
+                txt += f", p99 at half the direct max {f_ms(f)} vs {f_ms(d)}"
+            bits.append(txt)
         if bits:
             line = "; ".join(bits) + "."
             lines.append(line[0].upper() + line[1:])
@@ -956,11 +1208,12 @@ Options: `--rounds N` (default 5), `--duration S` (wrk `-d` of a load run, defau
 (per load run, default 2), `--latency-count N` (rounds of the latency and spawn scenarios, default 20),
 `--server-cpu N` / `--load-cpu N` (default 0 / 1), `--bin-dir DIR` (prebuilt `baton-demo`,
 `bench-handoff`, `bench-spawn` and `baton`), `--keep` (keep the run directory with every raw output),
-`--ws-conns N` (WebSockets in the ws scenario, default 1000).
+`--ws-conns N` (WebSockets in the ws scenario, default 1000), `--tls-conns N` (idle HTTPS connections in
+the tls scenario, default 200).
 Every process it starts is stopped by pid on exit, every port is picked free on 127.0.0.1, every wait
 and every load loop has a deadline. It installs what the peers need (Debian packages, a pinned Python
-venv) and builds pingora and ecdysis from their own lockfiles; a peer that cannot be installed is a
-failure of the run, named in the report, and the script exits 1.
+venv, oha from crates.io at a pinned version) and builds pingora and ecdysis from their own lockfiles;
+a peer that cannot be installed is a failure of the run, named in the report, and the script exits 1.
 
 **How it measures.** Every server runs on one CPU (`taskset -c 0`, one worker process or thread each:
 nginx `worker_processes 1`, HAProxy `nbthread 1`, pingora `threads: 1`; tokio and Go size themselves to

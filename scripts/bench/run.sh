@@ -4,7 +4,7 @@
 #   scripts/bench/run.sh [--write-docs] [--quick] [--only NAME[,NAME]] [--rounds N]
 #                        [--duration S] [--upgrades N] [--latency-count N]
 #                        [--server-cpu N] [--load-cpu N] [--bin-dir DIR] [--keep]
-#                        [--ws-conns N]
+#                        [--ws-conns N] [--tls-conns N]
 #
 # Prints one Markdown report on stdout (progress on stderr) and keeps a copy
 # in target/bench/latest.md. --write-docs also writes docs/benchmarks.md and
@@ -47,6 +47,23 @@
 #             Not in --quick's default list: --quick --only ws (100
 #             connections, baton-demo; add nginx-reload,haproxy for those;
 #             --ws-conns N for another count)
+#   tls       idle HTTPS keep-alive connections (Python ssl, TLS 1.3; 200,
+#             --tls-conns N) through 3 upgrades per round: after each, every
+#             connection is checked and used once; how many answer on their
+#             own socket and how many TLS handshakes each upgrade costs
+#             (closed connections reconnect); baton-demo's HTTPS listener vs
+#             nginx (ssl) and HAProxy (ssl crt) terminating TLS, reloaded.
+#             Not in --quick's default list: --quick --only tls
+#   front     `baton run --front http` (issue 17): the suite's Go app under
+#             `baton run` directly and through the front, both up at once,
+#             alternating A/B rounds: max req/s (wrk -t1 -c64 -d5s
+#             keep-alive, GET /health; CPU time per request), then p99 at
+#             fixed rates of half and a quarter of the direct median (oha -q
+#             --latency-correction, pinned, cargo-installed into
+#             target/bench/oha), 6 s each; the supervisor's VmRSS, RssAnon
+#             and threads idle, under the max-rate load (sampled) and after.
+#             The clients scenario has a `baton run --front http` row too.
+#             Alone: --only front,baton-run (clients too: front,clients,baton-run)
 # Peers: baton-demo baton-run nginx-binary nginx-reload haproxy
 #        haproxy-idle-close tableflip pingora ecdysis stop-start
 # --only takes peer and/or scenario names (e.g. --only baton-demo,latency).
@@ -62,8 +79,10 @@
 # haproxy, golang-go + golang-github-cloudflare-tableflip-dev, cmake, nodejs,
 # libhttpclient-java + a JDK; pip into target/bench/venv from
 # scripts/bench/requirements.txt) and builds pingora and ecdysis (their own
-# lockfiles). A peer that cannot be installed or built is a failure of the
-# run: it is named with its reason in the report and the run exits 1.
+# lockfiles), the suite's Go app, and oha (front: cargo install --locked of
+# a pinned version into target/bench/oha, once; needs libssl-dev). A peer
+# that cannot be installed or built is a failure of the run: it is named
+# with its reason in the report and the run exits 1.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
@@ -75,7 +94,7 @@ source "$HERE/lib.sh"
 # shellcheck source=scripts/bench/peers.sh
 source "$HERE/peers.sh"
 
-WS_CONNS_ARG="" QUICK=0 ONLY="" DUR="" ROUNDS="" LATN="" KEEP=0 BIN_DIR="" UPGRADES="" WRITE_DOCS=0
+TLS_CONNS_ARG="" WS_CONNS_ARG="" QUICK=0 ONLY="" DUR="" ROUNDS="" LATN="" KEEP=0 BIN_DIR="" UPGRADES="" WRITE_DOCS=0
 SRV_CPU=0 LOAD_CPU=1
 # ws scenario: the stated limit on an old proxy worker's life after a reload
 # (nginx worker_shutdown_timeout, HAProxy hard-stop-after), seconds.
@@ -96,6 +115,7 @@ while [[ $# -gt 0 ]]; do
     --bin-dir) BIN_DIR="$(cd "$2" && pwd)"; shift ;;
     --keep) KEEP=1 ;;
     --ws-conns) WS_CONNS_ARG="$2"; shift ;;
+    --tls-conns) TLS_CONNS_ARG="$2"; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -111,22 +131,25 @@ fi
 pin_cpus
 
 ALL_PEERS="baton-demo baton-run nginx-binary nginx-reload haproxy haproxy-idle-close tableflip pingora ecdysis stop-start"
-ALL_SCEN="load idle steady latency handoff spawn h2 memory clients steering ws"
+ALL_SCEN="load idle steady latency handoff spawn h2 memory clients steering ws tls front"
 if [[ $QUICK == 1 ]]; then
   DUR=${DUR:-3}; ROUNDS=${ROUNDS:-1}; LATN=${LATN:-5}; UPGRADES=${UPGRADES:-2}
   SCALE="200" FIRST=0.5 STEADY_DUR=2 STEADY_ROUNDS=1 BALLAST="20 256" H2_UPGRADES=2
   SUP_COUNT=5 SUP_AT="2,5" CLIENT_UPGRADES=2 STEER_RUNS=1 STEER_UPGRADES=2
+  FRONT_DUR=2 FRONT_RATE_DUR=2 FRONT_ROUNDS=${ROUNDS}
   # fewer connections: a debug build on one CPU would time some of 64 out
-  CONNS=16 WS_CONNS=100
+  CONNS=16 WS_CONNS=100 TLS_CONNS=50 TLS_UPGRADES=3
   PEERS="baton-demo" SCEN="load idle steady latency handoff spawn h2 memory"
 else
   DUR=${DUR:-8}; ROUNDS=${ROUNDS:-5}; LATN=${LATN:-20}; UPGRADES=${UPGRADES:-2}
   SCALE="1000 10000" FIRST=1.5 STEADY_DUR=5 STEADY_ROUNDS=$ROUNDS BALLAST="20 2048" H2_UPGRADES=2
   SUP_COUNT=100 SUP_AT="10,100" CLIENT_UPGRADES=8 STEER_RUNS=3 STEER_UPGRADES=10
-  CONNS=64 WS_CONNS=1000
+  FRONT_DUR=5 FRONT_RATE_DUR=6 FRONT_ROUNDS=${ROUNDS}
+  CONNS=64 WS_CONNS=1000 TLS_CONNS=200 TLS_UPGRADES=3
   PEERS=$ALL_PEERS SCEN=$ALL_SCEN
 fi
 [[ -n $WS_CONNS_ARG ]] && WS_CONNS=$WS_CONNS_ARG
+[[ -n $TLS_CONNS_ARG ]] && TLS_CONNS=$TLS_CONNS_ARG
 if [[ -n $ONLY ]]; then
   sel_peers="" sel_scen=""
   for n in ${ONLY//,/ }; do
@@ -178,7 +201,8 @@ record kind=meta args="$ARGS_ECHO" cmd="scripts/bench/run.sh${ARGS_ECHO:+ $ARGS_
   dur="$DUR" rounds="$ROUNDS" latn="$LATN" upgrades="$UPGRADES" steady_dur="$STEADY_DUR" \
   steady_rounds="$STEADY_ROUNDS" ballast="$BALLAST" h2_upgrades="$H2_UPGRADES" sup_count="$SUP_COUNT" \
   sup_at="$SUP_AT" client_upgrades="$CLIENT_UPGRADES" steer_runs="$STEER_RUNS" steer_upgrades="$STEER_UPGRADES" \
-  scale="$SCALE" load_before="$(loadavg)" date="$(date -u '+%F %H:%M UTC')" t_start="$T_START" \
+  scale="$SCALE" front_dur="$FRONT_DUR" front_rate_dur="$FRONT_RATE_DUR" front_rounds="$FRONT_ROUNDS" \
+  load_before="$(loadavg)" date="$(date -u '+%F %H:%M UTC')" t_start="$T_START" \
   commit="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" dirty="$dirty" \
   cores="$(nproc)" kernel="$(uname -r)" mem_gib="$(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo)" \
   cpu="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)" srv_cpu="$SRV_CPU" load_cpu="$LOAD_CPU" \
@@ -188,7 +212,8 @@ scenario_start() { log "== $1"; record kind=scenario name="$1" load="$(loadavg)"
 # ------------------------------------------------------ install, build ----
 prepare_baton || exit 1
 BATON_CLI=""
-if want_peer baton-run && { want load || want idle || want latency || want memory || want clients || want steering; }; then
+if want_peer baton-run && { want load || want idle || want latency || want memory || want clients || want steering \
+    || want front; }; then
   prepare_baton_run || true
 fi
 usable nginx-binary && { prepare_nginx nginx-binary || true; }
@@ -208,6 +233,10 @@ fi
 if want steering && want_peer baton-run; then
   prepare_venv uvicorn || true
 fi
+if want front && want_peer baton-run; then
+  prepare_goapp front || true
+  prepare_oha front || true
+fi
 record kind=versions \
   nginx="$(nginx -v 2>&1 | sed 's#.*/##')" haproxy="$(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f3)" \
   go="$(go version 2>/dev/null | cut -d' ' -f3)" node="$(node --version 2>/dev/null)" \
@@ -216,6 +245,7 @@ record kind=versions \
   tableflip="$(dpkg-query -W -f='${Version}' golang-github-cloudflare-tableflip-dev 2>/dev/null)" \
   pingora="$(sed -n '/^name = "pingora"$/{n;s/version = "\(.*\)"/\1/p}' "$HERE/pingora-server/Cargo.lock")" \
   ecdysis="$(sed -n '/^name = "ecdysis"$/{n;s/version = "\(.*\)"/\1/p}' "$HERE/ecdysis-server/Cargo.lock")" \
+  oha="$([[ -n ${OHA:-} && -x ${OHA:-} ]] && "$OHA" --version 2>/dev/null | cut -d' ' -f2)" \
   requests="$(sed -n 's/^requests==//p' "$HERE/requirements.txt")" \
   uvicorn="$(sed -n 's/^uvicorn==//p' "$HERE/requirements.txt")"
 
@@ -501,7 +531,11 @@ if want clients; then
   cpeers=()
   for p in baton-demo baton-run nginx-reload haproxy ecdysis; do
     usable "$p" || continue
-    case "$p" in baton-run) cpeers+=(baton-run-node) ;; haproxy) cpeers+=(haproxy-backend) ;; *) cpeers+=("$p") ;; esac
+    case "$p" in
+      baton-run) cpeers+=(baton-run-node baton-run-node-front) ;;
+      haproxy) cpeers+=(haproxy-backend) ;;
+      *) cpeers+=("$p") ;;
+    esac
   done
   ci=0
   for client in java-httpclient node-http python-requests; do
@@ -574,6 +608,138 @@ if want ws; then
       stop_peer "$dir"
     done
   done
+fi
+
+# ----------------------------------------------------------------- tls ----
+if want tls; then
+  scenario_start tls
+  # One throwaway CA and an ECDSA P-256 certificate for localhost, shared by
+  # every peer (HAProxy wants the certificate and key in one file).
+  TLS_DIR=$RUN/tls; mkdir -p "$TLS_DIR"
+  if (cd "$TLS_DIR" &&
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem \
+        -days 2 -subj "/CN=baton bench CA" -addext basicConstraints=critical,CA:TRUE \
+        -addext keyUsage=critical,keyCertSign,cRLSign &&
+      openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout key.pem -out cert.csr \
+        -subj /CN=localhost &&
+      printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > ext.cnf &&
+      openssl x509 -req -in cert.csr -CA ca.pem -CAkey ca.key -set_serial 1 -days 2 -extfile ext.cnf \
+        -out cert.pem && cat cert.pem key.pem > haproxy.pem) >"$RUN/tls-pki.log" 2>&1; then
+    list=()
+    usable baton-demo && list+=(baton-demo)
+    want_peer nginx-reload && ! failed nginx-reload && list+=(nginx-tls)
+    want_peer haproxy && ! failed haproxy && list+=(haproxy-tls)
+    for r in $(seq "$ROUNDS"); do
+      for peer in $(rotate "$r" "${list[@]}"); do
+        newdir "$peer"; dir=$NEWDIR; port=$(free_port); TLS_PORT=$(free_port)
+        extra=""
+        [[ $peer == baton-demo ]] && extra="--listen https=127.0.0.1:$TLS_PORT --tls-listener https \
+          --tls-cert $TLS_DIR/cert.pem --tls-key $TLS_DIR/key.pem"
+        if EXTRA=$extra start_peer "$peer" "$dir" "$port"; then
+          log "tls: $peer, $TLS_CONNS idle HTTPS connections through $TLS_UPGRADES upgrades, round $r/$ROUNDS"
+          bounded 600 "${PROBE[@]/probe.py/tls_probe.py}" --kind "$KIND" --port "$port" --tls-port "$TLS_PORT" \
+            --ca "$TLS_DIR/ca.pem" --pidfile "$dir/pid" --conns "$TLS_CONNS" --upgrades "$TLS_UPGRADES" \
+            --gone-timeout 60 --out "$dir/tls.json" >/dev/null 2>>"$dir/probe.log" || true
+          record kind=tls peer="$peer" round="$r" file="$dir/tls.json"
+        else
+          record kind=tls peer="$peer" round="$r" error="did not start"
+        fi
+        stop_peer "$dir"
+      done
+    done
+  else
+    fail tls "cannot make the test certificate: $(tail -1 "$RUN/tls-pki.log")"
+  fi
+fi
+
+# --------------------------------------------------------------- front ----
+# front_wrk WAY ROUND: one max-rate wrk run against the direct or the front
+# supervisor, its supervisor sampled meanwhile.
+front_wrk() {
+  local way=$1 r=$2 port dir pid
+  if [[ $way == direct ]]; then port=$dport dir=$ddir; else port=$fport dir=$fdir; fi
+  pid=$(cat "$dir/pid")
+  log "front: max req/s, $way, round $r/$FRONT_ROUNDS, ${FRONT_DUR}s"
+  local cpu0 cpu1
+  cpu0=$("${PROBE[@]}" cpu --pid "$pid")
+  "${PROBE[@]}" sample --pid "$pid" --for "$FRONT_DUR" --every 0.2 --out "$dir/sample-$r.json" >/dev/null 2>&1 &
+  local sampler=$!
+  wrk_run "$dir/wrk-$r.txt" "$FRONT_DUR" "http://127.0.0.1:$port/health"
+  wait "$sampler" 2>/dev/null || true
+  cpu1=$("${PROBE[@]}" cpu --pid "$pid")
+  record kind=front_max way="$way" round="$r" wrk="$dir/wrk-$r.txt" sample="$dir/sample-$r.json" \
+    cpu_before="$cpu0" cpu_after="$cpu1" cmd="$(wrk_cmd "$FRONT_DUR" | sed 's#/$#/health#')"
+}
+# front_oha WAY ROUND RATE SHARE: one fixed-rate oha run (RATE = the direct
+# max ÷ SHARE).
+front_oha() {
+  local way=$1 r=$2 rate=$3 share=$4 port dir
+  if [[ $way == direct ]]; then port=$dport dir=$ddir; else port=$fport dir=$fdir; fi
+  log "front: $rate req/s fixed (1/$share of the direct max), $way, round $r/$FRONT_ROUNDS, ${FRONT_RATE_DUR}s"
+  # one worker thread (oha sizes its runtime to the physical cores, not to
+  # the CPU it is pinned to); -w: requests in flight at the deadline finish
+  # (not counted as errors)
+  local args=(--no-tui --output-format json --worker-threads 1 -z "${FRONT_RATE_DUR}s" -w -c "$CONNS"
+              -q "$rate" --latency-correction)
+  bounded $((FRONT_RATE_DUR + 60)) taskset -c "$LOAD_CPU" "$OHA" "${args[@]}" "http://127.0.0.1:$port/health" \
+    > "$dir/oha-$share-$r.json" 2>"$dir/oha-$share-$r.err" || true
+  record kind=front_rate way="$way" round="$r" rate="$rate" share="$share" file="$dir/oha-$share-$r.json" \
+    err="$dir/oha-$share-$r.err" \
+    cmd="taskset -c $LOAD_CPU oha ${args[*]} http://127.0.0.1:PORT/health"
+}
+if want front && usable baton-run; then
+  scenario_start front
+  if failed front; then
+    :   # the Go app or oha could not be built: recorded by prepare_*
+  else
+    # Both supervisors up at once (an idle one costs nothing), the load
+    # alternates between them round by round: A/B, B/A, ...
+    newdir baton-run-go; ddir=$NEWDIR; newdir baton-run-go-front; fdir=$NEWDIR
+    dport=$(free_port); fport=$(free_port)
+    if start_peer baton-run-go "$ddir" "$dport" && start_peer baton-run-go-front "$fdir" "$fport"; then
+      sleep 1
+      for way in direct front; do
+        d=$ddir; [[ $way == front ]] && d=$fdir
+        record kind=front_mem way="$way" state=idle mem="$("${PROBE[@]}" mem "$(cat "$d/pid")")"
+      done
+      wrk_run "$ddir/warmup.txt" 1 "http://127.0.0.1:$dport/health"
+      wrk_run "$fdir/warmup.txt" 1 "http://127.0.0.1:$fport/health"
+      for r in $(seq "$FRONT_ROUNDS"); do
+        order="direct front"; (( r % 2 == 0 )) && order="front direct"
+        for way in $order; do front_wrk "$way" "$r"; done
+      done
+      sleep 1
+      for way in direct front; do
+        d=$ddir; [[ $way == front ]] && d=$fdir
+        record kind=front_mem way="$way" state=after mem="$("${PROBE[@]}" mem "$(cat "$d/pid")")"
+      done
+      # the fixed rates: half the direct median max of this run (the goal's),
+      # and a quarter (where the front is not saturated on the shared CPU)
+      max=$("$PY" - "$ddir"/wrk-*.txt <<'PYEOF' || true
+import re, statistics, sys
+v = []
+for f in sys.argv[1:]:
+    m = re.search(r"Requests/sec:\s+([\d.]+)", open(f).read())
+    if m:
+        v.append(float(m.group(1)))
+print(int(statistics.median(v)) if v else "")
+PYEOF
+)
+      if [[ -n $max && $max -gt 4 ]]; then
+        for share in 2 4; do
+          for r in $(seq "$FRONT_ROUNDS"); do
+            order="direct front"; (( r % 2 == 0 )) && order="front direct"
+            for way in $order; do front_oha "$way" "$r" $((max / share)) "$share"; done
+          done
+        done
+      else
+        fail front "no direct max req/s to take half of (wrk failed against the direct Go app)"
+      fi
+    else
+      fail front "the Go app under \`baton run\` (direct or --front http) did not start"
+    fi
+    stop_peer "$ddir"; stop_peer "$fdir"
+  fi
 fi
 
 record kind=end load_after="$(loadavg)" t_end="$(date +%s)"

@@ -93,8 +93,9 @@ pub enum LogFormat {
         With --tls-cert and --tls-key, listeners serve HTTPS (HTTP/2 or HTTP/1.1 by ALPN). Each generation \
         reads the certificate files at start, so replacing them and upgrading rotates the certificate; \
         session-ticket keys are carried to the new generation in memory, so clients resume their TLS \
-        sessions. TLS connections cannot move to the new generation: they finish on the old one, \
-        closing at moments spread over --close-spread.",
+        sessions. Idle HTTP/1.1 TLS connections move to the new generation with their session keys (no \
+        new handshake; --no-tls-handoff turns that off); HTTP/2 TLS connections, and those that \
+        cannot move, finish on the old one, closing at moments spread over --close-spread.",
     after_help = "Examples:\n  baton-demo --listen 127.0.0.1:8080 --pid-file demo.pid\n  \
         baton-demo --listen http=[::1]:8080 --listen admin=unix:/tmp/demo.sock --control /tmp/demo/ctl.sock\n  \
         baton-demo --listen http=127.0.0.1:8080 --listen https=127.0.0.1:8443 --tls-listener https \\\n      \
@@ -217,6 +218,11 @@ pub struct Args {
     /// one to two periods, across upgrades [default: 6h].
     #[arg(long, value_name = "DUR", value_parser = parse_dur)]
     pub tls_ticket_rotation: Option<Duration>,
+    /// Do not take over the previous generation's HTTP/1.1 TLS connections
+    /// (by default they move here with their session keys, no new
+    /// handshake): it then ends them politely, as it does HTTP/2 ones.
+    #[arg(long, requires = "tls_cert")]
+    pub no_tls_handoff: bool,
     /// Benchmark aid: once ready, allocate and touch this many MiB, so that
     /// this generation is a parent with a large resident set at its next
     /// upgrade (the cost of starting a child must not grow with it).
@@ -302,6 +308,9 @@ pub struct Custom {
     /// Kind of the `/ws` connections (default [`ws::WS_KIND`]): another one
     /// does not take the previous generation's WebSockets.
     pub ws_kind: Option<String>,
+    /// Act as `--no-tls-handoff` (a fixture then registers the TLS kind
+    /// itself, e.g. with a check that refuses every batch).
+    pub no_tls_handoff: bool,
 }
 
 impl std::fmt::Debug for Custom {
@@ -354,7 +363,8 @@ pub fn main_with(custom: Custom) -> ExitCode {
 ///
 /// # Errors
 /// Start-up failures (listeners, handoff, readiness).
-pub async fn run(args: Args, mut custom: Custom) -> anyhow::Result<()> {
+pub async fn run(mut args: Args, mut custom: Custom) -> anyhow::Result<()> {
+    args.no_tls_handoff |= custom.no_tls_handoff;
     let version = custom.version.clone().unwrap_or_else(|| VERSION.to_owned());
     if args.plain {
         return plain::run(args, version, custom.intercept.take()).await;
@@ -610,6 +620,7 @@ async fn load_tls(
     if let Some(d) = args.tls_ticket_rotation {
         cfg.ticket_rotation = d;
     }
+    cfg.take_connections = !args.no_tls_handoff;
     if cfg.close_spread >= args.drain_timeout {
         anyhow::bail!(
             "--close-spread ({:?}) must be shorter than --drain-timeout ({:?}): TLS connections \

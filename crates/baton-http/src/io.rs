@@ -130,6 +130,32 @@ impl<T> ConnIo<T> {
     pub(crate) fn replay(&self) -> &[u8] {
         &self.replay
     }
+
+    /// Take the transport and every byte read but not consumed: `before`
+    /// (what hyper had buffered) followed by whatever was never replayed.
+    pub(crate) fn into_parts(self, before: Bytes) -> (T, Vec<u8>) {
+        let mut prefix = Vec::with_capacity(before.len() + self.replay.len());
+        prefix.extend_from_slice(&before);
+        prefix.extend_from_slice(&self.replay);
+        (self.stream, prefix)
+    }
+
+    /// Put bytes back in front of the replay buffer (what hyper had read
+    /// when the connection was detached and then kept).
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn put_back(&mut self, before: &[u8]) {
+        if !before.is_empty() {
+            let mut r = BytesMut::from(before);
+            r.extend_from_slice(&self.replay);
+            self.replay = r;
+        }
+    }
+
+    /// The transport.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn get_mut(&mut self) -> &mut T {
+        &mut self.stream
+    }
 }
 
 impl ConnIo<Stream> {
@@ -141,15 +167,6 @@ impl ConnIo<Stream> {
         let n = self.stream.read(&mut buf).await?;
         self.replay.extend_from_slice(&buf[..n]);
         Ok(n)
-    }
-
-    /// Take the socket and every byte read but not consumed: `before` (what
-    /// hyper had buffered) followed by whatever was never replayed.
-    pub(crate) fn into_parts(self, before: Bytes) -> (Stream, Vec<u8>) {
-        let mut prefix = Vec::with_capacity(before.len() + self.replay.len());
-        prefix.extend_from_slice(&before);
-        prefix.extend_from_slice(&self.replay);
-        (self.stream, prefix)
     }
 }
 

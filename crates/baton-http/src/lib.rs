@@ -42,11 +42,12 @@
 //! `Server::serve_tls` serves a listener over TLS with rustls: ALPN `h2`
 //! and `http/1.1`, certificates read afresh by each generation
 //! (`Tls::load`), session-ticket keys carried to the next generation in
-//! memory so clients resume their sessions after an upgrade. A TLS
-//! connection cannot be handed over (no kTLS here, and rustls cannot take
-//! a live session back in): it finishes on the old generation, closing
-//! politely at a moment spread over `TlsConfig::close_spread`. The `tls`
-//! module tells the whole story.
+//! memory so clients resume their sessions after an upgrade. An idle
+//! HTTP/1.1 TLS connection moves to the new generation with its session
+//! keys (no new handshake) and is served there on baton's own record layer;
+//! HTTP/2 over TLS finishes on the old generation, closing politely at a
+//! moment spread over `TlsConfig::close_spread`. The `tls` module tells the
+//! whole story.
 //!
 //! An axum `Router` is served through
 //! `hyper_util::service::TowerToHyperService::new(router)` (see the README
@@ -122,7 +123,7 @@ where
 #[cfg(feature = "tls")]
 pub use tls::{
     DEFAULT_CLOSE_QUIET, DEFAULT_CLOSE_SPREAD, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_TICKET_ROTATION,
-    MAX_TICKET_ROTATION, MIN_TICKET_ROTATION, TICKET_STATE_NAME, Tls, TlsConfig,
+    MAX_TICKET_ROTATION, MIN_TICKET_ROTATION, TICKET_STATE_NAME, TLS_KIND, Tls, TlsConfig,
 };
 
 /// Facts about the connection a request arrived on, in the request's
@@ -144,7 +145,8 @@ pub struct ConnInfo {
     pub listener: Arc<str>,
     /// It was accepted by a previous generation and handed to this one.
     pub handed_over: bool,
-    /// It is a TLS connection (never handed over).
+    /// It is a TLS connection (`handed_over` too: it moved with its
+    /// session keys).
     pub tls: bool,
 }
 
@@ -234,11 +236,33 @@ where
 
     /// Accept connections on `listener` and serve them over TLS (in a
     /// background task) while this generation serves. HTTP/2 or HTTP/1.1 is
-    /// chosen by ALPN. These connections are never handed over: they finish
-    /// here when the generation drains (see [`Tls`]).
+    /// chosen by ALPN. Idle HTTP/1.1 connections move to the successor
+    /// with their session keys; the first call also serves those the
+    /// previous generation handed over (see [`Tls`]). HTTP/2 ones finish
+    /// here when the generation drains.
     #[cfg(feature = "tls")]
     pub fn serve_tls(&self, listener: Listener, tls: &Tls) {
         let tls = Arc::clone(tls.inner());
+        if let Some(mut moved) = tls.take_moved() {
+            let (shared, tls) = (Arc::clone(&self.shared), Arc::clone(&tls));
+            tokio::spawn(async move {
+                while let Some(c) = moved.recv().await {
+                    let info = ConnInfo {
+                        peer: c.stream.peer_addr().ok(),
+                        listener: Arc::from(c.listener.as_str()),
+                        handed_over: true,
+                        tls: true,
+                    };
+                    let tracker = shared.baton.tracker().clone();
+                    tracker.spawn(tls::serve_moved(
+                        Arc::clone(&shared),
+                        Arc::clone(&tls),
+                        c,
+                        info,
+                    ));
+                }
+            });
+        }
         self.accept_loop(listener, move |shared, stream, mut info| {
             info.tls = true;
             let tracker = shared.baton.tracker().clone();

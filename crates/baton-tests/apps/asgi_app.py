@@ -8,6 +8,12 @@ async def app(scope, receive, send):
     if scope["type"] != "http":
         return
     path = scope["path"]
+    # Read the request body (a POST's), so that the connection can carry
+    # the next request.
+    more = True
+    while more:
+        msg = await receive()
+        more = msg.get("more_body", False) and msg["type"] == "http.request"
     if path == "/version":
         body = json.dumps(
             {

@@ -1,5 +1,7 @@
 // A Node `http` server for `baton run`: it listens on the socket at fd 3
-// (systemd socket activation) and stops gracefully on SIGTERM.
+// (systemd socket activation) and stops gracefully on SIGTERM. `GET /ws`
+// upgrades to a WebSocket (Node `ws`) that answers each text message with
+// `{"echo", "seq", "pid"}` (the contract of ws_clients.*).
 'use strict';
 const http = require('http');
 
@@ -30,6 +32,17 @@ const server = http.createServer((req, res) => {
     res.end(buf);
     return;
   }
+  if (req.url === '/sink') {
+    // The whole body read before the answer: its length.
+    let n = 0;
+    req.on('data', (c) => { n += c.length; });
+    req.on('end', () => {
+      const b = JSON.stringify({ received: n });
+      res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(b) });
+      res.end(b);
+    });
+    return;
+  }
   const slow = /^\/slow\/(\d+)$/.exec(req.url);
   if (slow) {
     setTimeout(() => {
@@ -53,12 +66,35 @@ const server = http.createServer((req, res) => {
   res.end(body);
 });
 
+// `ws` is loaded only when a WebSocket arrives: the HTTP tests need no
+// node_modules.
+let wss = null;
+server.on('upgrade', (req, socket, head) => {
+  if (req.url !== '/ws') {
+    socket.destroy();
+    return;
+  }
+  if (wss === null) {
+    const { WebSocketServer } = require('ws');
+    wss = new WebSocketServer({ noServer: true, perMessageDeflate: false });
+  }
+  wss.handleUpgrade(req, socket, head, (ws) => {
+    let seq = 0;
+    ws.on('message', (data) => {
+      seq += 1;
+      ws.send(JSON.stringify({ echo: data.toString(), seq, pid: process.pid }));
+    });
+  });
+});
+
 server.listen({ fd: 3 }, () => {
   console.error(`node generation ${generation} pid ${process.pid} listening on fd 3`);
 });
 
 process.on('SIGTERM', () => {
   console.error(`node generation ${generation} pid ${process.pid}: SIGTERM, closing`);
+  // WebSockets get their protocol's close (1001: going away).
+  if (wss !== null) wss.clients.forEach((ws) => ws.close(1001, 'server stopping'));
   server.close(() => process.exit(0));
   setTimeout(() => process.exit(0), 20000).unref();
 });

@@ -37,6 +37,9 @@
 //! * `ws-refuse` — take the predecessor's WebSockets' kind with a check
 //!   that refuses every batch (and serve `/ws` under another kind), so
 //!   they stay with the predecessor.
+//! * `tls-refuse` — take the predecessor's TLS connections' kind with a
+//!   check that refuses every batch, so their keys are extracted and they
+//!   stay with the predecessor (on its record layer).
 //! * `tls-state:garbage` / `tls-state:v2` — export, for the *next*
 //!   generation, TLS session-ticket state that is not a ticket-key state at
 //!   all / claims format version 2 (so that generation must refuse it).
@@ -203,6 +206,19 @@ pub fn main(version: &str) -> ExitCode {
                         .map_err(|e| e.to_string())?;
                     // Kept for the process's life: a refused batch never
                     // reaches it, and a dropped receiver is another case.
+                    std::mem::forget(rx);
+                    Ok(())
+                }));
+            }
+            "tls-refuse" => {
+                custom.no_tls_handoff = true;
+                custom.before_ready = Some(Box::new(|b| {
+                    let rx = b
+                        .receive_owned_checked(baton_http::TLS_KIND, |_| {
+                            Err("the fixture refuses every TLS connection (tls-refuse)".into())
+                        })
+                        .map_err(|e| e.to_string())?;
+                    // Kept for the process's life, as for ws-refuse.
                     std::mem::forget(rx);
                     Ok(())
                 }));

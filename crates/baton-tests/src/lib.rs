@@ -23,6 +23,7 @@ pub mod openmetrics;
 pub mod proc;
 pub mod supervisor;
 pub mod tls;
+pub mod tls_matrix;
 pub mod ws;
 
 use std::collections::BTreeSet;

@@ -143,6 +143,11 @@ impl Pki {
     /// A server certificate for `localhost` / 127.0.0.1 with this serial,
     /// subject `CN=baton-tls-<name>`, in `<name>.pem` / `<name>.key`.
     pub fn issue(&self, name: &str, serial: u32) -> Cert {
+        self.issue_key(name, serial, crate::tls_matrix::KeyKind::Ecdsa)
+    }
+
+    /// [`Pki::issue`] with an RSA or an ECDSA key.
+    pub fn issue_key(&self, name: &str, serial: u32, kind: crate::tls_matrix::KeyKind) -> Cert {
         let cn = format!("baton-tls-{name}");
         let (pem, key, csr) = (
             format!("{name}.pem"),
@@ -152,20 +157,19 @@ impl Pki {
         openssl(
             &self.dir,
             &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
+                &["req", "-new"][..],
+                kind.newkey_args(),
+                &[
+                    "-nodes",
+                    "-keyout",
+                    &key,
+                    "-out",
+                    &csr,
+                    "-subj",
+                    &format!("/CN={cn}"),
+                ],
+            ]
+            .concat(),
         );
         openssl(
             &self.dir,
@@ -224,10 +228,20 @@ impl TlsServer {
     /// A new CA and certificate (serial 0x1001, `CN=baton-tls-a`), and the
     /// server with `extra` arguments.
     pub fn start(binary: &Path, name: &str, extra: &[&str]) -> TlsServer {
+        Self::start_with_key(binary, name, extra, crate::tls_matrix::KeyKind::Ecdsa)
+    }
+
+    /// [`TlsServer::start`] with an RSA or an ECDSA certificate.
+    pub fn start_with_key(
+        binary: &Path,
+        name: &str,
+        extra: &[&str],
+        kind: crate::tls_matrix::KeyKind,
+    ) -> TlsServer {
         crate::init();
         let dir = Arc::new(TestDir::new(&format!("{name}-pki")));
         let pki = Arc::new(Pki::new(&dir.path));
-        let first = pki.issue("a", 0x1001);
+        let first = pki.issue_key("a", 0x1001, kind);
         Self::start_inner(binary, name, extra, dir, pki, first)
     }
 
@@ -758,4 +772,89 @@ fn tally(st: &mut CurlStats, out: &Output, http2: bool, per_run: usize) -> u64 {
         }
     }
     per_run as u64
+}
+
+/// HTTP/1.1 keep-alive TLS connections held open by the Python client
+/// (`tls_client.py hold`), used on demand.
+#[derive(Debug)]
+pub struct PyHold {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+    /// Per connection: the pid that answered its first request, its TLS
+    /// version and cipher.
+    pub ready: Vec<Value>,
+}
+
+impl PyHold {
+    /// Open `conns` connections (TLS 1.2 only if `tls12`); returns once each
+    /// has had its first answer.
+    pub fn start(s: &TlsServer, conns: usize, tls12: bool) -> PyHold {
+        Self::start_with(s, conns, tls12, None)
+    }
+
+    /// [`start`](Self::start) with a TLS 1.2 cipher suite (OpenSSL name).
+    pub fn start_with(s: &TlsServer, conns: usize, tls12: bool, cipher: Option<&str>) -> PyHold {
+        let mut extra = vec!["--conns".to_string(), conns.to_string()];
+        if tls12 {
+            extra.push("--tls12".into());
+        }
+        if let Some(c) = cipher {
+            extra.push("--cipher".into());
+            extra.push(c.into());
+        }
+        let mut cmd = s.python("hold", &extra);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = crate::spawn_owned(&mut cmd).unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let lines = line_reader(&mut child);
+        let first = lines
+            .recv_timeout(CLIENT_TIMEOUT)
+            .expect("the hold client opened its connections");
+        let v: Value = serde_json::from_str(&first).unwrap();
+        let ready = v["ready"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .clone();
+        PyHold {
+            child,
+            stdin,
+            lines,
+            ready,
+        }
+    }
+
+    /// Send one command, return its JSON answer.
+    pub fn cmd(&mut self, line: &str) -> Value {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+        let answer = self
+            .lines
+            .recv_timeout(CLIENT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("no answer to {line:?} within {CLIENT_TIMEOUT:?}: {e}"));
+        serde_json::from_str(&answer).unwrap()
+    }
+
+    /// One request on each connection: the per-connection results.
+    pub fn get_all(&mut self, path: &str) -> Vec<Value> {
+        self.cmd(&format!("get {path}"))["results"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+impl Drop for PyHold {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        if wait_for_opt(Duration::from_secs(5), || {
+            self.child.try_wait().ok().flatten()
+        })
+        .is_none()
+        {
+            kill(&mut self.child);
+        }
+    }
 }

@@ -32,6 +32,33 @@ Standard library only. No retries: every request is counted once.
       each one, and right after each close asks a new connection which pid
       answers. Prints {"closes": [...]} with, per connection, the time, how
       it ended (clean = close_notify) and that pid.
+
+  tls_client.py held --port P --ca CA --conns N [--tls12 --cipher NAME]
+      N HTTP/1.1 connections (TLS 1.2 with only the OpenSSL cipher NAME
+      offered, or TLS 1.3: its suites come from OpenSSL's configuration, so
+      the test sets OPENSSL_CONF to choose one), one `GET /version` each;
+      prints {"ready": [answer...], "version": V, "cipher": C}. Then, on
+      stdin: `get` (`GET /version` on each connection, never a new one:
+      {"answers": [answer...]}) and `quit`. An answer is {"ok": true, "pid",
+      "generation", "handed_over", "peer", "local"} or {"ok": false,
+      "error"}.
+
+  tls_client.py hold --port P --ca CA --conns N [--tls12 [--cipher OPENSSL-NAME]]
+      N HTTP/1.1 keep-alive connections, one `GET /version` each; prints
+      {"ready": [...]} (per connection: pid, TLS version, cipher). Then
+      commands on stdin, one JSON line answered for each:
+        get PATH     one request on each connection, in turn; per
+                     connection: ok, status, the JSON body (or text), the
+                     Connection header, or the error
+        send PATH    send the request on connection 0 without reading
+        recv         read connection 0's response to `send`
+        echo N       POST /echo with N bytes on each connection; per
+                     connection: ok (the same bytes came back), len
+        part PATH    send the first half of the request (up to the middle of
+                     the Host header) on connection 0
+        rest         send the rest of it (same record layer: a new TLS
+                     record), and read the response as `recv` does
+        quit
 """
 
 import argparse
@@ -497,17 +524,147 @@ def run_idle(args):
     print(json.dumps({"closes": closes, "still_open": len(open_)}), flush=True)
 
 
+def held_answer(c):
+    try:
+        status, _, body = c.get("/version")
+        if status != 200:
+            return {"ok": False, "error": "status %d" % status}
+        v = json.loads(body)
+        return {"ok": True, "pid": v["pid"], "generation": v["generation"],
+                "handed_over": v["handed_over"], "tls": v["tls"],
+                "peer": v["peer"], "local": "%s:%d" % c.s.getsockname()[:2]}
+    except Exception as e:  # noqa: BLE001 - every failure is reported
+        return {"ok": False, "error": "%r" % (e,)}
+
+
+def run_held(args):
+    ctx = context(args.ca, ["http/1.1"], tls12=args.tls12)
+    if args.cipher:
+        ctx.set_ciphers(args.cipher)
+    conns = [H1(connect(ctx, args.port)) for _ in range(args.conns)]
+    ready = [held_answer(c) for c in conns]
+    first = conns[0].s
+    print(json.dumps({"ready": ready, "version": first.version(),
+                      "cipher": first.cipher()[0]}), flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "quit":
+            break
+        if cmd == "get":
+            print(json.dumps({"answers": [held_answer(c) for c in conns]}), flush=True)
+        else:
+            print(json.dumps({"error": "unknown command %r" % cmd}), flush=True)
+
+
+# ---------------------------------------------------------------- hold
+
+
+def hold_get(h, path):
+    try:
+        status, headers, body = h.get(path)
+        try:
+            body = json.loads(body)
+        except ValueError:
+            body = body.decode("utf-8", "replace")
+        return {"ok": status == 200, "status": status, "body": body,
+                "connection": headers.get("connection")}
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return {"ok": False, "error": repr(e)}
+
+
+def run_hold(args):
+    ctx = context(args.ca, ["http/1.1"], tls12=args.tls12)
+    if args.cipher:
+        ctx.set_ciphers(args.cipher)  # TLS 1.2 suites only (OpenSSL names)
+    conns, ready = [], []
+    for _ in range(args.conns):
+        s = connect(ctx, args.port)
+        h = H1(s)
+        _, _, body = h.get("/version")
+        ready.append({"pid": json.loads(body)["pid"], "tls": s.version(), "cipher": s.cipher()[0]})
+        conns.append(h)
+    print(json.dumps({"ready": ready}), flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "quit":
+            return
+        if words[0] == "get":
+            out = {"results": [hold_get(h, words[1]) for h in conns]}
+        elif words[0] == "send":
+            req = "GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (words[1], HOST)
+            conns[0].s.sendall(req.encode())
+            out = {"sent": True}
+        elif words[0] == "echo":
+            # POST /echo with N bytes on each connection; the body must come back.
+            n = int(words[1])
+            results = []
+            for i, h in enumerate(conns):
+                data = bytes((i + j * 7) % 251 for j in range(n))
+                try:
+                    req = ("POST /echo HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n"
+                           % (HOST, n)).encode() + data
+                    h.s.sendall(req)
+                    while b"\r\n\r\n" not in h.buf:
+                        h.fill()
+                    head, h.buf = h.buf.split(b"\r\n\r\n", 1)
+                    length = 0
+                    for l in head.decode("latin-1").split("\r\n")[1:]:
+                        k, _, v = l.partition(":")
+                        if k.strip().lower() == "content-length":
+                            length = int(v.strip())
+                    while len(h.buf) < length:
+                        h.fill()
+                    body, h.buf = h.buf[:length], h.buf[length:]
+                    results.append({"ok": body == data, "len": len(body)})
+                except Exception as e:  # noqa: BLE001
+                    results.append({"ok": False, "error": repr(e)})
+            out = {"results": results}
+        elif words[0] == "part":
+            conns[0].s.sendall(("GET %s HTTP/1.1\r\nHo" % words[1]).encode())
+            out = {"sent": True}
+        elif words[0] in ("recv", "rest"):
+            h = conns[0]
+            if words[0] == "rest":
+                h.s.sendall(("st: %s\r\n\r\n" % HOST).encode())
+            try:
+                while b"\r\n\r\n" not in h.buf:
+                    h.fill()
+                head, h.buf = h.buf.split(b"\r\n\r\n", 1)
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {}
+                for l in lines[1:]:
+                    k, _, v = l.partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                n = int(headers.get("content-length", "0"))
+                while len(h.buf) < n:
+                    h.fill()
+                body, h.buf = h.buf[:n], h.buf[n:]
+                out = {"ok": int(lines[0].split()[1]) == 200,
+                       "body": body.decode("utf-8", "replace"),
+                       "connection": headers.get("connection")}
+            except Exception as e:  # noqa: BLE001
+                out = {"ok": False, "error": repr(e)}
+        else:
+            out = {"ok": False, "error": "unknown command %r" % words[0]}
+        print(json.dumps(out), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["load", "session", "idle"])
+    p.add_argument("mode", choices=["load", "session", "idle", "held", "hold"])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ca", required=True)
     p.add_argument("--proto", choices=["h1", "h2"], default="h1")
     p.add_argument("--conns", type=int, default=4)
     p.add_argument("--seconds", type=float, default=120)
     p.add_argument("--stop-file", default="/nonexistent/stop")
+    p.add_argument("--tls12", action="store_true")
+    p.add_argument("--cipher", default="")
     args = p.parse_args()
-    {"load": run_load, "session": run_session, "idle": run_idle}[args.mode](args)
+    {"load": run_load, "session": run_session, "idle": run_idle,
+     "held": run_held, "hold": run_hold}[args.mode](args)
 
 
 if __name__ == "__main__":

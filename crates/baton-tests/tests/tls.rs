@@ -1,5 +1,6 @@
 //! Issue 10: HTTPS across upgrades — rustls serving, TLS connections that
-//! finish politely on the old generation, session tickets that survive the
+//! finish politely on the old generation (HTTP/2, and HTTP/1.1 with
+//! `--no-tls-handoff`; the handoff itself is in `tls_handoff.rs`), session tickets that survive the
 //! upgrade, certificate rotation, and rollback on a bad certificate.
 //!
 //! Real processes and real clients: curl, and Python's `ssl` module
@@ -98,7 +99,9 @@ fn check_py(name: &str, st: &PyStats) {
 
 #[test]
 fn python_ssl_http1_and_http2_fail_nothing_across_ten_upgrades_and_plain_handoff_still_works() {
-    let s = TlsServer::start(fixture(), "tls-py-load", &[]);
+    // With TLS handoff off: this test is about the polite close (the
+    // handoff is tests/tls_handoff.rs').
+    let s = TlsServer::start(fixture(), "tls-py-load", &["--no-tls-handoff"]);
     let max = Duration::from_secs(200);
     let h1 = PyLoad::start(&s, "h1", 4, max);
     let h2 = PyLoad::start(&s, "h2", 4, max);
@@ -148,7 +151,11 @@ fn curl_http1_and_http2_over_https_fail_nothing_across_ten_upgrades() {
     // and a short close spread, so that most upgrades end a connection in
     // the middle of a run and curl has to follow `Connection: close` /
     // GOAWAY to a new connection.
-    let s = TlsServer::start(fixture(), "tls-curl-load", &["--close-spread", "300ms"]);
+    let s = TlsServer::start(
+        fixture(),
+        "tls-curl-load",
+        &["--close-spread", "300ms", "--no-tls-handoff"],
+    );
     let max = Duration::from_secs(200);
     let h1 = CurlLoad::start(&s, false, 2, 1000, max);
     let h2 = CurlLoad::start(&s, true, 2, 1000, max);
@@ -448,7 +455,11 @@ fn unreadable_ticket_state_from_the_previous_generation_rolls_the_upgrade_back()
 #[test]
 fn idle_tls_connections_close_cleanly_spread_out_after_the_new_generation_serves() {
     const N: usize = 20;
-    let s = TlsServer::start(fixture(), "tls-idle", &["--close-spread", "2s"]);
+    let s = TlsServer::start(
+        fixture(),
+        "tls-idle",
+        &["--close-spread", "2s", "--no-tls-handoff"],
+    );
     let idle = PyIdle::start(&s, N, Duration::from_secs(60));
     let old = s.server.pid() as u64;
     assert!(idle.pids.iter().all(|p| *p == old));

@@ -102,3 +102,53 @@ fn upgrades_from_and_back_to_the_previous_release_under_load_fail_nothing() {
         stats.pids
     );
 }
+
+/// Issue 16 across releases: HTTPS keep-alive load (Python `ssl`,
+/// HTTP/1.1, no retries) through previous → this → this → previous →
+/// this. The previous release closes its TLS connections politely
+/// (`Connection: close` or close_notify when idle) and the clients
+/// reconnect; this release hands them over with their keys to this
+/// release, and never to the previous one, which cannot take them. Not one
+/// request fails, and between the two builds of this release the
+/// connections moved (responses say `handed_over`).
+#[test]
+fn tls_keep_alive_load_fails_nothing_across_upgrades_to_and_from_the_previous_release() {
+    use baton_tests::tls::{PyLoad, TlsServer};
+    let previous = baton_tests::apps::previous_release_fixture();
+    let s = TlsServer::start(&previous, "wire-compat-tls", &["--drain-timeout", "5s"]);
+    let load = PyLoad::start(&s, "h1", 4, Duration::from_secs(240));
+    let progress = |n: u64| {
+        let start = load.progress();
+        wait_for(T, "the HTTPS load", || {
+            (load.progress() >= start + n).then_some(())
+        });
+    };
+    progress(200);
+    let steps: [(&std::path::Path, &str); 4] = [
+        (this_release(), "previous release -> this one"),
+        (this_release(), "this release -> this one"),
+        (&previous, "this release -> previous one"),
+        (this_release(), "previous release -> this one, again"),
+    ];
+    for (bin, what) in steps {
+        upgrade_to(&s.server, bin, what);
+        progress(200);
+    }
+    let st = load.stop();
+    eprintln!("HTTPS load across releases: {st:?}");
+    assert_eq!(st.failed, 0, "failed requests: {:?}", st.errors);
+    assert_eq!(st.wrong, 0, "wrong responses: {:?}", st.errors);
+    assert_eq!(
+        st.close_endings.keys().filter(|k| *k != "clean").count(),
+        0,
+        "every connection a generation ended, ended with close_notify: {:?}",
+        st.close_endings
+    );
+    assert_eq!(st.pids.len(), 5, "every generation answered: {:?}", st.pids);
+    assert!(
+        st.handed_over > 0,
+        "TLS connections moved with their keys between the two builds of this release \
+         (responses on handed-over connections: {})",
+        st.handed_over
+    );
+}

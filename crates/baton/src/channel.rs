@@ -31,14 +31,19 @@ impl Channel {
     /// # Cancel safety
     /// Cancel safe: a datagram is either sent whole or not at all.
     pub(crate) async fn send(&self, msg: &Msg, fds: &[BorrowedFd<'_>]) -> Result<(), Error> {
-        let frame = protocol::encode(msg).map_err(|e| Error::Protocol(e.to_string()))?;
+        // Wiped when dropped: a frame may carry TLS session keys (an owned
+        // connection's state blob).
+        let frame = zeroize::Zeroizing::new(
+            protocol::encode(msg).map_err(|e| Error::Protocol(e.to_string()))?,
+        );
         loop {
             let mut guard = self
                 .fd
                 .writable()
                 .await
                 .map_err(|e| Error::io("handoff channel", e))?;
-            match guard.try_io(|inner| sys::fd::send_with_fds(inner.get_ref().as_fd(), &frame, fds))
+            match guard
+                .try_io(|inner| sys::fd::send_with_fds(inner.get_ref().as_fd(), &frame[..], fds))
             {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
@@ -78,7 +83,7 @@ impl Channel {
     /// Receive a message already queued, without waiting (the reactor's
     /// readiness cache is bypassed). `Ok(None)`: nothing queued, or EOF.
     pub(crate) fn try_recv_now(&self) -> Result<Option<Msg>, Error> {
-        let mut buf = vec![0u8; MAX_FRAME + 1];
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; MAX_FRAME + 1]);
         match sys::fd::recv_with_fds(self.fd.get_ref().as_fd(), &mut buf) {
             Ok(got) if got.len == 0 && got.fds.is_empty() => Ok(None),
             Ok(got) if got.truncated || got.fds_truncated => {
@@ -102,7 +107,7 @@ impl Channel {
     /// so the receiver can refuse exactly that message. Its fd count is not
     /// validated; the fds that did arrive are returned.
     pub(crate) async fn recv_detail(&self) -> Result<Option<(Msg, Vec<OwnedFd>, bool)>, Error> {
-        let mut buf = vec![0u8; MAX_FRAME + 1];
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; MAX_FRAME + 1]);
         loop {
             let mut guard = self
                 .fd

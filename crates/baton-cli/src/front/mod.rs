@@ -16,8 +16,9 @@
 //!   it finishes what it carries, then baton drops it (baton closes it, not
 //!   the app);
 //! - the supervisor stops the old generation only after the old epochs'
-//!   upstream connections are idle ([`Front::wait_retired_idle`], bounded by
-//!   `--drain-timeout`);
+//!   upstream connections are idle and their tunnels closed
+//!   ([`Front::wait_retired_idle`], bounded by `--drain-timeout`; tunnels
+//!   still open then are counted);
 //! - a request that was never written upstream is retried on the current
 //!   epoch; so is an idempotent request without a body that got no response
 //!   byte; any other upstream failure is a 502.
@@ -28,21 +29,37 @@
 //! client connection with its pooled upstream one (measured once, debug
 //! build, 500 connections; docs/supervisor.md).
 //!
-//! Files: `serve.rs` (the client side: accept, limits, hyper server),
-//! `proxy.rs` (one request: headers, forwarding, retries), `pool.rs` (the
-//! upstream connections per epoch), `carry.rs` (idle client connections
+//! Upgrade requests (WebSocket) are forwarded with their `Upgrade` header;
+//! after the app's `101` the two connections are spliced into a tunnel
+//! that stays on that generation until it closes; the supervisor waits for
+//! the old epochs' tunnels like for their requests (`tunnel.rs`). A tunnel
+//! costs one task and two copy buffers (8 KiB each).
+//!
+//! The stop ([`Front::shutdown`]): listeners closed after what is queued is
+//! served, idle client connections closed, requests finished (bounded);
+//! then the app is stopped, and closes its own WebSockets.
+//!
+//! Files: `serve.rs` (the client side: accept, hyper server, the graceful
+//! stop), `proxy.rs` (one request: headers, forwarding, retries,
+//! upgrades), `pool.rs` (the upstream connections per epoch), `tunnel.rs`
+//! (upgraded connections), `limits.rs` (the body size limit and the
+//! lingering close after a `413`), `carry.rs` (idle client connections
 //! across `baton upgrade --self`).
 
 pub mod carry;
+mod limits;
 mod pool;
 mod proxy;
 mod serve;
+mod tunnel;
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 pub use pool::Pool;
 
@@ -57,6 +74,13 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// timeouts of common servers (gunicorn 2 s, Node 5 s) so that the app never
 /// closes a connection baton is about to use.
 pub const DEFAULT_UPSTREAM_IDLE: Duration = Duration::from_millis(1500);
+/// Default `--front-max-body`: larger request bodies get `413`.
+pub const DEFAULT_MAX_BODY: u64 = 1 << 30;
+/// Default `--front-max-header`: a larger request head (request line and
+/// headers) gets `431`.
+pub const DEFAULT_MAX_HEADER: usize = 64 << 10;
+/// The smallest `--front-max-header` (hyper's smallest read buffer).
+pub const MIN_MAX_HEADER: usize = 8 << 10;
 /// Attempts for one request (the first and the retries).
 pub const MAX_ATTEMPTS: u32 = 3;
 
@@ -73,6 +97,10 @@ pub struct FrontConfig {
     /// behind a proxy that sets them); otherwise they are removed. baton
     /// adds its own either way.
     pub trust_forwarded: bool,
+    /// See [`DEFAULT_MAX_BODY`].
+    pub max_body: u64,
+    /// See [`DEFAULT_MAX_HEADER`] (at least [`MIN_MAX_HEADER`]).
+    pub max_header: usize,
 }
 
 impl Default for FrontConfig {
@@ -82,6 +110,8 @@ impl Default for FrontConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             upstream_idle: DEFAULT_UPSTREAM_IDLE,
             trust_forwarded: false,
+            max_body: DEFAULT_MAX_BODY,
+            max_header: DEFAULT_MAX_HEADER,
         }
     }
 }
@@ -99,6 +129,23 @@ pub struct Counters {
     pub bad_gateway: AtomicU64,
     /// Client connections accepted.
     pub connections: AtomicU64,
+    /// Upgraded connections (WebSocket) opened.
+    pub tunnels_opened: AtomicU64,
+    /// Upgraded connections closed (by either side, or by baton).
+    pub tunnels_closed: AtomicU64,
+    /// Tunnels of an old generation still open when `--drain-timeout`
+    /// expired (the generation was stopped under them).
+    pub tunnels_closed_at_drain: AtomicU64,
+    /// `413` answers (`--front-max-body`).
+    pub body_too_large: AtomicU64,
+    /// `431` answers (`--front-max-header`).
+    pub header_too_large: AtomicU64,
+    /// Connections closed for want of a request head within
+    /// `--front-header-timeout` (idle keep-alive ones included).
+    pub header_timeouts: AtomicU64,
+    /// Client connections and tunnels still open when the front's stop
+    /// reached `--drain-timeout` (closed then).
+    pub closed_at_stop: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -116,6 +163,22 @@ pub struct CountersView {
     pub connections: u64,
     /// Upstream connections carrying a request now.
     pub upstream_busy: usize,
+    /// See [`Counters::tunnels_opened`].
+    pub tunnels_opened: u64,
+    /// See [`Counters::tunnels_closed`].
+    pub tunnels_closed: u64,
+    /// Tunnels open now.
+    pub tunnels_open: usize,
+    /// See [`Counters::tunnels_closed_at_drain`].
+    pub tunnels_closed_at_drain: u64,
+    /// See [`Counters::body_too_large`].
+    pub body_too_large: u64,
+    /// See [`Counters::header_too_large`].
+    pub header_too_large: u64,
+    /// See [`Counters::header_timeouts`].
+    pub header_timeouts: u64,
+    /// See [`Counters::closed_at_stop`].
+    pub closed_at_stop: u64,
 }
 
 impl CountersView {
@@ -147,6 +210,41 @@ impl CountersView {
                 "Client connections accepted by --front",
                 self.connections,
             ),
+            (
+                "baton_front_tunnels_opened",
+                "Upgraded connections (WebSocket) opened through --front",
+                self.tunnels_opened,
+            ),
+            (
+                "baton_front_tunnels_closed",
+                "Upgraded connections closed (open = opened - closed)",
+                self.tunnels_closed,
+            ),
+            (
+                "baton_front_tunnels_closed_at_drain",
+                "Tunnels of an old generation still open when --drain-timeout expired",
+                self.tunnels_closed_at_drain,
+            ),
+            (
+                "baton_front_body_too_large",
+                "413 answers: request body over --front-max-body",
+                self.body_too_large,
+            ),
+            (
+                "baton_front_header_too_large",
+                "431 answers: request head over --front-max-header",
+                self.header_too_large,
+            ),
+            (
+                "baton_front_header_timeouts",
+                "Client connections closed without a request head within --front-header-timeout",
+                self.header_timeouts,
+            ),
+            (
+                "baton_front_closed_at_stop",
+                "Client connections and tunnels closed when baton's stop reached --drain-timeout",
+                self.closed_at_stop,
+            ),
         ]
         .into_iter()
         .map(|(n, h, v)| (n.to_owned(), h.to_owned(), v))
@@ -156,13 +254,22 @@ impl CountersView {
     /// The line in `baton status`'s notes.
     pub fn note(&self) -> String {
         format!(
-            "front: requests={} upstream_errors={} retries={} bad_gateway={} connections={} upstream_busy={}",
+            "front: requests={} upstream_errors={} retries={} bad_gateway={} connections={} upstream_busy={} \
+             tunnels_open={} tunnels_opened={} tunnels_closed_at_drain={} body_too_large={} \
+             header_too_large={} header_timeouts={} closed_at_stop={}",
             self.requests,
             self.upstream_errors,
             self.retries,
             self.bad_gateway,
             self.connections,
-            self.upstream_busy
+            self.upstream_busy,
+            self.tunnels_open,
+            self.tunnels_opened,
+            self.tunnels_closed_at_drain,
+            self.body_too_large,
+            self.header_too_large,
+            self.header_timeouts,
+            self.closed_at_stop
         )
     }
 }
@@ -179,10 +286,18 @@ struct Inner {
     /// One pool per public listener, in the order of the listeners.
     pools: Vec<Pool>,
     epoch: AtomicU64,
+    tunnels: tunnel::Tunnels,
+    /// Client connections being served.
+    live: serve::Live,
+    /// The front's stop began: accept no more, close idle connections.
+    stop: CancellationToken,
+    /// The stop's deadline passed: close every client connection.
+    cut: CancellationToken,
     /// Every client connection, for `baton upgrade --self`.
     carry: Arc<carry::Registry>,
-    /// Duplicates of the public listeners, carried by `--self`.
-    public: Vec<OwnedFd>,
+    /// Duplicates of the public listeners, carried by `--self` (dropped at
+    /// the stop, so that the accept loops closing theirs closes them).
+    public: std::sync::Mutex<Vec<OwnedFd>>,
 }
 
 /// What the previous image of baton left to the front (`baton upgrade
@@ -241,11 +356,16 @@ impl Front {
                     retries,
                     bad_gateway,
                     connections,
+                    ..Counters::default()
                 },
                 pools,
                 epoch: AtomicU64::new(resumed.epoch),
+                tunnels: tunnel::Tunnels::default(),
+                live: serve::Live::default(),
+                stop: CancellationToken::new(),
+                cut: CancellationToken::new(),
                 carry: Arc::default(),
-                public: kept,
+                public: std::sync::Mutex::new(kept),
             }),
         };
         let mut conns = resumed.conns;
@@ -268,9 +388,19 @@ impl Front {
         &self.inner.carry
     }
 
-    /// The public listening sockets (to carry across `--self`).
-    pub fn public_fds(&self) -> &[OwnedFd] {
-        &self.inner.public
+    /// Duplicates of the public listening sockets (to carry across
+    /// `--self`).
+    ///
+    /// # Errors
+    /// Out of fds.
+    pub fn public_fds(&self) -> std::io::Result<Vec<OwnedFd>> {
+        self.inner
+            .public
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|fd| baton_sys::fd::dup(std::os::fd::AsFd::as_fd(fd)))
+            .collect()
     }
 
     /// The upstream epoch and the counters (to carry across `--self`).
@@ -299,7 +429,10 @@ impl Front {
     }
 
     /// Wait until no upstream connection of an earlier epoch carries a
-    /// request, at most `limit`. Returns whether they are idle.
+    /// request and no tunnel of an earlier epoch is open, at most `limit`.
+    /// Returns whether they are all done; if not, the caller counts the
+    /// tunnels left ([`Front::tunnels_past_drain`]), stops their
+    /// generation, then calls [`Front::close_retired_tunnels`].
     ///
     /// # Cancel safety
     ///
@@ -311,7 +444,74 @@ impl Front {
                 return false;
             }
         }
-        true
+        // A tunnel comes from a busy upstream connection: once those are
+        // idle, no tunnel of an old epoch can open.
+        self.inner
+            .tunnels
+            .wait_closed_before(self.epoch(), deadline)
+            .await
+    }
+
+    /// Tunnels of the earlier epochs open now.
+    pub fn retired_tunnels(&self) -> usize {
+        self.inner.tunnels.open_before(self.epoch())
+    }
+
+    /// The drain gave up on the old generation: count the tunnels of the
+    /// earlier epochs still open (`tunnels_closed_at_drain`) and return
+    /// how many.
+    pub fn tunnels_past_drain(&self) -> usize {
+        let open = self.inner.tunnels.open_before(self.epoch());
+        if open > 0 {
+            self.inner
+                .counters
+                .tunnels_closed_at_drain
+                .fetch_add(open as u64, Ordering::Relaxed);
+            tracing::warn!(
+                tunnels = open,
+                "front: upgraded connections (WebSocket) still open on the old generation after --drain-timeout; it is stopped under them"
+            );
+        }
+        open
+    }
+
+    /// Close the tunnels of the earlier epochs (their generation has
+    /// exited). Returns how many were still open.
+    pub fn close_retired_tunnels(&self) -> usize {
+        self.inner.tunnels.cut_before(self.epoch())
+    }
+
+    /// The front's graceful stop: accept no more (what is queued is served
+    /// one request), close idle client connections, let requests finish
+    /// until `limit` (or `hurry`), then close the rest. Tunnels run on:
+    /// the app closes them with its protocol's close when it is stopped,
+    /// then [`Front::close_tunnels`]. Returns how many connections were
+    /// closed at the deadline.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, but the stop has begun: accepting does not resume.
+    pub async fn shutdown(&self, limit: Duration, hurry: &CancellationToken) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        // The accept loops close their listeners: these copies must not
+        // keep them open.
+        self.inner
+            .public
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        serve::shutdown(self, deadline, hurry).await
+    }
+
+    /// Close every tunnel still open (the app has exited: baton stops).
+    /// Counted in `closed_at_stop`; returns how many.
+    pub fn close_tunnels(&self) -> usize {
+        let n = self.inner.tunnels.cut_before(u64::MAX);
+        self.inner
+            .counters
+            .closed_at_stop
+            .fetch_add(n as u64, Ordering::Relaxed);
+        n
     }
 
     /// The counters now.
@@ -325,6 +525,14 @@ impl Front {
             bad_gateway: l(&c.bad_gateway),
             connections: l(&c.connections),
             upstream_busy: self.inner.pools.iter().map(Pool::busy).sum(),
+            tunnels_opened: l(&c.tunnels_opened),
+            tunnels_closed: l(&c.tunnels_closed),
+            tunnels_open: self.inner.tunnels.open(),
+            tunnels_closed_at_drain: l(&c.tunnels_closed_at_drain),
+            body_too_large: l(&c.body_too_large),
+            header_too_large: l(&c.header_too_large),
+            header_timeouts: l(&c.header_timeouts),
+            closed_at_stop: l(&c.closed_at_stop),
         }
     }
 

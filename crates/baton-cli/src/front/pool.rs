@@ -8,14 +8,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::sync::Notify;
 
-/// The body baton sends upstream: the client's, or an empty one when an
-/// idempotent request without a body is sent again.
-pub type UpBody = http_body_util::Either<Incoming, http_body_util::Empty<Bytes>>;
+/// The body baton sends upstream: the client's (cut at `--front-max-body`),
+/// or an empty one when an idempotent request without a body is sent again.
+pub type UpBody = http_body_util::Either<super::limits::Capped, http_body_util::Empty<Bytes>>;
 
 /// The pool of one listener (cheap to clone).
 #[derive(Clone)]
@@ -152,8 +152,9 @@ impl Pool {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(std::io::Error::other)?;
+        // With upgrades: a `101` hands the connection to a tunnel.
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "front: upstream connection ended");
             }
         });
@@ -217,6 +218,11 @@ impl Pool {
 }
 
 impl Lease {
+    /// The epoch the connection belongs to.
+    pub fn epoch(&self) -> u64 {
+        self.busy.epoch
+    }
+
     /// The response head arrived: the connection goes back to the pool once
     /// the response body is read (hyper says so by being ready again), or
     /// is closed if it fails meanwhile or its epoch ended.

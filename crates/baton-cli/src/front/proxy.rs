@@ -3,7 +3,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http_body_util::{Either, Empty, Full};
@@ -12,7 +13,10 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 
 use super::Front;
+use super::limits::Capped;
 use super::pool::UpBody;
+use super::serve::Client;
+use super::tunnel::Tunnel;
 
 /// The body baton sends a client: the generation's, or its own 502.
 pub type DownBody = Either<Incoming, Full<Bytes>>;
@@ -123,24 +127,75 @@ fn bad_gateway() -> Response<DownBody> {
     r
 }
 
-/// Serve one request of listener `idx` from `peer`.
+/// What an upgrade request asks for: the `Upgrade` value baton forwards
+/// (with `Connection: upgrade`), or `None` for a plain request. Only
+/// HTTP/1.1 upgrades; `h2c` is not forwarded (baton speaks h2c with prior
+/// knowledge itself, and the app behind it HTTP/1.1).
+fn upgrade_asked(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 {
+        return None;
+    }
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let proto = headers.get(header::UPGRADE)?;
+    let h2c = proto
+        .to_str()
+        .is_ok_and(|p| p.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c")));
+    (asks && !h2c).then(|| proto.clone())
+}
+
+/// Put `Connection: upgrade` and `Upgrade: proto` back (after the
+/// hop-by-hop headers went).
+fn set_upgrade(h: &mut HeaderMap, proto: HeaderValue) {
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, proto);
+}
+
+/// The `413` for a body over `limit`; over HTTP/1 the connection lingers
+/// at close, so that a client still sending gets to read it.
+fn refuse_body(client: &Client, limit: u64, version: Version) -> Response<DownBody> {
+    if version < Version::HTTP_2 {
+        client.linger.store(true, Ordering::Release);
+    }
+    super::limits::too_large(limit, version)
+}
+
+/// Serve one request of a client connection.
 ///
 /// # Errors
 ///
 /// None: every failure is a response.
 pub async fn handle(
     front: Front,
-    idx: usize,
-    peer: SocketAddr,
-    req: Request<Incoming>,
+    client: Arc<Client>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<DownBody>, Infallible> {
     let counters = &front.inner.counters;
     counters.requests.fetch_add(1, Ordering::Relaxed);
-    let Some(pool) = front.inner.pools.get(idx) else {
+    let Some(pool) = front.inner.pools.get(client.idx) else {
         return Ok(bad_gateway());
     };
+    let limit = front.inner.cfg.max_body;
+    if req.body().size_hint().lower() > limit {
+        counters.body_too_large.fetch_add(1, Ordering::Relaxed);
+        return Ok(refuse_body(&client, limit, req.version()));
+    }
+    let client_version = req.version();
+    let upgrade = upgrade_asked(req.version(), req.headers());
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    forward_headers(&mut parts.headers, peer, front.inner.cfg.trust_forwarded);
+    forward_headers(
+        &mut parts.headers,
+        client.peer,
+        front.inner.cfg.trust_forwarded,
+    );
+    if let Some(proto) = &upgrade {
+        set_upgrade(&mut parts.headers, proto.clone());
+    }
     // HTTP/2 carries the host in `:authority`; HTTP/1.1 upstream needs it
     // in `Host`.
     if !parts.headers.contains_key(header::HOST)
@@ -163,7 +218,10 @@ pub async fn handle(
         uri: parts.uri.clone(),
         headers: parts.headers.clone(),
     });
+    let tripped = Arc::new(AtomicBool::new(false));
+    let body = Capped::new(body, limit, Arc::clone(&tripped));
     let mut req = Some(Request::from_parts(parts, Either::Left(body)));
+    let mut client_upgrade = client_upgrade;
     for attempt in 1..=super::MAX_ATTEMPTS {
         if attempt > 1 {
             counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -182,15 +240,44 @@ pub async fn handle(
             }
         };
         match lease.sender.try_send_request(r).await {
+            Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let (Some(proto), Some(down)) = (upgrade.as_ref(), client_upgrade.take()) else {
+                    // A 101 nobody asked for: the connection is the app's
+                    // now, and useless.
+                    lease.discard();
+                    counters.bad_gateway.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("front: the app switched protocols without an upgrade request");
+                    return Ok(bad_gateway());
+                };
+                // Counted open before the upstream connection stops being
+                // busy: its epoch is never seen idle in between.
+                let tunnel = Tunnel::open(&front, lease.epoch());
+                lease.discard();
+                let up = hyper::upgrade::on(&mut resp);
+                tunnel.spawn(down, up, client.slot.clone());
+                let proto = resp
+                    .headers()
+                    .get(header::UPGRADE)
+                    .cloned()
+                    .unwrap_or_else(|| proto.clone());
+                strip_hop_by_hop(resp.headers_mut());
+                set_upgrade(resp.headers_mut(), proto);
+                return Ok(resp.map(Either::Left));
+            }
             Ok(mut resp) => {
                 lease.release();
                 strip_hop_by_hop(resp.headers_mut());
                 return Ok(resp.map(Either::Left));
             }
             Err(mut e) => {
-                counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 let reused = lease.reused;
                 lease.discard();
+                if tripped.load(Ordering::Acquire) {
+                    // The client's body, not the app, failed the request.
+                    counters.body_too_large.fetch_add(1, Ordering::Relaxed);
+                    return Ok(refuse_body(&client, limit, client_version));
+                }
+                counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e.error(), attempt, reused, "front: upstream request failed");
                 // Never written: the same request, body included, can go
                 // again; otherwise only a replayable one (taken above).
@@ -220,6 +307,27 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn upgrades_are_asked_by_http11_connection_upgrade_but_h2c() {
+        let h = |conn: &'static str, up: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("connection", HeaderValue::from_static(conn));
+            h.insert("upgrade", HeaderValue::from_static(up));
+            h
+        };
+        let ws = h("keep-alive, Upgrade", "websocket");
+        assert_eq!(upgrade_asked(Version::HTTP_11, &ws).unwrap(), "websocket");
+        assert!(upgrade_asked(Version::HTTP_10, &ws).is_none());
+        assert!(upgrade_asked(Version::HTTP_11, &h("keep-alive", "websocket")).is_none());
+        assert!(upgrade_asked(Version::HTTP_11, &h("Upgrade, HTTP2-Settings", "h2c")).is_none());
+        // Forwarded with exactly these two hop-by-hop headers back.
+        let mut fwd = ws.clone();
+        forward_headers(&mut fwd, "10.0.0.7:5000".parse().unwrap(), false);
+        set_upgrade(&mut fwd, HeaderValue::from_static("websocket"));
+        assert_eq!(fwd["connection"], "upgrade");
+        assert_eq!(fwd["upgrade"], "websocket");
     }
 
     #[test]

@@ -73,7 +73,12 @@ Keep-alive clients (--front http): baton serves the clients' HTTP/1.1 (and h2c)
 connections itself and forwards each request to the serving generation, which gets a private
 127.0.0.1 socket (same LISTEN_FDNAMES); client connections survive upgrades, the
 old generation is stopped once its requests are done. The app sees baton's
-address; the client's is in X-Forwarded-For and Forwarded.
+address; the client's is in X-Forwarded-For and Forwarded. WebSockets (any
+Upgrade but h2c) are tunnelled to the generation that accepted them; the old
+one is stopped once its tunnels close, at most --drain-timeout after the switch.
+On SIGTERM the front closes its listeners (after serving what is queued), closes
+idle client connections, lets requests finish (--drain-timeout), then stops the
+app (which closes its WebSockets).
 
 baton itself: `baton upgrade --self` re-executes the baton binary at its path in
 place (same pid; the app, the listeners, the control socket and --front's idle
@@ -168,6 +173,9 @@ fn open_listeners(
         Some(FrontMode::Http) => {
             let (private, front) = start_front(args, &listeners)
                 .map_err(|e| CliError::new(exit::FAILED, e.context("starting --front http")))?;
+            // The front holds the public sockets now: at its stop it closes
+            // them (new connections are refused, not left unanswered).
+            drop(listeners);
             Ok((private, Some(front)))
         }
     }
@@ -180,6 +188,8 @@ fn front_config(args: &RunArgs) -> crate::front::FrontConfig {
         max_connections: args.front_max_connections,
         upstream_idle: args.front_upstream_idle,
         trust_forwarded: args.front_trust_forwarded,
+        max_body: args.front_max_body,
+        max_header: args.front_max_header,
     }
 }
 
@@ -317,7 +327,9 @@ pub struct RunArgs {
     /// are replaced.
     #[arg(long, requires = "front")]
     front_trust_forwarded: bool,
-    /// --front: time a client has to send a request's headers.
+    /// --front: time a client has to send a request's headers; also
+    /// the longest idle time of a keep-alive connection between requests
+    /// (closed after it, counted in header_timeouts).
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_dur, requires = "front")]
     front_header_timeout: Duration,
     /// --front: client connections served at once (past it, baton stops
@@ -328,6 +340,15 @@ pub struct RunArgs {
     /// baton instead of reused; keep it below the app's keep-alive timeout.
     #[arg(long, value_name = "DUR", default_value = "1500ms", value_parser = parse_dur, requires = "front")]
     front_upstream_idle: Duration,
+    /// --front: largest request body (e.g. 10M, 1G). A larger declared
+    /// Content-Length gets 413 before the app sees anything; a chunked body
+    /// is cut where it passes the limit (413 if the app has not answered).
+    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_size, requires = "front")]
+    front_max_body: u64,
+    /// --front: largest request head, request line and headers (at least
+    /// 8K); a larger one gets 431 and the connection is closed.
+    #[arg(long, value_name = "BYTES", default_value = "64K", value_parser = parse_max_header, requires = "front")]
+    front_max_header: usize,
     /// The app's command line.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -343,6 +364,17 @@ fn parse_dur(s: &str) -> Result<Duration, String> {
 
 fn parse_size(s: &str) -> Result<u64, String> {
     baton::parse_bytes(s).map_err(|e| e.to_string())
+}
+
+fn parse_max_header(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    match usize::try_from(n) {
+        Ok(n) if n >= crate::front::MIN_MAX_HEADER => Ok(n),
+        _ => Err(format!(
+            "'{s}' is too small: a request head limit is at least {} bytes (8K)",
+            crate::front::MIN_MAX_HEADER
+        )),
+    }
 }
 
 fn parse_percent(s: &str) -> Result<f64, String> {
@@ -674,8 +706,8 @@ pub async fn run(
     if let Some(f) = &front {
         // A probe URL naming a public listener goes to the generation's
         // private socket of that listener instead.
-        let pairs: Vec<(u16, std::net::SocketAddr)> = f
-            .public_fds()
+        let public = f.public_fds().map_err(|e| fail(format!("--front: {e}")))?;
+        let pairs: Vec<(u16, std::net::SocketAddr)> = public
             .iter()
             .zip(&listeners.items)
             .filter_map(|(p, q)| {

@@ -2,13 +2,24 @@
 //!
 //! ## What happens to TLS connections at an upgrade
 //!
-//! A TLS connection cannot move to the new generation: its session keys
-//! and record sequence numbers live in this process's rustls state, and
-//! rustls cannot take a live session back in. Moving one would take kernel
-//! TLS (kTLS: rustls can hand its secrets to the kernel, and the socket
-//! would then carry the session), which this machine's kernel lacks, plus
-//! serving HTTP over a kTLS socket instead of through rustls. So TLS
-//! connections **finish on the old generation**, after the new one serves,
+//! **HTTP/1.1 connections move with their session keys** (issue 16). rustls
+//! is given whole records only (`aligned.rs`), so at an idle point — hyper
+//! between requests, nothing for rustls to send, no plaintext or partial
+//! record inside it — the traffic keys, IVs and sequence numbers can be
+//! extracted without losing a byte. That happens only when the successor
+//! takes the kind [`TLS_KIND`] (every [`Tls::load`] registers it unless
+//! [`TlsConfig::take_connections`] is off); the socket then moves with the
+//! keys in its state blob (`session.rs`), in memory only, and the successor
+//! continues the session on baton's record layer (`record/`,
+//! `record_io.rs`), serving HTTP/1.1 with the same service; it moves again
+//! at the next upgrade. After the extraction the session never goes back to
+//! rustls: a refused batch continues here on the record layer. What the
+//! record layer cannot follow (a TLS 1.3 KeyUpdate, a TLS 1.2
+//! renegotiation) ends the connection after the response in progress, with
+//! close_notify; a bad record gets its fatal alert. Counters: `counters.rs`.
+//!
+//! The others — HTTP/2, and connections the successor does not take or
+//! refused — **finish on the old generation**, after the new one serves,
 //! each at its own moment within [`TlsConfig::close_spread`] (so clients do
 //! not all reconnect at once):
 //!
@@ -44,13 +55,17 @@
 //! [`Baton::fail`] and the upgrade rolls back to the generation still
 //! serving the old certificate.
 
+mod aligned;
 mod conn;
+mod counters;
 pub(crate) mod record;
+mod record_io;
+mod session;
 mod tickets;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use baton::Baton;
@@ -58,7 +73,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::Error;
-pub(crate) use conn::serve;
+pub use conn::TLS_KIND;
+pub(crate) use conn::{serve, serve_moved};
+use counters::TlsCounters;
 pub use tickets::TICKET_STATE_NAME;
 use tickets::Ticketer;
 
@@ -106,6 +123,10 @@ pub struct TlsConfig {
     pub ticket_rotation: Duration,
     /// Longest a client may take to complete its handshake.
     pub handshake_timeout: Duration,
+    /// Take over the previous generation's HTTP/1.1 TLS connections with
+    /// their session keys (default `true`). With `false`, this generation
+    /// does not ask for them, and the previous one ends them politely.
+    pub take_connections: bool,
 }
 
 impl TlsConfig {
@@ -118,6 +139,7 @@ impl TlsConfig {
             close_quiet: DEFAULT_CLOSE_QUIET,
             ticket_rotation: DEFAULT_TICKET_ROTATION,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            take_connections: true,
         }
     }
 
@@ -149,6 +171,10 @@ pub(crate) struct TlsInner {
     pub(crate) acceptor: tokio_rustls::TlsAcceptor,
     pub(crate) config: TlsConfig,
     pub(crate) spread: Spread,
+    pub(crate) counters: TlsCounters,
+    /// TLS connections the previous generation hands over, until the first
+    /// `serve_tls` takes them.
+    moved: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<baton::OwnedConn>>>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -205,6 +231,9 @@ impl Tls {
                 ))
             })?;
         server.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        // Idle HTTP/1.1 connections move to the next generation with their
+        // keys (see `conn.rs`).
+        server.enable_secret_extraction = true;
         tracing::info!(
             cert = %config.cert_chain.display(),
             key = %config.private_key.display(),
@@ -230,11 +259,22 @@ impl Tls {
         baton.export_raw(TICKET_STATE_NAME, move || {
             Ok(ticketer.export(tickets::now_ms()))
         });
+        let counters = TlsCounters::register(baton)?;
+        let moved =
+            if config.take_connections {
+                Some(baton.receive_owned_checked(conn::TLS_KIND, |c| {
+                    session::parse(&c.state).map(drop)
+                })?)
+            } else {
+                None
+            };
         Ok(Tls {
             inner: Arc::new(TlsInner {
                 acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
                 spread: Spread::new(config.close_spread),
                 config,
+                counters,
+                moved: Mutex::new(moved),
             }),
         })
     }
@@ -246,6 +286,18 @@ impl Tls {
 
     pub(crate) fn inner(&self) -> &Arc<TlsInner> {
         &self.inner
+    }
+}
+
+impl TlsInner {
+    /// The connections handed over by the previous generation (once).
+    pub(crate) fn take_moved(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<baton::OwnedConn>> {
+        self.moved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 }
 

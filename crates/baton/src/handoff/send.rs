@@ -340,15 +340,19 @@ impl OldSide {
         let res = if metas.is_empty() {
             Ok(())
         } else {
-            self.chan
-                .send(
-                    &Msg::Owned {
-                        batch: id,
-                        conns: metas,
-                    },
-                    &fds,
-                )
-                .await
+            let mut msg = Msg::Owned {
+                batch: id,
+                conns: metas,
+            };
+            let res = self.chan.send(&msg, &fds).await;
+            // The message's copies of the state blobs (they may hold TLS
+            // keys); ours stay until the batch is settled.
+            if let Msg::Owned { conns, .. } = &mut msg {
+                for c in conns {
+                    zeroize::Zeroize::zeroize(&mut c.state);
+                }
+            }
+            res
         };
         drop(fds);
         let rewrap = |owned: Vec<(OwnedFd, OwnedMeta, R)>| -> Vec<(OwnedConn, R)> {

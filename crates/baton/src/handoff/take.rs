@@ -142,7 +142,7 @@ impl Taker {
         fds: Vec<OwnedFd>,
         sinks: &[OwnedSink],
     ) -> Result<Vec<(OwnedSink, OwnedConn)>, String> {
-        let mut ready = Vec::with_capacity(metas.len());
+        let mut ready: Vec<(OwnedSink, OwnedConn)> = Vec::with_capacity(metas.len());
         for (meta, fd) in metas.into_iter().zip(fds) {
             let Some(sink) = sinks.iter().find(|s| s.kind == meta.kind) else {
                 return Err(format!(
@@ -157,10 +157,20 @@ impl Taker {
                 state: meta.state,
                 listener: meta.listener,
             };
-            if let Some(check) = &sink.check {
-                check(&conn).map_err(|why| {
-                    format!("a connection of kind '{}' was refused: {why}", conn.kind)
-                })?;
+            if let Some(check) = &sink.check
+                && let Err(why) = check(&conn)
+            {
+                // The old side keeps the connection; our copies of the
+                // state blobs (they may hold TLS keys) are wiped.
+                let mut conn = conn;
+                zeroize::Zeroize::zeroize(&mut conn.state);
+                for (_, mut c) in ready {
+                    zeroize::Zeroize::zeroize(&mut c.state);
+                }
+                return Err(format!(
+                    "a connection of kind '{}' was refused: {why}",
+                    conn.kind
+                ));
             }
             ready.push((sink.clone(), conn));
         }

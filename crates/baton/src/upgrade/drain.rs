@@ -57,7 +57,9 @@ impl Sent {
                 }
             }
             Sent::Owned(b) => {
-                for (conn, reply) in b.items {
+                for (mut conn, reply) in b.items {
+                    // Our copy of its state (it may hold TLS keys).
+                    zeroize::Zeroize::zeroize(&mut conn.state);
                     drop(conn);
                     let _ = reply.send(Ok(()));
                 }

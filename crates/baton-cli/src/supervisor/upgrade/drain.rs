@@ -64,7 +64,8 @@ pub(super) async fn settle(
 /// queue settled: the stop signal, then `--drain-timeout`, then SIGKILL (at
 /// once if `hurry` fires). Then what is left in its socket's queue (in
 /// `old_slot`) is relayed to the new generation. Returns how many of those
-/// connections were closed instead.
+/// connections were closed instead, plus (`--front`) the WebSocket tunnels
+/// the old generation still held at the deadline.
 pub(super) async fn stop_old(
     sup: &mut Sup,
     old: Option<GenProc>,
@@ -78,16 +79,35 @@ pub(super) async fn stop_old(
         // --front: the old generation finishes the requests baton sent it,
         // and gets the stop signal only when no upstream connection of it
         // carries one (baton closes them; the app never closes one baton
-        // is about to use).
-        if let Some(f) = &sup.cfg.front
-            && !f.wait_retired_idle(sup.cfg.drain_timeout).await
-        {
-            tracing::warn!(
-                generation = o.generation,
-                "front: requests still in flight on the old generation after --drain-timeout; stopping it anyway"
-            );
+        // is about to use). Its WebSocket tunnels too, at most until the
+        // same deadline (at once on a second stop signal).
+        if let Some(f) = &sup.cfg.front {
+            let tunnels = f.retired_tunnels();
+            if tunnels > 0 {
+                let note = format!(
+                    "waiting for {tunnels} WebSocket tunnel(s) on generation {} to close (at most --drain-timeout {:?})",
+                    o.generation, sup.cfg.drain_timeout
+                );
+                tracing::info!(generation = o.generation, tunnels, "front: {note}");
+                emit(events, Event::Note(note));
+            }
+            let idle = tokio::select! {
+                idle = f.wait_retired_idle(sup.cfg.drain_timeout) => idle,
+                () = hurry.cancelled() => false,
+            };
+            if !idle {
+                closed += f.tunnels_past_drain() as u64;
+                tracing::warn!(
+                    generation = o.generation,
+                    "front: requests or tunnels still open on the old generation after --drain-timeout; stopping it anyway"
+                );
+            }
         }
         let out = stop_generation(&sup.cfg, &mut o, "stopping the old generation", hurry).await;
+        // Its tunnels end with it; whatever the app left open, baton closes.
+        if let Some(f) = &sup.cfg.front {
+            f.close_retired_tunnels();
+        }
         if out.graceful {
             tracing::info!(generation = o.generation, pid = o.pid, status = %out.status, after_ms = out.after.as_millis() as u64, "old generation exited");
         } else {
@@ -109,7 +129,7 @@ pub(super) async fn stop_old(
     if steering {
         let (relayed, lost) = sup.listeners.relay_pending(old_slot, sup.cfg.drain_timeout);
         view(&sup.view).relayed += relayed as u64;
-        closed = lost as u64;
+        closed += lost as u64;
         if relayed > 0 {
             tracing::info!(
                 connections = relayed,
@@ -129,10 +149,27 @@ pub(super) async fn stop_old(
 /// Stop the serving generation (baton is exiting).
 pub(super) async fn stop(sup: &mut Sup, hurry: &CancellationToken) {
     sup.notify_systemd(&["STOPPING=1".into(), "STATUS=stopping".into()]);
+    // --front: stop accepting, finish the requests in flight, close idle
+    // client connections; only then the app. WebSocket tunnels are not
+    // waited for (there is no generation to come): the app closes them
+    // with its protocol's close when it stops, baton what it left.
+    if let Some(f) = &sup.cfg.front {
+        let closed = f.shutdown(sup.cfg.drain_timeout, hurry).await;
+        tracing::info!(closed, "front: client connections done");
+    }
     if let Some(mut g) = sup.serving.take() {
         let out = stop_generation(&sup.cfg, &mut g, "stopping the serving generation", hurry).await;
         tracing::info!(generation = g.generation, pid = g.pid, status = %out.status, after_ms = out.after.as_millis() as u64, graceful = out.graceful, "generation stopped");
         sup.final_status = g.exit_code();
+    }
+    if let Some(f) = &sup.cfg.front {
+        let closed = f.close_tunnels();
+        if closed > 0 {
+            tracing::warn!(
+                tunnels = closed,
+                "front: tunnels the app left open were closed"
+            );
+        }
     }
 }
 

@@ -70,8 +70,18 @@ pub(super) async fn run(sup: &mut Sup, drain_timeout: Duration) -> Failure {
     // --front: requests in flight finish, idle connections park.
     let front = cfg.front.clone();
     let mut parked = Vec::new();
+    let mut public = Vec::new();
     let mut not_carried = 0;
     if let Some(f) = &front {
+        public = match f.public_fds() {
+            Ok(p) => p,
+            Err(e) => {
+                return failed(
+                    FailureKind::Refused,
+                    format!("front: duplicating its listeners: {e}; baton keeps running as before"),
+                );
+            }
+        };
         f.carry().freeze();
         let (busy, other) = f
             .carry()
@@ -135,11 +145,11 @@ pub(super) async fn run(sup: &mut Sup, drain_timeout: Duration) -> Failure {
     });
     let front_state = front.as_ref().map(|f| {
         let (epoch, counters) = f.carried_numbers();
-        fds.extend(f.public_fds().iter().map(AsFd::as_fd));
+        fds.extend(public.iter().map(AsFd::as_fd));
         fds.extend(parked.iter().map(|p| p.fd.as_fd()));
         CarriedFront {
             epoch,
-            public: f.public_fds().iter().map(sys::fd::raw).collect(),
+            public: public.iter().map(sys::fd::raw).collect(),
             conns: parked
                 .iter()
                 .map(|p| CarriedConn {

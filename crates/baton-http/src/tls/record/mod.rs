@@ -55,8 +55,7 @@
 //!   the end of the stream. More than [`MAX_EMPTY_IN_A_ROW`] in a row are
 //!   refused, as rustls does.
 
-// The connection integration (the next step of issue 16) is the first user;
-// until then only the tests call this module.
+// Some accessors are used by the tests only.
 #![cfg_attr(not(test), allow(dead_code))]
 
 mod open;
@@ -70,7 +69,6 @@ use ring::aead;
 use rustls::AlertDescription;
 
 use crate::Error;
-// The outcome types are named by callers only (the tests, for now).
 #[cfg_attr(not(test), allow(unused_imports))]
 pub(crate) use open::{CannotFollow, Content, MAX_EMPTY_IN_A_ROW, Opened, Opener};
 pub(crate) use seal::Sealer;

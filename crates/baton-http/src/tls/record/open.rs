@@ -91,6 +91,11 @@ impl Opener {
         })
     }
 
+    /// The protocol version of the session.
+    pub(crate) fn version(&self) -> Version {
+        self.version
+    }
+
     /// The sequence number the next record must have.
     pub(crate) fn seq(&self) -> u64 {
         self.secret.seq
