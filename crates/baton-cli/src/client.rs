@@ -233,6 +233,113 @@ async fn upgrade_inner(
     }
 }
 
+/// One status request, parsed into baton's note about itself.
+async fn self_view(
+    path: &Path,
+    timeout: Duration,
+) -> Result<(StatusReport, crate::supervisor::self_exec::NoteView), CliError> {
+    let reply = call(path, &Request::Status, |_| {}, timeout, no_answer).await?;
+    let Reply::Status(s) = reply else {
+        return Err(CliError::internal(anyhow::anyhow!(
+            "unexpected answer to a status request: {reply:?}"
+        )));
+    };
+    match crate::supervisor::self_exec::parse_note(&s.notes) {
+        Some(v) => Ok((*s, v)),
+        None => Err(CliError::usage(
+            "this server does not re-execute itself: `baton upgrade --self` is for a `baton run` supervisor of this release or later (a library-mode server upgrades itself with a plain `baton upgrade`)",
+        )),
+    }
+}
+
+/// `baton upgrade --self`: ask the supervisor to re-execute itself in
+/// place, then wait for the new image to answer (the control socket is
+/// carried: a connection made meanwhile queues until it does).
+pub async fn upgrade_self(
+    path: &Path,
+    json: bool,
+    timeout: Duration,
+) -> Result<ExitCode, CliError> {
+    let started = Instant::now();
+    let left = || timeout.saturating_sub(started.elapsed());
+    let (before, v0) = self_view(path, left()).await?;
+    let sent = call(
+        path,
+        &Request::UpgradeSelf,
+        |_| {},
+        left(),
+        |t| format!("no result within {t:?} (--timeout); check `baton status`"),
+    )
+    .await;
+    match sent {
+        Ok(Reply::Failed(f)) => {
+            let e = failed(f);
+            if json {
+                print_json(&serde_json::json!({
+                    "ok": false, "result": exit::category(e.code), "exit_code": e.code,
+                    "message": format!("{:#}", e.error),
+                }));
+            }
+            return Err(e);
+        }
+        Ok(other) => {
+            return Err(CliError::internal(anyhow::anyhow!(
+                "unexpected answer to `baton upgrade --self`: {other:?}"
+            )));
+        }
+        // The exec closed the connection (it is not carried): expected.
+        Err(e) if e.code == exit::TIMEOUT => return Err(e),
+        Err(_) => {}
+    }
+    let (after, v1) = self_view(path, left()).await.map_err(|e| {
+        CliError::new(
+            e.code,
+            anyhow::anyhow!(
+                "after the exec, the new baton did not answer: {:#}",
+                e.error
+            ),
+        )
+    })?;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let ok = v1.attempts > v0.attempts && v1.last == crate::supervisor::self_exec::LAST_OK;
+    if json {
+        print_json(&serde_json::json!({
+            "ok": ok,
+            "result": if ok { "re-executed" } else { "failed" },
+            "exit_code": if ok { exit::OK } else { exit::FAILED },
+            "pid": after.answered_by,
+            "pid_before": before.answered_by,
+            "version": v1.version,
+            "version_before": v0.version,
+            "execs": v1.execs,
+            "app_pid": after.pid,
+            "app_pid_before": before.pid,
+            "last": v1.last,
+            "elapsed_ms": elapsed_ms,
+        }));
+    }
+    if !ok {
+        return Err(CliError::new(
+            exit::FAILED,
+            anyhow::anyhow!("baton upgrade --self did not take: {}", v1.last),
+        ));
+    }
+    if !json {
+        println!(
+            "baton re-executed in place: pid {} (was {}), version {} (was {}), exec #{}, app generation {} pid {} (was {}) in {elapsed_ms} ms",
+            after.answered_by,
+            before.answered_by,
+            v1.version,
+            v0.version,
+            v1.execs,
+            after.generation,
+            after.pid,
+            before.pid
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `baton status`.
 pub async fn status(path: &Path, json: bool, timeout: Duration) -> Result<ExitCode, CliError> {
     let reply = call(path, &Request::Status, |_| {}, timeout, no_answer).await?;

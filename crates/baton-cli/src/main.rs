@@ -31,6 +31,7 @@ Examples:
   baton run --listen 127.0.0.1:8000 --ready http://127.0.0.1:8000/health -- uvicorn --fd 3 app:app
   baton upgrade --name web              # or: kill -HUP <pid of baton run>
   baton upgrade --name web -- gunicorn --workers 8 app:app
+  baton upgrade --self --name web       # baton itself: exec in place, same pid, app kept
   baton status --name web --json
 
 Exit codes of upgrade/status/stop:
@@ -138,6 +139,16 @@ struct UpgradeArgs {
     /// upgrading.
     #[arg(long)]
     no_wait: bool,
+    /// Upgrade baton itself, not the app (`baton run` only): once the
+    /// front's requests in flight are done (at most --drain-timeout; new
+    /// ones wait in the kernel), baton execs the baton binary now at its
+    /// path, in place: same pid, the app stays its child and keeps running,
+    /// the listeners, the control socket and --front's idle client
+    /// connections are carried over. Waits for the new baton to answer and
+    /// prints its version and exec count. If the exec fails, baton keeps
+    /// running as before (exit 1); see docs/supervisor.md.
+    #[arg(long = "self", conflicts_with_all = ["expect_sha256", "no_wait", "command"])]
+    self_: bool,
     /// A new command line for the next generation (`baton run` only).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -228,6 +239,14 @@ fn main() -> ExitCode {
         cli.log.as_str()
     };
     init_logging(cli.log_format, filter);
+    // `baton upgrade --self`: the state the previous image of this process
+    // left, read before the sweep below (if this image cannot read it, it
+    // goes back to the previous one with every inherited fd still open).
+    let taken = if matches!(cli.command, Command::Run(_)) {
+        supervisor::self_exec::recv::take()
+    } else {
+        None
+    };
     if !client_cmd {
         // Before the runtime opens fds of its own.
         supervisor::cloexec_inherited_fds();
@@ -235,7 +254,11 @@ fn main() -> ExitCode {
     let result = runtime().and_then(|rt| {
         rt.block_on(async move {
             match cli.command {
-                Command::Run(args) => supervisor::run(*args).await,
+                Command::Run(args) => supervisor::run(*args, taken).await,
+                Command::Upgrade(a) if a.self_ => {
+                    let path = a.target.path()?;
+                    client::upgrade_self(&path, a.json, a.timeout).await
+                }
                 Command::Upgrade(a) => {
                     let path = a.target.path()?;
                     client::upgrade(

@@ -119,6 +119,26 @@ pub fn adopt_exec_fd(raw: RawFd) -> io::Result<Option<OwnedFd>> {
     adopt_inherited_fd(raw)
 }
 
+/// Own an fd the previous image of this very process left open for it
+/// across `baton upgrade --self` (named in its carried state): any kind of
+/// fd, checked open, each number once.
+///
+/// # Errors
+/// `AlreadyExists` if adopted before; `InvalidInput` below 3. `Ok(None)`:
+/// nothing is open there.
+pub fn adopt_self_exec_fd(raw: RawFd) -> io::Result<Option<OwnedFd>> {
+    adopt_inherited_fd(raw)
+}
+
+/// [`adopt_self_exec_fd`] for a listening stream socket: checked to be one
+/// before it is owned (left alone otherwise).
+///
+/// # Errors
+/// As [`ListenFds::adopt`] reports for one fd.
+pub fn adopt_self_exec_listener(raw: RawFd) -> io::Result<Option<(OwnedFd, SocketKind)>> {
+    adopt_inherited_listener(raw)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::{AsRawFd, IntoRawFd};

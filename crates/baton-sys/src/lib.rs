@@ -31,7 +31,10 @@
 //! * the peer-credential reads ([`socket::peer_cred`],
 //!   [`socket::recv_with_creds`]: raw, so a pid 0 never lands in a non-zero
 //!   pid type);
-//! * the raw `fcntl` calls of [`fd::cloexec_inherited`].
+//! * the raw `fcntl` calls of [`fd::cloexec_inherited`];
+//! * replacing this process's image in place ([`process::exec_in_place`],
+//!   `baton upgrade --self`), with the handled signals blocked across it
+//!   ([`process::block_handled_signals`]).
 //!
 //! Every fd this crate creates is `CLOEXEC`; functions return [`OwnedFd`]
 //! and take [`BorrowedFd`].

@@ -378,6 +378,97 @@ pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: Signal) -> io::Result<()> {
     rustix::process::pidfd_send_signal(pidfd, signal).map_err(to_io)
 }
 
+/// Replace this process's image with `path` (`execve`): same pid, same
+/// children, every fd without `CLOEXEC` stays open in the new image. Returns
+/// only if the exec failed, with the OS error; this process is then exactly
+/// as it was (`execve` changes nothing when it fails).
+///
+/// Strings with a NUL byte cannot be passed and are refused before anything
+/// is called.
+pub fn exec_in_place(
+    path: &std::path::Path,
+    argv: &[std::ffi::OsString],
+    env: &[(std::ffi::OsString, std::ffi::OsString)],
+) -> io::Error {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let nul = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} contains a NUL byte"),
+        )
+    };
+    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
+        return nul("the executable's path");
+    };
+    let mut c_args = Vec::with_capacity(argv.len());
+    for a in argv {
+        let Ok(c) = CString::new(a.as_bytes()) else {
+            return nul("an argument");
+        };
+        c_args.push(c);
+    }
+    let mut c_env = Vec::with_capacity(env.len());
+    for (k, v) in env {
+        let mut kv = k.as_bytes().to_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        let Ok(c) = CString::new(kv) else {
+            return nul("an environment variable");
+        };
+        c_env.push(c);
+    }
+    let mut p_args: Vec<*const libc::c_char> = c_args.iter().map(|c| c.as_ptr()).collect();
+    p_args.push(std::ptr::null());
+    let mut p_env: Vec<*const libc::c_char> = c_env.iter().map(|c| c.as_ptr()).collect();
+    p_env.push(std::ptr::null());
+    // SAFETY: every pointer is a NUL-terminated string owned by the
+    // `CString`s above, both arrays end with a null pointer, and all of it
+    // lives until after the call; `execve` only returns on failure, leaving
+    // the process unchanged.
+    unsafe {
+        libc::execve(c_path.as_ptr(), p_args.as_ptr(), p_env.as_ptr());
+    }
+    io::Error::last_os_error()
+}
+
+/// The signals `baton run` handles (stop, reload): SIGHUP, SIGTERM,
+/// SIGINT.
+fn handled_signals() -> libc::sigset_t {
+    // SAFETY: `sigemptyset`/`sigaddset` only write the set they are given,
+    // a local owned here.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Block (`true`) or unblock SIGHUP, SIGTERM and SIGINT in the calling
+/// thread. The mask and pending signals survive `execve`: blocked before
+/// [`exec_in_place`], a signal sent while the new image has no handler yet
+/// stays pending (instead of its default action killing the process) until
+/// the new image unblocks it after installing its handlers.
+pub fn block_handled_signals(block: bool) -> io::Result<()> {
+    let set = handled_signals();
+    let how = if block {
+        libc::SIG_BLOCK
+    } else {
+        libc::SIG_UNBLOCK
+    };
+    // SAFETY: `pthread_sigmask` reads the set (a valid local) and changes
+    // only the calling thread's mask; the old mask is not requested.
+    let rc = unsafe { libc::pthread_sigmask(how, &set, std::ptr::null_mut()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::ffi::OsString;

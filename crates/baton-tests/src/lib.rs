@@ -16,6 +16,7 @@ pub mod fleet;
 pub mod h2load;
 pub mod h2node;
 pub mod http;
+pub mod keepalive;
 pub mod load;
 pub mod notify;
 pub mod openmetrics;

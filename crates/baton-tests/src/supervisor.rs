@@ -29,6 +29,9 @@ pub struct RunOpts {
     /// No `--control`: the default path from `--name` under
     /// `XDG_RUNTIME_DIR=<test dir>/xdg` (so `<test dir>/xdg/baton/NAME.sock`).
     pub default_control: bool,
+    /// Run this `baton` binary instead of the freshly built one (a copy,
+    /// for `baton upgrade --self` to replace).
+    pub bin: Option<PathBuf>,
 }
 
 /// The output of one `baton` CLI call.
@@ -100,7 +103,7 @@ impl Supervised {
         let dir = TestDir::new(name);
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = dir.join("baton.log");
-        let mut cmd = Command::new(apps::baton_bin());
+        let mut cmd = Command::new(opts.bin.clone().unwrap_or_else(apps::baton_bin));
         cmd.arg("run").arg("--name").arg(name);
         let control = if opts.default_control {
             let xdg = dir.join("xdg");

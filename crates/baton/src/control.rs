@@ -44,6 +44,9 @@ pub enum Request {
     /// variant of its own, appended, so that the wire form of the other
     /// requests is unchanged: an older server answers it "malformed".
     UpgradeNoWait(UpgradeOptions),
+    /// `baton upgrade --self`: the supervisor re-executes itself in place
+    /// (appended too: an older server answers it "malformed").
+    UpgradeSelf,
 }
 
 /// Options of one upgrade.
@@ -59,6 +62,11 @@ pub struct UpgradeOptions {
     /// ready. Not on the wire: [`Request::UpgradeNoWait`] carries it.
     #[serde(skip)]
     pub no_wait: bool,
+    /// `baton upgrade --self`: re-execute the supervisor itself, not the
+    /// app. Not on the wire: [`Request::UpgradeSelf`] carries it; a
+    /// library-mode server refuses it.
+    #[serde(skip)]
+    pub self_exec: bool,
 }
 
 /// Progress of an upgrade.
@@ -487,8 +495,14 @@ pub async fn serve_connection(mut s: UnixStream, owner: mpsc::Sender<Command>) {
                 }
             }
         }
-        Request::Upgrade(opts) | Request::UpgradeNoWait(opts) => {
-            let opts = UpgradeOptions { no_wait, ..opts };
+        req @ (Request::Upgrade(_) | Request::UpgradeNoWait(_) | Request::UpgradeSelf) => {
+            let opts = match req {
+                Request::Upgrade(o) | Request::UpgradeNoWait(o) => UpgradeOptions { no_wait, ..o },
+                _ => UpgradeOptions {
+                    self_exec: true,
+                    ..UpgradeOptions::default()
+                },
+            };
             let (etx, mut erx) = mpsc::unbounded_channel();
             let (tx, mut rx) = oneshot::channel();
             if owner

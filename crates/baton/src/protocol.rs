@@ -215,8 +215,9 @@ pub struct Accepts {
     pub owned_kinds: Vec<String>,
 }
 
-/// One application-owned connection in an `Owned` batch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One application-owned connection in an `Owned` batch. `Debug` shows the
+/// lengths of its bytes, not the bytes (a state blob may hold TLS keys).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnedMeta {
     /// Its kind (the receiver the new side registered).
     pub kind: String,
@@ -228,6 +229,17 @@ pub struct OwnedMeta {
     /// The application's state for this connection (≤ [`MAX_OWNED_STATE`]).
     #[serde(with = "crate::state::as_bytes")]
     pub state: Vec<u8>,
+}
+
+impl std::fmt::Debug for OwnedMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedMeta")
+            .field("kind", &self.kind)
+            .field("listener", &self.listener)
+            .field("unread_len", &self.unread.len())
+            .field("state_len", &self.state.len())
+            .finish()
+    }
 }
 
 /// Who is speaking.

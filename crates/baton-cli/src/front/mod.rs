@@ -43,8 +43,10 @@
 //! stop), `proxy.rs` (one request: headers, forwarding, retries,
 //! upgrades), `pool.rs` (the upstream connections per epoch), `tunnel.rs`
 //! (upgraded connections), `limits.rs` (the body size limit and the
-//! lingering close after a `413`).
+//! lingering close after a `413`), `carry.rs` (idle client connections
+//! across `baton upgrade --self`).
 
+pub mod carry;
 mod limits;
 mod pool;
 mod proxy;
@@ -291,6 +293,24 @@ struct Inner {
     stop: CancellationToken,
     /// The stop's deadline passed: close every client connection.
     cut: CancellationToken,
+    /// Every client connection, for `baton upgrade --self`.
+    carry: Arc<carry::Registry>,
+    /// Duplicates of the public listeners, carried by `--self` (dropped at
+    /// the stop, so that the accept loops closing theirs closes them).
+    public: std::sync::Mutex<Vec<OwnedFd>>,
+}
+
+/// What the previous image of baton left to the front (`baton upgrade
+/// --self`).
+#[derive(Debug, Default)]
+pub struct Resumed {
+    /// Its upstream epoch.
+    pub epoch: u64,
+    /// Its counters: requests, upstream_errors, retries, bad_gateway,
+    /// connections.
+    pub counters: [u64; 5],
+    /// Its idle client connections.
+    pub conns: Vec<carry::Parked>,
 }
 
 impl std::fmt::Debug for Front {
@@ -315,27 +335,87 @@ impl Front {
         cfg: FrontConfig,
         public: Vec<OwnedFd>,
         upstream: Vec<SocketAddr>,
+        resumed: Resumed,
     ) -> anyhow::Result<Front> {
         let pools = upstream
             .iter()
             .map(|a| Pool::new(*a, cfg.upstream_idle))
             .collect();
+        let [requests, upstream_errors, retries, bad_gateway, connections] =
+            resumed.counters.map(AtomicU64::new);
+        let kept = public
+            .iter()
+            .map(|fd| baton_sys::fd::dup(std::os::fd::AsFd::as_fd(fd)))
+            .collect::<std::io::Result<Vec<_>>>()?;
         let front = Front {
             inner: Arc::new(Inner {
                 cfg,
-                counters: Counters::default(),
+                counters: Counters {
+                    requests,
+                    upstream_errors,
+                    retries,
+                    bad_gateway,
+                    connections,
+                    ..Counters::default()
+                },
                 pools,
-                epoch: AtomicU64::new(0),
+                epoch: AtomicU64::new(resumed.epoch),
                 tunnels: tunnel::Tunnels::default(),
                 live: serve::Live::default(),
                 stop: CancellationToken::new(),
                 cut: CancellationToken::new(),
+                carry: Arc::default(),
+                public: std::sync::Mutex::new(kept),
             }),
         };
+        let mut conns = resumed.conns;
         for (i, fd) in public.into_iter().enumerate() {
-            serve::spawn_accept(front.clone(), i, fd)?;
+            let mine;
+            (mine, conns) = conns.into_iter().partition(|c| c.listener == i);
+            serve::spawn_accept(front.clone(), i, fd, mine)?;
+        }
+        if !conns.is_empty() {
+            tracing::warn!(
+                count = conns.len(),
+                "front: carried connections of a listener that no longer exists closed"
+            );
         }
         Ok(front)
+    }
+
+    /// The connection registry `baton upgrade --self` freezes and carries.
+    pub fn carry(&self) -> &carry::Registry {
+        &self.inner.carry
+    }
+
+    /// Duplicates of the public listening sockets (to carry across
+    /// `--self`).
+    ///
+    /// # Errors
+    /// Out of fds.
+    pub fn public_fds(&self) -> std::io::Result<Vec<OwnedFd>> {
+        self.inner
+            .public
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|fd| baton_sys::fd::dup(std::os::fd::AsFd::as_fd(fd)))
+            .collect()
+    }
+
+    /// The upstream epoch and the counters (to carry across `--self`).
+    pub fn carried_numbers(&self) -> (u64, [u64; 5]) {
+        let c = self.counters();
+        (
+            self.epoch(),
+            [
+                c.requests,
+                c.upstream_errors,
+                c.retries,
+                c.bad_gateway,
+                c.connections,
+            ],
+        )
     }
 
     /// A new epoch: the supervisor steered new connections to another
@@ -413,6 +493,13 @@ impl Front {
     /// Cancel safe, but the stop has begun: accepting does not resume.
     pub async fn shutdown(&self, limit: Duration, hurry: &CancellationToken) -> usize {
         let deadline = tokio::time::Instant::now() + limit;
+        // The accept loops close their listeners: these copies must not
+        // keep them open.
+        self.inner
+            .public
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         serve::shutdown(self, deadline, hurry).await
     }
 

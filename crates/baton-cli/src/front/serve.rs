@@ -89,17 +89,31 @@ impl Live {
 }
 
 /// Start accepting on `fd`, the public listener number `idx` (a TCP
-/// listening socket).
+/// listening socket). `carried`: client connections of this listener that
+/// the previous image of baton left parked (`baton upgrade --self`), each
+/// with the bytes of its next request already read; served first.
 ///
 /// # Errors
 ///
 /// `fd` is not a TCP listener tokio can register.
-pub fn spawn_accept(front: Front, idx: usize, fd: OwnedFd) -> anyhow::Result<()> {
+pub fn spawn_accept(
+    front: Front,
+    idx: usize,
+    fd: OwnedFd,
+    carried: Vec<super::carry::Parked>,
+) -> anyhow::Result<()> {
     let std_l = std::net::TcpListener::from(fd);
     std_l.set_nonblocking(true)?;
     let listener =
         tokio::net::TcpListener::from_std(std_l).context("the front serves TCP listeners only")?;
     let slots = Arc::new(Semaphore::new(front.inner.cfg.max_connections));
+    for c in carried {
+        let std_s = std::net::TcpStream::from(c.fd);
+        std_s.set_nonblocking(true)?;
+        let stream = TcpStream::from_std(std_s)?;
+        let permit = slots.clone().try_acquire_owned().ok();
+        serve_conn(&front, idx, stream, c.peer, permit, false, Some(c.prefix));
+    }
     let stop = front.inner.stop.clone();
     tokio::spawn(async move {
         loop {
@@ -121,7 +135,7 @@ pub fn spawn_accept(front: Front, idx: usize, fd: OwnedFd) -> anyhow::Result<()>
                 },
                 () = stop.cancelled() => break,
             };
-            serve_conn(&front, idx, stream, peer, Some(permit), false);
+            serve_conn(&front, idx, stream, peer, Some(permit), false, None);
         }
         // Stopping: what already sits in the listen queue completed its
         // handshake and may have sent a request; closing the listener would
@@ -136,7 +150,7 @@ pub fn spawn_accept(front: Front, idx: usize, fd: OwnedFd) -> anyhow::Result<()>
                         .set_nonblocking(true)
                         .and_then(|()| TcpStream::from_std(stream));
                     if let Ok(stream) = stream {
-                        serve_conn(&front, idx, stream, peer, permit, true);
+                        serve_conn(&front, idx, stream, peer, permit, true, None);
                         queued += 1;
                     }
                 }
@@ -153,7 +167,9 @@ pub fn spawn_accept(front: Front, idx: usize, fd: OwnedFd) -> anyhow::Result<()>
 }
 
 /// Serve one client connection on a task of its own. `last` (the stop
-/// has begun): one request, then close.
+/// has begun): one request, then close. `carried`: a connection the
+/// previous image of baton accepted (`baton upgrade --self`), with the
+/// bytes of its next request it had read.
 fn serve_conn(
     front: &Front,
     idx: usize,
@@ -161,10 +177,20 @@ fn serve_conn(
     peer: SocketAddr,
     permit: Option<OwnedSemaphorePermit>,
     last: bool,
+    carried: Option<Vec<u8>>,
 ) {
     let counters = &front.inner.counters;
-    counters.connections.fetch_add(1, Ordering::Relaxed);
+    if carried.is_none() {
+        counters.connections.fetch_add(1, Ordering::Relaxed);
+    }
     let _ = stream.set_nodelay(true);
+    let (stream, tracker) = super::carry::CarryIo::new(
+        &front.inner.carry,
+        stream,
+        idx,
+        peer,
+        carried.unwrap_or_default(),
+    );
     front.inner.live.n.fetch_add(1, Ordering::AcqRel);
     let guard = LiveGuard(front.clone());
     let front = front.clone();
@@ -178,7 +204,12 @@ fn serve_conn(
         });
         let io = Lingering::new(stream, Arc::clone(&client.linger));
         let f = front.clone();
-        let svc = service_fn(move |req| super::proxy::handle(f.clone(), Arc::clone(&client), req));
+        let svc = service_fn(move |req| {
+            let (f, client) = (f.clone(), Arc::clone(&client));
+            super::carry::track(&tracker, req, move |req| {
+                super::proxy::handle(f, client, req)
+            })
+        });
         // HTTP/1.1, or HTTP/2 with prior knowledge (h2c): the builder reads
         // the preface.
         let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -32,6 +32,9 @@ const ENV_REMOVE: &[&str] = &[
     "BATON_GENERATION",
     "BATON_HANDOFF_FD",
     "BATON_PARENT_PID",
+    "BATON_SELF_STATE",
+    "BATON_SELF_RETURN",
+    "BATON_SELF_RETURNED",
 ];
 
 /// The executable a generation was started from, kept open so that a
@@ -75,6 +78,11 @@ impl KeptExe {
             mtime: m.mtime(),
             elf,
         })
+    }
+
+    /// The open file (carried across `baton upgrade --self`).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
     }
 
     /// Whether the file at `path` is still exactly this one.
@@ -174,7 +182,9 @@ pub struct GenProc {
     pub notify: Option<NotifySocket>,
     /// Its `BATON_PROBE_PORT`.
     pub probe_port: Option<u16>,
-    child: tokio::process::Child,
+    /// `None` for a generation adopted across `baton upgrade --self` (still
+    /// our child, reaped by pid once its pidfd says it exited).
+    child: Option<tokio::process::Child>,
     pidfd: AsyncFd<OwnedFd>,
     status: Option<String>,
     /// Exit code, or 128 + the signal that killed it, once reaped.
@@ -294,7 +304,7 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
         exe,
         notify,
         probe_port: plan.probe_port,
-        child,
+        child: Some(child),
         pidfd,
         status: None,
         exit_code: None,
@@ -302,6 +312,57 @@ pub fn spawn(plan: SpawnPlan) -> std::io::Result<GenProc> {
 }
 
 impl GenProc {
+    /// The generation the previous image of baton started, after `baton
+    /// upgrade --self`: `pid` is still our child (exec keeps children).
+    ///
+    /// # Errors
+    /// The pidfd cannot be opened (the pid is gone: it was reaped, or is
+    /// not ours).
+    pub fn adopt(
+        generation: u64,
+        pid: u32,
+        argv: Vec<OsString>,
+        started: Instant,
+        exe: Option<Arc<KeptExe>>,
+        probe_port: Option<u16>,
+    ) -> std::io::Result<GenProc> {
+        super::reaper::manage(pid);
+        let pidfd = sys::fd::async_fd(
+            sys::process::pidfd_open(pid)?,
+            tokio::io::Interest::READABLE,
+        )?;
+        Ok(GenProc {
+            generation,
+            pid,
+            argv,
+            started,
+            exe,
+            notify: None,
+            probe_port,
+            child: None,
+            pidfd,
+            status: None,
+            exit_code: None,
+        })
+    }
+
+    /// Wait for the main process's exit status.
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(c) = self.child.as_mut() {
+            return c.wait().await;
+        }
+        loop {
+            self.exited().await;
+            if let Some(raw) = sys::process::try_reap_status(self.pid)? {
+                return Ok(ExitStatus::from_raw(raw));
+            }
+            // Readable but not yet reapable: the pidfd polls readable a
+            // moment before the zombie can be waited for.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Resolves when the main process has exited (it stays a zombie until
     /// [`GenProc::reap`]).
     ///
@@ -345,7 +406,7 @@ impl GenProc {
             return s.clone();
         }
         self.kill_group();
-        let s = match tokio::time::timeout(REAP_TIMEOUT, self.child.wait()).await {
+        let s = match tokio::time::timeout(REAP_TIMEOUT, self.wait()).await {
             Ok(Ok(st)) => {
                 self.exit_code = Some(shell_status(&st));
                 describe_exit(&st)
@@ -366,7 +427,7 @@ impl GenProc {
         if let Some(s) = &self.status {
             return s.clone();
         }
-        let s = match tokio::time::timeout(REAP_TIMEOUT, self.child.wait()).await {
+        let s = match tokio::time::timeout(REAP_TIMEOUT, self.wait()).await {
             Ok(Ok(st)) => {
                 self.exit_code = Some(shell_status(&st));
                 super::reaper::forget(self.pid);

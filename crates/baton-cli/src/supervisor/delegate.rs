@@ -807,7 +807,10 @@ pub async fn run(
                     }
                     Command::Upgrade { opts, events, reply } => {
                         let refuse = |kind, message: String| Err(Failure { kind, message });
-                        if st.stopping {
+                        if opts.self_exec {
+                            let _ = reply.send(refuse(FailureKind::Invalid,
+                                "`baton upgrade --self` is not available with --delegate (restart baton to update it)".into()));
+                        } else if st.stopping {
                             let _ = reply.send(refuse(FailureKind::Refused, "baton is stopping".into()));
                         } else if let Some(path) = st.cfg.app_control.clone() {
                             if busy.swap(true, Ordering::SeqCst) {

@@ -21,10 +21,12 @@ mod delegate;
 mod metrics;
 mod ready;
 mod reaper;
+pub mod self_exec;
 mod sockets;
 mod upgrade;
 
 use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -78,6 +80,10 @@ On SIGTERM the front closes its listeners (after serving what is queued), closes
 idle client connections, lets requests finish (--drain-timeout), then stops the
 app (which closes its WebSockets).
 
+baton itself: `baton upgrade --self` re-executes the baton binary at its path in
+place (same pid; the app, the listeners, the control socket and --front's idle
+client connections are kept; --front's requests in flight finish first).
+
 Safety: before anything is spawned, the executable is checked (exists, is
 executable, matches `baton upgrade --expect-sha256`), --check must exit 0 and
 memory headroom must allow a second generation (refused: exit 3, nothing
@@ -123,15 +129,12 @@ fn start_front(
         .iter()
         .filter_map(|l| l.local_target())
         .collect();
-    let cfg = crate::front::FrontConfig {
-        header_timeout: args.front_header_timeout,
-        max_connections: args.front_max_connections,
-        upstream_idle: args.front_upstream_idle,
-        trust_forwarded: args.front_trust_forwarded,
-        max_body: args.front_max_body,
-        max_header: args.front_max_header,
-    };
-    let front = crate::front::Front::start(cfg, public.dup_for(0)?, upstream)?;
+    let front = crate::front::Front::start(
+        front_config(args),
+        public.dup_for(0)?,
+        upstream,
+        Default::default(),
+    )?;
     for (p, q) in public.items.iter().zip(&private.items) {
         tracing::info!(listener = %p.name, public = %p.addr, generations = %q.addr, "front: serving HTTP clients; generations get a private socket");
     }
@@ -139,27 +142,54 @@ fn start_front(
 }
 
 /// `--front`: a probe URL whose port is a public listener's is sent to the
-/// same listener's private socket (the one the generations get).
-fn to_private(
-    url: &mut ready::HttpUrl,
-    public: &sockets::ListenerSet,
-    private: &sockets::ListenerSet,
-) {
+/// same listener's private socket (the one the generations get); `pairs`:
+/// (public port, private address).
+fn to_private(url: &mut ready::HttpUrl, pairs: &[(u16, std::net::SocketAddr)]) {
     let ready::ProbePort::Fixed(port) = url.port else {
         return;
     };
-    let hit = public
-        .items
-        .iter()
-        .zip(&private.items)
-        .find(|(p, _)| p.tcp_addr().is_some_and(|a| a.port() == port));
-    if let Some((_, q)) = hit
-        && let Some(a) = q.tcp_addr()
-    {
+    if let Some((_, a)) = pairs.iter().find(|(p, _)| *p == port) {
         tracing::info!(public_port = port, private = %a, "front: the probe goes to the generation's private socket");
         url.host = a.ip().to_string();
         url.ip = a.ip();
         url.port = ready::ProbePort::Fixed(a.port());
+    }
+}
+
+/// The listeners of a fresh start: bound (or systemd's), and with
+/// `--front` the front on them and the generations' private sockets
+/// (returned instead).
+fn open_listeners(
+    args: &RunArgs,
+) -> Result<(sockets::ListenerSet, Option<crate::front::Front>), CliError> {
+    let listeners = sockets::ListenerSet::open(
+        &args.listen,
+        args.no_steer || args.front.is_some(),
+        baton::DEFAULT_BACKLOG,
+    )
+    .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?;
+    match args.front {
+        None => Ok((listeners, None)),
+        Some(FrontMode::Http) => {
+            let (private, front) = start_front(args, &listeners)
+                .map_err(|e| CliError::new(exit::FAILED, e.context("starting --front http")))?;
+            // The front holds the public sockets now: at its stop it closes
+            // them (new connections are refused, not left unanswered).
+            drop(listeners);
+            Ok((private, Some(front)))
+        }
+    }
+}
+
+/// The front's configuration from the flags.
+fn front_config(args: &RunArgs) -> crate::front::FrontConfig {
+    crate::front::FrontConfig {
+        header_timeout: args.front_header_timeout,
+        max_connections: args.front_max_connections,
+        upstream_idle: args.front_upstream_idle,
+        trust_forwarded: args.front_trust_forwarded,
+        max_body: args.front_max_body,
+        max_header: args.front_max_header,
     }
 }
 
@@ -450,6 +480,8 @@ pub struct RunConfig {
     pub health_timeout: Duration,
     /// `--front`: baton serves the clients and forwards to the generations.
     pub front: Option<crate::front::Front>,
+    /// `baton upgrade --self`.
+    pub self_exec: self_exec::SelfCtx,
 }
 
 /// The control socket file, removed when baton exits (if it is still
@@ -484,11 +516,19 @@ impl Drop for PidFile {
 fn open_control(
     path: &Path,
     tx: mpsc::Sender<baton::control::Command>,
-) -> Result<ControlSocketFile, String> {
-    baton::control::prepare_dir(path).map_err(|e| e.to_string())?;
-    let fd = baton::bind_unix_listener("control", path, 64, Some(0o600)).map_err(|e| {
-        format!("{e} (is another `baton run` with this --name or --control running?)")
-    })?;
+    carried: Option<OwnedFd>,
+) -> Result<(ControlSocketFile, OwnedFd), String> {
+    let fd = match carried {
+        // `baton upgrade --self`: the same socket, still bound at `path`.
+        Some(fd) => fd,
+        None => {
+            baton::control::prepare_dir(path).map_err(|e| e.to_string())?;
+            baton::bind_unix_listener("control", path, 64, Some(0o600)).map_err(|e| {
+                format!("{e} (is another `baton run` with this --name or --control running?)")
+            })?
+        }
+    };
+    let keep = baton_sys::fd::dup(fd.as_fd()).map_err(|e| format!("control socket: {e}"))?;
     let ino = std::fs::metadata(path)
         .map(|m| m.ino())
         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -507,10 +547,13 @@ fn open_control(
             }
         }
     });
-    Ok(ControlSocketFile {
-        path: path.to_path_buf(),
-        ino,
-    })
+    Ok((
+        ControlSocketFile {
+            path: path.to_path_buf(),
+            ino,
+        },
+        keep,
+    ))
 }
 
 /// Mark every fd baton inherited by accident close-on-exec, so that only
@@ -527,7 +570,13 @@ pub fn cloexec_inherited_fds() {
 }
 
 /// `baton run`.
-pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
+///
+/// `taken`: the state a previous image of this process left (`baton
+/// upgrade --self`), read by `main` first thing.
+pub async fn run(
+    args: RunArgs,
+    mut taken: Option<self_exec::recv::Taken>,
+) -> Result<ExitCode, CliError> {
     validate_name(&args.name).map_err(CliError::usage)?;
     if let Some(first) = args.command.first() {
         child::resolve_program(first)
@@ -552,6 +601,11 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             anyhow::anyhow!("installing signal handlers: {e}"),
         )
     })?;
+    // `baton upgrade --self` blocked them across the exec: one sent
+    // meanwhile is delivered now, to the handlers.
+    if let Err(e) = baton_sys::process::block_handled_signals(false) {
+        tracing::warn!(error = %e, "could not unblock SIGHUP/SIGTERM/SIGINT");
+    }
     // As PID 1 (a container's init) every orphan of the container becomes
     // baton's child; in delegate mode each generation of the server becomes
     // one when its predecessor exits. Reap them all.
@@ -579,31 +633,95 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     if args.delegate {
         return run_delegate(args, signals, control_path).await;
     }
-    let listeners = sockets::ListenerSet::open(
-        &args.listen,
-        args.no_steer || args.front.is_some(),
-        baton::DEFAULT_BACKLOG,
-    )
-    .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?;
-    let (listeners, front) = match args.front {
-        None => (listeners, None),
-        Some(FrontMode::Http) => {
-            let (private, front) = start_front(&args, &listeners)
-                .map_err(|e| CliError::new(exit::FAILED, e.context("starting --front http")))?;
-            // A probe URL naming a public listener goes to the generation's
-            // private socket of that listener instead.
-            if let ready::ReadySpec::Http(u) = &mut ready_spec {
-                to_private(u, &listeners, &private);
-            }
-            if let Some(u) = &mut args.health {
-                to_private(u, &listeners, &private);
-            }
-            // The front holds the public sockets now: at its stop it closes
-            // them (new connections are refused, not left unanswered).
-            drop(listeners);
-            (private, Some(front))
-        }
+    // The path `--self` executes: resolved by the first image (this one's
+    // may be a /proc/self/fd path, or a file since replaced).
+    let exe = match &taken {
+        Some(t) => PathBuf::from(
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&t.state.exe_path),
+        ),
+        None => std::env::current_exe().map_err(|e| {
+            CliError::new(
+                exit::FAILED,
+                anyhow::anyhow!("finding baton's own executable: {e}"),
+            )
+        })?,
     };
+    let fail = |e: String| CliError::new(exit::FAILED, anyhow::anyhow!("{e}"));
+    let book = match &taken {
+        Some(t) => {
+            let b = upgrade::book_after(&t.state, t.returned.as_deref());
+            match &t.returned {
+                None => {
+                    tracing::info!(execs = b.execs, from = %t.state.baton_version, "baton upgrade --self: this new image takes over")
+                }
+                Some(why) => {
+                    tracing::error!(reason = %why, "baton upgrade --self rolled back: the new baton could not read the state; the previous one resumes")
+                }
+            }
+            b
+        }
+        None => self_exec::Book {
+            execs: 0,
+            attempts: 0,
+            last: None,
+            first_started_unix_ms: self_exec::unix_ms(),
+            image_started_unix_ms: self_exec::unix_ms(),
+            exe_ino: self_exec::own_exe_ino(),
+            carried: 0,
+        },
+    };
+    let carried_front = match taken.as_mut().and_then(|t| t.state.front.take()) {
+        Some(f) => Some(upgrade::resume_front(f).map_err(fail)?),
+        None => None,
+    };
+    let (listeners, front) = match (taken.as_mut(), carried_front) {
+        (Some(t), carried_front) => {
+            let private =
+                upgrade::resume_listeners(std::mem::take(&mut t.state.listeners)).map_err(fail)?;
+            let front = match (args.front, carried_front) {
+                (Some(FrontMode::Http), Some((public, resumed))) => {
+                    let upstream = private
+                        .items
+                        .iter()
+                        .filter_map(|l| l.local_target())
+                        .collect();
+                    Some(
+                        crate::front::Front::start(front_config(&args), public, upstream, resumed)
+                            .map_err(|e| {
+                                CliError::new(exit::FAILED, e.context("resuming --front http"))
+                            })?,
+                    )
+                }
+                (None, None) => None,
+                _ => {
+                    return Err(fail(
+                        "the carried state and the command line disagree about --front".into(),
+                    ));
+                }
+            };
+            (private, front)
+        }
+        (None, _) => open_listeners(&args)?,
+    };
+    if let Some(f) = &front {
+        // A probe URL naming a public listener goes to the generation's
+        // private socket of that listener instead.
+        let public = f.public_fds().map_err(|e| fail(format!("--front: {e}")))?;
+        let pairs: Vec<(u16, std::net::SocketAddr)> = public
+            .iter()
+            .zip(&listeners.items)
+            .filter_map(|(p, q)| {
+                let port = baton_sys::socket::tcp_local_addr(p.as_fd()).ok()?.port();
+                Some((port, q.tcp_addr()?))
+            })
+            .collect();
+        if let ready::ReadySpec::Http(u) = &mut ready_spec {
+            to_private(u, &pairs);
+        }
+        if let Some(u) = &mut args.health {
+            to_private(u, &pairs);
+        }
+    }
     let plan = ready::plan(&ready_spec, &listeners).map_err(|e| {
         if args.ready.is_none() {
             CliError::usage(format!("{e} (tcp is the default readiness check)"))
@@ -633,16 +751,46 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             ),
         }
     }
-    let metrics = match args.metrics {
-        Some(addr) => {
+    let carried_metrics = taken.as_ref().and_then(|t| t.state.metrics);
+    let metrics = match (args.metrics, carried_metrics) {
+        (Some(addr), Some(raw)) => {
+            let fd = self_exec::recv::listener(raw).map_err(fail)?.0;
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(l))
+                .map(Some)
+                .map_err(|e| fail(format!("--metrics {addr}: {e}")))?
+        }
+        (Some(addr), None) => {
             let l = metrics::bind(addr)
                 .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?;
             tracing::info!(%addr, "metrics at http://{addr}/metrics");
             Some(l)
         }
+        (None, _) => None,
+    };
+    let metrics_dup = match &metrics {
+        Some(l) => {
+            Some(baton_sys::fd::dup(l.as_fd()).map_err(|e| fail(format!("--metrics: {e}")))?)
+        }
         None => None,
     };
-    let (rx, run_dir, _control, _pid_file) = open_common(&control_path, args.pid_file.as_deref())?;
+    let carried_control = match &taken {
+        Some(t) => Some(self_exec::recv::fd(t.state.control).map_err(fail)?),
+        None => None,
+    };
+    let (rx, run_dir, (_control, control_dup), _pid_file) =
+        open_common(&control_path, args.pid_file.as_deref(), carried_control)?;
+    let resumed = match taken.as_mut() {
+        Some(t) => match upgrade::resume(&mut t.state) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(error = %e, "baton upgrade --self: the serving generation cannot be adopted; starting one");
+                None
+            }
+        },
+        None => None,
+    };
     let mut memory = baton::admission::MemoryPolicy::default();
     memory.enabled = !args.no_memory_check;
     memory.max_percent = args.max_memory_percent;
@@ -671,8 +819,15 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         health_failures: args.health_failures,
         health_timeout: args.health_timeout,
         front,
+        self_exec: self_exec::SelfCtx {
+            exe,
+            argv: std::env::args_os().collect(),
+            control: control_dup,
+            metrics: metrics_dup,
+            book: std::sync::Mutex::new(book),
+        },
     };
-    let status = upgrade::run(cfg, listeners, plan, health, rx, signals, metrics).await;
+    let status = upgrade::run(cfg, listeners, plan, health, rx, signals, metrics, resumed).await;
     // A container's init exits with its app's status; under systemd or a
     // shell, a requested stop is a success.
     Ok(if pid1 {
@@ -685,14 +840,19 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
 type Common = (
     mpsc::Receiver<baton::control::Command>,
     PathBuf,
-    ControlSocketFile,
+    (ControlSocketFile, OwnedFd),
     Option<PidFile>,
 );
 
-/// The control socket, the private directory next to it, the pid file.
-fn open_common(control_path: &Path, pid_file: Option<&Path>) -> Result<Common, CliError> {
+/// The control socket (bound, or carried by `baton upgrade --self`), the
+/// private directory next to it, the pid file.
+fn open_common(
+    control_path: &Path,
+    pid_file: Option<&Path>,
+    carried: Option<OwnedFd>,
+) -> Result<Common, CliError> {
     let (tx, rx) = mpsc::channel(64);
-    let control = open_control(control_path, tx)
+    let control = open_control(control_path, tx, carried)
         .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("control socket: {e}")))?;
     tracing::info!(path = %control_path.display(), "control socket");
     let run_dir = control_path
@@ -730,7 +890,8 @@ async fn run_delegate(
                 .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?,
         )
     };
-    let (rx, run_dir, _control, _pid_file) = open_common(&control_path, args.pid_file.as_deref())?;
+    let (rx, run_dir, _control, _pid_file) =
+        open_common(&control_path, args.pid_file.as_deref(), None)?;
     let cfg = delegate::DelegateConfig {
         name: args.name,
         argv: args.command,

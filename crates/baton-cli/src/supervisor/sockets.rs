@@ -196,6 +196,43 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// A listener carried across `baton upgrade --self`: its sockets were
+    /// adopted from the previous image (checked to be listening sockets),
+    /// its steering program is still attached in the kernel.
+    ///
+    /// # Errors
+    /// No socket, more than two, or an address that cannot be read.
+    pub fn carried(
+        name: String,
+        origin: Origin,
+        sockets: Vec<(OwnedFd, sys::socket::SocketKind)>,
+        shared_reason: Option<String>,
+    ) -> Result<Listener, OpenError> {
+        let Some((first, kind)) = sockets.first() else {
+            return Err(format!("carried listener '{name}' has no socket"));
+        };
+        if sockets.len() > 2 {
+            return Err(format!(
+                "carried listener '{name}' has {} sockets",
+                sockets.len()
+            ));
+        }
+        let addr = describe(first, *kind)?;
+        Ok(Listener {
+            name,
+            addr,
+            origin,
+            sockets: sockets.into_iter().map(|(fd, _)| fd).collect(),
+            shared_reason,
+        })
+    }
+
+    /// Its sockets (one shared, or the two of a steering group), to carry
+    /// across `baton upgrade --self`.
+    pub fn sockets(&self) -> &[OwnedFd] {
+        &self.sockets
+    }
+
     /// Whether generations get their own socket of a steering group.
     pub fn steered(&self) -> bool {
         self.sockets.len() == 2

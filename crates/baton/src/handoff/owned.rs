@@ -35,8 +35,9 @@ use crate::listeners::Stream;
 /// frame written and flushed) before the generation exits anyway.
 pub const OWNED_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// An application-owned connection on its way between generations.
-#[derive(Debug)]
+/// An application-owned connection on its way between generations. `Debug`
+/// shows the lengths of its bytes, not the bytes (a state blob may hold TLS
+/// session keys).
 pub struct OwnedConn {
     /// Its kind: the new generation delivers it to the receiver registered
     /// for this name (1 to [`MAX_KIND`](crate::protocol::MAX_KIND) bytes).
@@ -53,6 +54,18 @@ pub struct OwnedConn {
     pub state: Vec<u8>,
     /// Name of the listener it was accepted on.
     pub listener: String,
+}
+
+impl std::fmt::Debug for OwnedConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedConn")
+            .field("kind", &self.kind)
+            .field("stream", &self.stream)
+            .field("unread_len", &self.unread.len())
+            .field("state_len", &self.state.len())
+            .field("listener", &self.listener)
+            .finish()
+    }
 }
 
 /// A successor's verdict on one connection before it is taken: `Err` with a

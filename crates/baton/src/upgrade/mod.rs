@@ -68,6 +68,13 @@ pub(crate) async fn owner(inner: Arc<Inner>, mut rx: mpsc::Receiver<Command>) {
                         let _ = reply.send(inner.status_report(running.is_some()));
                     }
                     Command::Upgrade { opts, events, reply } => {
+                        if opts.self_exec {
+                            let _ = reply.send(Err(Failure {
+                                kind: FailureKind::Invalid,
+                                message: "`baton upgrade --self` re-executes a `baton run` supervisor; a library-mode server upgrades itself with a plain `baton upgrade`".into(),
+                            }));
+                            continue;
+                        }
                         if let Some(r) = &running {
                             tracing::warn!("upgrade requested while one is running; ignored");
                             let _ = reply.send(Err(Failure {

@@ -16,7 +16,10 @@
 mod drain;
 mod observe;
 mod run;
+mod self_exec;
 mod start;
+
+pub use self_exec::{Resumed, book_after, resume, resume_front, resume_listeners};
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -198,6 +201,8 @@ struct Statics {
     /// `--front`: its counters are a note (the status message is postcard:
     /// a new field would break `baton status` across versions).
     front: Option<crate::front::Front>,
+    /// For the note about baton itself (`--self`).
+    cfg: Arc<RunConfig>,
 }
 
 fn status_report(v: &View, s: &Statics, in_progress: bool) -> StatusReport {
@@ -219,6 +224,14 @@ fn status_report(v: &View, s: &Statics, in_progress: bool) -> StatusReport {
     if let Some(f) = &s.front {
         notes.push(f.counters().note());
     }
+    notes.push(
+        s.cfg
+            .self_exec
+            .book
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .note(),
+    );
     notes.extend(v.recent.iter().cloned());
     let shown = match v.starting {
         Some(g) if matches!(v.phase, "starting" | "restarting") => g,
@@ -317,6 +330,8 @@ enum JobKind {
     Start(StartKind),
     Upgrade,
     Stop,
+    /// `baton upgrade --self` (ends only if the exec failed).
+    SelfExec,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -371,7 +386,9 @@ async fn old_exited(old: &Option<GenProc>) {
 }
 
 /// Run the supervisor until it is stopped. Returns how the last generation
-/// ended (exit code, or 128 + signal), if one was running.
+/// ended (exit code, or 128 + signal), if one was running. `resumed`: what
+/// the previous image left (`baton upgrade --self`).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     cfg: RunConfig,
     listeners: ListenerSet,
@@ -380,6 +397,7 @@ pub async fn run(
     mut rx: mpsc::Receiver<Command>,
     mut signals: Signals,
     metrics: Option<tokio::net::TcpListener>,
+    resumed: Option<Resumed>,
 ) -> Option<u8> {
     let mut static_notes = vec![format!("readiness: {}", plan.describe(&listeners))];
     for l in &listeners.items {
@@ -391,18 +409,21 @@ pub async fn run(
         }
     }
     let ready_timeout = cfg.ready_timeout;
+    let drain_timeout = cfg.drain_timeout;
+    let cfg = Arc::new(cfg);
     let statics = Statics {
         name: cfg.name.clone(),
         listeners: listeners.infos(),
         notes: static_notes,
         front: cfg.front.clone(),
+        cfg: Arc::clone(&cfg),
     };
     let shared = Arc::new(Mutex::new(View {
         phase: "starting",
         ..View::default()
     }));
     let mut sup = Some(Sup {
-        cfg: Arc::new(cfg),
+        cfg,
         listeners,
         plan,
         serving: None,
@@ -440,14 +461,27 @@ pub async fn run(
     let mut backoff = RESTART_BACKOFF_INITIAL;
     let mut control_closed = false;
 
-    if let Some(s) = sup.take() {
-        job = Some(start_job(
-            s,
-            StartKind::Initial,
-            UpgradeReq::default(),
-            None,
-            None,
-        ));
+    match resumed {
+        Some(r) => {
+            // `baton upgrade --self`: the serving generation is still our
+            // child; supervise it from here on.
+            if let Some(s) = sup.as_mut() {
+                r.apply(s);
+                let line = s.serving_status_line();
+                s.notify_systemd(&[format!("{line}; baton re-executed in place")]);
+            }
+        }
+        None => {
+            if let Some(s) = sup.take() {
+                job = Some(start_job(
+                    s,
+                    StartKind::Initial,
+                    UpgradeReq::default(),
+                    None,
+                    None,
+                ));
+            }
+        }
     }
 
     loop {
@@ -528,6 +562,9 @@ pub async fn run(
                     Command::Status { reply } => {
                         let in_progress = matches!(job.as_ref().map(|j| j.kind), Some(JobKind::Upgrade));
                         let _ = reply.send(status_report(&view(&shared), &statics, in_progress));
+                    }
+                    Command::Upgrade { opts, reply, .. } if opts.self_exec => {
+                        on_self_exec(&mut sup, &mut job, &stopping, drain_timeout, reply);
                     }
                     Command::Upgrade { opts, events, reply } => {
                         let req = UpgradeReq {
@@ -685,6 +722,9 @@ fn on_upgrade(
                 format!("a generation has been starting for {ms} ms; try again when it serves")
             }
             JobKind::Stop => "baton is stopping".into(),
+            JobKind::SelfExec => {
+                format!("baton upgrade --self has been running for {ms} ms")
+            }
         };
         return answer(reply, failed(FailureKind::InProgress, msg));
     }
@@ -713,6 +753,64 @@ fn on_upgrade(
         *restart_at = None;
         *job = Some(start_job(s, StartKind::Requested, req, Some(events), reply));
     }
+}
+
+/// `baton upgrade --self`: refused while a job runs (like an upgrade),
+/// else a job of its own that ends only if the exec failed.
+fn on_self_exec(
+    sup: &mut Option<Sup>,
+    job: &mut Option<Job>,
+    stopping: &Option<CancellationToken>,
+    drain_timeout: Duration,
+    reply: oneshot::Sender<Result<UpgradeReport, Failure>>,
+) {
+    fn refuse(
+        reply: oneshot::Sender<Result<UpgradeReport, Failure>>,
+        kind: FailureKind,
+        msg: String,
+    ) {
+        tracing::warn!(reason = %msg, "baton upgrade --self not started");
+        let _ = reply.send(Err(failed(kind, msg)));
+    }
+    if stopping.is_some() {
+        return refuse(reply, FailureKind::Refused, "baton is stopping".into());
+    }
+    if let Some(j) = job {
+        let what = match j.kind {
+            JobKind::Upgrade => "an upgrade",
+            JobKind::SelfExec => "baton upgrade --self",
+            JobKind::Stop => "the stop",
+            JobKind::Start(_) => "a generation start",
+        };
+        return refuse(
+            reply,
+            FailureKind::InProgress,
+            format!(
+                "{what} has been running for {} ms; try again when it is done",
+                j.started.elapsed().as_millis()
+            ),
+        );
+    }
+    let Some(mut s) = sup.take() else {
+        return refuse(
+            reply,
+            FailureKind::Internal,
+            "the supervisor state is unavailable".into(),
+        );
+    };
+    tracing::info!("baton upgrade --self requested");
+    view(&s.view).phase = "re-executing";
+    *job = Some(Job {
+        kind: JobKind::SelfExec,
+        fut: Box::pin(async move {
+            let f = self_exec::run(&mut s, drain_timeout).await;
+            (s, Err(f))
+        }),
+        cancel: CancellationToken::new(),
+        hurry: CancellationToken::new(),
+        reply: Some(reply),
+        started: Instant::now(),
+    });
 }
 
 fn upgrade_job(

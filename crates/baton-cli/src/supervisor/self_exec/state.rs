@@ -1,0 +1,275 @@
+//! The state `baton upgrade --self` carries from one image of baton to the
+//! next, in a sealed memfd: versioned, bounded, fds named by number (they
+//! are inherited at those numbers).
+//!
+//! ```text
+//! "BATONSLF" | format: u32 LE | postcard(SelfState)
+//! ```
+//!
+//! A reader that does not know the format (another baton release changed
+//! it) or finds it corrupt must not guess: it returns to the previous image
+//! (see `recv.rs`).
+
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+
+use baton::control::{Counters, LastUpgrade};
+use serde::{Deserialize, Serialize};
+
+/// The environment variable naming the memfd: `FD:LEN`.
+pub const ENV_STATE: &str = "BATON_SELF_STATE";
+/// The environment variable naming an fd of the previous image's
+/// executable, to go back to when the state cannot be read.
+pub const ENV_RETURN: &str = "BATON_SELF_RETURN";
+/// Set by a new image that went back to the previous one: why.
+pub const ENV_RETURNED: &str = "BATON_SELF_RETURNED";
+/// The leading bytes of the memfd.
+pub const MAGIC: [u8; 8] = *b"BATONSLF";
+/// This build's state format. Change it whenever [`SelfState`] changes.
+pub const FORMAT: u32 = 1;
+/// Largest state accepted (idle connections' already-read bytes included).
+pub const MAX_STATE: u64 = 256 * 1024 * 1024;
+
+/// Everything the next image needs to take over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfState {
+    /// `CARGO_PKG_VERSION` of the image that wrote it.
+    pub baton_version: String,
+    /// Images that took over so far (0 for the first start).
+    pub execs: u64,
+    /// `baton upgrade --self` requests that reached the exec.
+    pub attempts: u64,
+    /// How the last one ended, for status.
+    pub last: Option<String>,
+    /// When the first image started (Unix ms).
+    pub first_started_unix_ms: u64,
+    /// baton's executable path, as the first image resolved it (the path
+    /// the next `--self` executes).
+    pub exe_path: Vec<u8>,
+    /// The control socket (listening).
+    pub control: RawFd,
+    /// `--metrics`'s listening socket.
+    pub metrics: Option<RawFd>,
+    /// The listeners the generations get (the private ones with `--front`).
+    pub listeners: Vec<CarriedListener>,
+    /// The slot the steering program sends new connections to.
+    pub serving_slot: u64,
+    /// The next generation's number.
+    pub next_generation: u64,
+    /// The serving generation: still our child.
+    pub serving: CarriedGen,
+    /// The last generation that worked (for rollback restarts).
+    pub last_good: Option<CarriedGood>,
+    /// Status counters.
+    pub counters: Counters,
+    /// The last upgrade, for status.
+    pub last_upgrade: Option<LastUpgrade>,
+    /// Recent events, for status.
+    pub recent: Vec<String>,
+    /// systemd was told READY=1.
+    pub announced_ready: bool,
+    /// `--front`.
+    pub front: Option<CarriedFront>,
+}
+
+/// One listener of the generations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedListener {
+    /// Its name.
+    pub name: String,
+    /// systemd passed it.
+    pub systemd: bool,
+    /// Why it is one shared socket, if it is.
+    pub shared_reason: Option<String>,
+    /// One shared socket or the two of a steering group.
+    pub fds: Vec<RawFd>,
+}
+
+/// The serving generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedGen {
+    /// Generation number.
+    pub generation: u64,
+    /// Its pid.
+    pub pid: u32,
+    /// Its command line.
+    pub argv: Vec<Vec<u8>>,
+    /// How long it has been running.
+    pub uptime_ms: u64,
+    /// Its `BATON_PROBE_PORT`.
+    pub probe_port: Option<u16>,
+    /// The executable it was started from, kept open.
+    pub exe: Option<CarriedExe>,
+}
+
+/// An executable kept open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedExe {
+    /// The open file.
+    pub fd: RawFd,
+    /// The path it was opened at.
+    pub path: Vec<u8>,
+}
+
+/// The last good generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedGood {
+    /// Its command line.
+    pub argv: Vec<Vec<u8>>,
+    /// Its generation number.
+    pub generation: u64,
+    /// Its executable.
+    pub exe: Option<CarriedExe>,
+}
+
+/// `--front`: its listeners, its idle client connections, its counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedFront {
+    /// The upstream epoch.
+    pub epoch: u64,
+    /// The public listening sockets, in listener order.
+    pub public: Vec<RawFd>,
+    /// Idle HTTP/1.1 client connections.
+    pub conns: Vec<CarriedConn>,
+    /// requests, upstream_errors, retries, bad_gateway, connections.
+    pub counters: [u64; 5],
+    /// Connections that could not be carried (closed at the exec).
+    pub closed: u64,
+}
+
+/// One idle client connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedConn {
+    /// The connected socket.
+    pub fd: RawFd,
+    /// Its public listener (index).
+    pub listener: u32,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Bytes of its next request already read (replayed first).
+    pub prefix: Vec<u8>,
+}
+
+/// Why a state cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unreadable {
+    /// Not a baton state at all.
+    Magic,
+    /// Another format (another release of baton wrote it).
+    Format(u32),
+    /// The right format, but it does not decode.
+    Corrupt(String),
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unreadable::Magic => write!(f, "not a baton state (bad magic)"),
+            Unreadable::Format(v) => write!(
+                f,
+                "state format {v}, this baton ({}) reads format {FORMAT}",
+                env!("CARGO_PKG_VERSION")
+            ),
+            Unreadable::Corrupt(e) => write!(f, "corrupt state: {e}"),
+        }
+    }
+}
+
+/// Encode with the envelope.
+///
+/// # Errors
+/// postcard cannot encode it (it always can; still not unwrapped).
+pub fn encode(s: &SelfState) -> Result<Vec<u8>, String> {
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&FORMAT.to_le_bytes());
+    postcard::to_extend(s, out).map_err(|e| format!("encoding the state: {e}"))
+}
+
+/// Decode, checking the envelope first.
+///
+/// # Errors
+/// [`Unreadable`].
+pub fn decode(bytes: &[u8]) -> Result<SelfState, Unreadable> {
+    let Some(rest) = bytes.strip_prefix(&MAGIC) else {
+        return Err(Unreadable::Magic);
+    };
+    let (v, body) = rest.split_at_checked(4).ok_or(Unreadable::Magic)?;
+    let mut b = [0u8; 4];
+    b.copy_from_slice(v);
+    let format = u32::from_le_bytes(b);
+    if format != FORMAT {
+        return Err(Unreadable::Format(format));
+    }
+    postcard::from_bytes(body).map_err(|e| Unreadable::Corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SelfState {
+        SelfState {
+            baton_version: "1.2.3".into(),
+            execs: 2,
+            attempts: 3,
+            last: Some("ok".into()),
+            first_started_unix_ms: 5,
+            exe_path: b"/usr/bin/baton".to_vec(),
+            control: 7,
+            metrics: None,
+            listeners: vec![CarriedListener {
+                name: "http".into(),
+                systemd: false,
+                shared_reason: None,
+                fds: vec![8, 9],
+            }],
+            serving_slot: 1,
+            next_generation: 4,
+            serving: CarriedGen {
+                generation: 3,
+                pid: 42,
+                argv: vec![b"app".to_vec()],
+                uptime_ms: 10,
+                probe_port: None,
+                exe: Some(CarriedExe {
+                    fd: 10,
+                    path: b"/bin/app".to_vec(),
+                }),
+            },
+            last_good: None,
+            counters: Counters::default(),
+            last_upgrade: None,
+            recent: vec![],
+            announced_ready: true,
+            front: Some(CarriedFront {
+                epoch: 2,
+                public: vec![11],
+                conns: vec![CarriedConn {
+                    fd: 12,
+                    listener: 0,
+                    peer: "127.0.0.1:5000".parse().unwrap(),
+                    prefix: b"GET / HT".to_vec(),
+                }],
+                counters: [1, 2, 3, 4, 5],
+                closed: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = sample();
+        assert_eq!(decode(&encode(&s).unwrap()).unwrap(), s);
+    }
+
+    #[test]
+    fn another_format_or_garbage_is_refused_not_guessed() {
+        let mut b = encode(&sample()).unwrap();
+        b[8] = 99;
+        assert_eq!(decode(&b), Err(Unreadable::Format(99)));
+        assert_eq!(decode(b"nope"), Err(Unreadable::Magic));
+        let mut c = encode(&sample()).unwrap();
+        c.truncate(20);
+        assert!(matches!(decode(&c), Err(Unreadable::Corrupt(_))));
+    }
+}

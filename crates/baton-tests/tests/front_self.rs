@@ -1,0 +1,519 @@
+//! Issue 17: `baton upgrade --self`. baton re-executes itself in place
+//! (same pid, the app stays its child), carrying its listeners, the control
+//! socket, its state and, with `--front http`, the clients' idle keep-alive
+//! connections. Each test runs baton from a copy of the binary that it
+//! replaces before `--self`, so the new image is another file (its inode
+//! shows in `baton status`).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baton_tests::apps::{self, strings as s};
+use baton_tests::keepalive::{Client, KINDS, compile_java};
+use baton_tests::load::{Load, Mode};
+use baton_tests::supervisor::{CliOut, RunOpts, Supervised};
+use baton_tests::{TestDir, proc, wait_for};
+
+const T: Duration = Duration::from_secs(30);
+
+fn node_app() -> Vec<String> {
+    vec![
+        apps::node().display().to_string(),
+        apps::apps_dir()
+            .join("node_server.js")
+            .display()
+            .to_string(),
+    ]
+}
+
+/// A copy of the freshly built baton at `dir/bin/baton`.
+fn baton_copy(dir: &TestDir) -> PathBuf {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    let p = dir.join("bin/baton");
+    baton_tests::copy_exe(&apps::baton_bin(), &p);
+    p
+}
+
+/// Put a new copy of baton at `path` (a new file: renamed over the running
+/// one, as a package manager does). Returns its inode.
+fn replace_binary(path: &Path) -> u64 {
+    let tmp = path.with_extension("new");
+    baton_tests::copy_exe(&apps::baton_bin(), &tmp);
+    std::fs::rename(&tmp, path).unwrap();
+    std::fs::metadata(path).unwrap().ino()
+}
+
+/// A field of baton's note about itself in `baton status`.
+fn self_field(sup: &Supervised, field: &str) -> String {
+    let st = sup.status();
+    let note = st
+        .notes
+        .iter()
+        .find_map(|n| n.strip_prefix("baton: "))
+        .unwrap_or_else(|| panic!("no `baton:` note in {:?}", st.notes))
+        .to_owned();
+    if field == "last" {
+        return note.split_once(" last=").map(|x| x.1.to_owned()).unwrap();
+    }
+    note.split(' ')
+        .find_map(|kv| kv.strip_prefix(field)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {field} in {note}"))
+        .to_owned()
+}
+
+/// baton's open fds: number -> what (for messages).
+fn fd_list(pid: u32) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| {
+                let e = e.ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                Some(format!(
+                    "{} -> {}",
+                    e.file_name().to_string_lossy(),
+                    target.display()
+                ))
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The inodes of connected Unix stream sockets (control connections).
+fn unix_connected() -> std::collections::HashSet<String> {
+    let text = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(5) == Some(&"03")).then(|| f.get(6).map(|i| (*i).to_owned()))?
+        })
+        .collect()
+}
+
+/// baton's fds other than connections: established TCP ones (with
+/// `--front`, client and pooled upstream connections come and go with the
+/// load) and connected Unix ones (a `baton` command's control connection
+/// closing).
+fn fds_but_connections(pid: u32) -> usize {
+    let unix = unix_connected();
+    let unix_conns = fd_list(pid)
+        .iter()
+        .filter(|l| {
+            l.split_once("socket:[")
+                .and_then(|(_, r)| r.strip_suffix(']'))
+                .is_some_and(|i| unix.contains(i))
+        })
+        .count();
+    proc::open_fds(pid) - proc::established(pid).len() - unix_conns
+}
+
+/// Wait (bounded) until baton holds `want` fds besides its TCP
+/// connections: a connection that just ended may take a moment to close.
+fn assert_fds_settle(pid: u32, want: usize, what: &str) {
+    let got = baton_tests::wait_for_opt(T, || (fds_but_connections(pid) == want).then_some(()));
+    assert!(
+        got.is_some(),
+        "{what}: baton holds {} fds besides TCP connections, expected {want}: {:#?}",
+        fds_but_connections(pid),
+        fd_list(pid)
+    );
+}
+
+fn self_upgrade(sup: &Supervised) -> CliOut {
+    sup.upgrade(&["--self", "--json", "--timeout", "60s"])
+}
+
+#[test]
+fn self_upgrade_without_front_keeps_the_app_the_listeners_and_the_fds() {
+    let bin_dir = TestDir::new("self-plain-bin");
+    let bin = baton_copy(&bin_dir);
+    let sup = Supervised::start(
+        "self-plain",
+        RunOpts {
+            ready: Some("http://{addr}/health".into()),
+            command: node_app(),
+            bin: Some(bin.clone()),
+            ..RunOpts::default()
+        },
+    );
+    let load = Load::start(
+        sup.addr,
+        Mode::KeepAlive,
+        4,
+        Duration::from_secs(120),
+        200_000,
+    );
+    load.wait_progress(20, T);
+    let before = sup.status();
+    let fds_before = fds_but_connections(sup.pid);
+    assert_eq!(self_field(&sup, "execs"), "0");
+    let mut first: Option<usize> = None;
+    for i in 1..=3u64 {
+        let ino = replace_binary(&bin);
+        let out = self_upgrade(&sup);
+        assert_eq!(out.code, 0, "--self {i}: {out:?}\n{}", sup.log_text());
+        let j = out.json();
+        assert_eq!(j["pid"], sup.pid, "{j}");
+        assert_eq!(j["execs"], i, "{j}");
+        assert_eq!(j["app_pid"], before.pid, "{j}");
+        // The new image is the new file.
+        assert_eq!(self_field(&sup, "exe_ino"), ino.to_string());
+        assert_eq!(self_field(&sup, "last"), "ok");
+        // Repeated --self leaks nothing. The first image may hold more: fds
+        // its parent left open (marked close-on-exec at start, gone at the
+        // first exec) and tokio's handle of a child it spawned itself.
+        match first {
+            None => {
+                let n = fds_but_connections(sup.pid);
+                assert!(
+                    n <= fds_before,
+                    "{n} fds after --self 1, {fds_before} before"
+                );
+                first = Some(n);
+            }
+            Some(n) => assert_fds_settle(sup.pid, n, &format!("after --self {i}")),
+        }
+        load.wait_progress(20, T);
+    }
+    let after = sup.status();
+    assert_eq!(after.answered_by, sup.pid);
+    assert_eq!(
+        (after.generation, after.pid),
+        (before.generation, before.pid)
+    );
+    // The app owns the client connections here: --self does not touch
+    // them. (Stopped before the app upgrade, which without --front closes
+    // idle keep-alive connections: the race the front removes.)
+    let st = load.stop();
+    assert_eq!(
+        (st.failed, st.wrong),
+        (0, 0),
+        "{:?} {:?}",
+        st.failures,
+        st.errors
+    );
+    assert_eq!(
+        st.pids.iter().copied().collect::<Vec<_>>(),
+        vec![before.pid]
+    );
+    // It still supervises: an upgrade of the app works.
+    let v = sup.upgrade_ok();
+    assert_eq!(v.generation, 2);
+    let out = self_upgrade(&sup);
+    assert_eq!(out.code, 0, "--self after the app upgrade: {out:?}");
+    assert_eq!(out.json()["app_pid"], v.pid);
+    sup.status();
+    // An app upgrade in between leaks nothing either.
+    assert_fds_settle(
+        sup.pid,
+        first.unwrap_or_default(),
+        "after an app upgrade and --self",
+    );
+}
+
+#[test]
+fn a_failed_exec_leaves_the_old_image_serving_with_a_clear_error() {
+    let bin_dir = TestDir::new("self-fail-bin");
+    let bin = baton_copy(&bin_dir);
+    let sup = Supervised::start(
+        "self-fail",
+        RunOpts {
+            ready: Some("http://{addr}/health".into()),
+            args: s(&["--front", "http"]),
+            command: node_app(),
+            bin: Some(bin.clone()),
+            ..RunOpts::default()
+        },
+    );
+    sup.status();
+    let fds_before = fds_but_connections(sup.pid);
+    let load = Load::start(
+        sup.addr,
+        Mode::KeepAlive,
+        4,
+        Duration::from_secs(120),
+        200_000,
+    );
+    load.wait_progress(20, T);
+    let before = sup.status();
+    // Executable, but not a program: execve fails (ENOEXEC) after the front
+    // froze.
+    let tmp = bin.with_extension("bad");
+    baton_tests::write_exe(&tmp, b"this is not a program\n");
+    std::fs::rename(&tmp, &bin).unwrap();
+    let out = self_upgrade(&sup);
+    assert_eq!(out.code, 1, "{out:?}");
+    let msg = out.json()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        msg.contains("executing") && msg.contains("keeps running as before"),
+        "{msg}"
+    );
+    assert!(self_field(&sup, "last").starts_with("failed:"));
+    assert_eq!(self_field(&sup, "execs"), "0");
+    // The front thawed: idle connections go on.
+    load.wait_progress(50, T);
+    // Not executable at all: refused before anything is touched.
+    let tmp = bin.with_extension("noexec");
+    std::fs::write(&tmp, b"x").unwrap();
+    std::fs::rename(&tmp, &bin).unwrap();
+    let out = self_upgrade(&sup);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(
+        out.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not an executable file")
+    );
+    let after = sup.status();
+    assert_eq!(after.answered_by, sup.pid);
+    assert_eq!(
+        (after.generation, after.pid),
+        (before.generation, before.pid)
+    );
+    let st = load.stop();
+    // Once the load's connections are gone: the fds of before it.
+    assert_fds_settle(sup.pid, fds_before, "after the failed exec");
+    // A good binary again: it works.
+    replace_binary(&bin);
+    let out = self_upgrade(&sup);
+    assert_eq!(out.code, 0, "{out:?}\n{}", sup.log_text());
+    assert_eq!(
+        (st.failed, st.wrong),
+        (0, 0),
+        "{:?} {:?}",
+        st.failures,
+        st.errors
+    );
+}
+
+#[test]
+fn keepalive_clients_through_the_front_see_no_errors_across_self_upgrades() {
+    let bin_dir = TestDir::new("self-front-bin");
+    let bin = baton_copy(&bin_dir);
+    let sup = Supervised::start(
+        "self-front",
+        RunOpts {
+            ready: Some("http://{addr}/health".into()),
+            args: s(&["--front", "http"]),
+            command: node_app(),
+            bin: Some(bin.clone()),
+            ..RunOpts::default()
+        },
+    );
+    let java_cp = compile_java(&sup.dir.path);
+    // At rest, after a first --self (see the test without the front).
+    assert_eq!(self_upgrade(&sup).code, 0);
+    sup.status();
+    let fds_at_rest = fds_but_connections(sup.pid);
+    let before = sup.status();
+    let url = format!("http://{}/", sup.addr);
+    let clients: Vec<Client> = ["GET", "POST"]
+        .iter()
+        .flat_map(|m| KINDS.map(|k| (k, *m)))
+        .map(|(k, m)| Client::start(k, m, &url, &sup.dir, &java_cp))
+        .collect();
+    let progressed = |base: &[(u64, u64)], n: u64| {
+        clients
+            .iter()
+            .zip(base)
+            .all(|(c, b)| c.progress().0 + c.progress().1 >= b.0 + b.1 + n)
+    };
+    let zero = vec![(0, 0); clients.len()];
+    wait_for(T, "every client to complete requests", || {
+        progressed(&zero, 20).then_some(())
+    });
+    for i in 2..=5u64 {
+        let ino = replace_binary(&bin);
+        let out = self_upgrade(&sup);
+        assert_eq!(out.code, 0, "--self {i}: {out:?}\n{}", sup.log_text());
+        let j = out.json();
+        assert_eq!(j["pid"], sup.pid, "{j}");
+        assert_eq!(j["app_pid"], before.pid, "{j}");
+        assert_eq!(self_field(&sup, "exe_ino"), ino.to_string());
+        let carried: u64 = self_field(&sup, "carried").parse().unwrap();
+        assert!(carried > 0, "--self {i} carried no idle connection");
+        eprintln!("--self {i}: carried {carried} idle client connections");
+        let base: Vec<(u64, u64)> = clients.iter().map(Client::progress).collect();
+        wait_for(T, "every client to go on after --self", || {
+            progressed(&base, 10).then_some(())
+        });
+    }
+    // The new image still supervises: an app upgrade through the front.
+    let v = sup.upgrade_ok();
+    assert_eq!(v.generation, 2);
+    let base: Vec<(u64, u64)> = clients.iter().map(Client::progress).collect();
+    wait_for(T, "every client to go on after the app upgrade", || {
+        progressed(&base, 10).then_some(())
+    });
+    let counts: Vec<_> = clients.into_iter().map(Client::finish).collect();
+    for c in &counts {
+        eprintln!(
+            "self-front: {}: {} ok, {} errors {} {}",
+            c.label, c.ok, c.errors, c.kinds, c.samples
+        );
+    }
+    for c in &counts {
+        assert!(c.ok > 0, "{} completed no request", c.label);
+        assert_eq!(
+            c.errors, 0,
+            "{} failed {} requests: {} {}",
+            c.label, c.errors, c.kinds, c.samples
+        );
+    }
+    assert_eq!(sup.status().answered_by, sup.pid);
+    let out = self_upgrade(&sup);
+    assert_eq!(out.code, 0, "--self at rest: {out:?}");
+    // Once the clients are gone and the front's upstream connections idled
+    // out, baton holds exactly the fds it held before the load.
+    assert_fds_settle(sup.pid, fds_at_rest, "at rest after the load");
+}
+
+#[test]
+fn a_new_baton_that_cannot_read_the_state_goes_back_to_the_old_one() {
+    let bin_dir = TestDir::new("self-back-bin");
+    let bin = baton_copy(&bin_dir);
+    let sup = Supervised::start(
+        "self-back",
+        RunOpts {
+            ready: Some("http://{addr}/health".into()),
+            args: s(&["--front", "http"]),
+            command: node_app(),
+            bin: Some(bin.clone()),
+            ..RunOpts::default()
+        },
+    );
+    let load = Load::start(
+        sup.addr,
+        Mode::KeepAlive,
+        4,
+        Duration::from_secs(120),
+        200_000,
+    );
+    load.wait_progress(20, T);
+    let before = sup.status();
+    // The "new baton": the real one, but the state's length in the
+    // environment is wrong, so it cannot read the state.
+    let script = format!(
+        "#!/bin/sh\nBATON_SELF_STATE=\"${{BATON_SELF_STATE%%:*}}:1\" exec {} \"$@\"\n",
+        apps::baton_bin().display()
+    );
+    let tmp = bin.with_extension("script");
+    baton_tests::write_exe(&tmp, script.as_bytes());
+    std::fs::rename(&tmp, &bin).unwrap();
+    let out = self_upgrade(&sup);
+    assert_eq!(out.code, 1, "{out:?}\n{}", sup.log_text());
+    let msg = out.json()["last"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        msg.starts_with("returned: the new baton could not read the state"),
+        "{msg}"
+    );
+    assert_eq!(self_field(&sup, "execs"), "0");
+    let after = sup.status();
+    assert_eq!(after.answered_by, sup.pid);
+    assert_eq!(
+        (after.generation, after.pid),
+        (before.generation, before.pid)
+    );
+    // The previous image took its idle connections back: the load goes on
+    // without an error.
+    load.wait_progress(50, T);
+    // A good binary again: it works.
+    replace_binary(&bin);
+    let out = self_upgrade(&sup);
+    assert_eq!(out.code, 0, "{out:?}\n{}", sup.log_text());
+    load.wait_progress(20, T);
+    let st = load.stop();
+    assert_eq!(
+        (st.failed, st.wrong),
+        (0, 0),
+        "{:?} {:?}",
+        st.failures,
+        st.errors
+    );
+}
+
+/// A field of the front's line in `baton status`'s notes.
+fn front_count(sup: &Supervised, field: &str) -> u64 {
+    let note = sup
+        .status()
+        .notes
+        .into_iter()
+        .find(|n| n.starts_with("front:"))
+        .expect("a front line in the status notes");
+    note.split_whitespace()
+        .find_map(|w| w.strip_prefix(field)?.strip_prefix('=')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {note}"))
+}
+
+/// One HTTP/1.1 response read from `c` (headers and a Content-Length
+/// body).
+fn read_response(c: &mut std::net::TcpStream) -> String {
+    use std::io::Read as _;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = c.read(&mut byte).expect("reading a response head");
+        assert_eq!(
+            n,
+            1,
+            "connection closed after {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    c.read_exact(&mut body).expect("reading a response body");
+    head + &String::from_utf8_lossy(&body)
+}
+
+#[test]
+fn a_request_in_flight_finishes_before_the_exec_and_its_connection_is_carried() {
+    use std::io::Write as _;
+    let bin_dir = TestDir::new("self-slow-bin");
+    let bin = baton_copy(&bin_dir);
+    let sup = Supervised::start(
+        "self-slow",
+        RunOpts {
+            args: s(&["--front", "http"]),
+            command: node_app(),
+            bin: Some(bin.clone()),
+            ..RunOpts::default()
+        },
+    );
+    let mut c = std::net::TcpStream::connect(sup.addr).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    c.write_all(b"GET /slow/1500 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    wait_for(T, "the slow request to be in flight upstream", || {
+        (front_count(&sup, "upstream_busy") == 1).then_some(())
+    });
+    replace_binary(&bin);
+    let out = self_upgrade(&sup);
+    assert_eq!(out.code, 0, "{out:?}\n{}", sup.log_text());
+    // The exec waited for it: answered in full by the old image.
+    let first = read_response(&mut c);
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert_eq!(self_field(&sup, "carried"), "1");
+    // Same connection, next request: the new image answers it.
+    c.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let second = read_response(&mut c);
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert_eq!(self_field(&sup, "execs"), "1");
+}
