@@ -47,9 +47,22 @@ const FORWARDED: [&str; 4] = [
     "x-forwarded-host",
 ];
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Whether `n` is removed by [`strip_hop_by_hop`].
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    *n == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(&n.as_str())
+}
+
 /// Remove the hop-by-hop headers, those `Connection` names included.
 /// `Transfer-Encoding` goes too: hyper frames the body again itself.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages have none (this runs twice per request): one pass over
+    // the names present, no lookup by name.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -66,39 +79,64 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     h.remove(header::TRANSFER_ENCODING);
 }
 
+/// The forwarding headers' values for one client address, made once per
+/// client connection (not per request).
+#[derive(Debug, Clone)]
+pub struct PeerHeaders {
+    /// `X-Forwarded-For`: the address.
+    xff: Option<HeaderValue>,
+    /// `Forwarded`: `for=<node>;proto=http` (RFC 7239; an IPv6 node quoted
+    /// and bracketed).
+    forwarded: Option<HeaderValue>,
+}
+
+impl PeerHeaders {
+    /// The values for a client at `peer`.
+    pub fn new(peer: SocketAddr) -> PeerHeaders {
+        let ip = peer.ip();
+        let node = match ip {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        // Both are ASCII made from an address.
+        PeerHeaders {
+            xff: HeaderValue::from_str(&ip.to_string()).ok(),
+            forwarded: HeaderValue::from_str(&format!("for={node};proto=http")).ok(),
+        }
+    }
+}
+
+/// `prev, own` (a trusted proxy's list with baton's hop appended), or
+/// `own` alone.
+fn append_hop(prev: Option<&HeaderValue>, own: &HeaderValue) -> HeaderValue {
+    let joined = match (prev.and_then(|v| v.to_str().ok()), own.to_str()) {
+        (Some(prev), Ok(own)) => HeaderValue::from_str(&format!("{prev}, {own}")).ok(),
+        _ => None,
+    };
+    joined.unwrap_or_else(|| own.clone())
+}
+
 /// The request headers baton sends upstream: hop-by-hop ones removed, the
 /// client's forwarding headers removed unless trusted, baton's added.
-pub fn forward_headers(h: &mut HeaderMap, peer: SocketAddr, trust: bool) {
+pub fn forward_headers(h: &mut HeaderMap, peer: &PeerHeaders, trust: bool) {
     strip_hop_by_hop(h);
     // baton read the body and answered `100 Continue` itself.
     h.remove(header::EXPECT);
-    if !trust {
+    if !trust && h.keys().any(|n| FORWARDED.contains(&n.as_str())) {
         for n in FORWARDED {
             h.remove(n);
         }
     }
-    let ip = peer.ip();
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.to_string(),
-    };
-    let node = match ip {
-        std::net::IpAddr::V4(v4) => v4.to_string(),
-        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let fwd = match h.get("forwarded").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, for={node};proto=http"),
-        None => format!("for={node};proto=http"),
-    };
-    // Both are ASCII built from an address and a header that was ASCII.
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+    if let Some(own) = &peer.xff {
+        let v = append_hop(h.get(&X_FORWARDED_FOR).filter(|_| trust), own);
+        h.insert(X_FORWARDED_FOR, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
-        h.insert("forwarded", v);
+    if let Some(own) = &peer.forwarded {
+        let v = append_hop(h.get(header::FORWARDED).filter(|_| trust), own);
+        h.insert(header::FORWARDED, v);
     }
-    if !h.contains_key("x-forwarded-proto") {
-        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if !trust || !h.contains_key(&X_FORWARDED_PROTO) {
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
 }
 
@@ -190,7 +228,7 @@ pub async fn handle(
     let (mut parts, body) = req.into_parts();
     forward_headers(
         &mut parts.headers,
-        client.peer,
+        &client.forwarded,
         front.inner.cfg.trust_forwarded,
     );
     if let Some(proto) = &upgrade {
@@ -324,7 +362,8 @@ mod tests {
         assert!(upgrade_asked(Version::HTTP_11, &h("Upgrade, HTTP2-Settings", "h2c")).is_none());
         // Forwarded with exactly these two hop-by-hop headers back.
         let mut fwd = ws.clone();
-        forward_headers(&mut fwd, "10.0.0.7:5000".parse().unwrap(), false);
+        let peer = PeerHeaders::new("10.0.0.7:5000".parse().unwrap());
+        forward_headers(&mut fwd, &peer, false);
         set_upgrade(&mut fwd, HeaderValue::from_static("websocket"));
         assert_eq!(fwd["connection"], "upgrade");
         assert_eq!(fwd["upgrade"], "websocket");
@@ -332,18 +371,47 @@ mod tests {
 
     #[test]
     fn untrusted_forwarding_headers_are_replaced() {
-        let peer: SocketAddr = "10.0.0.7:5000".parse().unwrap();
+        let peer = PeerHeaders::new("10.0.0.7:5000".parse().unwrap());
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
         h.insert("forwarded", HeaderValue::from_static("for=1.2.3.4"));
-        forward_headers(&mut h, peer, false);
+        forward_headers(&mut h, &peer, false);
         assert_eq!(h["x-forwarded-for"], "10.0.0.7");
         assert_eq!(h["forwarded"], "for=10.0.0.7;proto=http");
         assert_eq!(h["x-forwarded-proto"], "http");
 
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
-        forward_headers(&mut h, peer, true);
+        forward_headers(&mut h, &peer, true);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.7");
+    }
+
+    #[test]
+    fn trusted_forwarding_headers_get_baton_hop_appended_ipv6_quoted() {
+        let peer = PeerHeaders::new("[2001:db8::7]:5000".parse().unwrap());
+        let mut h = HeaderMap::new();
+        h.insert("forwarded", HeaderValue::from_static("for=1.2.3.4"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("example.org"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        forward_headers(&mut h, &peer, true);
+        assert_eq!(h["x-forwarded-for"], "2001:db8::7");
+        assert_eq!(
+            h["forwarded"],
+            "for=1.2.3.4, for=\"[2001:db8::7]\";proto=http"
+        );
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "example.org");
+        assert!(!h.contains_key("te"));
+        // Untrusted: every client value goes, baton's alone are sent.
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("example.org"));
+        h.insert("host", HeaderValue::from_static("a"));
+        forward_headers(&mut h, &peer, false);
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::7]\";proto=http");
+        assert!(!h.contains_key("x-forwarded-host"));
+        assert_eq!(h.len(), 4, "{h:?}");
     }
 }

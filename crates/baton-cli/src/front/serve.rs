@@ -37,8 +37,9 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 pub struct Client {
     /// The public listener's index.
     pub idx: usize,
-    /// The client's address.
-    pub peer: SocketAddr,
+    /// The client's address, as the forwarding headers' values (made once
+    /// per connection).
+    pub forwarded: super::proxy::PeerHeaders,
     /// Its `--front-max-connections` slot (a tunnel holds it too); `None`
     /// for a connection served past the limit.
     pub slot: Option<Arc<OwnedSemaphorePermit>>,
@@ -197,7 +198,7 @@ fn serve_conn(
         let cfg = &front.inner.cfg;
         let client = Arc::new(Client {
             idx,
-            peer,
+            forwarded: super::proxy::PeerHeaders::new(peer),
             slot: permit.map(Arc::new),
             linger: Arc::new(AtomicBool::new(false)),
         });
@@ -218,6 +219,8 @@ fn serve_conn(
             .header_read_timeout(cfg.header_timeout)
             // A head that does not fit in the buffer is answered 431.
             .max_buf_size(cfg.max_header)
+            // One buffer, one `write` per response (see `pool.rs`).
+            .writev(false)
             .keep_alive(!last);
         builder
             .http2()
