@@ -110,12 +110,17 @@ fn preflight_refusals_change_nothing() {
     }
     let stats = load.stop();
     assert_eq!(stats.failed, 0, "{:?}", stats.errors);
-    let st = baton_tests::control_status(&s.control);
+    // The new generation counts the upgrade when its predecessor's last
+    // message (`Done`) arrives, just before that one exits: it may still be
+    // on its way when the upgrade's reply is.
+    let st = wait_for(T, "the new generation to count the upgrade", || {
+        let st = baton_tests::control_status(&s.control);
+        (st.counters.upgrades_succeeded == 1).then_some(st)
+    });
     assert_eq!(
         st.counters.upgrades_refused, 4,
         "counters are carried across generations"
     );
-    assert_eq!(st.counters.upgrades_succeeded, 1);
     // argv[0] of the new generation is the real path, not /proc/self/fd/N.
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", s.pid())).unwrap();
     let argv0 = String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap()).into_owned();
@@ -459,6 +464,12 @@ fn the_old_generation_serves_again_when_its_successor_dies_at_its_last_moment() 
     let g1 = s.version();
     s.usr2();
     let g2 = s.wait_upgraded(g1.pid, g1.generation, T);
+    // A SIGUSR2 while generation 2 still reads its predecessor's last
+    // messages is refused ("still draining"): wait until it has.
+    wait_for(T, "generation 2 to see its predecessor gone", || {
+        let st = baton_tests::control_status(&s.control);
+        (!st.notes.iter().any(|n| n.contains("still draining"))).then_some(())
+    });
     s.usr2();
     let reached = s.dir.join("gate.reached");
     wait_for(T, "the old generation to reach its last step", || {
