@@ -2,7 +2,7 @@
 //! 4.5 without retries, Node's `http.Agent`, Python `requests`), as the
 //! benchmark runs them (`scripts/bench/clients/`): each counts every
 //! request, ok or error, and prints `progress OK ERRORS` lines.
-//! (Same harness as `tests/front.rs`, shared here for `tests/front_self.rs`.)
+//! (Shared by `tests/front.rs` and `tests/front_self.rs`.)
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

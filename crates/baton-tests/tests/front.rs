@@ -10,162 +10,16 @@
 //! stop.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use baton_tests::apps::{self, strings as s};
+use baton_tests::keepalive::{Client, Counts, KINDS, compile_java};
 use baton_tests::supervisor::{RunOpts, Supervised, upgrade_in_thread};
+use baton_tests::wait_for;
 use baton_tests::ws::{ClientReport, Lang, WsClients};
-use baton_tests::{TestDir, spawn_owned, wait_for, wait_owned};
 
 const T: Duration = Duration::from_secs(30);
-/// Workers per client (3 clients × 2 methods run at once on 2 cores).
-const WORKERS: &str = "4";
-/// Longest idle gap between two requests of a worker, ms.
-const MAX_GAP_MS: &str = "40";
-/// The clients' own deadline, s (they are told to stop long before).
-const CLIENT_DEADLINE_S: &str = "240";
-
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Java,
-    Node,
-    Python,
-}
-
-const KINDS: [Kind; 3] = [Kind::Java, Kind::Node, Kind::Python];
-
-fn clients_dir() -> PathBuf {
-    apps::workspace_root().join("scripts/bench/clients")
-}
-
-const JAVA_JARS: [&str; 4] = [
-    "/usr/share/java/httpclient.jar",
-    "/usr/share/java/httpcore.jar",
-    "/usr/share/java/commons-logging.jar",
-    "/usr/share/java/commons-codec.jar",
-];
-
-/// `HttpClientBench.java` compiled into `dir`; returns the class path.
-fn compile_java(dir: &Path) -> String {
-    for j in JAVA_JARS {
-        assert!(
-            Path::new(j).exists(),
-            "{j} is missing: apt-get install libhttpclient-java (the Java keep-alive client)"
-        );
-    }
-    let out = dir.join("java");
-    let cp = format!("{}:{}", out.display(), JAVA_JARS.join(":"));
-    let o = baton_tests::output(
-        Command::new(apps::in_path("javac", "install default-jdk-headless"))
-            .args(["-nowarn", "-cp", &cp, "-d"])
-            .arg(&out)
-            .arg(clients_dir().join("HttpClientBench.java")),
-    )
-    .expect("running javac");
-    assert!(o.status.success(), "javac failed: {o:?}");
-    cp
-}
-
-/// A running keep-alive client.
-struct Client {
-    label: String,
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-/// What a client counted.
-#[derive(Debug)]
-struct Counts {
-    label: String,
-    ok: u64,
-    errors: u64,
-    kinds: serde_json::Value,
-    samples: serde_json::Value,
-}
-
-impl Client {
-    fn start(kind: Kind, method: &str, url: &str, dir: &TestDir, java_cp: &str) -> Client {
-        let mut cmd = match kind {
-            Kind::Java => {
-                let mut c = Command::new("java");
-                c.args([
-                    "-Dorg.apache.commons.logging.Log=org.apache.commons.logging.impl.NoOpLog",
-                    "-cp",
-                    java_cp,
-                    "HttpClientBench",
-                ]);
-                c
-            }
-            Kind::Node => {
-                let mut c = Command::new(apps::node());
-                c.arg(clients_dir().join("node_client.js"));
-                c
-            }
-            Kind::Python => {
-                let mut c = Command::new(apps::venv_tool("python"));
-                c.arg(clients_dir().join("python_client.py"));
-                c
-            }
-        };
-        let label = format!("{kind:?} {method}");
-        let out = dir.join(&format!("client-{kind:?}-{method}.out"));
-        let err = dir.join(&format!("client-{kind:?}-{method}.err"));
-        cmd.args([url, WORKERS, MAX_GAP_MS, CLIENT_DEADLINE_S])
-            .env("CLIENT_METHOD", method)
-            .stdin(Stdio::piped())
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&err).unwrap());
-        let child = spawn_owned(&mut cmd).expect("starting a client");
-        Client {
-            label,
-            child,
-            out,
-            err,
-        }
-    }
-
-    /// The client's last `progress OK ERRORS` line.
-    fn progress(&self) -> (u64, u64) {
-        let text = std::fs::read_to_string(&self.err).unwrap_or_default();
-        text.lines()
-            .rev()
-            .find_map(|l| {
-                let mut w = l.strip_prefix("progress ")?.split_whitespace();
-                Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
-            })
-            .unwrap_or((0, 0))
-    }
-
-    fn finish(mut self) -> Counts {
-        if let Some(mut stdin) = self.child.stdin.take() {
-            let _ = stdin.write_all(b"stop\n");
-        }
-        let st = wait_owned(&mut self.child, T).expect("the client stops within 30 s");
-        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
-        let line = text
-            .lines()
-            .rev()
-            .find(|l| l.starts_with('{'))
-            .unwrap_or_else(|| {
-                panic!(
-                    "{}: no result line ({st}); stderr: {}",
-                    self.label,
-                    std::fs::read_to_string(&self.err).unwrap_or_default()
-                )
-            });
-        let j: serde_json::Value = serde_json::from_str(line).unwrap();
-        Counts {
-            label: self.label,
-            ok: j["ok"].as_u64().unwrap(),
-            errors: j["errors"].as_u64().unwrap(),
-            kinds: j["kinds"].clone(),
-            samples: j["samples"].clone(),
-        }
-    }
-}
 
 fn node_app() -> Vec<String> {
     vec![
