@@ -167,3 +167,54 @@ impl Client {
         }
     }
 }
+
+/// Several clients at once, and the waits the tests make on them.
+pub struct Clients(Vec<Client>);
+
+impl Clients {
+    /// Every kind with each of `methods` against `url`.
+    pub fn start(methods: &[&str], url: &str, dir: &TestDir, java_cp: &str) -> Clients {
+        Clients(
+            methods
+                .iter()
+                .flat_map(|m| KINDS.map(|k| (k, *m)))
+                .map(|(k, m)| Client::start(k, m, url, dir, java_cp))
+                .collect(),
+        )
+    }
+
+    /// Each client's (ok, errors) so far.
+    pub fn progress(&self) -> Vec<(u64, u64)> {
+        self.0.iter().map(Client::progress).collect()
+    }
+
+    /// Wait (bounded) until every client completed `n` requests (ok or
+    /// not) beyond `base`, one entry per client.
+    pub fn wait_beyond(&self, base: &[(u64, u64)], n: u64, what: &str) {
+        crate::wait_for(T, what, || {
+            self.0
+                .iter()
+                .zip(base)
+                .all(|(c, b)| {
+                    let (ok, errors) = c.progress();
+                    ok + errors >= b.0 + b.1 + n
+                })
+                .then_some(())
+        });
+    }
+
+    /// Wait until every client completed `n` requests in all.
+    pub fn wait_total(&self, n: u64, what: &str) {
+        self.wait_beyond(&vec![(0, 0); self.0.len()], n, what);
+    }
+
+    /// Wait until every client completed `n` more requests than now.
+    pub fn wait_more(&self, n: u64, what: &str) {
+        self.wait_beyond(&self.progress(), n, what);
+    }
+
+    /// Stop them all and read what each counted.
+    pub fn finish(self) -> Vec<Counts> {
+        self.0.into_iter().map(Client::finish).collect()
+    }
+}

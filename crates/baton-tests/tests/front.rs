@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use baton_tests::apps::{self, strings as s};
-use baton_tests::keepalive::{Client, Counts, KINDS, compile_java};
+use baton_tests::keepalive::{Clients, Counts, compile_java};
 use baton_tests::supervisor::{RunOpts, Supervised, upgrade_in_thread};
 use baton_tests::wait_for;
 use baton_tests::ws::{ClientReport, Lang, WsClients};
@@ -87,31 +87,15 @@ fn clients_across_ten_upgrades(name: &str, app: Vec<String>, front: bool) -> Vec
     );
     let java_cp = compile_java(&sup.dir.path);
     let url = format!("http://{}/", sup.addr);
-    let clients: Vec<Client> = ["GET", "POST"]
-        .iter()
-        .flat_map(|m| KINDS.map(|k| (k, *m)))
-        .map(|(k, m)| Client::start(k, m, &url, &sup.dir, &java_cp))
-        .collect();
-    let progressed = |base: &[(u64, u64)], n: u64| {
-        clients
-            .iter()
-            .zip(base)
-            .all(|(c, b)| c.progress().0 + c.progress().1 >= b.0 + b.1 + n)
-    };
-    let zero = vec![(0, 0); clients.len()];
-    wait_for(T, "every client to complete requests", || {
-        progressed(&zero, 20).then_some(())
-    });
+    let clients = Clients::start(&["GET", "POST"], &url, &sup.dir, &java_cp);
+    clients.wait_total(20, "every client to complete requests");
     for i in 0..10 {
         let out = sup.upgrade(&["--json"]);
         assert_eq!(out.code, 0, "{name}: upgrade {i} failed: {out:?}");
-        let base: Vec<(u64, u64)> = clients.iter().map(Client::progress).collect();
         // Each client goes on across the new generation before the next one.
-        wait_for(T, "every client to go on after the upgrade", || {
-            progressed(&base, 10).then_some(())
-        });
+        clients.wait_more(10, "every client to go on after the upgrade");
     }
-    let counts: Vec<Counts> = clients.into_iter().map(Client::finish).collect();
+    let counts: Vec<Counts> = clients.finish();
     let front_note = sup
         .status()
         .notes
@@ -327,19 +311,8 @@ fn get_clients_see_no_errors_when_the_generation_is_killed_three_times() {
     let sup = front_node("front-crash", &[]);
     let java_cp = compile_java(&sup.dir.path);
     let url = format!("http://{}/", sup.addr);
-    let clients: Vec<Client> = KINDS
-        .iter()
-        .map(|k| Client::start(*k, "GET", &url, &sup.dir, &java_cp))
-        .collect();
-    let progressed = |base: &[(u64, u64)], n: u64| {
-        clients
-            .iter()
-            .zip(base)
-            .all(|(c, b)| c.progress().0 + c.progress().1 >= b.0 + b.1 + n)
-    };
-    wait_for(T, "every client to complete requests", || {
-        progressed(&[(0, 0); 3], 20).then_some(())
-    });
+    let clients = Clients::start(&["GET"], &url, &sup.dir, &java_cp);
+    clients.wait_total(20, "every client to complete requests");
     for i in 1..=3u64 {
         let st = sup.status();
         baton_tests::proc::signal(st.pid, rustix::process::Signal::KILL);
@@ -347,12 +320,9 @@ fn get_clients_see_no_errors_when_the_generation_is_killed_three_times() {
             let st = sup.try_status()?;
             (st.phase == "serving" && st.counters.restarts == i).then_some(())
         });
-        let base: Vec<(u64, u64)> = clients.iter().map(Client::progress).collect();
-        wait_for(T, "every client to go on after the restart", || {
-            progressed(&base, 10).then_some(())
-        });
+        clients.wait_more(10, "every client to go on after the restart");
     }
-    let counts: Vec<Counts> = clients.into_iter().map(Client::finish).collect();
+    let counts: Vec<Counts> = clients.finish();
     for c in &counts {
         eprintln!(
             "front-crash: {}: {} ok, {} errors {} {}",

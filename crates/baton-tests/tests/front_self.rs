@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use baton_tests::apps::{self, strings as s};
-use baton_tests::keepalive::{Client, KINDS, compile_java};
+use baton_tests::keepalive::{Clients, compile_java};
 use baton_tests::load::{Load, Mode};
 use baton_tests::supervisor::{CliOut, RunOpts, Supervised};
 use baton_tests::{TestDir, proc, wait_for};
@@ -321,21 +321,8 @@ fn keepalive_clients_through_the_front_see_no_errors_across_self_upgrades() {
     let fds_at_rest = fds_but_connections(sup.pid);
     let before = sup.status();
     let url = format!("http://{}/", sup.addr);
-    let clients: Vec<Client> = ["GET", "POST"]
-        .iter()
-        .flat_map(|m| KINDS.map(|k| (k, *m)))
-        .map(|(k, m)| Client::start(k, m, &url, &sup.dir, &java_cp))
-        .collect();
-    let progressed = |base: &[(u64, u64)], n: u64| {
-        clients
-            .iter()
-            .zip(base)
-            .all(|(c, b)| c.progress().0 + c.progress().1 >= b.0 + b.1 + n)
-    };
-    let zero = vec![(0, 0); clients.len()];
-    wait_for(T, "every client to complete requests", || {
-        progressed(&zero, 20).then_some(())
-    });
+    let clients = Clients::start(&["GET", "POST"], &url, &sup.dir, &java_cp);
+    clients.wait_total(20, "every client to complete requests");
     for i in 2..=5u64 {
         let ino = replace_binary(&bin);
         let out = self_upgrade(&sup);
@@ -347,19 +334,13 @@ fn keepalive_clients_through_the_front_see_no_errors_across_self_upgrades() {
         let carried: u64 = self_field(&sup, "carried").parse().unwrap();
         assert!(carried > 0, "--self {i} carried no idle connection");
         eprintln!("--self {i}: carried {carried} idle client connections");
-        let base: Vec<(u64, u64)> = clients.iter().map(Client::progress).collect();
-        wait_for(T, "every client to go on after --self", || {
-            progressed(&base, 10).then_some(())
-        });
+        clients.wait_more(10, "every client to go on after --self");
     }
     // The new image still supervises: an app upgrade through the front.
     let v = sup.upgrade_ok();
     assert_eq!(v.generation, 2);
-    let base: Vec<(u64, u64)> = clients.iter().map(Client::progress).collect();
-    wait_for(T, "every client to go on after the app upgrade", || {
-        progressed(&base, 10).then_some(())
-    });
-    let counts: Vec<_> = clients.into_iter().map(Client::finish).collect();
+    clients.wait_more(10, "every client to go on after the app upgrade");
+    let counts = clients.finish();
     for c in &counts {
         eprintln!(
             "self-front: {}: {} ok, {} errors {} {}",
