@@ -90,7 +90,7 @@ pub(crate) fn parse(blob: &[u8]) -> Result<Parsed<'_>, String> {
         0x13 => Version::Tls13,
         v => return Err(format!("TLS session state: unknown version byte {v:#x}")),
     };
-    let dir = |r: &mut Reader<'_>| -> Result<(Cipher, usize), String> {
+    let dir = |r: &mut Reader<'_>| -> Result<Dir<'_>, String> {
         let cipher = match r.byte()? {
             1 => Cipher::Aes128Gcm,
             2 => Cipher::Aes256Gcm,
@@ -103,22 +103,15 @@ pub(crate) fn parse(blob: &[u8]) -> Result<Parsed<'_>, String> {
                 "TLS session state: a {cipher:?} key of {len} bytes"
             ));
         }
-        Ok((cipher, len))
+        Ok(Dir {
+            cipher,
+            key: r.take(len)?,
+            iv: r.iv()?,
+            seq: r.u64()?,
+        })
     };
-    let (rc, rl) = dir(&mut r)?;
-    let rx = Dir {
-        cipher: rc,
-        key: r.take(rl)?,
-        iv: r.iv()?,
-        seq: r.u64()?,
-    };
-    let (tc, tl) = dir(&mut r)?;
-    let tx = Dir {
-        cipher: tc,
-        key: r.take(tl)?,
-        iv: r.iv()?,
-        seq: r.u64()?,
-    };
+    let rx = dir(&mut r)?;
+    let tx = dir(&mut r)?;
     let plen = usize::from(u16::from_be_bytes([r.byte()?, r.byte()?]));
     let plain = r.take(plen)?;
     if r.at != blob.len() {
