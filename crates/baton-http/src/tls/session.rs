@@ -90,7 +90,7 @@ pub(crate) fn parse(blob: &[u8]) -> Result<Parsed<'_>, String> {
         0x13 => Version::Tls13,
         v => return Err(format!("TLS session state: unknown version byte {v:#x}")),
     };
-    let dir = |r: &mut Reader<'_>| -> Result<Dir<'_>, String> {
+    fn dir<'a>(r: &mut Reader<'a>) -> Result<Dir<'a>, String> {
         let cipher = match r.byte()? {
             1 => Cipher::Aes128Gcm,
             2 => Cipher::Aes256Gcm,
@@ -109,7 +109,7 @@ pub(crate) fn parse(blob: &[u8]) -> Result<Parsed<'_>, String> {
             iv: r.iv()?,
             seq: r.u64()?,
         })
-    };
+    }
     let rx = dir(&mut r)?;
     let tx = dir(&mut r)?;
     let plen = usize::from(u16::from_be_bytes([r.byte()?, r.byte()?]));
