@@ -83,6 +83,43 @@ fn upgrade(s: &Srv) -> UpgradeReport {
     r
 }
 
+/// The end of a handoff with requests in flight: none of `bad` (requests
+/// lost while the upgrade ran), the upgrade succeeded, the old generation
+/// exits, then every client's connection answers from the new generation
+/// on its socket with no new TLS handshake (`handshakes_before`).
+fn finish_handoff(
+    s: &Srv,
+    up: std::thread::JoinHandle<Reply>,
+    old_pid: u32,
+    clients: &mut [Held],
+    mut bad: Vec<String>,
+    handshakes_before: Option<f64>,
+) -> UpgradeReport {
+    assert!(bad.is_empty(), "lost requests:\n{}", bad.join("\n"));
+    let report = match up.join().unwrap() {
+        Reply::Upgraded(r) => r,
+        other => panic!("upgrade failed: {other:?}"),
+    };
+    wait_for(T, "the old generation to exit", || {
+        (!proc::alive(old_pid)).then_some(())
+    });
+    for h in clients.iter_mut() {
+        let now = h.get();
+        bad.extend(check_same_socket(h, &now, report.new_pid as u64));
+    }
+    assert!(
+        bad.is_empty(),
+        "after the handoff, on the same connection:\n{}",
+        bad.join("\n")
+    );
+    assert_eq!(
+        Some(require_metric(s, HANDSHAKES)),
+        handshakes_before,
+        "no new TLS handshake"
+    );
+    report
+}
+
 /// A command only the rustls client has.
 fn rustls_cmd(h: &mut Held, cmd: &str) -> serde_json::Value {
     match &mut h.client {
@@ -248,29 +285,8 @@ fn a_request_pipelined_at_the_handoff_is_answered_and_its_tls_connection_moves()
             }
         }
     }
-    assert!(bad.is_empty(), "lost requests:\n{}", bad.join("\n"));
-    let report = match up.join().unwrap() {
-        Reply::Upgraded(r) => r,
-        other => panic!("upgrade failed: {other:?}"),
-    };
+    let report = finish_handoff(&s, up, old.pid, &mut clients, bad, before);
     assert_eq!(report.new_pid, new.pid);
-    wait_for(T, "the old generation to exit", || {
-        (!proc::alive(old.pid)).then_some(())
-    });
-    for h in &mut clients {
-        let now = h.get();
-        bad.extend(check_same_socket(h, &now, new.pid as u64));
-    }
-    assert!(
-        bad.is_empty(),
-        "after the handoff, on the same connection:\n{}",
-        bad.join("\n")
-    );
-    assert_eq!(
-        Some(require_metric(&s, HANDSHAKES)),
-        before,
-        "no new TLS handshake"
-    );
 }
 
 /// A TLS 1.3 KeyUpdate on a connection the record layer carries (handed
@@ -396,28 +412,7 @@ fn requests_sent_while_tls_connections_are_being_handed_over_are_answered() {
             }
         }
     }
-    assert!(bad.is_empty(), "lost requests:\n{}", bad.join("\n"));
-    let report = match up.join().unwrap() {
-        Reply::Upgraded(r) => r,
-        other => panic!("upgrade failed: {other:?}"),
-    };
-    wait_for(T, "the old generation to exit", || {
-        (!proc::alive(old.pid)).then_some(())
-    });
-    for h in &mut clients {
-        let now = h.get();
-        bad.extend(check_same_socket(h, &now, report.new_pid as u64));
-    }
-    assert!(
-        bad.is_empty(),
-        "after the handoff, on the same connection:\n{}",
-        bad.join("\n")
-    );
-    assert_eq!(
-        Some(require_metric(&s, HANDSHAKES)),
-        before,
-        "no new TLS handshake"
-    );
+    finish_handoff(&s, up, old.pid, &mut clients, bad, before);
 }
 
 /// A TLS 1.2 renegotiation request (`openssl s_client`'s `R`: a new
