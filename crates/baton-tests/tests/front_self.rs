@@ -13,7 +13,7 @@ use baton_tests::apps::{self, strings as s};
 use baton_tests::keepalive::{Clients, compile_java};
 use baton_tests::load::{Load, Mode};
 use baton_tests::supervisor::{CliOut, RunOpts, Supervised};
-use baton_tests::{TestDir, proc, wait_for};
+use baton_tests::{TestDir, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -82,42 +82,60 @@ fn fd_list(pid: u32) -> Vec<String> {
     v
 }
 
-/// The inodes of connected Unix stream sockets (control connections).
-fn unix_connected() -> std::collections::HashSet<String> {
-    let text = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
+/// The inode of a `socket:[INODE]` fd in [`fd_list`]'s form.
+fn socket_inode(fd: &str) -> Option<&str> {
+    fd.split_once("socket:[")?.1.strip_suffix(']')
+}
+
+/// The inodes of connections in the network namespace of `pid`:
+/// established TCP sockets and connected Unix stream sockets.
+fn connection_inodes(pid: u32) -> std::collections::HashSet<String> {
+    let mut out = std::collections::HashSet::new();
+    // /proc/net/unix: Num RefCount Protocol Flags Type St Inode [Path];
+    // St 03 = connected.
+    let unix = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap_or_default();
+    for l in unix.lines().skip(1) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if let (Some(&"03"), Some(ino)) = (f.get(5), f.get(6)) {
+            out.insert((*ino).to_owned());
+        }
+    }
+    // /proc/net/tcp{,6}: sl local remote st ... inode (field 9); st 01 =
+    // ESTABLISHED.
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for l in text.lines().skip(1) {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(5) == Some(&"03")).then(|| f.get(6).map(|i| (*i).to_owned()))?
-        })
-        .collect()
+            if let (Some(&"01"), Some(ino)) = (f.get(3), f.get(9)) {
+                out.insert((*ino).to_owned());
+            }
+        }
+    }
+    out
 }
 
 /// baton's fds other than connections: established TCP ones (with
 /// `--front`, client and pooled upstream connections come and go with the
 /// load) and connected Unix ones (a `baton` command's control connection
-/// closing).
+/// closing, tokio's signal socketpair). One listing of the fds, classified
+/// by the socket tables read after it: a connection that opens meanwhile is
+/// not in the listing, one that closes meanwhile counts once, as a non-
+/// connection, so a count is never low, only high for a moment.
 fn fds_but_connections(pid: u32) -> usize {
-    let unix = unix_connected();
-    let unix_conns = fd_list(pid)
-        .iter()
-        .filter(|l| {
-            l.split_once("socket:[")
-                .and_then(|(_, r)| r.strip_suffix(']'))
-                .is_some_and(|i| unix.contains(i))
-        })
-        .count();
-    proc::open_fds(pid) - proc::established(pid).len() - unix_conns
+    let fds = fd_list(pid);
+    let conns = connection_inodes(pid);
+    fds.iter()
+        .filter(|l| !socket_inode(l).is_some_and(|i| conns.contains(i)))
+        .count()
 }
 
-/// Wait (bounded) until baton holds `want` fds besides its TCP
+/// Wait (bounded) until baton holds at most `want` fds besides its
 /// connections: a connection that just ended may take a moment to close.
 fn assert_fds_settle(pid: u32, want: usize, what: &str) {
-    let got = baton_tests::wait_for_opt(T, || (fds_but_connections(pid) == want).then_some(()));
+    let got = baton_tests::wait_for_opt(T, || (fds_but_connections(pid) <= want).then_some(()));
     assert!(
         got.is_some(),
-        "{what}: baton holds {} fds besides TCP connections, expected {want}: {:#?}",
+        "{what}: baton holds {} fds besides connections, expected at most {want}: {:#?}",
         fds_but_connections(pid),
         fd_list(pid)
     );
@@ -168,7 +186,10 @@ fn self_upgrade_without_front_keeps_the_app_the_listeners_and_the_fds() {
         // first exec) and tokio's handle of a child it spawned itself. The
         // count after the second exec is the baseline (an image started by
         // an exec, as every later one); a leak of one fd per exec shows at
-        // the third and the fourth.
+        // the third or the fourth. (A count can be one high for a moment —
+        // a connection closing as it is read — never low, so the later
+        // ones must settle at or below the baseline: were the baseline one
+        // high, a leak still shows at the fourth.)
         let n = fds_but_connections(sup.pid);
         match (i, &baseline) {
             (1, _) => assert!(
