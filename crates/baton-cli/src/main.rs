@@ -209,6 +209,15 @@ fn init_logging(format: LogFormat, filter: &str) {
 fn runtime() -> Result<tokio::runtime::Runtime, exit::CliError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // SIGHUP, SIGTERM and SIGINT go to the main thread only: `baton
+        // upgrade --self` blocks them there across the exec, and one taken
+        // meanwhile by a blocking-pool thread's handler would be lost with
+        // the old image.
+        .on_thread_start(|| {
+            if let Err(e) = baton_sys::process::block_handled_signals(true) {
+                tracing::warn!(error = %e, "could not block SIGHUP/SIGTERM/SIGINT in a runtime thread");
+            }
+        })
         .build()
         .map_err(|e| exit::CliError::internal(anyhow::anyhow!("starting the runtime: {e}")))
 }

@@ -13,7 +13,7 @@ use baton_tests::apps::{self, strings as s};
 use baton_tests::keepalive::{Clients, compile_java};
 use baton_tests::load::{Load, Mode};
 use baton_tests::supervisor::{CliOut, RunOpts, Supervised};
-use baton_tests::{TestDir, wait_for};
+use baton_tests::{TestDir, proc, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -525,4 +525,82 @@ fn a_request_in_flight_finishes_before_the_exec_and_its_connection_is_carried() 
     let second = read_response(&mut c);
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");
     assert_eq!(self_field(&sup, "execs"), "1");
+}
+
+/// Replace baton's binary at `bin` with a script that, run by `baton
+/// upgrade --self` in baton's pid, writes `reached` and waits on the FIFO
+/// `gate` before it execs the real baton: the exec is held open on
+/// demand. Returns (reached, gate).
+fn hold_the_exec(bin: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    let reached = dir.join("exec.reached");
+    let gate = dir.join("exec.gate");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&gate)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mkfifo {}", gate.display());
+    let script = format!(
+        "#!/bin/sh\n: > '{}'\nread _ < '{}'\nexec '{}' \"$@\"\n",
+        reached.display(),
+        gate.display(),
+        apps::baton_bin().display()
+    );
+    let tmp = bin.with_extension("script");
+    baton_tests::write_exe(&tmp, script.as_bytes());
+    std::fs::rename(&tmp, bin).unwrap();
+    (reached, gate)
+}
+
+/// A SIGHUP (upgrade the app) and a SIGTERM (stop) sent to baton while
+/// its new image is being executed are not lost, and do not kill it: they
+/// wait, blocked, for the new image's handlers.
+#[test]
+fn signals_sent_during_the_exec_reach_the_new_image() {
+    use rustix::process::Signal;
+    let bin_dir = TestDir::new("self-signal-bin");
+    let bin = baton_copy(&bin_dir);
+    let mut sup = Supervised::start(
+        "self-signal",
+        RunOpts {
+            ready: Some("http://{addr}/health".into()),
+            command: node_app(),
+            bin: Some(bin.clone()),
+            ..RunOpts::default()
+        },
+    );
+    let g1 = sup.status();
+    // SIGHUP during the exec: the new image upgrades the app.
+    let (reached, gate) = hold_the_exec(&bin, &bin_dir.path);
+    let cli =
+        baton_tests::supervisor::upgrade_in_thread(&sup, &["--self", "--json", "--timeout", "60s"]);
+    wait_for(T, "the exec to be held", || reached.exists().then_some(()));
+    sup.signal(Signal::HUP);
+    std::fs::write(&gate, "go\n").unwrap();
+    let out = cli.join().unwrap();
+    assert_eq!(out.code, 0, "--self: {out:?}\n{}", sup.log_text());
+    assert_eq!(out.json()["pid"], sup.pid, "{out:?}");
+    let g2 = sup.wait_generation(2, T);
+    assert_ne!(g2.pid, g1.pid);
+    assert_eq!(self_field(&sup, "execs"), "1");
+    // SIGTERM during the exec: the new image stops baton and the app, as
+    // a SIGTERM does.
+    std::fs::remove_file(&reached).unwrap();
+    std::fs::remove_file(&gate).unwrap();
+    let (reached, gate) = hold_the_exec(&bin, &bin_dir.path);
+    let cli =
+        baton_tests::supervisor::upgrade_in_thread(&sup, &["--self", "--json", "--timeout", "60s"]);
+    wait_for(T, "the exec to be held", || reached.exists().then_some(()));
+    sup.signal(Signal::TERM);
+    std::fs::write(&gate, "go\n").unwrap();
+    let exit = sup.wait_exit(T).expect("baton to exit after the SIGTERM");
+    assert_eq!(exit.code(), Some(0), "{exit:?}\n{}", sup.log_text());
+    wait_for(T, "the app to be stopped", || {
+        (!proc::alive(g2.pid)).then_some(())
+    });
+    let out = cli.join().unwrap();
+    assert!(
+        sup.log_text().contains("SIGTERM"),
+        "the log says why baton stopped: {out:?}\n{}",
+        sup.log_text()
+    );
 }
