@@ -174,6 +174,14 @@ class Handler(BaseHTTPRequestHandler):
             while path and not os.path.exists(path) and time.monotonic() < deadline:
                 time.sleep(0.01)
             self.reply(200, f"held until {path} in pid {PID}".encode())
+        elif u.path == "/notify":
+            # /notify?line=STATUS%3D...: send that line to $NOTIFY_SOCKET now
+            line = parse_qs(u.query).get("line", [""])[0]
+            try:
+                sd_notify(line)
+                self.reply(200, f"sent {line}".encode())
+            except OSError as e:
+                self.reply(500, f"sd_notify({line}) failed: {e}".encode())
         elif u.path == "/slow":
             ms = int(parse_qs(u.query).get("ms", ["1000"])[0])
             time.sleep(ms / 1000)

@@ -604,3 +604,48 @@ fn signals_sent_during_the_exec_reach_the_new_image() {
         sup.log_text()
     );
 }
+
+/// The app's `NOTIFY_SOCKET` is carried: its last `STATUS=` line stays in
+/// `baton status`, and a line it sends after the exec reaches the new
+/// image (the socket path it has is still bound, by the same socket).
+#[test]
+fn the_apps_notify_socket_and_status_are_carried() {
+    let bin_dir = TestDir::new("self-notify-bin");
+    let bin = baton_copy(&bin_dir);
+    let sup = Supervised::start(
+        "self-notify",
+        RunOpts {
+            ready: Some("notify".into()),
+            command: apps::pyapp(&["--notify"]),
+            bin: Some(bin.clone()),
+            ..RunOpts::default()
+        },
+    );
+    let app_status = |sup: &Supervised| -> Option<String> {
+        sup.status()
+            .notes
+            .iter()
+            .find_map(|n| Some(n.strip_prefix("app status (STATUS=): ")?.to_owned()))
+    };
+    let before = wait_for(T, "the app's STATUS= line", || app_status(&sup));
+    assert!(before.contains("serving"), "{before}");
+    replace_binary(&bin);
+    let out = self_upgrade(&sup);
+    assert_eq!(out.code, 0, "--self: {out:?}\n{}", sup.log_text());
+    assert_eq!(
+        app_status(&sup).as_deref(),
+        Some(before.as_str()),
+        "the STATUS= line after --self\n{}",
+        sup.log_text()
+    );
+    let r = baton_tests::http::get(sup.addr, "/notify?line=STATUS%3Dafter-self").unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "the app's sd_notify: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    wait_for(T, "the new image to read the app's STATUS=", || {
+        (app_status(&sup).as_deref() == Some("after-self")).then_some(())
+    });
+}

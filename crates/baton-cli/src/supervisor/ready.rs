@@ -24,7 +24,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -661,6 +661,9 @@ pub struct NotifySocket {
     ready_tx: Option<watch::Sender<bool>>,
     /// The last `STATUS=` line.
     pub status: Arc<Mutex<Option<String>>>,
+    /// The socket, once [`NotifySocket::start`] reads it (also held by its
+    /// task): what `baton upgrade --self` carries.
+    live: Option<Arc<tokio::net::UnixDatagram>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -689,8 +692,60 @@ impl NotifySocket {
             ready: rx,
             ready_tx: Some(tx),
             status: Arc::new(Mutex::new(None)),
+            live: None,
             task: None,
         })
+    }
+
+    /// What `baton upgrade --self` carries of a started socket: the
+    /// socket, the value of `NOTIFY_SOCKET`, its path (if not abstract)
+    /// and the last `STATUS=` line.
+    pub fn carried(
+        &self,
+    ) -> Option<(
+        BorrowedFd<'_>,
+        &std::ffi::OsStr,
+        Option<&Path>,
+        Option<String>,
+    )> {
+        let sock = self.live.as_ref()?;
+        let status = self
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Some((sock.as_fd(), &self.env_value, self.path.as_deref(), status))
+    }
+
+    /// The socket a previous image of baton carried (`baton upgrade
+    /// --self`) for generation `generation` (main process `pid`), which
+    /// was ready: read again from now on.
+    ///
+    /// # Errors
+    /// The socket cannot be registered with the runtime.
+    pub fn adopt(
+        fd: std::os::fd::OwnedFd,
+        env_value: std::ffi::OsString,
+        path: Option<PathBuf>,
+        status: Option<String>,
+        generation: u64,
+        pid: u32,
+    ) -> std::io::Result<NotifySocket> {
+        let sock = std::os::unix::net::UnixDatagram::from(fd);
+        sock.set_nonblocking(true)?;
+        let (tx, rx) = watch::channel(true);
+        let mut ns = NotifySocket {
+            env_value,
+            path,
+            sock: Some(sock),
+            ready: rx,
+            ready_tx: Some(tx),
+            status: Arc::new(Mutex::new(status)),
+            live: None,
+            task: None,
+        };
+        ns.start(generation, pid)?;
+        Ok(ns)
     }
 
     /// Start reading notifications from the generation whose main process
@@ -699,7 +754,8 @@ impl NotifySocket {
         let (Some(sock), Some(tx)) = (self.sock.take(), self.ready_tx.take()) else {
             return Ok(());
         };
-        let sock = tokio::net::UnixDatagram::from_std(sock)?;
+        let sock = Arc::new(tokio::net::UnixDatagram::from_std(sock)?);
+        self.live = Some(Arc::clone(&sock));
         let status = Arc::clone(&self.status);
         self.task = Some(tokio::spawn(async move {
             let ours = baton_sys::process::euid();

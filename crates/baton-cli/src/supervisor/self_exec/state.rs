@@ -3,12 +3,20 @@
 //! are inherited at those numbers).
 //!
 //! ```text
-//! "BATONSLF" | format: u32 LE | postcard(SelfState)
+//! "BATONSLF" | format: u32 LE | postcard(SelfState) [| postcard(Vec<Extension>)]
 //! ```
 //!
 //! A reader that does not know the format (another baton release changed
 //! it) or finds it corrupt must not guess: it returns to the previous image
 //! (see `recv.rs`).
+//!
+//! What was added after format 1 travels as tagged [`Extension`]s after the
+//! `SelfState`, so that releases on either side of the addition still read
+//! each other's state (the case of `--self` to a newer baton, and back): a
+//! format-1 reader stops after the `SelfState` (postcard ignores what
+//! follows), a reader skips the tags it does not know — unless one is
+//! *critical* (the state would be misread without it): then the state is
+//! unreadable and the previous image takes over again.
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -70,6 +78,76 @@ pub struct SelfState {
     pub announced_ready: bool,
     /// `--front`.
     pub front: Option<CarriedFront>,
+    /// What travels as [`Extension`]s (not in the format-1 body).
+    #[serde(skip)]
+    pub ext: Extensions,
+}
+
+/// One tagged addition to the format-1 state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extension {
+    /// What it is.
+    pub tag: String,
+    /// A reader that does not know `tag` must not use the state.
+    pub critical: bool,
+    /// postcard of the tag's type.
+    pub bytes: Vec<u8>,
+}
+
+/// The extensions this build knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extensions {
+    /// `notify`: the serving generation's `NOTIFY_SOCKET`.
+    pub serving_notify: Option<CarriedNotify>,
+}
+
+/// The tag of [`Extensions::serving_notify`].
+const TAG_NOTIFY: &str = "notify";
+
+impl Extensions {
+    fn to_list(&self) -> Result<Vec<Extension>, String> {
+        let mut out = Vec::new();
+        if let Some(n) = &self.serving_notify {
+            out.push(Extension {
+                tag: TAG_NOTIFY.into(),
+                critical: false,
+                bytes: postcard::to_allocvec(n)
+                    .map_err(|e| format!("encoding {TAG_NOTIFY}: {e}"))?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn from_list(list: Vec<Extension>) -> Result<Extensions, Unreadable> {
+        let mut ext = Extensions::default();
+        for e in list {
+            match e.tag.as_str() {
+                TAG_NOTIFY => {
+                    ext.serving_notify = Some(postcard::from_bytes(&e.bytes).map_err(|err| {
+                        Unreadable::Corrupt(format!("extension {TAG_NOTIFY}: {err}"))
+                    })?);
+                }
+                _ if e.critical => return Err(Unreadable::Extension(e.tag)),
+                _ => {
+                    tracing::info!(tag = %e.tag, "baton upgrade --self: the previous image carried something this baton does not know; skipped")
+                }
+            }
+        }
+        Ok(ext)
+    }
+}
+
+/// A generation's `NOTIFY_SOCKET` (its app was ready).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedNotify {
+    /// The bound datagram socket.
+    pub fd: RawFd,
+    /// The value of `NOTIFY_SOCKET` the app has.
+    pub env_value: Vec<u8>,
+    /// The socket's path (removed when the generation is), if not abstract.
+    pub path: Option<Vec<u8>>,
+    /// The app's last `STATUS=` line.
+    pub status: Option<String>,
 }
 
 /// One listener of the generations.
@@ -159,6 +237,8 @@ pub enum Unreadable {
     Format(u32),
     /// The right format, but it does not decode.
     Corrupt(String),
+    /// A critical extension this baton does not know.
+    Extension(String),
 }
 
 impl std::fmt::Display for Unreadable {
@@ -171,6 +251,11 @@ impl std::fmt::Display for Unreadable {
                 env!("CARGO_PKG_VERSION")
             ),
             Unreadable::Corrupt(e) => write!(f, "corrupt state: {e}"),
+            Unreadable::Extension(t) => write!(
+                f,
+                "the state has a part `{t}` that this baton ({}) does not know and cannot do without",
+                env!("CARGO_PKG_VERSION")
+            ),
         }
     }
 }
@@ -182,7 +267,12 @@ impl std::fmt::Display for Unreadable {
 pub fn encode(s: &SelfState) -> Result<Vec<u8>, String> {
     let mut out = MAGIC.to_vec();
     out.extend_from_slice(&FORMAT.to_le_bytes());
-    postcard::to_extend(s, out).map_err(|e| format!("encoding the state: {e}"))
+    let out = postcard::to_extend(s, out).map_err(|e| format!("encoding the state: {e}"))?;
+    let ext = s.ext.to_list()?;
+    if ext.is_empty() {
+        return Ok(out);
+    }
+    postcard::to_extend(&ext, out).map_err(|e| format!("encoding the state: {e}"))
 }
 
 /// Decode, checking the envelope first.
@@ -200,7 +290,14 @@ pub fn decode(bytes: &[u8]) -> Result<SelfState, Unreadable> {
     if format != FORMAT {
         return Err(Unreadable::Format(format));
     }
-    postcard::from_bytes(body).map_err(|e| Unreadable::Corrupt(e.to_string()))
+    let (mut state, rest): (SelfState, _) =
+        postcard::take_from_bytes(body).map_err(|e| Unreadable::Corrupt(e.to_string()))?;
+    if !rest.is_empty() {
+        let list: Vec<Extension> = postcard::from_bytes(rest)
+            .map_err(|e| Unreadable::Corrupt(format!("extensions: {e}")))?;
+        state.ext = Extensions::from_list(list)?;
+    }
+    Ok(state)
 }
 
 #[cfg(test)]
@@ -253,6 +350,14 @@ mod tests {
                 counters: [1, 2, 3, 4, 5],
                 closed: 0,
             }),
+            ext: Extensions {
+                serving_notify: Some(CarriedNotify {
+                    fd: 13,
+                    env_value: b"/run/baton/app.notify.3".to_vec(),
+                    path: Some(b"/run/baton/app.notify.3".to_vec()),
+                    status: Some("serving".into()),
+                }),
+            },
         }
     }
 
@@ -271,5 +376,49 @@ mod tests {
         let mut c = encode(&sample()).unwrap();
         c.truncate(20);
         assert!(matches!(decode(&c), Err(Unreadable::Corrupt(_))));
+    }
+
+    /// A state written before the extensions (or by a build that has none
+    /// to write) reads as it did; a reader of that time (postcard of the
+    /// `SelfState` alone, what format 1's decode did) reads a state with
+    /// extensions, without them.
+    #[test]
+    fn extensions_are_read_by_neither_side_of_their_addition_wrongly() {
+        let mut old = sample();
+        old.ext = Extensions::default();
+        let bytes = encode(&old).unwrap();
+        assert_eq!(decode(&bytes).unwrap(), old);
+        let new = encode(&sample()).unwrap();
+        assert!(new.len() > bytes.len(), "the extension is written");
+        let as_old: SelfState = postcard::from_bytes(&new[12..]).unwrap();
+        assert_eq!(as_old, old);
+    }
+
+    fn with_extra(critical: bool) -> Vec<u8> {
+        let mut s = sample();
+        s.ext = Extensions::default();
+        let mut b = encode(&s).unwrap();
+        let list = vec![Extension {
+            tag: "from-a-later-baton".into(),
+            critical,
+            bytes: vec![1, 2, 3],
+        }];
+        b.extend(postcard::to_allocvec(&list).unwrap());
+        b
+    }
+
+    #[test]
+    fn an_unknown_extension_is_skipped_unless_critical() {
+        let mut s = sample();
+        s.ext = Extensions::default();
+        assert_eq!(decode(&with_extra(false)).unwrap(), s);
+        assert_eq!(
+            decode(&with_extra(true)),
+            Err(Unreadable::Extension("from-a-later-baton".into()))
+        );
+        // A list of 5 extensions that ends there.
+        let mut bad = encode(&s).unwrap();
+        bad.push(5);
+        assert!(matches!(decode(&bad), Err(Unreadable::Corrupt(_))));
     }
 }

@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,8 +13,10 @@ use baton_sys as sys;
 
 use super::{LastGood, Sup, failed, view};
 use crate::supervisor::child::{GenProc, KeptExe};
+use crate::supervisor::ready::NotifySocket;
 use crate::supervisor::self_exec::state::{
-    CarriedConn, CarriedExe, CarriedFront, CarriedGen, CarriedGood, CarriedListener, SelfState,
+    CarriedConn, CarriedExe, CarriedFront, CarriedGen, CarriedGood, CarriedListener, CarriedNotify,
+    Extensions, SelfState,
 };
 use crate::supervisor::self_exec::{self, recv, send};
 
@@ -138,6 +141,22 @@ pub(super) async fn run(sup: &mut Sup, drain_timeout: Duration) -> Failure {
         probe_port: serving.probe_port,
         exe: exe_out(&serving.exe, &mut fds),
     };
+    // The app's NOTIFY_SOCKET: its later STATUS= (and other) lines still
+    // reach baton.
+    let serving_notify =
+        serving
+            .notify
+            .as_ref()
+            .and_then(|n| n.carried())
+            .map(|(fd, env_value, path, status)| {
+                fds.push(fd);
+                CarriedNotify {
+                    fd: sys::fd::raw(&fd),
+                    env_value: env_value.as_bytes().to_vec(),
+                    path: path.map(|p| p.as_os_str().as_bytes().to_vec()),
+                    status,
+                }
+            });
     let last_good = sup.last_good.as_ref().map(|lg| CarriedGood {
         argv: argv_out(&lg.argv),
         generation: lg.generation,
@@ -189,6 +208,7 @@ pub(super) async fn run(sup: &mut Sup, drain_timeout: Duration) -> Failure {
             recent: v.recent.clone(),
             announced_ready: sup.announced_ready,
             front: front_state,
+            ext: Extensions { serving_notify },
         }
     };
     tracing::info!(
@@ -244,6 +264,29 @@ pub fn resume(st: &mut SelfState) -> Result<Resumed, String> {
         g.probe_port,
     )
     .map_err(|e| format!("adopting generation {} (pid {}): {e}", g.generation, g.pid))?;
+    let mut serving = serving;
+    if let Some(n) = st.ext.serving_notify.take() {
+        // Without it the app's later notifications are lost, nothing
+        // else: not a reason to give up the state.
+        let adopted = recv::fd(n.fd).and_then(|fd| {
+            NotifySocket::adopt(
+                fd,
+                OsString::from_vec(n.env_value),
+                n.path.map(|p| PathBuf::from(OsString::from_vec(p))),
+                n.status,
+                serving.generation,
+                serving.pid,
+            )
+            .map_err(|e| format!("notify socket: {e}"))
+        });
+        match adopted {
+            Ok(ns) => serving.notify = Some(ns),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "baton upgrade --self: the app's NOTIFY_SOCKET could not be adopted; its notifications are no longer read"
+            ),
+        }
+    }
     let last_good = st.last_good.take().map(|lg| LastGood {
         argv: argv_in(lg.argv),
         // Usually the serving generation's very file (one fd, one Arc).
