@@ -116,6 +116,13 @@ fn clients_across_ten_upgrades(name: &str, app: Vec<String>, front: bool) -> Vec
     for c in &counts {
         assert!(c.ok > 0, "{name}: {} completed no request", c.label);
     }
+    // The warning for shared sockets concerns the generations' listeners
+    // only: baton serves --front's public ones itself.
+    let log = sup.log_text();
+    assert!(
+        !front || !log.contains("no steering for this listener"),
+        "{name}: a --front start warns of unsteered sockets:\n{log}"
+    );
     counts
 }
 

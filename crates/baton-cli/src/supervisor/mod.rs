@@ -169,7 +169,10 @@ fn open_listeners(
     )
     .map_err(|e| CliError::new(exit::FAILED, anyhow::anyhow!("{e}")))?;
     match args.front {
-        None => Ok((listeners, None)),
+        None => {
+            listeners.log_steering();
+            Ok((listeners, None))
+        }
         Some(FrontMode::Http) => {
             let (private, front) = start_front(args, &listeners)
                 .map_err(|e| CliError::new(exit::FAILED, e.context("starting --front http")))?;

@@ -366,6 +366,15 @@ impl ListenerSet {
             if l.origin == Origin::Systemd {
                 setup_inherited_steering(l, no_steer);
             }
+        }
+        Ok(ListenerSet { items })
+    }
+
+    /// Log how each listener is shared between generations (for the
+    /// listeners the generations get: not `--front`'s public ones, which
+    /// baton serves itself, nor delegate mode's, which the server hands on).
+    pub fn log_steering(&self) {
+        for l in &self.items {
             match &l.shared_reason {
                 None => {
                     tracing::info!(listener = %l.name, addr = %l.addr, "listener ready; new connections will be steered between generations")
@@ -374,7 +383,6 @@ impl ListenerSet {
                     "no steering for this listener: generations share one socket, and the old one is stopped as soon as the new one is ready"),
             }
         }
-        Ok(ListenerSet { items })
     }
 
     /// `baton run --front`: one private steering pair on a free
