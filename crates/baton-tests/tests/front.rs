@@ -212,6 +212,14 @@ const TEN_MIB: usize = 10 << 20;
 fn ten_mib_request_and_response_bodies_stream_through_unchanged() {
     let metrics = format!("127.0.0.1:{}", baton_tests::free_port());
     let sup = front_node("front-bodies", &["--metrics", &metrics]);
+    // Status names the address the clients use, then the generations'
+    // private socket.
+    let ls = sup.status().listeners;
+    assert_eq!(ls.len(), 2, "{ls:?}");
+    assert_eq!(ls[0].addr, sup.addr.to_string(), "{ls:?}");
+    assert!(ls[0].origin.starts_with("public"), "{ls:?}");
+    assert_ne!(ls[1].addr, sup.addr.to_string(), "{ls:?}");
+    assert!(ls[1].origin.contains("private"), "{ls:?}");
     // The request body: not a repeated pattern, so a lost or moved chunk
     // shows.
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;

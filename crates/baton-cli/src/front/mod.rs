@@ -403,6 +403,21 @@ impl Front {
             .collect()
     }
 
+    /// The addresses of the public listeners, in listener order (for
+    /// status).
+    pub fn public_addrs(&self) -> Vec<String> {
+        self.inner
+            .public
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|fd| {
+                baton_sys::socket::tcp_local_addr(std::os::fd::AsFd::as_fd(fd))
+                    .map_or_else(|e| format!("? ({e})"), |a| a.to_string())
+            })
+            .collect()
+    }
+
     /// The upstream epoch and the counters (to carry across `--self`).
     pub fn carried_numbers(&self) -> (u64, [u64; 5]) {
         let c = self.counters();

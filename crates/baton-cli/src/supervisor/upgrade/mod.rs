@@ -205,6 +205,35 @@ struct Statics {
     cfg: Arc<RunConfig>,
 }
 
+/// The listeners for status: with `--front`, each public address (which
+/// the clients use) before the generations' private socket of that name.
+fn listener_infos(
+    listeners: &ListenerSet,
+    front: Option<&crate::front::Front>,
+) -> Vec<baton::ListenerInfo> {
+    let infos = listeners.infos();
+    let Some(front) = front else {
+        return infos;
+    };
+    let public = front.public_addrs();
+    let mut out = Vec::with_capacity(infos.len() * 2);
+    for (i, mut private) in infos.into_iter().enumerate() {
+        if let Some(addr) = public.get(i) {
+            out.push(baton::ListenerInfo {
+                name: private.name.clone(),
+                addr: addr.clone(),
+                origin: "public: baton's front serves the clients here (--front http)".into(),
+            });
+        }
+        private.origin = format!(
+            "the generations' private socket (--front http); {}",
+            private.origin
+        );
+        out.push(private);
+    }
+    out
+}
+
 fn status_report(v: &View, s: &Statics, in_progress: bool) -> StatusReport {
     let mut notes = Vec::new();
     if let Some(d) = &v.down_reason {
@@ -413,7 +442,7 @@ pub async fn run(
     let cfg = Arc::new(cfg);
     let statics = Statics {
         name: cfg.name.clone(),
-        listeners: listeners.infos(),
+        listeners: listener_infos(&listeners, cfg.front.as_ref()),
         notes: static_notes,
         front: cfg.front.clone(),
         cfg: Arc::clone(&cfg),
