@@ -34,7 +34,8 @@
 //! * the raw `fcntl` calls of [`fd::cloexec_inherited`];
 //! * replacing this process's image in place ([`process::exec_in_place`],
 //!   `baton upgrade --self`), with the handled signals blocked across it
-//!   ([`process::block_handled_signals`]).
+//!   ([`process::block_handled_signals`]);
+//! * `malloc_trim` ([`process::release_free_heap`]).
 //!
 //! Every fd this crate creates is `CLOEXEC`; functions return [`OwnedFd`]
 //! and take [`BorrowedFd`].

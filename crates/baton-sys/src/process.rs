@@ -469,6 +469,22 @@ pub fn block_handled_signals(block: bool) -> io::Result<()> {
     }
 }
 
+/// Give the kernel back the heap memory the allocator holds free (glibc's
+/// `malloc_trim(0)`: the top of the heap and whole free pages inside it).
+/// Returns whether any was released. A no-op outside glibc.
+pub fn release_free_heap() -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: `malloc_trim` takes a size and touches only the
+        // allocator's own state, under the allocator's locks.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::ffi::OsString;

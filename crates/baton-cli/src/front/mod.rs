@@ -51,6 +51,7 @@ mod limits;
 mod pool;
 mod proxy;
 mod serve;
+mod trim;
 mod tunnel;
 
 use std::net::SocketAddr;
@@ -380,6 +381,7 @@ impl Front {
                 "front: carried connections of a listener that no longer exists closed"
             );
         }
+        trim::spawn(front.clone());
         Ok(front)
     }
 

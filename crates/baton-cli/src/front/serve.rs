@@ -71,6 +71,12 @@ impl Live {
         self.n.load(Ordering::Acquire)
     }
 
+    /// A future that completes when a client connection closes after it
+    /// was created (enable it before checking [`Live::count`]).
+    pub fn closing(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
     /// Wait until none is open, or `deadline`.
     async fn wait_zero(&self, deadline: tokio::time::Instant) -> bool {
         loop {
