@@ -907,3 +907,53 @@ fn on_sigterm_open_websockets_get_the_apps_close_and_baton_exits_0() {
     let st = sup.wait_exit(T).expect("baton exits");
     assert_eq!(st.code(), Some(0), "{st:?}");
 }
+
+/// After a load, the front gives back what it allocated for it: its idle
+/// upstream connections close at `--front-upstream-idle` without waiting
+/// for a request, and the freed heap goes back to the kernel once no
+/// client connection is left. The supervisor does not stay at its peak.
+#[test]
+fn the_front_gives_its_memory_back_after_a_load() {
+    use baton_tests::load::{Load, Mode};
+    use baton_tests::proc;
+    let sup = Supervised::start(
+        "front-memory",
+        RunOpts {
+            ready: Some("http://{addr}/health".into()),
+            args: s(&["--front", "http", "--front-upstream-idle", "500ms"]),
+            command: go_app(),
+            env: vec![("BATON_LOG".into(), "info,baton::front=debug".into())],
+            ..RunOpts::default()
+        },
+    );
+    let anon = || proc::rss_anon_kib(sup.pid).expect("RssAnon of baton");
+    let idle = anon();
+    let load = Load::start(
+        sup.addr,
+        Mode::KeepAlive,
+        128,
+        Duration::from_secs(60),
+        50_000,
+    );
+    load.wait_progress(5_000, T);
+    let peak = anon();
+    let st = load.stop();
+    assert_eq!((st.failed, st.wrong), (0, 0), "{:?}", st.errors);
+    assert!(
+        peak >= idle + 4096,
+        "128 keep-alive clients did not raise baton's anonymous memory: {idle} KiB idle, {peak} KiB under load"
+    );
+    let target = idle + (peak - idle) / 4;
+    let settled = baton_tests::wait_for_opt(T, || {
+        let now = anon();
+        (now <= target).then_some(now)
+    });
+    eprintln!("RssAnon: {idle} KiB idle, {peak} KiB under load, {settled:?} KiB after");
+    assert!(
+        settled.is_some(),
+        "baton's anonymous memory stays at {} KiB after the load ({idle} KiB idle, {peak} KiB under \
+         load, expected at most {target} KiB)\n{}",
+        anon(),
+        sup.log_text()
+    );
+}

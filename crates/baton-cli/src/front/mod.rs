@@ -381,7 +381,10 @@ impl Front {
                 "front: carried connections of a listener that no longer exists closed"
             );
         }
-        trim::spawn(front.clone());
+        for p in &front.inner.pools {
+            p.spawn_sweeper();
+        }
+        trim::spawn(front.clone(), front.inner.cfg.upstream_idle);
         Ok(front)
     }
 

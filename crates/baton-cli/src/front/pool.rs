@@ -17,6 +17,9 @@ use tokio::sync::Notify;
 /// or an empty one when an idempotent request without a body is sent again.
 pub type UpBody = http_body_util::Either<super::limits::Capped, http_body_util::Empty<Bytes>>;
 
+/// The shortest time between two sweeps of the expired idle connections.
+const SWEEP_MIN: Duration = Duration::from_millis(100);
+
 /// The pool of one listener (cheap to clone).
 #[derive(Clone)]
 pub struct Pool {
@@ -179,6 +182,45 @@ impl Pool {
         Ok(sender)
     }
 
+    /// Close the idle connections past the idle limit; returns when the
+    /// next one expires (`None`: none is idle).
+    fn sweep(&self) -> Option<Instant> {
+        let mut st = self.state();
+        let limit = self.inner.idle_limit;
+        let now = Instant::now();
+        while st
+            .idle
+            .front()
+            .is_some_and(|c| now.saturating_duration_since(c.since) >= limit)
+        {
+            st.idle.pop_front();
+        }
+        st.idle.front().map(|c| c.since + limit)
+    }
+
+    /// Start the task that closes idle connections as they pass the idle
+    /// limit, so that after a burst baton does not hold them (and the app
+    /// its side of them) until the next request: without it, an expired
+    /// connection goes only when a checkout passes it. It sleeps while no
+    /// connection is idle, and wakes at most every [`SWEEP_MIN`].
+    pub fn spawn_sweeper(&self) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let changed = pool.inner.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                match pool.sweep() {
+                    Some(next) => {
+                        let at = next.max(Instant::now() + SWEEP_MIN);
+                        tokio::time::sleep_until(at.into()).await;
+                    }
+                    None => changed.await,
+                }
+            }
+        });
+    }
+
     /// Later requests use connections of `epoch` or later only; idle
     /// connections of earlier epochs are closed now.
     pub fn retire_before(&self, epoch: u64) {
@@ -271,18 +313,32 @@ mod tests {
     /// A loopback HTTP/1.1 server answering `200 ok` to every request head;
     /// counts the connections it accepted. Ends with the test's runtime.
     async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let (addr, accepted, _) = server_seeing_closes().await;
+        (addr, accepted)
+    }
+
+    /// [`server`], also counting the connections the client closed.
+    async fn server_seeing_closes() -> (
+        SocketAddr,
+        Arc<AtomicUsize>,
+        tokio::sync::watch::Receiver<usize>,
+    ) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let n = Arc::clone(&accepted);
+        let (closed_tx, closed) = tokio::sync::watch::channel(0usize);
+        let closed_tx = Arc::new(closed_tx);
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
                 n.fetch_add(1, Ordering::SeqCst);
+                let closed_tx = Arc::clone(&closed_tx);
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 1024];
                     while let Ok(k) = s.read(&mut chunk).await {
                         if k == 0 {
+                            closed_tx.send_modify(|c| *c += 1);
                             return;
                         }
                         buf.extend_from_slice(&chunk[..k]);
@@ -297,7 +353,7 @@ mod tests {
                 });
             }
         });
-        (addr, accepted)
+        (addr, accepted, closed)
     }
 
     /// One GET on a connection of `epoch`; returns whether it was reused.
@@ -363,5 +419,21 @@ mod tests {
             pool.state().idle.len() <= 1,
             "expired connections are dropped"
         );
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_once_past_the_idle_limit_without_a_request() {
+        let (addr, accepted, mut closed) = server_seeing_closes().await;
+        let pool = Pool::new(addr, Duration::from_millis(200));
+        pool.spawn_sweeper();
+        assert!(!get(&pool, 0).await);
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            closed.wait_for(|c| *c == accepted.load(Ordering::SeqCst)),
+        )
+        .await
+        .expect("the idle connection is closed by the sweeper")
+        .unwrap();
+        assert!(pool.state().idle.is_empty());
     }
 }
