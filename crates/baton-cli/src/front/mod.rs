@@ -53,7 +53,6 @@ mod proxy;
 mod serve;
 mod tunnel;
 
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,7 +60,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use pool::Pool;
+pub use pool::{Pool, Target};
 
 /// Default `--front-header-timeout`: time a client has to send a request's
 /// headers (also the longest idle time of a keep-alive connection between
@@ -325,7 +324,8 @@ impl std::fmt::Debug for Front {
 impl Front {
     /// Start serving clients on `public` (listening sockets, one per
     /// listener), forwarding each listener's requests to its generation
-    /// socket at `upstream` (same order). Spawns the accept loops on the
+    /// sockets at `upstream` (same order; loopback TCP, or Unix with
+    /// `--front-upstream unix`). Spawns the accept loops on the
     /// current tokio runtime.
     ///
     /// # Errors
@@ -334,12 +334,12 @@ impl Front {
     pub fn start(
         cfg: FrontConfig,
         public: Vec<OwnedFd>,
-        upstream: Vec<SocketAddr>,
+        upstream: Vec<Target>,
         resumed: Resumed,
     ) -> anyhow::Result<Front> {
         let pools = upstream
-            .iter()
-            .map(|a| Pool::new(*a, cfg.upstream_idle))
+            .into_iter()
+            .map(|t| Pool::new(t, cfg.upstream_idle))
             .collect();
         let [requests, upstream_errors, retries, bad_gateway, connections] =
             resumed.counters.map(AtomicU64::new);

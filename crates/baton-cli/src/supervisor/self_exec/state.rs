@@ -3,8 +3,11 @@
 //! are inherited at those numbers).
 //!
 //! ```text
-//! "BATONSLF" | format: u32 LE | postcard(SelfState)
+//! "BATONSLF" | format: u32 LE | postcard(SelfState) | postcard(Option<CarriedUpstream>)
 //! ```
+//!
+//! Format 1 (before `--front-upstream`) has no trailing upstream record: it
+//! is still read, as a TCP upstream.
 //!
 //! A reader that does not know the format (another baton release changed
 //! it) or finds it corrupt must not guess: it returns to the previous image
@@ -26,7 +29,9 @@ pub const ENV_RETURNED: &str = "BATON_SELF_RETURNED";
 /// The leading bytes of the memfd.
 pub const MAGIC: [u8; 8] = *b"BATONSLF";
 /// This build's state format. Change it whenever [`SelfState`] changes.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
+/// The earlier format this build still reads (no upstream record).
+pub const FORMAT_V1: u32 = 1;
 /// Largest state accepted (idle connections' already-read bytes included).
 pub const MAX_STATE: u64 = 256 * 1024 * 1024;
 
@@ -70,6 +75,20 @@ pub struct SelfState {
     pub announced_ready: bool,
     /// `--front`.
     pub front: Option<CarriedFront>,
+    /// `--front-upstream unix` (format 2, encoded after the rest).
+    #[serde(skip)]
+    pub upstream: Option<CarriedUpstream>,
+}
+
+/// `--front-upstream unix`: the upstream kind is Unix, and where each
+/// generation's socket lives (`None` for a TCP upstream).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedUpstream {
+    /// The private directory.
+    pub dir: Vec<u8>,
+    /// Per private listener (in order), each slot's socket path while it
+    /// exists (the live generations').
+    pub paths: Vec<[Option<Vec<u8>>; 2]>,
 }
 
 /// One listener of the generations.
@@ -182,7 +201,8 @@ impl std::fmt::Display for Unreadable {
 pub fn encode(s: &SelfState) -> Result<Vec<u8>, String> {
     let mut out = MAGIC.to_vec();
     out.extend_from_slice(&FORMAT.to_le_bytes());
-    postcard::to_extend(s, out).map_err(|e| format!("encoding the state: {e}"))
+    let out = postcard::to_extend(s, out).map_err(|e| format!("encoding the state: {e}"))?;
+    postcard::to_extend(&s.upstream, out).map_err(|e| format!("encoding the state: {e}"))
 }
 
 /// Decode, checking the envelope first.
@@ -197,10 +217,17 @@ pub fn decode(bytes: &[u8]) -> Result<SelfState, Unreadable> {
     let mut b = [0u8; 4];
     b.copy_from_slice(v);
     let format = u32::from_le_bytes(b);
-    if format != FORMAT {
+    if format != FORMAT && format != FORMAT_V1 {
         return Err(Unreadable::Format(format));
     }
-    postcard::from_bytes(body).map_err(|e| Unreadable::Corrupt(e.to_string()))
+    let corrupt = |e: postcard::Error| Unreadable::Corrupt(e.to_string());
+    let (mut st, rest): (SelfState, _) = postcard::take_from_bytes(body).map_err(corrupt)?;
+    if format == FORMAT {
+        st.upstream = postcard::from_bytes(rest).map_err(corrupt)?;
+    } else if !rest.is_empty() {
+        return Err(Unreadable::Corrupt("trailing bytes".into()));
+    }
+    Ok(st)
 }
 
 #[cfg(test)]
@@ -253,6 +280,10 @@ mod tests {
                 counters: [1, 2, 3, 4, 5],
                 closed: 0,
             }),
+            upstream: Some(CarriedUpstream {
+                dir: b"/run/baton/web.upstream".to_vec(),
+                paths: vec![[Some(b"/run/baton/web.upstream/http.3.sock".to_vec()), None]],
+            }),
         }
     }
 
@@ -260,6 +291,18 @@ mod tests {
     fn round_trip() {
         let s = sample();
         assert_eq!(decode(&encode(&s).unwrap()).unwrap(), s);
+    }
+
+    /// A state written by a baton from before `--front-upstream` (format
+    /// 1: no upstream record) still loads, as a TCP upstream.
+    #[test]
+    fn a_format_1_state_loads_as_a_tcp_upstream() {
+        let mut s = sample();
+        s.upstream = None;
+        let mut old = MAGIC.to_vec();
+        old.extend_from_slice(&FORMAT_V1.to_le_bytes());
+        let old = postcard::to_extend(&s, old).unwrap();
+        assert_eq!(decode(&old).unwrap(), s);
     }
 
     #[test]
