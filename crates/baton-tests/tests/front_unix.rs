@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use baton_tests::apps::{self, strings as s};
 use baton_tests::keepalive::{Clients, compile_java};
-use baton_tests::supervisor::{RunOpts, Supervised, baton_cli_with, upgrade_in_thread};
+use baton_tests::supervisor::{RunOpts, Supervised, upgrade_in_thread};
 use baton_tests::ws::{Lang, WsClients};
 use baton_tests::{TestDir, wait_for};
 
@@ -25,6 +25,38 @@ fn node_app() -> Vec<String> {
             .display()
             .to_string(),
     ]
+}
+
+fn gunicorn_app() -> Vec<String> {
+    let mut v = vec![apps::venv_tool("gunicorn").display().to_string()];
+    v.extend(s(&[
+        "--workers",
+        "2",
+        "--worker-class",
+        "sync",
+        "--graceful-timeout",
+        "10",
+        "--log-level",
+        "warning",
+        "--chdir",
+    ]));
+    v.push(apps::apps_dir().display().to_string());
+    v.push("wsgi_app:app".into());
+    v
+}
+
+fn uvicorn_app() -> Vec<String> {
+    let mut v = vec![apps::venv_tool("uvicorn").display().to_string()];
+    v.extend(s(&["--fd", "3", "--app-dir"]));
+    v.push(apps::apps_dir().display().to_string());
+    v.extend(s(&[
+        "--lifespan",
+        "off",
+        "--log-level",
+        "warning",
+        "asgi_app:app",
+    ]));
+    v
 }
 
 fn go_app() -> Vec<String> {
@@ -49,22 +81,34 @@ fn sockets_in(dir: &Path) -> Vec<String> {
     v
 }
 
-/// Inodes of every Unix socket (`/proc/net/unix`).
-fn unix_socket_inodes() -> Vec<String> {
+/// The inode of the Unix socket bound at `path` (`/proc/net/unix`).
+fn unix_inode_at(path: &Path) -> String {
     let text = std::fs::read_to_string("/proc/net/unix").unwrap();
     text.lines()
         .skip(1)
-        .filter_map(|l| l.split_whitespace().nth(6).map(str::to_owned))
-        .collect()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(7).copied() == path.to_str()).then(|| f[6].to_owned())
+        })
+        .unwrap_or_else(|| panic!("no Unix socket bound at {}", path.display()))
 }
 
-fn unix_front(name: &str, app: Vec<String>, more: &[&str], bin: Option<PathBuf>) -> Supervised {
+/// `ready`: `--ready http://PUBLIC/health` (sent over the new
+/// generation's Unix socket), or the default `tcp` (a connect to it that
+/// the app accepts).
+fn unix_front(
+    name: &str,
+    app: Vec<String>,
+    more: &[&str],
+    bin: Option<PathBuf>,
+    http_ready: bool,
+) -> Supervised {
     let mut args = s(&["--front", "http", "--front-upstream", "unix"]);
     args.extend(s(more));
     Supervised::start(
         name,
         RunOpts {
-            ready: Some("http://{addr}/health".to_owned()),
+            ready: http_ready.then(|| "http://{addr}/health".to_owned()),
             args,
             command: app,
             bin,
@@ -86,7 +130,7 @@ fn clients_across_upgrades(name: &str, app: Vec<String>, self_too: bool) {
         baton_tests::copy_exe(&apps::baton_bin(), &p);
         p
     });
-    let sup = unix_front(name, app, &[], bin);
+    let sup = unix_front(name, app, &[], bin, true);
     let dir = upstream_dir(&sup, name);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
@@ -94,16 +138,17 @@ fn clients_across_upgrades(name: &str, app: Vec<String>, self_too: bool) {
         0o700
     );
     assert_eq!(sockets_in(&dir), vec!["http.1.sock".to_owned()]);
-    let fd3 = std::fs::read_link(format!("/proc/{}/fd/3", sup.status().pid)).unwrap();
-    let inode = fd3.to_string_lossy().to_string();
+    // The app holds the socket bound at that path (gunicorn's master
+    // moves it off fd 3, so every fd is looked at).
+    let inode = unix_inode_at(&dir.join("http.1.sock"));
+    let pid = sup.status().pid;
+    let held = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .any(|l| l.to_string_lossy() == format!("socket:[{inode}]"));
     assert!(
-        unix_socket_inodes().contains(
-            &inode
-                .trim_start_matches("socket:[")
-                .trim_end_matches(']')
-                .to_owned()
-        ),
-        "the app's fd 3 is a Unix socket: {inode}"
+        held,
+        "{name}: the app (pid {pid}) holds the Unix socket {inode}"
     );
     let java_cp = compile_java(&sup.dir.path);
     let url = format!("http://{}/", sup.addr);
@@ -164,12 +209,27 @@ fn keepalive_clients_through_a_unix_upstream_see_no_errors_across_node_upgrades(
     clients_across_upgrades("unix-node", node_app(), false);
 }
 
+/// gunicorn takes the Unix socket through its systemd socket activation
+/// (`LISTEN_FDS`), uvicorn through `--fd 3`.
+#[test]
+fn keepalive_clients_through_a_unix_upstream_see_no_errors_across_gunicorn_and_uvicorn_upgrades() {
+    clients_across_upgrades("unix-gunicorn", gunicorn_app(), false);
+    clients_across_upgrades("unix-uvicorn", uvicorn_app(), false);
+}
+
 /// A WebSocket opened before an upgrade keeps working over the old
 /// generation's Unix socket; the old generation is stopped once it closes,
 /// and only then its socket path goes.
 #[test]
 fn a_websocket_through_a_unix_upstream_keeps_working_across_an_upgrade() {
-    let sup = unix_front("unix-ws", node_app(), &["--drain-timeout", "60s"], None);
+    // The default readiness check (tcp) over the Unix socket.
+    let sup = unix_front(
+        "unix-ws",
+        node_app(),
+        &["--drain-timeout", "60s"],
+        None,
+        false,
+    );
     let dir = upstream_dir(&sup, "unix-ws");
     let gen1 = sup.status().pid;
     let url = format!("ws://{}/ws", sup.addr);
@@ -215,22 +275,41 @@ fn a_unix_upstream_without_front_with_canary_or_in_an_unwritable_directory_is_re
     let dir = TestDir::new("unix-bad");
     let port = baton_tests::free_port();
     let listen = format!("http=127.0.0.1:{port}");
+    // Each must exit at start: bounded, and a baton that started anyway is
+    // killed and reported.
     let run = |extra: &[&str], control: &Path| {
+        let err = dir.join("stderr.txt");
         let mut cmd = std::process::Command::new(apps::baton_bin());
         cmd.args(["run", "--name", "unix-bad", "--control"])
             .arg(control)
             .args(["--listen", &listen])
             .args(extra)
             .arg("--")
-            .args(go_app());
-        baton_cli_with(&mut cmd)
+            .args(go_app())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap());
+        let mut child = baton_tests::spawn_owned(&mut cmd).unwrap();
+        let status = baton_tests::wait_for_opt(T, || child.try_wait().unwrap());
+        let Some(status) = status else {
+            baton_tests::supervisor::kill_tree(child.id());
+            let _ = child.wait();
+            panic!(
+                "baton {extra:?} did not exit at start: {}",
+                std::fs::read_to_string(&err).unwrap()
+            );
+        };
+        (
+            status.code().unwrap_or(-1),
+            std::fs::read_to_string(&err).unwrap(),
+        )
     };
     let ctl = dir.join("ctl/control.sock");
     std::fs::create_dir_all(ctl.parent().unwrap()).unwrap();
-    let out = run(&["--front-upstream", "unix"], &ctl);
-    assert_eq!(out.code, 2, "{out:?}");
-    assert!(out.stderr.contains("--front"), "{out:?}");
-    let out = run(
+    let (code, err) = run(&["--front-upstream", "unix"], &ctl);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--front"), "{err}");
+    let (code, err) = run(
         &[
             "--front",
             "http",
@@ -241,25 +320,21 @@ fn a_unix_upstream_without_front_with_canary_or_in_an_unwritable_directory_is_re
         ],
         &ctl,
     );
-    assert_eq!(out.code, 2, "{out:?}");
+    assert_eq!(code, 2, "{err}");
     assert!(
-        out.stderr
-            .contains("--canary cannot be used with --front-upstream unix"),
-        "{out:?}"
+        err.contains("--canary cannot be used with --front-upstream unix"),
+        "{err}"
     );
     // A directory baton cannot create (its parent is a file; the suite may
     // run as root, which a mode would not stop).
     let file = dir.join("not-a-dir");
     std::fs::write(&file, b"x").unwrap();
-    let out = run(
+    let (code, err) = run(
         &["--front", "http", "--front-upstream", "unix"],
         &file.join("control.sock"),
     );
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(
-        out.stderr.contains("cannot create the private directory"),
-        "{out:?}"
-    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot create the private directory"), "{err}");
     // The port is free again: nothing kept it.
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port was released");
 }

@@ -6,6 +6,9 @@
 //! `127.0.0.1` port baton binds, passed at fd 3.. through `LISTEN_FDS`, so
 //! the app is unchanged; the supervisor steers between the generations'
 //! sockets exactly as it steers client connections without the front).
+//! With `--front-upstream unix` it is a Unix stream socket at a path of
+//! its generation's own instead, and the steering is the pool's choice of
+//! path at connect ([`Target`]): fewer kernel hops per request.
 //! Upstream connections are pooled per *epoch*: the supervisor starts a new
 //! epoch when it steers new connections to another generation, so a request
 //! that starts after the switch opens or reuses a connection of the new

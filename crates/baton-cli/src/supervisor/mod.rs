@@ -73,7 +73,8 @@ ReusePort=yes and --no-steer use one shared socket (said in the log and status).
 
 Keep-alive clients (--front http): baton serves the clients' HTTP/1.1 (and h2c)
 connections itself and forwards each request to the serving generation, which gets a private
-127.0.0.1 socket (same LISTEN_FDNAMES); client connections survive upgrades, the
+127.0.0.1 socket (same LISTEN_FDNAMES; with --front-upstream unix a Unix socket of its own, in
+NAME.upstream/ next to the control socket); client connections survive upgrades, the
 old generation is stopped once its requests are done. The app sees baton's
 address; the client's is in X-Forwarded-For and Forwarded. WebSockets (any
 Upgrade but h2c) are tunnelled to the generation that accepted them; the old

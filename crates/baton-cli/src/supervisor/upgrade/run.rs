@@ -316,6 +316,11 @@ pub(super) async fn upgrade(
     let (mut new, ready_after) = match launched {
         Ok(x) => x,
         Err(reason) => {
+            // No new generation runs: its upstream socket path (if it got
+            // one) goes.
+            if new_slot != old_slot {
+                sup.listeners.unlink_unix(new_slot);
+            }
             let alive = old.is_some();
             sup.serving = old;
             let msg = if alive {
