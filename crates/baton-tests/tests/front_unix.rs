@@ -217,6 +217,43 @@ fn keepalive_clients_through_a_unix_upstream_see_no_errors_across_gunicorn_and_u
     clients_across_upgrades("unix-uvicorn", uvicorn_app(), false);
 }
 
+/// A generation killed under load, three times: the keep-alive GET clients
+/// see no error (requests in flight are retried, the restarted generation
+/// gets the same socket, whose queue kept the new connections), and the
+/// path stays the first generation's.
+#[test]
+fn get_clients_through_a_unix_upstream_see_no_errors_when_the_generation_is_killed() {
+    let sup = unix_front("unix-crash", node_app(), &[], None, true);
+    let dir = upstream_dir(&sup, "unix-crash");
+    let java_cp = compile_java(&sup.dir.path);
+    let url = format!("http://{}/", sup.addr);
+    let clients = Clients::start(&["GET"], &url, &sup.dir, &java_cp);
+    clients.wait_total(20, "every client to complete requests");
+    for i in 1..=3u64 {
+        let st = sup.status();
+        baton_tests::proc::signal(st.pid, rustix::process::Signal::KILL);
+        wait_for(T, "the restarted generation", || {
+            let st = sup.try_status()?;
+            (st.phase == "serving" && st.counters.restarts == i).then_some(())
+        });
+        clients.wait_more(10, "every client to go on after the restart");
+        assert_eq!(sockets_in(&dir), vec!["http.1.sock".to_owned()]);
+    }
+    let counts = clients.finish();
+    for c in &counts {
+        eprintln!(
+            "unix-crash: {}: {} ok, {} errors {} {}",
+            c.label, c.ok, c.errors, c.kinds, c.samples
+        );
+        assert!(c.ok > 0, "unix-crash: {} completed no request", c.label);
+        assert_eq!(
+            c.errors, 0,
+            "unix-crash: {}: {} {}",
+            c.label, c.kinds, c.samples
+        );
+    }
+}
+
 /// A WebSocket opened before an upgrade keeps working over the old
 /// generation's Unix socket; the old generation is stopped once it closes,
 /// and only then its socket path goes.
