@@ -318,9 +318,17 @@ impl Listener {
             None => "steered: one SO_REUSEPORT socket per generation".to_owned(),
             Some(r) => format!("shared socket, no steering ({r})"),
         };
+        // A Unix upstream's path changes with every generation.
+        let addr = match &self.unix {
+            Some(u) => format!(
+                "unix:{}",
+                unix_path(&u.dir, &self.name, "GENERATION").display()
+            ),
+            None => self.addr.to_string(),
+        };
         ListenerInfo {
             name: self.name.clone(),
-            addr: self.addr.to_string(),
+            addr,
             origin: format!("{origin}; {how}"),
         }
     }
