@@ -198,12 +198,14 @@ start_peer() {
         --ready "http://127.0.0.1:$port/health" -- node "$APPS/node_server.js" >>"$dir/log" 2>&1 &
       echo $! > "$dir/pid"
       ;;
-    baton-run-go|baton-run-go-front)
+    baton-run-go|baton-run-go-front|baton-run-go-front-unix)
       # the front scenario: the suite's Go app under `baton run`, direct or
-      # through the front (its /version names its pid; /health is trivial)
+      # through the front, over TCP or a Unix upstream (its /version names
+      # its pid; /health is trivial)
       KIND=baton-run path=/version
       local front=()
       [[ $name == baton-run-go-front ]] && front=(--front http)
+      [[ $name == baton-run-go-front-unix ]] && front=(--front http --front-upstream unix)
       "${ON_SRV[@]}" "$BATON_CLI" run "${front[@]+"${front[@]}"}" --listen "http=127.0.0.1:$port" \
         --control "$dir/ctl/ctl.sock" --ready "http://127.0.0.1:$port/health" -- "$BIN/go-app" >>"$dir/log" 2>&1 &
       echo $! > "$dir/pid"

@@ -984,14 +984,27 @@ class Report:
                "warm-up second each. No upgrade during these runs: this is what the front costs per request.")
         self.p()
         ratios = []
+        # the ways compared with direct: the front over TCP, and over a Unix
+        # upstream (`--front-upstream unix`) when the run has it
+        ways = ["front"] + (["front-unix"] if any(r["way"] == "front-unix" for r in mx + rt) else [])
+        wname = {"front": "front", "front-unix": "front-unix"}
+        if "front-unix" in ways:
+            self.p("*front-unix*: the same front with `--front-upstream unix` (each generation gets a Unix "
+                   "stream socket instead of a loopback TCP one), a third supervisor up at the same time; the "
+                   "order of the three rotates every round.")
+            self.p()
         if mx:
             self.p(f"**Max req/s**: `{mx[0].get('cmd', '')}` (keep-alive, as many requests as the server "
                    "answers). Ratio = through the front ÷ direct, same round.")
             self.p()
-            self.p("| round | order | direct req/s | front req/s | ratio | direct p99 | front p99 | failed |")
-            self.p("|---:|---|---:|---:|---:|---:|---:|---:|")
+            head = "| round | order | direct req/s |"
+            for w in ways:
+                head += f" {wname[w]} req/s | ratio |"
+            head += " direct p99 |" + "".join(f" {wname[w]} p99 |" for w in ways) + " failed |"
+            self.p(head)
+            self.p("|---:|---|---:|" + "---:|---:|" * len(ways) + "---:|" * (len(ways) + 1) + "---:|")
             rounds = {}
-            cpu = {"direct": {"self": [], "children": []}, "front": {"self": [], "children": []}}
+            cpu = {w: {"self": [], "children": []} for w in ["direct"] + ways}
             for r in mx:
                 w = parse_wrk(r["wrk"])
                 rounds.setdefault(int(r["round"]), {})[r["way"]] = w
@@ -1000,31 +1013,39 @@ class Report:
                     c0, c1 = json.loads(r["cpu_before"]), json.loads(r["cpu_after"])
                 except (KeyError, ValueError):
                     continue
-                if w and w.get("requests"):
+                if w and w.get("requests") and r["way"] in cpu:
                     for k in ("self", "children"):
                         cpu[r["way"]][k].append((c1[f"{k}_s"] - c0[f"{k}_s"]) * 1e6 / w["requests"])
-            d_rps, f_rps_, d99, f99 = [], [], [], []
+            rat = {w: [] for w in ways}
+            wrps = {w: [] for w in ["direct"] + ways}
             for rn in sorted(rounds):
                 x = rounds[rn]
-                d, f = x.get("direct"), x.get("front")
-                if not (d and f and d.get("rps") and f.get("rps")):
-                    self.p(f"| {rn} | {', '.join(x['order'])} | wrk failed | | | | | |")
+                d = x.get("direct")
+                got = [x.get(w) for w in ways]
+                if not (d and d.get("rps") and all(g and g.get("rps") for g in got)):
+                    self.p(f"| {rn} | {', '.join(x['order'])} | wrk failed |" + " |" * (3 * len(ways) + 1))
                     continue
-                ratio = f["rps"] / d["rps"]
-                ratios.append(ratio)
-                d_rps.append(d["rps"])
-                f_rps_.append(f["rps"])
-                d99.append(d["p99"])
-                f99.append(f["p99"])
-                self.p(f"| {rn} | {', '.join(x['order'])} | {f_rps(d['rps'])} | {f_rps(f['rps'])} | "
-                       f"× {ratio:.3f} | {f_ms(d['p99'])} | {f_ms(f['p99'])} | {d['failed'] + f['failed']} |")
+                line = f"| {rn} | {', '.join(x['order'])} | {f_rps(d['rps'])} |"
+                wrps["direct"].append(d["rps"])
+                for w, g in zip(ways, got):
+                    rat[w].append(g["rps"] / d["rps"])
+                    wrps[w].append(g["rps"])
+                    line += f" {f_rps(g['rps'])} | × {rat[w][-1]:.3f} |"
+                line += f" {f_ms(d['p99'])} |" + "".join(f" {f_ms(g['p99'])} |" for g in got)
+                line += f" {d['failed'] + sum(g['failed'] for g in got)} |"
+                self.p(line)
             self.p()
+            ratios = rat["front"]
+            for w in ways:
+                if not rat[w]:
+                    continue
+                med = statistics.median(rat[w])
+                self.p(f"Ratio per round, {wname[w]}, median: **× {med:.3f}** (× {min(rat[w]):.3f}–"
+                       f"{max(rat[w]):.3f}); median req/s: direct {f_rps(statistics.median(wrps['direct']))}, "
+                       f"{wname[w]} {f_rps(statistics.median(wrps[w]))}.")
+                self.p()
             if ratios:
                 med = statistics.median(ratios)
-                self.p(f"Ratio per round, median: **× {med:.3f}** (× {min(ratios):.3f}–{max(ratios):.3f}); "
-                       f"median req/s: direct {f_rps(statistics.median(d_rps))}, through the front "
-                       f"{f_rps(statistics.median(f_rps_))}.")
-                self.p()
                 if cpu["front"]["self"] and cpu["direct"]["self"]:
                     def us(v):
                         return f"{v:.1f}"
@@ -1034,8 +1055,15 @@ class Report:
                            f"({med_range(cpu['direct']['self'], us, ' µs')} direct), the Go app "
                            f"{med_range(cpu['front']['children'], us, ' µs')} through the front "
                            f"({med_range(cpu['direct']['children'], us, ' µs')} direct).")
+                    if "front-unix" in ways and cpu["front-unix"]["self"]:
+                        self.p(f"With `--front-upstream unix`: the `baton run` process "
+                               f"{med_range(cpu['front-unix']['self'], us, ' µs')}, the Go app "
+                               f"{med_range(cpu['front-unix']['children'], us, ' µs')}.")
                     self.p()
                 self.summary["front_ratio"] = (med, min(ratios), max(ratios), len(ratios))
+            if rat.get("front-unix"):
+                u = rat["front-unix"]
+                self.summary["front_unix_ratio"] = (statistics.median(u), min(u), max(u), len(u))
             self.goal("`--front http`, Go app: max req/s ≥ 0.5 × direct (median of the per-round ratios, "
                       "2 shared cores)", bool(ratios) and statistics.median(ratios) >= 0.5,
                       f"× {statistics.median(ratios):.3f} (× {min(ratios):.3f}–{max(ratios):.3f}, "
@@ -1051,9 +1079,12 @@ class Report:
                    "by the client waiting for it (coordinated omission). *achieved*: oha's requests/s over the "
                    "run.")
             self.p()
-            self.p("| round | order | direct p50 | direct p99 | front p50 | front p99 | front − direct p99 | "
-                   "achieved req/s direct / front | failed |")
-            self.p("|---:|---|---:|---:|---:|---:|---:|---|---:|")
+            head = "| round | order | direct p50 | direct p99 |"
+            for w in ways:
+                head += f" {wname[w]} p50 | {wname[w]} p99 | {wname[w]} − direct p99 |"
+            head += " achieved req/s direct / " + " / ".join(wname[w] for w in ways) + " | failed |"
+            self.p(head)
+            self.p("|---:|---|---:|---:|" + "---:|---:|---:|" * len(ways) + "---|---:|")
             rounds = {}
             why = {}
             for r in rows_:
@@ -1063,33 +1094,40 @@ class Report:
                     why.setdefault(int(r["round"]), open(r["err"]).read().strip().splitlines()[-1])
                 except (OSError, IndexError, KeyError):
                     pass
-            d99, f99, diffs = [], [], []
+            p99 = {w: [] for w in ["direct"] + ways}
+            diffs = {w: [] for w in ways}
             for rn in sorted(rounds):
                 x = rounds[rn]
-                d, f = x.get("direct"), x.get("front")
-                if not (d and f and d.get("p99") is not None and f.get("p99") is not None):
+                d = x.get("direct")
+                got = [x.get(w) for w in ways]
+                if not (d and d.get("p99") is not None and all(g and g.get("p99") is not None for g in got)):
                     err = f" ({why[rn]})" if rn in why else ""
-                    self.p(f"| {rn} | {', '.join(x['order'])} | oha failed{err} | | | | | | |")
+                    self.p(f"| {rn} | {', '.join(x['order'])} | oha failed{err} |" + " |" * (3 * len(ways) + 3))
                     continue
-                d99.append(d["p99"])
-                f99.append(f["p99"])
-                diffs.append(f["p99"] - d["p99"])
-                self.p(f"| {rn} | {', '.join(x['order'])} | {f_ms(d['p50'])} | {f_ms(d['p99'])} | "
-                       f"{f_ms(f['p50'])} | {f_ms(f['p99'])} | {diffs[-1]:+.2f} ms | "
-                       f"{f_rps(d['rps'])} / {f_rps(f['rps'])} | {d['failed'] + f['failed']} |")
+                p99["direct"].append(d["p99"])
+                line = f"| {rn} | {', '.join(x['order'])} | {f_ms(d['p50'])} | {f_ms(d['p99'])} |"
+                for w, g in zip(ways, got):
+                    p99[w].append(g["p99"])
+                    diffs[w].append(g["p99"] - d["p99"])
+                    line += f" {f_ms(g['p50'])} | {f_ms(g['p99'])} | {diffs[w][-1]:+.2f} ms |"
+                line += (f" {f_rps(d['rps'])} / " + " / ".join(f_rps(g["rps"]) for g in got)
+                         + f" | {d['failed'] + sum(g['failed'] for g in got)} |")
+                self.p(line)
             self.p()
-            if diffs:
-                dm, fm = statistics.median(d99), statistics.median(f99)
-                self.p(f"Median p99: direct {f_ms(dm)}, through the front {f_ms(fm)} ({fm - dm:+.2f} ms); "
-                       f"per-round difference {med_range(diffs, lambda v: f'{v:+.2f}', ' ms')}.")
-                self.p()
-                if share == 2:
-                    self.summary["front_p99"] = (dm, fm)
+            for w in ways:
+                if diffs[w]:
+                    dm, fm = statistics.median(p99["direct"]), statistics.median(p99[w])
+                    self.p(f"Median p99: direct {f_ms(dm)}, {wname[w]} {f_ms(fm)} ({fm - dm:+.2f} ms); "
+                           f"per-round difference {med_range(diffs[w], lambda v: f'{v:+.2f}', ' ms')}.")
+                    self.p()
+                    if share == 2 and w == "front":
+                        self.summary["front_p99"] = (dm, fm)
             if share == 2:
+                d99, f99 = p99["direct"], p99["front"]
                 self.goal(f"`--front http`, Go app: p99 at {f_rps(float(rate))} req/s (half the direct max) ≤ "
                           "direct p99 + 1 ms (medians)",
-                          bool(diffs) and statistics.median(f99) <= statistics.median(d99) + 1,
-                          f"{f_ms(statistics.median(f99))} vs {f_ms(statistics.median(d99))}" if diffs
+                          bool(diffs["front"]) and statistics.median(f99) <= statistics.median(d99) + 1,
+                          f"{f_ms(statistics.median(f99))} vs {f_ms(statistics.median(d99))}" if diffs["front"]
                           else "oha failed")
         if mem:
             self.p("**The supervisor's own figures** (the `baton run` process, not the app; /proc/PID/status): "
@@ -1099,8 +1137,9 @@ class Report:
             self.p()
             self.p("| supervisor | state | VmRSS | RssAnon | threads |")
             self.p("|---|---|---:|---:|---:|")
-            label = {"direct": "`baton run` (direct)", "front": "`baton run --front http`"}
-            for way in ("direct", "front"):
+            label = {"direct": "`baton run` (direct)", "front": "`baton run --front http`",
+                     "front-unix": "`baton run --front http --front-upstream unix`"}
+            for way in ["direct"] + ways:
                 rows = {r["state"]: r for r in mem if r["way"] == way}
 
                 def row(state, x):
@@ -1180,6 +1219,9 @@ class Report:
             if "front_p99" in s:
                 d, f = s["front_p99"]
                 txt += f", p99 at half the direct max {f_ms(f)} vs {f_ms(d)}"
+            if "front_unix_ratio" in s:
+                med, lo, hi, k = s["front_unix_ratio"]
+                txt += f"; with `--front-upstream unix` × {med:.3f} (× {lo:.3f}–{hi:.3f})"
             bits.append(txt)
         if bits:
             line = "; ".join(bits) + "."

@@ -55,8 +55,9 @@
 #             nginx (ssl) and HAProxy (ssl crt) terminating TLS, reloaded.
 #             Not in --quick's default list: --quick --only tls
 #   front     `baton run --front http` (issue 17): the suite's Go app under
-#             `baton run` directly and through the front, both up at once,
-#             alternating A/B rounds: max req/s (wrk -t1 -c64 -d5s
+#             `baton run` directly, through the front and through the front
+#             with --front-upstream unix, all up at once, the order rotated
+#             every round: max req/s (wrk -t1 -c64 -d5s
 #             keep-alive, GET /health; CPU time per request), then p99 at
 #             fixed rates of half and a quarter of the direct median (oha -q
 #             --latency-correction, pinned, cargo-installed into
@@ -657,7 +658,7 @@ fi
 # supervisor, its supervisor sampled meanwhile.
 front_wrk() {
   local way=$1 r=$2 port dir pid
-  if [[ $way == direct ]]; then port=$dport dir=$ddir; else port=$fport dir=$fdir; fi
+  case $way in direct) port=$dport dir=$ddir ;; front) port=$fport dir=$fdir ;; *) port=$uport dir=$udir ;; esac
   pid=$(cat "$dir/pid")
   log "front: max req/s, $way, round $r/$FRONT_ROUNDS, ${FRONT_DUR}s"
   local cpu0 cpu1
@@ -674,7 +675,7 @@ front_wrk() {
 # max ÷ SHARE).
 front_oha() {
   local way=$1 r=$2 rate=$3 share=$4 port dir
-  if [[ $way == direct ]]; then port=$dport dir=$ddir; else port=$fport dir=$fdir; fi
+  case $way in direct) port=$dport dir=$ddir ;; front) port=$fport dir=$fdir ;; *) port=$uport dir=$udir ;; esac
   log "front: $rate req/s fixed (1/$share of the direct max), $way, round $r/$FRONT_ROUNDS, ${FRONT_RATE_DUR}s"
   # one worker thread (oha sizes its runtime to the physical cores, not to
   # the CPU it is pinned to); -w: requests in flight at the deadline finish
@@ -692,25 +693,33 @@ if want front && usable baton-run; then
   if failed front; then
     :   # the Go app or oha could not be built: recorded by prepare_*
   else
-    # Both supervisors up at once (an idle one costs nothing), the load
-    # alternates between them round by round: A/B, B/A, ...
+    # The three supervisors up at once (an idle one costs nothing), the
+    # load goes to each in turn, the order rotated every round.
     newdir baton-run-go; ddir=$NEWDIR; newdir baton-run-go-front; fdir=$NEWDIR
-    dport=$(free_port); fport=$(free_port)
-    if start_peer baton-run-go "$ddir" "$dport" && start_peer baton-run-go-front "$fdir" "$fport"; then
+    newdir baton-run-go-front-unix; udir=$NEWDIR
+    dport=$(free_port); fport=$(free_port); uport=$(free_port)
+    # the three ways, rotated every round: direct, front, front-unix;
+    # front, front-unix, direct; ...
+    front_order() {
+      local ways=(direct front front-unix) k=$((($1 - 1) % 3))
+      echo "${ways[@]:k} ${ways[@]:0:k}"
+    }
+    if start_peer baton-run-go "$ddir" "$dport" && start_peer baton-run-go-front "$fdir" "$fport" \
+        && start_peer baton-run-go-front-unix "$udir" "$uport"; then
       sleep 1
-      for way in direct front; do
-        d=$ddir; [[ $way == front ]] && d=$fdir
+      for way in direct front front-unix; do
+        case $way in direct) d=$ddir ;; front) d=$fdir ;; *) d=$udir ;; esac
         record kind=front_mem way="$way" state=idle mem="$("${PROBE[@]}" mem "$(cat "$d/pid")")"
       done
       wrk_run "$ddir/warmup.txt" 1 "http://127.0.0.1:$dport/health"
       wrk_run "$fdir/warmup.txt" 1 "http://127.0.0.1:$fport/health"
+      wrk_run "$udir/warmup.txt" 1 "http://127.0.0.1:$uport/health"
       for r in $(seq "$FRONT_ROUNDS"); do
-        order="direct front"; (( r % 2 == 0 )) && order="front direct"
-        for way in $order; do front_wrk "$way" "$r"; done
+        for way in $(front_order "$r"); do front_wrk "$way" "$r"; done
       done
       sleep 1
-      for way in direct front; do
-        d=$ddir; [[ $way == front ]] && d=$fdir
+      for way in direct front front-unix; do
+        case $way in direct) d=$ddir ;; front) d=$fdir ;; *) d=$udir ;; esac
         record kind=front_mem way="$way" state=after mem="$("${PROBE[@]}" mem "$(cat "$d/pid")")"
       done
       # the fixed rates: half the direct median max of this run (the goal's),
@@ -728,17 +737,16 @@ PYEOF
       if [[ -n $max && $max -gt 4 ]]; then
         for share in 2 4; do
           for r in $(seq "$FRONT_ROUNDS"); do
-            order="direct front"; (( r % 2 == 0 )) && order="front direct"
-            for way in $order; do front_oha "$way" "$r" $((max / share)) "$share"; done
+            for way in $(front_order "$r"); do front_oha "$way" "$r" $((max / share)) "$share"; done
           done
         done
       else
         fail front "no direct max req/s to take half of (wrk failed against the direct Go app)"
       fi
     else
-      fail front "the Go app under \`baton run\` (direct or --front http) did not start"
+      fail front "the Go app under \`baton run\` (direct, --front http or --front-upstream unix) did not start"
     fi
-    stop_peer "$ddir"; stop_peer "$fdir"
+    stop_peer "$ddir"; stop_peer "$fdir"; stop_peer "$udir"
   fi
 fi
 

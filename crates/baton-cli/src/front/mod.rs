@@ -6,6 +6,9 @@
 //! `127.0.0.1` port baton binds, passed at fd 3.. through `LISTEN_FDS`, so
 //! the app is unchanged; the supervisor steers between the generations'
 //! sockets exactly as it steers client connections without the front).
+//! With `--front-upstream unix` it is a Unix stream socket at a path of
+//! its generation's own instead, and the steering is the pool's choice of
+//! path at connect ([`Target`]): fewer kernel hops per request.
 //! Upstream connections are pooled per *epoch*: the supervisor starts a new
 //! epoch when it steers new connections to another generation, so a request
 //! that starts after the switch opens or reuses a connection of the new
@@ -54,7 +57,6 @@ mod serve;
 mod trim;
 mod tunnel;
 
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,7 +64,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use pool::Pool;
+pub use pool::{Pool, Target};
 
 /// Default `--front-header-timeout`: time a client has to send a request's
 /// headers (also the longest idle time of a keep-alive connection between
@@ -326,7 +328,8 @@ impl std::fmt::Debug for Front {
 impl Front {
     /// Start serving clients on `public` (listening sockets, one per
     /// listener), forwarding each listener's requests to its generation
-    /// socket at `upstream` (same order). Spawns the accept loops on the
+    /// sockets at `upstream` (same order; loopback TCP, or Unix with
+    /// `--front-upstream unix`). Spawns the accept loops on the
     /// current tokio runtime.
     ///
     /// # Errors
@@ -335,12 +338,12 @@ impl Front {
     pub fn start(
         cfg: FrontConfig,
         public: Vec<OwnedFd>,
-        upstream: Vec<SocketAddr>,
+        upstream: Vec<Target>,
         resumed: Resumed,
     ) -> anyhow::Result<Front> {
         let pools = upstream
-            .iter()
-            .map(|a| Pool::new(*a, cfg.upstream_idle))
+            .into_iter()
+            .map(|t| Pool::new(t, cfg.upstream_idle))
             .collect();
         let [requests, upstream_errors, retries, bad_gateway, connections] =
             resumed.counters.map(AtomicU64::new);

@@ -20,6 +20,18 @@ pub type UpBody = http_body_util::Either<super::limits::Capped, http_body_util::
 /// The shortest time between two sweeps of the expired idle connections.
 const SWEEP_MIN: Duration = Duration::from_millis(100);
 
+/// Where a pool connects: the generations' shared loopback TCP address
+/// (the kernel's steering picks the generation), or with `--front-upstream
+/// unix` the serving generation's own Unix socket path, read at each
+/// connect (the supervisor's steering sets it).
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Loopback TCP.
+    Tcp(SocketAddr),
+    /// A Unix stream socket.
+    Unix(crate::supervisor::UnixRoute),
+}
+
 /// The pool of one listener (cheap to clone).
 #[derive(Clone)]
 pub struct Pool {
@@ -27,7 +39,7 @@ pub struct Pool {
 }
 
 struct PoolInner {
-    addr: SocketAddr,
+    target: Target,
     idle_limit: Duration,
     state: Mutex<State>,
     /// Woken when a connection of any epoch stops being busy.
@@ -86,11 +98,11 @@ impl Drop for Busy {
 }
 
 impl Pool {
-    /// A pool of connections to `addr`.
-    pub fn new(addr: SocketAddr, idle_limit: Duration) -> Pool {
+    /// A pool of connections to `target`.
+    pub fn new(target: Target, idle_limit: Duration) -> Pool {
         Pool {
             inner: Arc::new(PoolInner {
-                addr,
+                target,
                 idle_limit,
                 state: Mutex::new(State::default()),
                 changed: Notify::new(),
@@ -163,23 +175,18 @@ impl Pool {
     }
 
     async fn connect(&self) -> std::io::Result<SendRequest<UpBody>> {
-        let stream = tokio::net::TcpStream::connect(self.inner.addr).await?;
-        stream.set_nodelay(true)?;
-        // `writev(false)`: the head and a small body are copied into one
-        // buffer and sent with one `write`; cheaper per request than a
-        // vectored write of the pieces (measured), a copy for large bodies.
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(std::io::Error::other)?;
-        // With upgrades: a `101` hands the connection to a tunnel.
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "front: upstream connection ended");
+        match &self.inner.target {
+            Target::Tcp(addr) => {
+                let stream = tokio::net::TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                handshake(stream).await
             }
-        });
-        Ok(sender)
+            Target::Unix(route) => {
+                let path = route.current();
+                let stream = tokio::net::UnixStream::connect(&path).await?;
+                handshake(stream).await
+            }
+        }
     }
 
     /// Close the idle connections past the idle limit; returns when the
@@ -275,6 +282,28 @@ impl Pool {
         drop(st);
         self.inner.changed.notify_waiters();
     }
+}
+
+/// HTTP/1 over a fresh upstream connection; its driver task is spawned.
+async fn handshake<S>(stream: S) -> std::io::Result<SendRequest<UpBody>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // `writev(false)`: the head and a small body are copied into one
+    // buffer and sent with one `write`; cheaper per request than a
+    // vectored write of the pieces (measured), a copy for large bodies.
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .writev(false)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    // With upgrades: a `101` hands the connection to a tunnel.
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "front: upstream connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 impl Lease {
@@ -389,7 +418,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_is_reused_within_the_idle_limit_and_its_epoch_only() {
         let (addr, accepted) = server().await;
-        let pool = Pool::new(addr, Duration::from_secs(60));
+        let pool = Pool::new(Target::Tcp(addr), Duration::from_secs(60));
         assert!(!get(&pool, 0).await);
         assert!(get(&pool, 0).await);
         assert!(get(&pool, 0).await);
@@ -410,7 +439,7 @@ mod tests {
     async fn an_idle_connection_past_the_idle_limit_is_never_reused() {
         let (addr, accepted) = server().await;
         // Every idle connection is past a zero limit the moment it is idle.
-        let pool = Pool::new(addr, Duration::ZERO);
+        let pool = Pool::new(Target::Tcp(addr), Duration::ZERO);
         for _ in 0..3 {
             assert!(!get(&pool, 0).await);
         }
@@ -424,7 +453,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_is_closed_once_past_the_idle_limit_without_a_request() {
         let (addr, accepted, mut closed) = server_seeing_closes().await;
-        let pool = Pool::new(addr, Duration::from_millis(200));
+        let pool = Pool::new(Target::Tcp(addr), Duration::from_millis(200));
         pool.spawn_sweeper();
         assert!(!get(&pool, 0).await);
         tokio::time::timeout(

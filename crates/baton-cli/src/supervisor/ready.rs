@@ -175,7 +175,26 @@ pub struct ListenerProbe {
     /// Index of the listener in the set.
     pub listener: usize,
     /// Where to connect.
-    pub target: SocketAddr,
+    pub target: ProbeTarget,
+}
+
+/// Where a probe connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeTarget {
+    /// The listener's TCP address, steered to the new generation for the
+    /// probe's source address.
+    Tcp(SocketAddr),
+    /// `--front-upstream unix`: the new generation's own socket path.
+    Unix,
+}
+
+/// A connected probe.
+enum ProbeStream {
+    Tcp(tokio::net::TcpStream),
+    /// With the listening socket it reached (the probe was accepted once
+    /// that socket's queue is empty: nothing else connects to a new
+    /// generation's socket before it is ready).
+    Unix(tokio::net::UnixStream, usize),
 }
 
 /// Readiness, resolved against the listeners at start-up.
@@ -247,9 +266,13 @@ fn probe_for(listeners: &ListenerSet, index: usize) -> Option<ListenerProbe> {
     if !l.steered() {
         return None;
     }
+    let target = match l.unix {
+        Some(_) => ProbeTarget::Unix,
+        None => ProbeTarget::Tcp(l.local_target()?),
+    };
     Some(ListenerProbe {
         listener: index,
-        target: l.local_target()?,
+        target,
     })
 }
 
@@ -365,11 +388,24 @@ fn http_plan(flag: &str, url: &HttpUrl, listeners: &ListenerSet) -> Result<Ready
             Ok(ReadyPlan::Http {
                 via: Some(ListenerProbe {
                     listener: i,
-                    target,
+                    target: ProbeTarget::Tcp(target),
                 }),
                 url: url.clone(),
             })
         }
+    }
+}
+
+/// `--front-upstream unix`: an HTTP check whose port is public listener
+/// `index`'s goes to the new generation's own Unix socket of that
+/// listener.
+pub fn unix_http_plan(url: &HttpUrl, index: usize) -> ReadyPlan {
+    ReadyPlan::Http {
+        via: Some(ListenerProbe {
+            listener: index,
+            target: ProbeTarget::Unix,
+        }),
+        url: url.clone(),
     }
 }
 
@@ -395,8 +431,36 @@ async fn routed_connect(
     listeners: &ListenerSet,
     probe: &ListenerProbe,
     route: Route,
-) -> Result<tokio::net::TcpStream, String> {
-    let target = probe.target;
+) -> Result<ProbeStream, String> {
+    let target = match probe.target {
+        ProbeTarget::Tcp(t) => t,
+        ProbeTarget::Unix => {
+            let l = &listeners.items[probe.listener];
+            let path = l
+                .unix
+                .as_ref()
+                .and_then(|u| u.paths[route.new & 1].clone())
+                .ok_or_else(|| {
+                    format!(
+                        "listener '{}': no socket path for the new generation",
+                        l.name
+                    )
+                })?;
+            return match tokio::time::timeout(
+                PROBE_CONNECT_TIMEOUT,
+                tokio::net::UnixStream::connect(&path),
+            )
+            .await
+            {
+                Ok(Ok(s)) => Ok(ProbeStream::Unix(s, route.new)),
+                Ok(Err(e)) => Err(format!("probe connect to {}: {e}", path.display())),
+                Err(_) => Err(format!(
+                    "probe connect to {} took longer than {PROBE_CONNECT_TIMEOUT:?}",
+                    path.display()
+                )),
+            };
+        }
+    };
     let sock = if target.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {
@@ -412,7 +476,7 @@ async fn routed_connect(
         .steer_probe(probe.listener, route.regular, src, route.new)
         .map_err(|e| format!("routing the probe: {e}"))?;
     match tokio::time::timeout(PROBE_CONNECT_TIMEOUT, sock.connect(target)).await {
-        Ok(Ok(s)) => Ok(s),
+        Ok(Ok(s)) => Ok(ProbeStream::Tcp(s)),
         Ok(Err(e)) => Err(format!("probe connect to {target}: {e}")),
         Err(_) => Err(format!(
             "probe connect to {target} took longer than {PROBE_CONNECT_TIMEOUT:?}"
@@ -430,7 +494,28 @@ async fn accept_check(
 ) {
     loop {
         let stream = match routed_connect(listeners, probe, route).await {
-            Ok(s) => s,
+            Ok(ProbeStream::Tcp(s)) => s,
+            Ok(ProbeStream::Unix(s, slot)) => {
+                set(
+                    last_error,
+                    "the probe connection to the new generation's Unix socket was never accepted by the app".into(),
+                );
+                loop {
+                    let mut b = [0u8; 1];
+                    match s.try_read(&mut b) {
+                        Ok(_) => return,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
+                    let l = &listeners.items[probe.listener];
+                    match baton_sys::socket::accept_queue_nonempty(l.fd(slot)) {
+                        Ok(false) => return,
+                        Ok(true) => {}
+                        Err(e) => set(last_error, format!("polling the upstream socket: {e}")),
+                    }
+                    tokio::time::sleep(ACCEPT_CHECK_INTERVAL).await;
+                }
+            }
             Err(e) => {
                 set(last_error, e);
                 tokio::time::sleep(PROBE_INTERVAL).await;
@@ -476,11 +561,17 @@ fn set(m: &Mutex<String>, s: String) {
 
 /// One HTTP probe ([`baton::probe`]: a status from 200 to 399 passes):
 /// `true` ready, `false` not yet (with the reason in `last_error`).
-async fn http_once(
-    stream: &mut tokio::net::TcpStream,
-    url: &HttpUrl,
-    last_error: &Mutex<String>,
-) -> bool {
+async fn http_once(stream: &mut ProbeStream, url: &HttpUrl, last_error: &Mutex<String>) -> bool {
+    match stream {
+        ProbeStream::Tcp(s) => http_once_on(s, url, last_error).await,
+        ProbeStream::Unix(s, _) => http_once_on(s, url, last_error).await,
+    }
+}
+
+async fn http_once_on<S>(stream: &mut S, url: &HttpUrl, last_error: &Mutex<String>) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let host = if url.host.contains(':') {
         format!("[{}]", url.host)
     } else {
@@ -527,6 +618,7 @@ pub async fn health_once(
                 let to = SocketAddr::new(url.ip, probe_port.unwrap_or(0));
                 tokio::net::TcpStream::connect(to)
                     .await
+                    .map(ProbeStream::Tcp)
                     .map_err(|e| format!("connect to {to} (BATON_PROBE_PORT): {e}"))?
             }
         };
@@ -593,7 +685,7 @@ pub async fn wait_ready(ctx: &ReadyCtx<'_>, last_error: &Mutex<String>) {
                     )
                     .await
                     {
-                        Ok(Ok(s)) => Ok(s),
+                        Ok(Ok(s)) => Ok(ProbeStream::Tcp(s)),
                         Ok(Err(e)) => Err(format!(
                             "probe connect to {to} (BATON_PROBE_PORT={port}): {e}"
                         )),
@@ -974,7 +1066,7 @@ mod tests {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
             let last_error = Mutex::new(String::new());
             assert_eq!(
-                http_once(&mut s, &url, &last_error).await,
+                http_once_on(&mut s, &url, &last_error).await,
                 ready,
                 "{status}"
             );

@@ -43,7 +43,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use baton::{ListenAddr, ListenSpec, ListenerInfo};
 use baton_sys as sys;
@@ -193,6 +193,43 @@ pub struct Listener {
     sockets: Vec<OwnedFd>,
     /// Why this listener is one shared socket, if it is.
     pub shared_reason: Option<String>,
+    /// `--front-upstream unix`: the pair is two Unix sockets, steered by
+    /// the front choosing which one it connects to.
+    pub unix: Option<UnixPair>,
+}
+
+/// Where the front's new upstream connections of one listener go with
+/// `--front-upstream unix` (shared by the listener and the front's pool;
+/// cheap to clone).
+#[derive(Debug, Clone, Default)]
+pub struct UnixRoute {
+    path: std::sync::Arc<std::sync::Mutex<PathBuf>>,
+}
+
+impl UnixRoute {
+    /// The path new upstream connections go to now.
+    pub fn current(&self) -> PathBuf {
+        self.path.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, to: PathBuf) {
+        *self.path.lock().unwrap_or_else(|p| p.into_inner()) = to;
+    }
+}
+
+/// `--front-upstream unix`: a listener's two Unix sockets, one per
+/// generation slot, each bound at a path of its own generation in the
+/// private directory. A slot's path is unlinked once its generation is
+/// gone; the next generation on that slot gets a new socket at a new path,
+/// so a path is never served by two generations.
+#[derive(Debug)]
+pub struct UnixPair {
+    /// The private directory (0700).
+    pub dir: PathBuf,
+    /// Each slot's path while it exists (`None`: unlinked).
+    pub paths: [Option<PathBuf>; 2],
+    /// Where the front connects.
+    pub route: UnixRoute,
 }
 
 impl Listener {
@@ -224,6 +261,7 @@ impl Listener {
             origin,
             sockets: sockets.into_iter().map(|(fd, _)| fd).collect(),
             shared_reason,
+            unix: None,
         })
     }
 
@@ -274,12 +312,23 @@ impl Listener {
             Origin::Systemd => "inherited from systemd (LISTEN_FDS)",
         };
         let how = match &self.shared_reason {
+            None if self.unix.is_some() => {
+                "--front-upstream unix: one Unix socket per generation".to_owned()
+            }
             None => "steered: one SO_REUSEPORT socket per generation".to_owned(),
             Some(r) => format!("shared socket, no steering ({r})"),
         };
+        // A Unix upstream's path changes with every generation.
+        let addr = match &self.unix {
+            Some(u) => format!(
+                "unix:{}",
+                unix_path(&u.dir, &self.name, "GENERATION").display()
+            ),
+            None => self.addr.to_string(),
+        };
         ListenerInfo {
             name: self.name.clone(),
-            addr: self.addr.to_string(),
+            addr,
             origin: format!("{origin}; {how}"),
         }
     }
@@ -338,6 +387,7 @@ impl ListenerSet {
                     origin: Origin::Systemd,
                     sockets: vec![fd],
                     shared_reason: None,
+                    unix: None,
                 });
             } else {
                 items.push(bind(spec, backlog, no_steer)?);
@@ -354,6 +404,7 @@ impl ListenerSet {
                 origin: Origin::Systemd,
                 sockets: vec![fd],
                 shared_reason: None,
+                unix: None,
             });
         }
         if items.is_empty() {
@@ -403,6 +454,179 @@ impl ListenerSet {
         Ok(ListenerSet { items })
     }
 
+    /// `baton run --front --front-upstream unix`: per name, two Unix
+    /// listening sockets in the private directory `dir` (created 0700 if
+    /// missing): slot 0 at the path of `generation` (the first one), slot 1
+    /// idle and unreachable (its path unlinked) until an upgrade renews it.
+    pub fn open_private_unix(
+        names: &[String],
+        dir: &Path,
+        generation: u64,
+        backlog: i32,
+    ) -> Result<Self, OpenError> {
+        make_private_dir(dir)?;
+        let mut items = Vec::new();
+        for n in names {
+            let path = unix_path(dir, n, &generation.to_string());
+            let first = bind_upstream_unix(n, &path, backlog)?;
+            let idle_path = unix_path(dir, n, "idle");
+            let idle = bind_upstream_unix(n, &idle_path, backlog)?;
+            let _ = std::fs::remove_file(&idle_path);
+            let route = UnixRoute::default();
+            route.set(path.clone());
+            items.push(Listener {
+                name: n.clone(),
+                addr: ListenAddr::Unix(path.clone()),
+                origin: Origin::Bound,
+                sockets: vec![first, idle],
+                shared_reason: None,
+                unix: Some(UnixPair {
+                    dir: dir.to_path_buf(),
+                    paths: [Some(path), None],
+                    route,
+                }),
+            });
+        }
+        Ok(ListenerSet { items })
+    }
+
+    /// `--front-upstream unix`: the next generation, `generation`, starts
+    /// on `slot`, whose previous generation is gone: a new socket at a
+    /// path of its own replaces the slot's (whose path is unlinked).
+    ///
+    /// # Errors
+    /// The bind failed; nothing changed.
+    pub fn renew_unix(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        backlog: i32,
+    ) -> Result<(), OpenError> {
+        let mut fresh = Vec::new();
+        for l in &self.items {
+            if let Some(u) = &l.unix {
+                let path = unix_path(&u.dir, &l.name, &generation.to_string());
+                fresh.push(bind_upstream_unix(&l.name, &path, backlog).map(|fd| (fd, path)));
+            }
+        }
+        let fresh = fresh.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let mut fresh = fresh.into_iter();
+        for l in &mut self.items {
+            let Some(u) = &mut l.unix else { continue };
+            let Some((fd, path)) = fresh.next() else {
+                break;
+            };
+            if let Some(old) = u.paths[slot & 1].take() {
+                let _ = std::fs::remove_file(&old);
+            }
+            l.sockets[slot & 1] = fd;
+            u.paths[slot & 1] = Some(path);
+        }
+        Ok(())
+    }
+
+    /// `--front-upstream unix`: the generation of `slot` is gone; its
+    /// socket path is removed (the socket stays, unreachable, until the
+    /// slot is renewed).
+    pub fn unlink_unix(&mut self, slot: usize) {
+        for l in &mut self.items {
+            if let Some(u) = &mut l.unix
+                && let Some(p) = u.paths[slot & 1].take()
+            {
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {
+                        tracing::debug!(path = %p.display(), "front: a retired generation's upstream socket removed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %p.display(), error = %e, "front: could not remove a retired generation's upstream socket")
+                    }
+                }
+            }
+        }
+    }
+
+    /// `--front-upstream unix`: baton stops; every path and the private
+    /// directory (if empty) are removed.
+    pub fn remove_unix(&mut self) {
+        self.unlink_unix(0);
+        self.unlink_unix(1);
+        if let Some(u) = self.items.iter().find_map(|l| l.unix.as_ref()) {
+            let _ = std::fs::remove_dir(&u.dir);
+        }
+    }
+
+    /// `--front-upstream unix`: the route of each listener (in order).
+    pub fn unix_routes(&self) -> Vec<Option<UnixRoute>> {
+        self.items
+            .iter()
+            .map(|l| l.unix.as_ref().map(|u| u.route.clone()))
+            .collect()
+    }
+
+    /// `--front-upstream unix`, for `baton upgrade --self`: the directory
+    /// and each slot's live path (`None` for a TCP upstream).
+    pub fn carried_upstream(&self) -> Option<crate::supervisor::self_exec::state::CarriedUpstream> {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = self.items.iter().find_map(|l| l.unix.as_ref())?.dir.clone();
+        let bytes = |p: &Option<PathBuf>| p.as_ref().map(|p| p.as_os_str().as_bytes().to_vec());
+        Some(crate::supervisor::self_exec::state::CarriedUpstream {
+            dir: dir.as_os_str().as_bytes().to_vec(),
+            paths: self
+                .items
+                .iter()
+                .map(|l| match &l.unix {
+                    Some(u) => [bytes(&u.paths[0]), bytes(&u.paths[1])],
+                    None => [None, None],
+                })
+                .collect(),
+        })
+    }
+
+    /// `--front-upstream unix` after `baton upgrade --self`: the carried
+    /// pairs get their paths back, and new upstream connections go to
+    /// `serving_slot`'s.
+    ///
+    /// # Errors
+    /// The record does not match the carried listeners.
+    pub fn resume_unix(
+        &mut self,
+        u: crate::supervisor::self_exec::state::CarriedUpstream,
+        serving_slot: usize,
+    ) -> Result<(), OpenError> {
+        use std::os::unix::ffi::OsStrExt;
+        if u.paths.len() != self.items.len() {
+            return Err(format!(
+                "carried --front-upstream unix state names {} listeners, {} were carried",
+                u.paths.len(),
+                self.items.len()
+            ));
+        }
+        let dir = PathBuf::from(std::ffi::OsStr::from_bytes(&u.dir));
+        let path = |b: &Option<Vec<u8>>| {
+            b.as_ref()
+                .map(|b| PathBuf::from(std::ffi::OsStr::from_bytes(b)))
+        };
+        for (l, [p0, p1]) in self.items.iter_mut().zip(&u.paths) {
+            if l.sockets.len() != 2 || !matches!(l.addr, ListenAddr::Unix(_)) {
+                return Err(format!(
+                    "carried listener '{}' is not a pair of Unix sockets",
+                    l.name
+                ));
+            }
+            let paths = [path(p0), path(p1)];
+            let route = UnixRoute::default();
+            if let Some(p) = &paths[serving_slot & 1] {
+                route.set(p.clone());
+            }
+            l.unix = Some(UnixPair {
+                dir: dir.clone(),
+                paths,
+                route,
+            });
+        }
+        Ok(())
+    }
+
     /// Whether any listener is steered.
     pub fn any_steered(&self) -> bool {
         self.items.iter().any(Listener::steered)
@@ -436,7 +660,28 @@ impl ListenerSet {
     /// On an error, the listeners already switched are switched back to
     /// `back`.
     pub fn steer_to(&self, to: Steer, back: usize) -> std::io::Result<()> {
-        let steered: Vec<&Listener> = self.items.iter().filter(|l| l.steered()).collect();
+        for l in &self.items {
+            if let Some(u) = &l.unix {
+                let Steer::Slot(slot) = to else {
+                    return Err(std::io::Error::other(format!(
+                        "listener '{}': --front-upstream unix steers to one generation at a time (no canary)",
+                        l.name
+                    )));
+                };
+                let Some(p) = &u.paths[slot & 1] else {
+                    return Err(std::io::Error::other(format!(
+                        "listener '{}': the generation's upstream socket is gone",
+                        l.name
+                    )));
+                };
+                u.route.set(p.clone());
+            }
+        }
+        let steered: Vec<&Listener> = self
+            .items
+            .iter()
+            .filter(|l| l.steered() && l.unix.is_none())
+            .collect();
         for (i, l) in steered.iter().enumerate() {
             if let Err(e) = sys::socket::attach_reuseport_cbpf(l.fd(0), &steer_program(to, None)) {
                 for undo in &steered[..i] {
@@ -469,6 +714,10 @@ impl ListenerSet {
                 "listener '{}' is not steered",
                 l.name
             )));
+        }
+        if l.unix.is_some() {
+            // The probe connects to the new generation's own path.
+            return Ok(());
         }
         sys::socket::attach_reuseport_cbpf(
             l.fd(0),
@@ -644,6 +893,7 @@ fn bind(spec: &ListenSpec, backlog: i32, no_steer: bool) -> Result<Listener, Ope
                 origin: Origin::Bound,
                 sockets: vec![fd],
                 shared_reason: Some("a Unix socket: SO_REUSEPORT steering is TCP only".into()),
+                unix: None,
             })
         }
         ListenAddr::Tcp(addr) => {
@@ -662,6 +912,7 @@ fn bind(spec: &ListenSpec, backlog: i32, no_steer: bool) -> Result<Listener, Ope
                     origin: Origin::Bound,
                     sockets: vec![fd],
                     shared_reason: Some("--no-steer".into()),
+                    unix: None,
                 });
             }
             // SO_REUSEPORT would let us join someone else's group silently:
@@ -678,6 +929,7 @@ fn bind(spec: &ListenSpec, backlog: i32, no_steer: bool) -> Result<Listener, Ope
                 origin: Origin::Bound,
                 sockets: vec![first],
                 shared_reason: None,
+                unix: None,
             };
             add_second_socket(&mut l, actual, backlog);
             Ok(l)
@@ -741,6 +993,63 @@ fn setup_inherited_steering(l: &mut Listener, no_steer: bool) {
         }
         Err(e) => l.shared_reason = Some(format!("cannot read SO_REUSEPORT: {e}")),
     }
+}
+
+/// `--front-upstream unix`: the private directory for the generations'
+/// sockets, 0700 and ours (created if missing; a leftover one is reused,
+/// its stale sockets replaced at bind).
+fn make_private_dir(dir: &Path) -> Result<(), OpenError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let what = |e: std::io::Error| {
+        format!(
+            "--front-upstream unix: cannot create the private directory {} for the generations' sockets: {e}; \
+             make its parent writable by baton, or pick another --control path (the directory is next to it)",
+            dir.display()
+        )
+    };
+    // The control socket's directory may not exist yet (it is made next).
+    if let Some(parent) = dir.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(what)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(what(e)),
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(what)?;
+    // Only its owner can change its mode: the chmod below fails otherwise.
+    if !meta.is_dir() {
+        return Err(format!(
+            "--front-upstream unix: {} exists but is not a directory; remove it",
+            dir.display()
+        ));
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(what)?;
+    Ok(())
+}
+
+fn unix_path(dir: &Path, name: &str, tag: &str) -> PathBuf {
+    dir.join(format!("{name}.{tag}.sock"))
+}
+
+/// A generation's upstream Unix socket (`CLOEXEC`, blocking like every
+/// socket passed systemd-style).
+fn bind_upstream_unix(name: &str, path: &Path, backlog: i32) -> Result<OwnedFd, OpenError> {
+    if path.as_os_str().len() >= 108 {
+        return Err(format!(
+            "--front-upstream unix: the socket path {} is too long for a Unix socket (at most 107 bytes); \
+             use a shorter --control path or --name",
+            path.display()
+        ));
+    }
+    let fd =
+        baton::bind_unix_listener(name, path, backlog, Some(0o600)).map_err(|e| e.to_string())?;
+    sys::fd::set_nonblocking(fd.as_fd(), false).map_err(|e| format!("listener '{name}': {e}"))?;
+    Ok(fd)
 }
 
 #[cfg(test)]

@@ -99,10 +99,25 @@ pub struct Extension {
 pub struct Extensions {
     /// `notify`: the serving generation's `NOTIFY_SOCKET`.
     pub serving_notify: Option<CarriedNotify>,
+    /// `upstream` (critical: a baton that cannot follow a Unix upstream
+    /// must not take over one): `--front-upstream unix`. Absent: TCP.
+    pub upstream: Option<CarriedUpstream>,
 }
 
 /// The tag of [`Extensions::serving_notify`].
 const TAG_NOTIFY: &str = "notify";
+/// The tag of [`Extensions::upstream`].
+const TAG_UPSTREAM: &str = "upstream";
+
+/// `--front-upstream unix`: where each generation's socket lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedUpstream {
+    /// The private directory.
+    pub dir: Vec<u8>,
+    /// Per private listener (in order), each slot's socket path while it
+    /// exists (the live generations').
+    pub paths: Vec<[Option<Vec<u8>>; 2]>,
+}
 
 impl Extensions {
     fn to_list(&self) -> Result<Vec<Extension>, String> {
@@ -115,6 +130,14 @@ impl Extensions {
                     .map_err(|e| format!("encoding {TAG_NOTIFY}: {e}"))?,
             });
         }
+        if let Some(u) = &self.upstream {
+            out.push(Extension {
+                tag: TAG_UPSTREAM.into(),
+                critical: true,
+                bytes: postcard::to_allocvec(u)
+                    .map_err(|e| format!("encoding {TAG_UPSTREAM}: {e}"))?,
+            });
+        }
         Ok(out)
     }
 
@@ -125,6 +148,11 @@ impl Extensions {
                 TAG_NOTIFY => {
                     ext.serving_notify = Some(postcard::from_bytes(&e.bytes).map_err(|err| {
                         Unreadable::Corrupt(format!("extension {TAG_NOTIFY}: {err}"))
+                    })?);
+                }
+                TAG_UPSTREAM => {
+                    ext.upstream = Some(postcard::from_bytes(&e.bytes).map_err(|err| {
+                        Unreadable::Corrupt(format!("extension {TAG_UPSTREAM}: {err}"))
                     })?);
                 }
                 _ if e.critical => return Err(Unreadable::Extension(e.tag)),
@@ -357,6 +385,10 @@ mod tests {
                     path: Some(b"/run/baton/app.notify.3".to_vec()),
                     status: Some("serving".into()),
                 }),
+                upstream: Some(CarriedUpstream {
+                    dir: b"/run/baton/web.upstream".to_vec(),
+                    paths: vec![[Some(b"/run/baton/web.upstream/http.3.sock".to_vec()), None]],
+                }),
             },
         }
     }
@@ -365,6 +397,26 @@ mod tests {
     fn round_trip() {
         let s = sample();
         assert_eq!(decode(&encode(&s).unwrap()).unwrap(), s);
+    }
+
+    /// A state written by a baton from before `--front-upstream` (no
+    /// upstream extension) loads as a TCP upstream; one with a Unix
+    /// upstream is refused by a baton that does not know the extension
+    /// (critical), not read as TCP.
+    #[test]
+    fn a_state_without_the_upstream_loads_as_tcp_and_a_unix_one_needs_a_baton_that_knows_it() {
+        let mut s = sample();
+        s.ext.upstream = None;
+        let mut old = MAGIC.to_vec();
+        old.extend_from_slice(&FORMAT.to_le_bytes());
+        let old = postcard::to_extend(&s, old).unwrap();
+        let read = decode(&old).unwrap();
+        assert_eq!(read.ext.upstream, None);
+        let unix = encode(&sample()).unwrap();
+        let (_, rest): (SelfState, _) = postcard::take_from_bytes(&unix[12..]).unwrap();
+        let list: Vec<Extension> = postcard::from_bytes(rest).unwrap();
+        let up = list.iter().find(|e| e.tag == TAG_UPSTREAM).unwrap();
+        assert!(up.critical);
     }
 
     #[test]

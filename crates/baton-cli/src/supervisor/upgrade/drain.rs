@@ -143,6 +143,9 @@ pub(super) async fn stop_old(
             );
         }
     }
+    // --front-upstream unix: the old generation is gone; its socket path
+    // goes (the next generation on this slot gets a new one).
+    sup.listeners.unlink_unix(old_slot);
     closed
 }
 
@@ -171,6 +174,7 @@ pub(super) async fn stop(sup: &mut Sup, hurry: &CancellationToken) {
             );
         }
     }
+    sup.listeners.remove_unix();
 }
 
 /// Send `g` the stop signal and wait until it exits: at most

@@ -59,6 +59,12 @@ pub(super) async fn launch(
     } else {
         None
     };
+    if slot != regular {
+        // --front-upstream unix: the new generation's own socket path.
+        sup.listeners
+            .renew_unix(slot, generation, baton::DEFAULT_BACKLOG)
+            .map_err(|e| format!("creating the new generation's upstream socket: {e}"))?;
+    }
     let fds = sup
         .listeners
         .dup_for(slot)
@@ -159,6 +165,7 @@ pub(super) async fn launch(
                 // Only probes reached this socket; don't leave them for the
                 // next generation that gets it.
                 sup.listeners.close_pending(slot);
+                sup.listeners.unlink_unix(slot);
             }
             let msg = format!("generation {generation} (pid {pid}) {reason}");
             tracing::warn!(generation, pid, %reason, "generation not ready");
@@ -210,6 +217,8 @@ async fn roll_back(
         Some(o) if !o.has_exited() => sup.listeners.relay_pending(new_slot, sup.cfg.drain_timeout),
         _ => (0, sup.listeners.close_pending(new_slot)),
     };
+    // The new generation is gone: its upstream socket path goes.
+    sup.listeners.unlink_unix(new_slot);
     view(&sup.view).relayed += relayed as u64;
     let back_to = match &old {
         Some(o) => format!(
@@ -307,6 +316,11 @@ pub(super) async fn upgrade(
     let (mut new, ready_after) = match launched {
         Ok(x) => x,
         Err(reason) => {
+            // No new generation runs: its upstream socket path (if it got
+            // one) goes.
+            if new_slot != old_slot {
+                sup.listeners.unlink_unix(new_slot);
+            }
             let alive = old.is_some();
             sup.serving = old;
             let msg = if alive {

@@ -208,7 +208,10 @@ pub(super) async fn run(sup: &mut Sup, drain_timeout: Duration) -> Failure {
             recent: v.recent.clone(),
             announced_ready: sup.announced_ready,
             front: front_state,
-            ext: Extensions { serving_notify },
+            ext: Extensions {
+                serving_notify,
+                upstream: sup.listeners.carried_upstream(),
+            },
         }
     };
     tracing::info!(
@@ -372,6 +375,8 @@ pub fn resume_front(
 /// A socket cannot be adopted.
 pub fn resume_listeners(
     ls: Vec<CarriedListener>,
+    upstream: Option<crate::supervisor::self_exec::state::CarriedUpstream>,
+    serving_slot: u64,
 ) -> Result<crate::supervisor::sockets::ListenerSet, String> {
     use crate::supervisor::sockets::{Listener, ListenerSet, Origin};
     let mut items = Vec::new();
@@ -388,7 +393,11 @@ pub fn resume_listeners(
         };
         items.push(Listener::carried(l.name, origin, socks, l.shared_reason)?);
     }
-    Ok(ListenerSet { items })
+    let mut set = ListenerSet { items };
+    if let Some(u) = upstream {
+        set.resume_unix(u, serving_slot as usize)?;
+    }
+    Ok(set)
 }
 
 /// The book of the image that takes over.
