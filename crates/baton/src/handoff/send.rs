@@ -114,8 +114,10 @@ impl OldSide {
         log: &mut HandshakeLog,
     ) -> Result<ReadyInfo, Error> {
         self.chan.send(&Msg::Hello(me), &[]).await?;
+        crate::trace::step("old: Hello sent");
         match self.recv_expect("Hello").await? {
             (Msg::Hello(h), _) => {
+                crate::trace::step("old: Hello received");
                 tracing::debug!(pid = h.pid, version = %h.app_version, "new generation said hello");
                 self.peer = Some(h);
             }
@@ -124,16 +126,19 @@ impl OldSide {
         let metas: Vec<ListenerMeta> = listeners.iter().map(|(m, _)| m.clone()).collect();
         let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
         self.chan.send(&Msg::Listeners(metas), &fds).await?;
+        crate::trace::step("old: Listeners sent");
         let mut state_sent = false;
         loop {
             match self.recv_expect("Ready").await? {
                 (Msg::WantState, _) if !state_sent => {
+                    crate::trace::step("old: WantState received");
                     state.before_snapshot().await?;
                     let t = std::time::Instant::now();
                     let blobs = state.snapshot()?;
                     log.state_snapshot = Some(t.elapsed());
                     log.state_bytes = blobs.iter().map(|(_, b)| b.len() as u64).sum();
                     self.send_state(blobs).await?;
+                    crate::trace::step("old: State sent");
                     state_sent = true;
                 }
                 (Msg::Accepts(a), _) => {
