@@ -132,6 +132,22 @@ pub(super) async fn run_upgrade(
 
     let (ours, theirs) =
         sys::fd::seqpacket_pair().map_err(|e| Error::io("creating the handoff channel", e))?;
+    // Our Hello and the listeners go first, before the new generation
+    // starts: it finds them at its first read (no round trip waited for).
+    let listeners = inner.registry.handoff_set();
+    let announced = async {
+        let mut old = OldSide::new(Channel::new(ours)?);
+        let me = hello(&inner.config.app_version, inner.generation);
+        old.announce(me, &listeners).await.map(|()| old)
+    };
+    let mut old = match announced.await {
+        Ok(old) => old,
+        Err(e) => {
+            let err = Error::Failed(format!("could not write to the handoff channel: {e}"));
+            rollback_notify(&inner, &err);
+            return Err(err);
+        }
+    };
     // A pinned executable is exec'd through its open fd (the hashed
     // content); argv[0] keeps the real path, from which the new generation
     // resolves its own next upgrade.
@@ -186,21 +202,11 @@ pub(super) async fn run_upgrade(
         },
     );
 
-    let chan = match Channel::new(ours) {
-        Ok(c) => c,
-        Err(e) => {
-            abort_child(&mut child, Duration::ZERO).await;
-            return Err(e);
-        }
-    };
-    let mut old = OldSide::new(chan);
-    let listeners = inner.registry.handoff_set();
     let mut log = HandshakeLog::default();
     let ready_timeout = inner.config.ready_timeout;
     let handshake = {
         let source = Exporters(&inner);
-        let me = hello(&inner.config.app_version, inner.generation);
-        let hs = old.handshake(me, &listeners, &source, &mut log);
+        let hs = old.await_ready(&source, &mut log);
         tokio::pin!(hs);
         tokio::select! {
             r = tokio::time::timeout(ready_timeout, &mut hs) => match r {
