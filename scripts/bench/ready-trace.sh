@@ -5,8 +5,8 @@
 # --trace` on CPU 1, the builds alternating. Both generations append their
 # steps (CLOCK_MONOTONIC) to the trace; the probe appends the trigger (its
 # SIGUSR2) and "ready" (a fresh connection answered by the new pid). Prints,
-# per build, each step's median time since the trigger and the median time
-# since the step before it, and the probe's own cost of one poll
+# per build, each step's median (and minimum) time since the trigger and the
+# median time since the step before it, and the probe's own cost of one poll
 # (`probe.py rtt` on the idle server). Writes nothing else.
 #
 #   scripts/bench/ready-trace.sh [--upgrades N] [--ballast-mib M] [--keep] DEMO [DEMO...]
@@ -86,10 +86,10 @@ for i, demo in enumerate(demos):
     rtt = json.load(open(f"{d}/rtt.json"))
     print(f"\n{demo}: {len(ups)} upgrades traced; one probe poll on the idle server: "
           f"median {rtt['median_ms']:.3f} ms (min {rtt['min_ms']:.3f})")
-    print(f"  {'step':<34} {'n':>3} {'ms since trigger':>17} {'ms since previous':>18}")
+    print(f"  {'step':<38} {'n':>3} {'ms since trigger':>17} {'(min)':>7} {'ms since previous':>18}")
     prev = 0.0
     for s, v in rows:
         m = statistics.median(v)
-        print(f"  {s:<34} {len(v):>3} {m:>17.3f} {m - prev:>18.3f}")
+        print(f"  {s:<38} {len(v):>3} {m:>17.3f} {min(v):>7.3f} {m - prev:>18.3f}")
         prev = m
 EOF
