@@ -301,13 +301,26 @@ class Peer:
                 raise RuntimeError(f"pid {pid} resident {kib} KiB, not {want:.0f}, after 120 s")
             time.sleep(0.05)
 
+    def trace_step(self, step, at=None):
+        """--trace: one line in baton's step-trace format (BATON_TRACE_STEPS),
+        CLOCK_MONOTONIC microseconds, as the server's own lines; `at`: a
+        now() of the past (the start of the poll that saw the new pid)."""
+        if getattr(self.a, "trace", None):
+            t = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            if at is not None:
+                t -= int((now() - at) * 1e6)
+                step += "" if "last" in step else " (its poll's start)"
+            with open(self.a.trace, "a") as f:
+                f.write(f"{t} {os.getpid()} {step}\n")
+
     def upgrade(self, ready_timeout, gone_timeout, poll):
         resident = self.wait_resident()
         old_answer, old_procs = self.snapshot()
+        self.trace_step("probe: trigger")
         t0 = now()
         self.trigger()
         t_trig = now()
-        t_ready = t_gone = None
+        t_ready = t_gone = t_old = None
         new_pid = None
         polls = 0
         errors = []
@@ -324,8 +337,14 @@ class Peer:
                     # a poll that fails is a failed request: keep it
                     errors.append({"at_ms": round((tp - t0) * 1000, 3),
                                    "took_ms": round((now() - tp) * 1000, 3), "error": err})
+                if pid is not None and pid in old_answer:
+                    t_old = now()
                 if pid is not None and pid not in old_answer:
                     t_ready, new_pid = now(), pid
+                    if t_old is not None:
+                        self.trace_step("probe: last answer of the old pid", at=t_old)
+                    self.trace_step("probe: ready", at=tp)
+                    self.trace_step("probe: ready")
                     self.after_ready()
                 elif now() - t0 > ready_timeout:
                     break
@@ -752,6 +771,8 @@ def main():
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--gap", type=float, default=0.5, help="pause between upgrades, s")
     p.add_argument("--delay", type=float, default=0, help="pause before the first, s")
+    p.add_argument("--trace", help="append the trigger and the ready moment to this step-trace "
+                                   "file (BATON_TRACE_STEPS, scripts/bench/ready-trace.sh)")
     p = sub.add_parser("idle")
     peer_args(p)
     p.add_argument("--conns", type=int, default=64)

@@ -338,13 +338,19 @@ struct App {
 /// exit code.
 pub fn main_with(custom: Custom) -> ExitCode {
     use clap::Parser;
+    baton::trace::step("new: main");
     let args = Args::parse();
+    baton::trace::step("new: args parsed");
     init_logging(args.log_format, &args.log);
+    baton::trace::step("new: logging set up");
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
+        Ok(rt) => {
+            baton::trace::step("new: runtime built");
+            rt
+        }
         Err(e) => {
             eprintln!("baton-demo: cannot start the tokio runtime: {e}");
             return ExitCode::from(1);
@@ -402,6 +408,7 @@ pub async fn run(mut args: Args, mut custom: Custom) -> anyhow::Result<()> {
         c
     });
     let baton = Baton::start(config).await?;
+    baton::trace::step("new: Baton::start returned");
 
     let listeners = match open_listeners(&args, &baton) {
         Ok(l) => l,
@@ -411,6 +418,7 @@ pub async fn run(mut args: Args, mut custom: Custom) -> anyhow::Result<()> {
         }
     };
     let names: Vec<String> = listeners.iter().map(|l| l.name().to_owned()).collect();
+    baton::trace::step("new: listeners opened");
 
     let tls = match load_tls(&args, &names, &baton).await {
         Ok(tls) => tls,
@@ -478,6 +486,7 @@ pub async fn run(mut args: Args, mut custom: Custom) -> anyhow::Result<()> {
         }
     }
 
+    baton::trace::step("new: serving tasks spawned");
     // Signal handlers before readiness: a deploy script may signal as soon as
     // the pid file changes.
     install_stop_signals(&baton)?;

@@ -103,6 +103,7 @@ pub mod probe;
 pub mod protocol;
 pub mod spawn;
 pub mod state;
+pub mod trace;
 mod upgrade;
 
 pub use config::{

@@ -529,7 +529,12 @@ impl Listener {
             match phase {
                 Phase::Serving => {
                     tokio::select! {
-                        r = self.accept_now() => return Some(r),
+                        r = self.accept_now() => {
+                            if r.is_ok() {
+                                first_accept();
+                            }
+                            return Some(r);
+                        }
                         changed = rx.changed() => if changed.is_err() { return None },
                     }
                 }
@@ -557,6 +562,14 @@ impl Listener {
                 ))
             }
         }
+    }
+}
+
+/// Trace the first connection this process accepts (`crate::trace`).
+fn first_accept() {
+    static SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SEEN.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        crate::trace::step("first accept");
     }
 }
 

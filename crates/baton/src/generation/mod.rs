@@ -140,6 +140,7 @@ impl Baton {
     /// Not cancel safe: call it once and await it.
     pub async fn ready(&self) -> Result<(), Error> {
         let inner = &self.inner;
+        crate::trace::step("new: ready() called");
         if inner.life.phase() != Phase::Starting {
             return Err(Error::Config("ready() was already called".into()));
         }
@@ -189,6 +190,7 @@ impl Baton {
                     })
                     .await?;
                 inner.life.set(Phase::Serving);
+                crate::trace::step("new: accept open (serving)");
                 inner.registry.drop_unused();
                 let provisional = match how {
                     Promotion::PredecessorGone => {
@@ -212,6 +214,7 @@ impl Baton {
                 };
                 if !provisional {
                     self.write_pid_file();
+                    crate::trace::step("new: pid file written");
                 }
                 inner.config.run_hook(crate::config::HandoffPoint::Promoted);
                 // A clone: the same queue takes connections a rolled-back

@@ -77,6 +77,7 @@ impl Baton {
         let mut generation = 1;
         let mut predecessor = None;
         let mut predecessor_pid = None;
+        crate::trace::step("new: Baton::start");
         if let Some(fd) = inherited_handoff_fd()? {
             config.run_hook(crate::config::HandoffPoint::Started);
             let app_version = config.app_version.clone();
@@ -97,6 +98,7 @@ impl Baton {
             for (meta, fd) in listeners {
                 registry.add_inherited(&meta.name, Some(meta.kind), fd, Origin::Predecessor)?;
             }
+            crate::trace::step("new: listeners registered");
             config.run_hook(crate::config::HandoffPoint::ListenersReceived);
             predecessor = Some(side);
         } else {
@@ -164,6 +166,7 @@ impl Baton {
         let tx = self.inner.cmd_tx.clone();
         tokio::spawn(async move {
             while sig.recv().await.is_some() {
+                crate::trace::step("old: SIGUSR2 received");
                 tracing::info!("SIGUSR2 received: upgrade requested");
                 let (etx, _erx) = mpsc::unbounded_channel();
                 let (rtx, rrx) = oneshot::channel();

@@ -64,6 +64,60 @@ mod tests {
         }
     }
 
+    /// The old side's `Hello` and listeners are in the channel before the new
+    /// side exists (the old generation writes them before it starts the new
+    /// process): a new side started afterwards gets its listeners while the
+    /// old side is not polled at all — no round trip waited for — and the
+    /// handshake then completes as ever.
+    #[tokio::test]
+    async fn the_listeners_wait_in_the_channel_before_the_new_side_starts() {
+        use super::recv::Promotion;
+        use crate::protocol::{Accepts, ListenerKind, ListenerMeta, ReadyInfo};
+        use std::os::fd::OwnedFd;
+        use std::sync::Arc;
+        use std::time::Duration;
+
+        let (ours, theirs) = baton_sys::fd::seqpacket_pair().unwrap();
+        let mut old = OldSide::new(Channel::new(ours).unwrap());
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let meta = ListenerMeta {
+            name: "http".into(),
+            kind: ListenerKind::Tcp,
+        };
+        old.announce(hello("old", 1), &[(meta, Arc::new(OwnedFd::from(l)))])
+            .await
+            .unwrap();
+        let (side, listeners) = tokio::time::timeout(
+            Duration::from_secs(10),
+            NewSide::connect(theirs, |_| hello("new", 2)),
+        )
+        .await
+        .expect("the listeners without the old side answering the new side's Hello")
+        .unwrap();
+        assert_eq!(listeners.len(), 1);
+        assert_eq!(listeners[0].0.name, "http");
+        let got = std::net::TcpListener::from(listeners.into_iter().next().unwrap().1);
+        assert_eq!(got.local_addr().unwrap(), addr, "the same socket");
+
+        let new = tokio::spawn(async move {
+            let info = ReadyInfo {
+                accepts_conns: false,
+            };
+            side.ready(info, Accepts::default(), Duration::from_secs(10), || {})
+                .await
+        });
+        let mut log = HandshakeLog::default();
+        let info = old.await_ready(&NoState, &mut log).await.unwrap();
+        assert!(!info.accepts_conns);
+        assert_eq!(old.peer.as_ref().map(|h| h.generation), Some(2));
+        old.promote().await.unwrap();
+        assert_eq!(
+            new.await.unwrap().unwrap(),
+            Promotion::Promoted { provisional: false }
+        );
+    }
+
     /// Revision 2 on both sides: the new side says which owned kinds it
     /// takes; a batch of such connections arrives with its unread bytes
     /// and state and is acknowledged; a batch of a kind it did not register,

@@ -71,6 +71,7 @@ impl NewSide {
             .map_err(|_| {
                 Error::Protocol("the previous generation sent no Hello within 10 s".into())
             })??;
+        crate::trace::step("new: Hello received");
         let peer = match first {
             Some((Msg::Hello(h), _)) => h,
             Some((other, _)) => {
@@ -86,12 +87,16 @@ impl NewSide {
             }
         };
         chan.send(&Msg::Hello(me(&peer)), &[]).await?;
+        crate::trace::step("new: Hello sent");
         let listeners = match tokio::time::timeout(HELLO_TIMEOUT, chan.recv())
             .await
             .map_err(|_| {
                 Error::Protocol("the previous generation sent no Listeners within 10 s".into())
             })?? {
-            Some((Msg::Listeners(metas), fds)) => metas.into_iter().zip(fds).collect(),
+            Some((Msg::Listeners(metas), fds)) => {
+                crate::trace::step("new: Listeners received");
+                metas.into_iter().zip(fds).collect()
+            }
             Some((other, _)) => {
                 return Err(Error::Protocol(format!(
                     "expected Listeners, got {}",
@@ -115,6 +120,7 @@ impl NewSide {
     /// Ask for the state and read it (memfds checked against `limit`).
     pub(crate) async fn want_state(&self, limit: u64) -> Result<Vec<(String, Vec<u8>)>, Error> {
         self.chan.send(&Msg::WantState, &[]).await?;
+        crate::trace::step("new: WantState sent");
         let (metas, fds) = match self.chan.recv().await? {
             Some((Msg::State(m), fds)) => (m, fds),
             Some((other, _)) => {
@@ -129,6 +135,7 @@ impl NewSide {
                 ));
             }
         };
+        crate::trace::step("new: State received");
         let mut fds = fds.into_iter();
         let mut out = Vec::with_capacity(metas.len());
         let mut total: u64 = 0;
@@ -188,7 +195,10 @@ impl NewSide {
                 e => Err(e),
             })?;
         sent();
-        match tokio::time::timeout(limit, self.chan.recv()).await {
+        crate::trace::step("new: Ready sent");
+        let got = tokio::time::timeout(limit, self.chan.recv()).await;
+        crate::trace::step("new: Promote received");
+        match got {
             Err(_) => Err(Error::Protocol(format!(
                 "the previous generation did not promote us within {limit:?}"
             ))),

@@ -106,6 +106,8 @@ impl OldSide {
 
     /// Hello both ways, the listeners, state on request; returns when the
     /// new side says `Ready`. `Failed` and anything out of order are errors.
+    /// ([`announce`](Self::announce), then [`await_ready`](Self::await_ready).)
+    #[cfg(test)]
     pub(crate) async fn handshake(
         &mut self,
         me: Hello,
@@ -113,27 +115,58 @@ impl OldSide {
         state: &impl StateSource,
         log: &mut HandshakeLog,
     ) -> Result<ReadyInfo, Error> {
+        self.announce(me, listeners).await?;
+        self.await_ready(state, log).await
+    }
+
+    /// Our `Hello` and the listeners, without waiting for the new side's
+    /// `Hello`: sent before the new generation is even started, they wait
+    /// in the channel, so that it finds them at its first read instead of
+    /// waiting a round trip for them (the new side reads `Hello`, answers
+    /// with its own, then reads `Listeners`, in this order, as ever). This
+    /// side keeps its own copies of the listeners: if the new generation
+    /// never starts or fails, the copies in flight are closed with the
+    /// channel and nothing else changes.
+    pub(crate) async fn announce(
+        &mut self,
+        me: Hello,
+        listeners: &[(ListenerMeta, Arc<OwnedFd>)],
+    ) -> Result<(), Error> {
         self.chan.send(&Msg::Hello(me), &[]).await?;
+        let metas: Vec<ListenerMeta> = listeners.iter().map(|(m, _)| m.clone()).collect();
+        let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
+        self.chan.send(&Msg::Listeners(metas), &fds).await?;
+        crate::trace::step("old: Hello and Listeners sent");
+        Ok(())
+    }
+
+    /// After [`announce`](Self::announce): the new side's `Hello`, state on
+    /// request; returns when it says `Ready`.
+    pub(crate) async fn await_ready(
+        &mut self,
+        state: &impl StateSource,
+        log: &mut HandshakeLog,
+    ) -> Result<ReadyInfo, Error> {
         match self.recv_expect("Hello").await? {
             (Msg::Hello(h), _) => {
+                crate::trace::step("old: Hello received");
                 tracing::debug!(pid = h.pid, version = %h.app_version, "new generation said hello");
                 self.peer = Some(h);
             }
             (other, _) => return Err(unexpected("Hello", &other)),
         }
-        let metas: Vec<ListenerMeta> = listeners.iter().map(|(m, _)| m.clone()).collect();
-        let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
-        self.chan.send(&Msg::Listeners(metas), &fds).await?;
         let mut state_sent = false;
         loop {
             match self.recv_expect("Ready").await? {
                 (Msg::WantState, _) if !state_sent => {
+                    crate::trace::step("old: WantState received");
                     state.before_snapshot().await?;
                     let t = std::time::Instant::now();
                     let blobs = state.snapshot()?;
                     log.state_snapshot = Some(t.elapsed());
                     log.state_bytes = blobs.iter().map(|(_, b)| b.len() as u64).sum();
                     self.send_state(blobs).await?;
+                    crate::trace::step("old: State sent");
                     state_sent = true;
                 }
                 (Msg::Accepts(a), _) => {

@@ -245,6 +245,7 @@ pub(super) async fn drain(
             msg = old.recv(), if chan_open => {
                 match msg {
                     Ok(Some(Msg::Serving)) if !confirmed => {
+                        crate::trace::step("old: Serving received");
                         confirmed = true;
                         tracing::debug!(pid = child.pid(), "the new generation confirmed it serves");
                     }

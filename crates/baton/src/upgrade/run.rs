@@ -88,6 +88,7 @@ pub(super) async fn run_upgrade(
     opts: UpgradeOptions,
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<UpgradeReport, Error> {
+    crate::trace::step("old: upgrade begins");
     let t0 = Instant::now();
     let next_gen = inner.generation + 1;
     let mut plan = inner.exec.clone();
@@ -121,6 +122,7 @@ pub(super) async fn run_upgrade(
         let line = crate::admission::check_memory(&levels, estimate, &inner.config.memory)?;
         tracing::info!("{line}");
     }
+    crate::trace::step("old: admission done");
     tracing::info!(generation = inner.generation, next = next_gen, program = %plan.program.display(), pinned = exe.pinned.is_some(), "upgrade: starting the next generation");
     inner.notify(&[
         "RELOADING=1".into(),
@@ -130,6 +132,22 @@ pub(super) async fn run_upgrade(
 
     let (ours, theirs) =
         sys::fd::seqpacket_pair().map_err(|e| Error::io("creating the handoff channel", e))?;
+    // Our Hello and the listeners go first, before the new generation
+    // starts: it finds them at its first read (no round trip waited for).
+    let listeners = inner.registry.handoff_set();
+    let announced = async {
+        let mut old = OldSide::new(Channel::new(ours)?);
+        let me = hello(&inner.config.app_version, inner.generation);
+        old.announce(me, &listeners).await.map(|()| old)
+    };
+    let mut old = match announced.await {
+        Ok(old) => old,
+        Err(e) => {
+            let err = Error::Failed(format!("could not write to the handoff channel: {e}"));
+            rollback_notify(&inner, &err);
+            return Err(err);
+        }
+    };
     // A pinned executable is exec'd through its open fd (the hashed
     // content); argv[0] keeps the real path, from which the new generation
     // resolves its own next upgrade.
@@ -161,7 +179,9 @@ pub(super) async fn run_upgrade(
         spec.env_set
             .push((ENV_OOM_SCORE_ADJ.into(), own_adj.to_string().into()));
     }
+    crate::trace::step("old: spawn called");
     let spawned = inner.spawner.spawn(spec);
+    crate::trace::step("old: spawn returned");
     drop(exe); // the child has its own copy of a pinned fd (closed at exec)
     let mut child = match spawned {
         Ok(c) => c,
@@ -182,21 +202,11 @@ pub(super) async fn run_upgrade(
         },
     );
 
-    let chan = match Channel::new(ours) {
-        Ok(c) => c,
-        Err(e) => {
-            abort_child(&mut child, Duration::ZERO).await;
-            return Err(e);
-        }
-    };
-    let mut old = OldSide::new(chan);
-    let listeners = inner.registry.handoff_set();
     let mut log = HandshakeLog::default();
     let ready_timeout = inner.config.ready_timeout;
     let handshake = {
         let source = Exporters(&inner);
-        let me = hello(&inner.config.app_version, inner.generation);
-        let hs = old.handshake(me, &listeners, &source, &mut log);
+        let hs = old.await_ready(&source, &mut log);
         tokio::pin!(hs);
         tokio::select! {
             r = tokio::time::timeout(ready_timeout, &mut hs) => match r {
@@ -243,6 +253,7 @@ pub(super) async fn run_upgrade(
             return Err(err);
         }
     };
+    crate::trace::step("old: Ready received");
     let ready_ms = spawned_at.elapsed().as_millis() as u64;
     tracing::info!(pid = new_pid, ready_ms, "upgrade: new generation ready");
     emit(
@@ -269,6 +280,7 @@ pub(super) async fn run_upgrade(
         rollback_notify(&inner, &err);
         return Err(err);
     }
+    crate::trace::step("old: Promote sent");
     let promoted_at = Instant::now();
     let pause_ms = lock(&inner.quiesced_at)
         .take()
@@ -325,6 +337,7 @@ pub(super) async fn run_upgrade(
         Some(rx)
     };
     inner.life.set(Phase::Handover);
+    crate::trace::step("old: accept stopped (handover)");
     *lock(&inner.successor_pid) = Some(new_pid);
     tracing::info!(
         pid = new_pid,
@@ -377,6 +390,7 @@ pub(super) async fn run_upgrade(
                     closed,
                 })
                 .await;
+            crate::trace::step("old: drained, Done sent");
             inner.config.run_hook(HandoffPoint::Exiting);
             // The last step before exiting: is the successor still there?
             // If it died during the drain's last moments, nobody would serve
