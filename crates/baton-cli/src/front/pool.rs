@@ -49,7 +49,8 @@ struct Idle {
 }
 
 /// A connection lent to one request. Give it back with [`Lease::release`]
-/// once the response head arrived; dropped, it is closed.
+/// once the response body ended (`proxy::Upstream` does); dropped, it is
+/// closed.
 pub struct Lease {
     busy: Busy,
     /// Whether the connection was reused (a reused connection may have been
