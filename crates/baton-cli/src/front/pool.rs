@@ -121,9 +121,7 @@ impl Pool {
             epoch,
             finished: false,
         };
-        // A connection whose response just ended may not be ready yet
-        // (hyper finishes that message on the connection's task): waited
-        // for; one that closed meanwhile is dropped, and the next tried.
+        // One that closed meanwhile is dropped, and the next tried.
         while let Some(mut sender) = idle {
             if std::future::poll_fn(|cx| sender.poll_ready(cx))
                 .await
@@ -254,11 +252,24 @@ impl Lease {
     }
 
     /// The response ended (its body read to the end): the connection goes
-    /// back to the pool, or is closed if its epoch ended. hyper may still
-    /// be finishing the message on the connection's task: [`Pool::checkout`]
-    /// waits for it to be ready before it sends on it.
+    /// back to the pool, or is closed if its epoch ended. It is ready again
+    /// by then, unless hyper is still busy on it (a request body still
+    /// being sent after an early answer): then a task waits until it is,
+    /// and the connection stays busy meanwhile.
     pub fn release(self) {
-        self.busy.finish(Some(self.sender));
+        let Lease {
+            busy, mut sender, ..
+        } = self;
+        if sender.is_ready() {
+            busy.finish(Some(sender));
+            return;
+        }
+        tokio::spawn(async move {
+            match sender.ready().await {
+                Ok(()) => busy.finish(Some(sender)),
+                Err(_) => busy.finish(None),
+            }
+        });
     }
 
     /// The request failed: the connection is closed.
