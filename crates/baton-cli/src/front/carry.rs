@@ -334,9 +334,7 @@ impl AsyncRead for CarryIo {
         let before = buf.filled().len();
         let r = Pin::new(&mut this.stream).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &r {
-            let filled = buf.filled();
-            let new = filled.get(before..).unwrap_or(&[]).to_vec();
-            this.note_read(&new);
+            this.note_read(buf.filled().get(before..).unwrap_or(&[]));
         }
         r
     }

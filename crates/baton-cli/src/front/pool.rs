@@ -64,7 +64,8 @@ struct Idle {
 }
 
 /// A connection lent to one request. Give it back with [`Lease::release`]
-/// once the response head arrived; dropped, it is closed.
+/// once the response body ended (`proxy::Upstream` does); dropped, it is
+/// closed.
 pub struct Lease {
     busy: Busy,
     /// Whether the connection was reused (a reused connection may have been
@@ -122,48 +123,32 @@ impl Pool {
     ///
     /// The connect or the HTTP/1 handshake failed (nothing was sent).
     pub async fn checkout(&self, epoch: u64) -> std::io::Result<Lease> {
-        let reused = {
+        let mut idle = {
             let mut st = self.state();
-            let limit = self.inner.idle_limit;
-            // Only the ends of the queue are looked at (this runs for every
-            // request): the expired connections at the front go, and the
-            // newest of this epoch is taken; a closed one on the way is
-            // dropped. Connections of a later epoch (the supervisor switched
-            // since this request read the epoch) stay for the requests of
-            // their own.
-            let now = Instant::now();
-            while st
-                .idle
-                .front()
-                .is_some_and(|c| now.saturating_duration_since(c.since) >= limit)
-            {
-                st.idle.pop_front();
-            }
-            let mut found = None;
-            while let Some(i) = st.idle.iter().rposition(|c| c.epoch == epoch) {
-                let Some(c) = st.idle.remove(i) else { break };
-                if c.sender.is_ready() {
-                    found = Some(c.sender);
-                    break;
-                }
-            }
             // Counted busy from now, a new connection too: the supervisor
             // must not stop a generation while a connection to it is being
             // opened for a request.
             *st.busy.entry(epoch).or_default() += 1;
-            found
+            self.take_idle(&mut st, epoch)
         };
         let busy = Busy {
             pool: self.clone(),
             epoch,
             finished: false,
         };
-        if let Some(sender) = reused {
-            return Ok(Lease {
-                busy,
-                reused: true,
-                sender,
-            });
+        // One that closed meanwhile is dropped, and the next tried.
+        while let Some(mut sender) = idle {
+            if std::future::poll_fn(|cx| sender.poll_ready(cx))
+                .await
+                .is_ok()
+            {
+                return Ok(Lease {
+                    busy,
+                    reused: true,
+                    sender,
+                });
+            }
+            idle = self.take_idle(&mut self.state(), epoch);
         }
         // On an error or a cancel, `busy` gives its count back as it drops.
         let sender = self.connect().await?;
@@ -172,6 +157,23 @@ impl Pool {
             reused: false,
             sender,
         })
+    }
+
+    /// The newest idle connection of `epoch` that is not closed.
+    fn take_idle(&self, st: &mut State, epoch: u64) -> Option<SendRequest<UpBody>> {
+        // Only the ends of the queue are looked at (this runs for every
+        // request): the expired connections at the front go, and the newest
+        // of this epoch is taken; a closed one on the way is dropped.
+        // Connections of a later epoch (the supervisor switched since this
+        // request read the epoch) stay for the requests of their own.
+        self.drop_expired(st);
+        while let Some(i) = st.idle.iter().rposition(|c| c.epoch == epoch) {
+            let c = st.idle.remove(i)?;
+            if !c.sender.is_closed() {
+                return Some(c.sender);
+            }
+        }
+        None
     }
 
     async fn connect(&self) -> std::io::Result<SendRequest<UpBody>> {
@@ -193,6 +195,13 @@ impl Pool {
     /// next one expires (`None`: none is idle).
     fn sweep(&self) -> Option<Instant> {
         let mut st = self.state();
+        self.drop_expired(&mut st);
+        st.idle.front().map(|c| c.since + self.inner.idle_limit)
+    }
+
+    /// Close the idle connections at the front of the queue that are past
+    /// the idle limit (the queue is in idle order).
+    fn drop_expired(&self, st: &mut State) {
         let limit = self.inner.idle_limit;
         let now = Instant::now();
         while st
@@ -202,7 +211,6 @@ impl Pool {
         {
             st.idle.pop_front();
         }
-        st.idle.front().map(|c| c.since + limit)
     }
 
     /// Start the task that closes idle connections as they pass the idle
@@ -312,13 +320,19 @@ impl Lease {
         self.busy.epoch
     }
 
-    /// The response head arrived: the connection goes back to the pool once
-    /// the response body is read (hyper says so by being ready again), or
-    /// is closed if it fails meanwhile or its epoch ended.
+    /// The response ended (its body read to the end): the connection goes
+    /// back to the pool, or is closed if its epoch ended. It is ready again
+    /// by then, unless hyper is still busy on it (a request body still
+    /// being sent after an early answer): then a task waits until it is,
+    /// and the connection stays busy meanwhile.
     pub fn release(self) {
         let Lease {
             busy, mut sender, ..
         } = self;
+        if sender.is_ready() {
+            busy.finish(Some(sender));
+            return;
+        }
         tokio::spawn(async move {
             match sender.ready().await {
                 Ok(()) => busy.finish(Some(sender)),
@@ -400,11 +414,11 @@ mod tests {
             .await
             .map_err(|e| e.into_error())
             .unwrap();
-        lease.release();
         http_body_util::BodyExt::collect(resp.into_body())
             .await
             .unwrap();
-        // Back in the pool once hyper's sender is ready again.
+        // Back in the pool once the body ended (as proxy.rs does).
+        lease.release();
         tokio::time::timeout(Duration::from_secs(10), async {
             while pool.busy() > 0 {
                 tokio::task::yield_now().await;
@@ -464,5 +478,47 @@ mod tests {
         .expect("the idle connection is closed by the sweeper")
         .unwrap();
         assert!(pool.state().idle.is_empty());
+    }
+
+    /// A response whose body is read to its end gives its connection back
+    /// (no task waits for it); one dropped before its end closes it (fails
+    /// with `Upstream`'s drop giving every connection back, and with its
+    /// drop closing every one and the end of the body not noticed).
+    #[tokio::test]
+    async fn a_connection_goes_back_when_the_response_body_ends_and_not_before() {
+        use super::super::proxy::Upstream;
+        let (addr, accepted) = server().await;
+        let pool = Pool::new(Target::Tcp(addr), Duration::from_secs(60));
+        let send = |pool: Pool| async move {
+            let mut lease = pool.checkout(0).await.unwrap();
+            let reused = lease.reused;
+            let req = hyper::Request::builder()
+                .uri("/")
+                .header("host", "x")
+                .body(http_body_util::Either::Right(http_body_util::Empty::new()))
+                .unwrap();
+            let resp = lease
+                .sender
+                .try_send_request(req)
+                .await
+                .map_err(|e| e.into_error())
+                .unwrap();
+            (reused, Upstream::new(resp.into_body(), Some(lease)))
+        };
+        let (_, body) = send(pool.clone()).await;
+        assert_eq!(pool.busy(), 1);
+        let got = http_body_util::BodyExt::collect(body).await.unwrap();
+        assert_eq!(got.to_bytes(), "ok");
+        assert_eq!(pool.busy(), 0, "given back as the body ended");
+        let (reused, body) = send(pool.clone()).await;
+        assert!(reused);
+        drop(body);
+        assert_eq!(pool.busy(), 0);
+        let (reused, _body) = send(pool.clone()).await;
+        assert!(
+            !reused,
+            "a body dropped before its end closes its connection"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }

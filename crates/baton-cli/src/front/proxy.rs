@@ -3,23 +3,89 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use http_body_util::{Either, Empty, Full};
-use hyper::body::{Body, Bytes, Incoming};
+
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 
 use super::Front;
 use super::limits::Capped;
-use super::pool::UpBody;
+use super::pool::{Lease, UpBody};
 use super::serve::Client;
 use super::tunnel::Tunnel;
 
 /// The body baton sends a client: the generation's, or its own 502.
-pub type DownBody = Either<Incoming, Full<Bytes>>;
+pub type DownBody = Either<Upstream, Full<Bytes>>;
+
+/// A response body from the generation. Its upstream connection goes back
+/// to the pool as the body ends (no task waits for it), or is closed if
+/// the body fails or is dropped before its end (the client went away).
+pub struct Upstream {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl Upstream {
+    pub(super) fn new(inner: Incoming, lease: Option<Lease>) -> Upstream {
+        Upstream { inner, lease }
+    }
+
+    /// The body ended (`true`) or failed: the connection is given back or
+    /// closed.
+    fn done(&mut self, ok: bool) {
+        if let Some(lease) = self.lease.take() {
+            if ok {
+                lease.release();
+            } else {
+                lease.discard();
+            }
+        }
+    }
+}
+
+impl Body for Upstream {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let r = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &r {
+            None => this.done(true),
+            Some(Ok(_)) if this.inner.is_end_stream() => this.done(true),
+            Some(Err(_)) => this.done(false),
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        // An empty body (`HEAD`, `204`, `304`, `Content-Length: 0`) is
+        // never polled: it ended too.
+        let ended = self.inner.is_end_stream();
+        self.done(ended);
+    }
+}
 
 /// Pause before the retry number `n` (1, 2, ...): a generation that just
 /// died is restarted with a backoff of its own, a connect refused at once
@@ -300,12 +366,11 @@ pub async fn handle(
                     .unwrap_or_else(|| proto.clone());
                 strip_hop_by_hop(resp.headers_mut());
                 set_upgrade(resp.headers_mut(), proto);
-                return Ok(resp.map(Either::Left));
+                return Ok(resp.map(|b| Either::Left(Upstream::new(b, None))));
             }
             Ok(mut resp) => {
-                lease.release();
                 strip_hop_by_hop(resp.headers_mut());
-                return Ok(resp.map(Either::Left));
+                return Ok(resp.map(|b| Either::Left(Upstream::new(b, Some(lease)))));
             }
             Err(mut e) => {
                 let reused = lease.reused;
