@@ -255,14 +255,14 @@ fn bench_report_renders_the_front_scenario_and_its_goals() {
         // max req/s, per round, and the median ratio
         "| 1 | direct, front | 20,000 | 12,000 | × 0.600 | 1.00 ms | 2.50 ms | 0 |",
         "| 2 | front, direct | 25,000 | 12,000 | × 0.480 | 1.20 ms | 3.00 ms | 0 |",
-        "Ratio per round, median: **× 0.480** (× 0.400–0.600)",
+        "Ratio per round, front, median: **× 0.480** (× 0.400–0.600)",
         "the `baton run` process 24.5 µs through the front (0.0 µs direct), the Go app 16.0 µs \
          through the front (14.2 µs direct)",
         // fixed rate, per round, and the medians
         "| 3 | direct, front | 0.50 ms | 1.10 ms | 0.50 ms | 2.00 ms | +0.90 ms | 12,500 / 12,500 | 0 |",
-        "Median p99: direct 1.10 ms, through the front 2.50 ms (+1.40 ms)",
+        "Median p99: direct 1.10 ms, front 2.50 ms (+1.40 ms)",
         "**Latency at a fixed rate, a quarter of the direct max**: `oha -q 6250`: 6,250 req/s",
-        "Median p99: direct 1.10 ms, through the front 1.60 ms (+0.50 ms)",
+        "Median p99: direct 1.10 ms, front 1.60 ms (+0.50 ms)",
         // the supervisor's own figures
         "| `baton run --front http` | under load (75 samples) | 9.77 MiB (9.77 MiB) | 4.88 MiB (4.88 MiB) | 1 (1) |",
         "| `baton run --front http` | after | 9.57 MiB | 0.49 MiB | 1 |",

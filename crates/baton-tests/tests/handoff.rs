@@ -163,7 +163,10 @@ fn a_busy_keepalive_connection_moves_after_its_request_finishes() {
         other => panic!("upgrade failed: {other:?}"),
     };
     assert_eq!(report.new_pid, new.pid);
-    assert_eq!(report.handed_over, 1, "{report:?}");
+    // This connection, and possibly one of the polls above: a poll the old
+    // generation accepted but had not read yet when it stopped is handed
+    // over idle too (and answered by the new one), as it should be.
+    assert!(report.handed_over >= 1, "{report:?}");
 }
 
 #[test]
