@@ -2,7 +2,8 @@
 # front-peers.sh: what a reverse proxy costs per request here — `baton run
 # --front http` next to nginx (proxy_pass, upstream keepalive) and HAProxy
 # (mode http, http-reuse always) in front of the same Go app, and the Go app
-# direct, in the same run. The context for run.sh's front scenario (its
+# direct, in the same run; baton's front over loopback TCP (the default)
+# and with --front-upstream unix. The context for run.sh's front scenario (its
 # goal: through the front ≥ 0.5 × direct max req/s).
 #
 #   scripts/bench/front-peers.sh [BATON] [ROUNDS] [SECONDS]
@@ -84,8 +85,13 @@ PORT[front]=$(free_port)
 taskset -c "$SRV_CPU" "$BATON" run --front http --listen "http=127.0.0.1:${PORT[front]}" --control "$RUN/front.sock" \
   --ready "http://127.0.0.1:${PORT[front]}/health" -- "$GO_APP" >"$RUN/front.log" 2>&1 &
 PIDS+=("$!"); SUP_FRONT=$!
+PORT[unix]=$(free_port)
+taskset -c "$SRV_CPU" "$BATON" run --front http --front-upstream unix --listen "http=127.0.0.1:${PORT[unix]}" \
+  --control "$RUN/unix.sock" --ready "http://127.0.0.1:${PORT[unix]}/health" -- "$GO_APP" >"$RUN/unix.log" 2>&1 &
+PIDS+=("$!"); SUP_UNIX=$!
 wait_http "${PORT[direct]}" direct
 wait_http "${PORT[front]}" front
+wait_http "${PORT[unix]}" unix
 
 PORT[nginx]=$(free_port)
 cat >"$RUN/nginx.conf" <<EOF
@@ -135,12 +141,14 @@ wait_http "${PORT[haproxy]}" haproxy
 app_of() { cat "/proc/$1/task/"*/children 2>/dev/null | awk '{ print $1; exit }'; }
 GO_DIRECT=$(app_of "$SUP_DIRECT")
 GO_FRONT=$(app_of "$SUP_FRONT")
+GO_UNIX=$(app_of "$SUP_UNIX")
 # proxy processes (empty: none) and app process, per way
 PROXY[direct]="" APP[direct]=$GO_DIRECT
 PROXY[front]=$SUP_FRONT APP[front]=$GO_FRONT
+PROXY[unix]=$SUP_UNIX APP[unix]=$GO_UNIX
 PROXY[nginx]="$(tree "$NGINX_PID" | tr '\n' ' ')" APP[nginx]=$GO_DIRECT
 PROXY[haproxy]=$HAPROXY_PID APP[haproxy]=$GO_DIRECT
-WAYS=(direct front nginx haproxy)
+WAYS=(direct front unix nginx haproxy)
 for w in "${WAYS[@]}"; do
   taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:${PORT[$w]}/health" >/dev/null 2>&1
 done
@@ -148,6 +156,7 @@ done
 TICK=$(getconf CLK_TCK)
 NAME_direct="Go app, direct"
 NAME_front="baton run --front http"
+NAME_unix="baton --front-upstream unix"
 NAME_nginx="nginx $("$NGINX" -v 2>&1 | sed 's#.*/##') proxy_pass"
 NAME_haproxy="HAProxy $("$HAPROXY" -v 2>&1 | head -1 | awk '{print $3}') mode http"
 echo "front-peers.sh $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
@@ -158,7 +167,8 @@ printf '| %-5s | %-34s | %9s | %7s | %11s | %9s | %6s |\n' round way 'req/s' 'ra
 printf '|%s|\n' "-------|------------------------------------|-----------|---------|--------------|-----------|--------"
 declare -A RES
 for r in $(seq "$ROUNDS"); do
-  order=("${WAYS[@]:$(( (r - 1) % 4 ))}" "${WAYS[@]:0:$(( (r - 1) % 4 ))}")
+  k=$(( (r - 1) % ${#WAYS[@]} ))
+  order=("${WAYS[@]:$k}" "${WAYS[@]:0:$k}")
   declare -A RPS=()
   lines=()
   for w in "${order[@]}"; do
