@@ -295,3 +295,51 @@ pub fn go_server() -> PathBuf {
     })
     .clone()
 }
+
+/// The command line of the suite's Node `http` server (`node_server.js`).
+pub fn node_server_cmd() -> Vec<String> {
+    vec![
+        node().display().to_string(),
+        apps_dir().join("node_server.js").display().to_string(),
+    ]
+}
+
+/// The command line of gunicorn (2 sync workers) serving `wsgi_app:app`,
+/// taking its socket from `LISTEN_FDS`.
+pub fn gunicorn_cmd() -> Vec<String> {
+    let mut v = vec![venv_tool("gunicorn").display().to_string()];
+    v.extend(strings(&[
+        "--workers",
+        "2",
+        "--worker-class",
+        "sync",
+        "--graceful-timeout",
+        "10",
+        "--log-level",
+        "warning",
+        "--chdir",
+    ]));
+    v.push(apps_dir().display().to_string());
+    v.push("wsgi_app:app".into());
+    v
+}
+
+/// The command line of uvicorn serving `asgi_app:app` on fd 3.
+pub fn uvicorn_cmd() -> Vec<String> {
+    let mut v = vec![venv_tool("uvicorn").display().to_string()];
+    v.extend(strings(&["--fd", "3", "--app-dir"]));
+    v.push(apps_dir().display().to_string());
+    v.extend(strings(&[
+        "--lifespan",
+        "off",
+        "--log-level",
+        "warning",
+        "asgi_app:app",
+    ]));
+    v
+}
+
+/// The command line of the suite's Go `net/http` server.
+pub fn go_server_cmd() -> Vec<String> {
+    vec![go_server().display().to_string()]
+}

@@ -13,6 +13,8 @@ use std::io::Write as _;
 use std::process::Command;
 use std::time::Duration;
 
+use apps::uvicorn_cmd as uvicorn_app;
+use apps::{go_server_cmd as go_app, gunicorn_cmd as gunicorn_app, node_server_cmd as node_app};
 use baton_tests::apps::{self, strings as s};
 use baton_tests::keepalive::{Clients, Counts, compile_java};
 use baton_tests::supervisor::{RunOpts, Supervised, upgrade_in_thread};
@@ -20,52 +22,6 @@ use baton_tests::wait_for;
 use baton_tests::ws::{ClientReport, Lang, WsClients};
 
 const T: Duration = Duration::from_secs(30);
-
-fn node_app() -> Vec<String> {
-    vec![
-        apps::node().display().to_string(),
-        apps::apps_dir()
-            .join("node_server.js")
-            .display()
-            .to_string(),
-    ]
-}
-
-fn gunicorn_app() -> Vec<String> {
-    let mut v = vec![apps::venv_tool("gunicorn").display().to_string()];
-    v.extend(s(&[
-        "--workers",
-        "2",
-        "--worker-class",
-        "sync",
-        "--graceful-timeout",
-        "10",
-        "--log-level",
-        "warning",
-        "--chdir",
-    ]));
-    v.push(apps::apps_dir().display().to_string());
-    v.push("wsgi_app:app".into());
-    v
-}
-
-fn uvicorn_app() -> Vec<String> {
-    let mut v = vec![apps::venv_tool("uvicorn").display().to_string()];
-    v.extend(s(&["--fd", "3", "--app-dir"]));
-    v.push(apps::apps_dir().display().to_string());
-    v.extend(s(&[
-        "--lifespan",
-        "off",
-        "--log-level",
-        "warning",
-        "asgi_app:app",
-    ]));
-    v
-}
-
-fn go_app() -> Vec<String> {
-    vec![apps::go_server().display().to_string()]
-}
 
 /// The three clients, GET and POST at once, across ten upgrades of `app`
 /// (with `--front http` or without). Returns what each client counted.

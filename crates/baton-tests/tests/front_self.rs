@@ -9,6 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use apps::node_server_cmd as node_app;
 use baton_tests::apps::{self, strings as s};
 use baton_tests::keepalive::{Clients, compile_java};
 use baton_tests::load::{Load, Mode};
@@ -16,16 +17,6 @@ use baton_tests::supervisor::{CliOut, RunOpts, Supervised};
 use baton_tests::{TestDir, proc, wait_for};
 
 const T: Duration = Duration::from_secs(30);
-
-fn node_app() -> Vec<String> {
-    vec![
-        apps::node().display().to_string(),
-        apps::apps_dir()
-            .join("node_server.js")
-            .display()
-            .to_string(),
-    ]
-}
 
 /// A copy of the freshly built baton at `dir/bin/baton`.
 fn baton_copy(dir: &TestDir) -> PathBuf {
