@@ -27,24 +27,10 @@ SRV_CPU=0 LOAD_CPU=1
 (( $(nproc) < 2 )) && SRV_CPU=0 LOAD_CPU=0
 
 command -v wrk >/dev/null || { echo "front-cpu.sh: wrk is not installed (apt-get install wrk)" >&2; exit 1; }
-if [[ ! -x $GO_APP ]]; then
-  mkdir -p "$(dirname "$GO_APP")"
-  (GO111MODULE=off GOPROXY=off GOFLAGS= CGO_ENABLED=0 GOCACHE=$TARGET/bench/go-cache \
-    timeout 600 go build -o "$GO_APP" "$ROOT/crates/baton-tests/apps/go/main.go")
-fi
-
-RUN=$(mktemp -d "${TMPDIR:-/tmp}/front-cpu.XXXXXX")
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]+"${PIDS[@]}"}"; do timeout 30 tail --pid="$p" -f /dev/null 2>/dev/null || kill -KILL "$p" 2>/dev/null || true; done
-  rm -rf "$RUN"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
+# shellcheck source=scripts/bench/small-lib.sh
+. "$HERE/small-lib.sh"
+build_go_app "$GO_APP"
+start_run front-cpu
 # cpu PID: utime + stime of the process, in clock ticks
 cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 

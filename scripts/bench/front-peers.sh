@@ -37,24 +37,10 @@ done
 if [[ ! -x $BATON ]]; then
   (cd "$ROOT" && cargo build --release -p baton-cli)
 fi
-if [[ ! -x $GO_APP ]]; then
-  mkdir -p "$(dirname "$GO_APP")"
-  (GO111MODULE=off GOPROXY=off GOFLAGS= CGO_ENABLED=0 GOCACHE=$TARGET/bench/go-cache \
-    timeout 600 go build -o "$GO_APP" "$ROOT/crates/baton-tests/apps/go/main.go")
-fi
-
-RUN=$(mktemp -d "${TMPDIR:-/tmp}/front-peers.XXXXXX")
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]+"${PIDS[@]}"}"; do timeout 30 tail --pid="$p" -f /dev/null 2>/dev/null || kill -KILL "$p" 2>/dev/null || true; done
-  rm -rf "$RUN"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
+# shellcheck source=scripts/bench/small-lib.sh
+. "$HERE/small-lib.sh"
+build_go_app "$GO_APP"
+start_run front-peers
 # ticks PID...: utime + stime of the processes and their threads, summed
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$t"; }
 # tree PID: PID and its descendants
