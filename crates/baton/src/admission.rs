@@ -251,8 +251,57 @@ impl fmt::Display for Bytes {
     }
 }
 
+/// Read a small kernel pseudo-file (procfs, cgroupfs) whole, starting with
+/// a buffer of `cap` bytes. `read_to_string` sizes its buffer from the file's
+/// size, which these files report as 0: it starts at 32 bytes and doubles,
+/// one `read` each time (eight of them for a 1.5 KiB `/proc/meminfo`, plus a
+/// `statx`). The files read here produce their content as one record, which
+/// the kernel hands over whole when the buffer fits it, so a read returning
+/// less than the space left is the end (as it is for a regular file, e.g. a
+/// test's fixture tree): one `read` each. A read that fills the buffer grows
+/// it and reads on, to the end of the file.
+pub(crate) fn read_small(path: &Path, cap: usize) -> std::io::Result<String> {
+    read_pseudo(path, cap, true)
+}
+
+/// [`read_small`] for a file of several records (e.g. `task/PID/children`,
+/// one per child): the kernel may stop a read before a record that does not
+/// fit, so only a read returning nothing is the end.
+fn read_records(path: &Path, cap: usize) -> std::io::Result<String> {
+    read_pseudo(path, cap, false)
+}
+
+fn read_pseudo(path: &Path, cap: usize, one_record: bool) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; cap.max(16)];
+    let mut len = 0;
+    loop {
+        let n = match f.read(&mut buf[len..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        len += n;
+        if n == 0 || (one_record && len < buf.len()) {
+            break;
+        }
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Buffer for a file holding one number (`memory.max`, `memory.current`...).
+const NUMBER_CAP: usize = 64;
+/// Buffer for `memory.stat`, `/proc/meminfo`, `/proc/PID/status` (1-2 KiB
+/// on current kernels; a larger one is read on to its end).
+const TABLE_CAP: usize = 8192;
+
 fn read_u64(p: &Path) -> Option<u64> {
-    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+    read_small(p, NUMBER_CAP).ok()?.trim().parse().ok()
 }
 
 /// Parse a cgroup `memory.stat` and return one field.
@@ -291,13 +340,13 @@ pub fn cgroup_v2_levels(mount: &Path, cg: &str) -> Vec<MemoryLevel> {
     let mut rel = PathBuf::from(cg.trim_start_matches('/'));
     loop {
         let dir = mount.join(&rel);
-        if let Ok(max) = std::fs::read_to_string(dir.join("memory.max")) {
+        if let Ok(max) = read_small(&dir.join("memory.max"), NUMBER_CAP) {
             let max = max.trim();
             if max != "max"
                 && let Ok(limit) = max.parse::<u64>()
                 && let Some(current) = read_u64(&dir.join("memory.current"))
             {
-                let inactive = std::fs::read_to_string(dir.join("memory.stat"))
+                let inactive = read_small(&dir.join("memory.stat"), TABLE_CAP)
                     .ok()
                     .and_then(|s| stat_field(&s, "inactive_file"))
                     .unwrap_or(0);
@@ -329,7 +378,7 @@ pub fn cgroup_v1_levels(mount: &Path, cg: &str) -> Vec<MemoryLevel> {
             && limit < V1_UNLIMITED
             && let Some(usage) = read_u64(&dir.join("memory.usage_in_bytes"))
         {
-            let stat = std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
+            let stat = read_small(&dir.join("memory.stat"), TABLE_CAP).unwrap_or_default();
             let inactive = stat_field(&stat, "total_inactive_file")
                 .or_else(|| stat_field(&stat, "inactive_file"))
                 .unwrap_or(0);
@@ -369,7 +418,7 @@ pub fn meminfo_level(text: &str) -> Option<MemoryLevel> {
 /// Every applicable limit for this process, read from `root` (`/` in
 /// production; a fixture tree in tests).
 pub fn memory_levels(root: &Path) -> Vec<MemoryLevel> {
-    let cgroup = std::fs::read_to_string(root.join("proc/self/cgroup")).unwrap_or_default();
+    let cgroup = read_small(&root.join("proc/self/cgroup"), 1024).unwrap_or_default();
     let mut levels = Vec::new();
     if let Some(p) = cgroup_v2_path(&cgroup) {
         for mount in ["sys/fs/cgroup", "sys/fs/cgroup/unified"] {
@@ -383,7 +432,7 @@ pub fn memory_levels(root: &Path) -> Vec<MemoryLevel> {
     if let Some(p) = cgroup_v1_memory_path(&cgroup) {
         levels.extend(cgroup_v1_levels(&root.join("sys/fs/cgroup/memory"), &p));
     }
-    if let Some(m) = std::fs::read_to_string(root.join("proc/meminfo"))
+    if let Some(m) = read_small(&root.join("proc/meminfo"), TABLE_CAP)
         .ok()
         .and_then(|t| meminfo_level(&t))
     {
@@ -405,7 +454,8 @@ pub fn process_tree_memory(root_pid: u32) -> u64 {
     let mut i = 0;
     while i < pids.len() {
         let p = pids[i];
-        if let Ok(children) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
+        if let Ok(children) = read_records(Path::new(&format!("/proc/{p}/task/{p}/children")), 256)
+        {
             pids.extend(
                 children
                     .split_whitespace()
@@ -427,7 +477,7 @@ fn process_memory(pid: u32) -> u64 {
             .ok()
             .map(|v| v * 1024)
     };
-    let Ok(t) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+    let Ok(t) = read_small(Path::new(&format!("/proc/{pid}/status")), TABLE_CAP) else {
         return 0;
     };
     match (kib_field(&t, "RssAnon:"), kib_field(&t, "RssShmem:")) {
@@ -652,6 +702,33 @@ mod tests {
     fn this_machine_has_some_level_and_a_process_tree_size() {
         assert!(!memory_levels(Path::new("/")).is_empty());
         assert!(process_tree_memory(std::process::id()) > 0);
+    }
+
+    #[test]
+    fn small_reads_return_whole_files() {
+        // A pseudo-file longer than the first buffer: read on to its end.
+        let want = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        assert!(want.len() > 16, "{want:?}");
+        assert_eq!(
+            read_small(Path::new("/proc/self/cgroup"), 16).unwrap(),
+            want
+        );
+        assert_eq!(
+            read_records(Path::new("/proc/self/cgroup"), 16).unwrap(),
+            want
+        );
+        // A regular file (fixture trees): exactly the buffer's size, and more.
+        let t = Tmp::new();
+        for len in [16, 64, 10_000] {
+            let p = t.0.join(format!("f{len}"));
+            let text: String = (0..len)
+                .map(|i| char::from(b'a' + (i % 26) as u8))
+                .collect();
+            std::fs::write(&p, &text).unwrap();
+            assert_eq!(read_small(&p, 16).unwrap(), text, "{len} bytes");
+            assert_eq!(read_records(&p, 16).unwrap(), text, "{len} bytes");
+        }
+        assert!(read_small(&t.0.join("missing"), 16).is_err());
     }
 
     #[test]

@@ -109,6 +109,7 @@ pub(super) async fn run_upgrade(
         ));
     }
     let exe = crate::admission::preflight(&plan.program, opts.expect_sha256.as_deref())?;
+    crate::trace::step("old: pre-flight done");
     if let Some(cmd) = &inner.config.check_command {
         crate::admission::run_check(cmd, inner.config.check_timeout).await?;
     }
@@ -118,7 +119,9 @@ pub(super) async fn run_upgrade(
             .memory
             .estimate
             .unwrap_or_else(|| crate::admission::process_tree_memory(inner.pid));
+        crate::trace::step("old: memory estimated");
         let levels = crate::admission::memory_levels(std::path::Path::new("/"));
+        crate::trace::step("old: memory limits read");
         let line = crate::admission::check_memory(&levels, estimate, &inner.config.memory)?;
         tracing::info!("{line}");
     }
@@ -169,10 +172,11 @@ pub(super) async fn run_upgrade(
         (ENV_PARENT_PID.into(), inner.pid.to_string().into()),
     ];
     spec.fds = vec![(theirs, HANDOFF_FD)];
-    let own_adj = std::fs::read_to_string("/proc/self/oom_score_adj")
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-        .unwrap_or(0);
+    let own_adj =
+        crate::admission::read_small(std::path::Path::new("/proc/self/oom_score_adj"), 16)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .unwrap_or(0);
     if inner.config.newcomer_oom_score_adj != 0 {
         spec.oom_score_adj =
             Some((own_adj + inner.config.newcomer_oom_score_adj).clamp(-1000, 1000));
