@@ -399,10 +399,9 @@ mod tests {
         (addr, accepted, closed)
     }
 
-    /// One GET on a connection of `epoch`; returns whether it was reused.
-    async fn get(pool: &Pool, epoch: u64) -> bool {
+    /// A GET sent on a connection of `epoch`: its lease and the response.
+    async fn send_get(pool: &Pool, epoch: u64) -> (Lease, hyper::Response<hyper::body::Incoming>) {
         let mut lease = pool.checkout(epoch).await.unwrap();
-        let reused = lease.reused;
         let req = hyper::Request::builder()
             .uri("/")
             .header("host", "x")
@@ -414,6 +413,13 @@ mod tests {
             .await
             .map_err(|e| e.into_error())
             .unwrap();
+        (lease, resp)
+    }
+
+    /// One GET on a connection of `epoch`; returns whether it was reused.
+    async fn get(pool: &Pool, epoch: u64) -> bool {
+        let (lease, resp) = send_get(pool, epoch).await;
+        let reused = lease.reused;
         http_body_util::BodyExt::collect(resp.into_body())
             .await
             .unwrap();
@@ -490,20 +496,8 @@ mod tests {
         let (addr, accepted) = server().await;
         let pool = Pool::new(Target::Tcp(addr), Duration::from_secs(60));
         let send = |pool: Pool| async move {
-            let mut lease = pool.checkout(0).await.unwrap();
-            let reused = lease.reused;
-            let req = hyper::Request::builder()
-                .uri("/")
-                .header("host", "x")
-                .body(http_body_util::Either::Right(http_body_util::Empty::new()))
-                .unwrap();
-            let resp = lease
-                .sender
-                .try_send_request(req)
-                .await
-                .map_err(|e| e.into_error())
-                .unwrap();
-            (reused, Upstream::new(resp.into_body(), Some(lease)))
+            let (lease, resp) = send_get(&pool, 0).await;
+            (lease.reused, Upstream::new(resp.into_body(), Some(lease)))
         };
         let (_, body) = send(pool.clone()).await;
         assert_eq!(pool.busy(), 1);
