@@ -132,23 +132,33 @@ fn assert_fds_settle(pid: u32, want: usize, what: &str) {
     );
 }
 
-fn self_upgrade(sup: &Supervised) -> CliOut {
-    sup.upgrade(&["--self", "--json", "--timeout", "60s"])
-}
-
-#[test]
-fn self_upgrade_without_front_keeps_the_app_the_listeners_and_the_fds() {
-    let bin_dir = TestDir::new("self-plain-bin");
+/// `baton run` (`--front http` if `front`) of the Node app, ready by
+/// HTTP, started from a copy of baton in a directory of its own (the test
+/// replaces that copy before `--self`): the directory, the copy's path,
+/// the supervisor.
+fn node_from_a_copy(name: &str, front: bool) -> (TestDir, PathBuf, Supervised) {
+    let bin_dir = TestDir::new(&format!("{name}-bin"));
     let bin = baton_copy(&bin_dir);
     let sup = Supervised::start(
-        "self-plain",
+        name,
         RunOpts {
             ready: Some("http://{addr}/health".into()),
+            args: if front {
+                s(&["--front", "http"])
+            } else {
+                vec![]
+            },
             command: node_app(),
             bin: Some(bin.clone()),
             ..RunOpts::default()
         },
     );
+    (bin_dir, bin, sup)
+}
+
+/// 4 keep-alive clients (bounded: 2 min, 200,000 requests), once they
+/// have completed 20 requests.
+fn keepalive_load(sup: &Supervised) -> Load {
     let load = Load::start(
         sup.addr,
         Mode::KeepAlive,
@@ -157,6 +167,17 @@ fn self_upgrade_without_front_keeps_the_app_the_listeners_and_the_fds() {
         200_000,
     );
     load.wait_progress(20, T);
+    load
+}
+
+fn self_upgrade(sup: &Supervised) -> CliOut {
+    sup.upgrade(&["--self", "--json", "--timeout", "60s"])
+}
+
+#[test]
+fn self_upgrade_without_front_keeps_the_app_the_listeners_and_the_fds() {
+    let (_bin_dir, bin, sup) = node_from_a_copy("self-plain", false);
+    let load = keepalive_load(&sup);
     let before = sup.status();
     let fds_before = fds_but_connections(sup.pid);
     assert_eq!(self_field(&sup, "execs"), "0");
@@ -236,28 +257,10 @@ fn self_upgrade_without_front_keeps_the_app_the_listeners_and_the_fds() {
 
 #[test]
 fn a_failed_exec_leaves_the_old_image_serving_with_a_clear_error() {
-    let bin_dir = TestDir::new("self-fail-bin");
-    let bin = baton_copy(&bin_dir);
-    let sup = Supervised::start(
-        "self-fail",
-        RunOpts {
-            ready: Some("http://{addr}/health".into()),
-            args: s(&["--front", "http"]),
-            command: node_app(),
-            bin: Some(bin.clone()),
-            ..RunOpts::default()
-        },
-    );
+    let (_bin_dir, bin, sup) = node_from_a_copy("self-fail", true);
     sup.status();
     let fds_before = fds_but_connections(sup.pid);
-    let load = Load::start(
-        sup.addr,
-        Mode::KeepAlive,
-        4,
-        Duration::from_secs(120),
-        200_000,
-    );
-    load.wait_progress(20, T);
+    let load = keepalive_load(&sup);
     let before = sup.status();
     // Executable, but not a program: execve fails (ENOEXEC) after the front
     // froze.
@@ -314,18 +317,7 @@ fn a_failed_exec_leaves_the_old_image_serving_with_a_clear_error() {
 
 #[test]
 fn keepalive_clients_through_the_front_see_no_errors_across_self_upgrades() {
-    let bin_dir = TestDir::new("self-front-bin");
-    let bin = baton_copy(&bin_dir);
-    let sup = Supervised::start(
-        "self-front",
-        RunOpts {
-            ready: Some("http://{addr}/health".into()),
-            args: s(&["--front", "http"]),
-            command: node_app(),
-            bin: Some(bin.clone()),
-            ..RunOpts::default()
-        },
-    );
+    let (_bin_dir, bin, sup) = node_from_a_copy("self-front", true);
     let java_cp = compile_java(&sup.dir.path);
     // At rest, after a first --self (see the test without the front).
     assert_eq!(self_upgrade(&sup).code, 0);
@@ -377,26 +369,8 @@ fn keepalive_clients_through_the_front_see_no_errors_across_self_upgrades() {
 
 #[test]
 fn a_new_baton_that_cannot_read_the_state_goes_back_to_the_old_one() {
-    let bin_dir = TestDir::new("self-back-bin");
-    let bin = baton_copy(&bin_dir);
-    let sup = Supervised::start(
-        "self-back",
-        RunOpts {
-            ready: Some("http://{addr}/health".into()),
-            args: s(&["--front", "http"]),
-            command: node_app(),
-            bin: Some(bin.clone()),
-            ..RunOpts::default()
-        },
-    );
-    let load = Load::start(
-        sup.addr,
-        Mode::KeepAlive,
-        4,
-        Duration::from_secs(120),
-        200_000,
-    );
-    load.wait_progress(20, T);
+    let (_bin_dir, bin, sup) = node_from_a_copy("self-back", true);
+    let load = keepalive_load(&sup);
     let before = sup.status();
     // The "new baton": the real one, but the state's length in the
     // environment is wrong, so it cannot read the state.
@@ -548,17 +522,7 @@ fn hold_the_exec(bin: &Path, dir: &Path) -> (PathBuf, PathBuf) {
 #[test]
 fn signals_sent_during_the_exec_reach_the_new_image() {
     use rustix::process::Signal;
-    let bin_dir = TestDir::new("self-signal-bin");
-    let bin = baton_copy(&bin_dir);
-    let mut sup = Supervised::start(
-        "self-signal",
-        RunOpts {
-            ready: Some("http://{addr}/health".into()),
-            command: node_app(),
-            bin: Some(bin.clone()),
-            ..RunOpts::default()
-        },
-    );
+    let (bin_dir, bin, mut sup) = node_from_a_copy("self-signal", false);
     let g1 = sup.status();
     // SIGHUP during the exec: the new image upgrades the app.
     let (reached, gate) = hold_the_exec(&bin, &bin_dir.path);
