@@ -244,6 +244,17 @@ impl Supervised {
         crate::wait_owned(child, timeout)
     }
 
+    /// Kill the serving generation (SIGKILL) and wait until a restarted
+    /// one serves, with `restarts` restarts counted in all.
+    pub fn kill_serving_and_wait_restart(&self, restarts: u64, timeout: Duration) {
+        let st = self.status();
+        proc::signal(st.pid, rustix::process::Signal::KILL);
+        wait_for(timeout, "the restarted generation", || {
+            let st = self.try_status()?;
+            (st.phase == "serving" && st.counters.restarts == restarts).then_some(())
+        });
+    }
+
     /// A path in this test's directory.
     pub fn path(&self, p: &str) -> PathBuf {
         self.dir.join(p)

@@ -186,12 +186,7 @@ fn get_clients_through_a_unix_upstream_see_no_errors_when_the_generation_is_kill
     let clients = Clients::start(&["GET"], &url, &sup.dir, &java_cp);
     clients.wait_total(20, "every client to complete requests");
     for i in 1..=3u64 {
-        let st = sup.status();
-        baton_tests::proc::signal(st.pid, rustix::process::Signal::KILL);
-        wait_for(T, "the restarted generation", || {
-            let st = sup.try_status()?;
-            (st.phase == "serving" && st.counters.restarts == i).then_some(())
-        });
+        sup.kill_serving_and_wait_restart(i, T);
         clients.wait_more(10, "every client to go on after the restart");
         assert_eq!(sockets_in(&dir), vec!["http.1.sock".to_owned()]);
     }
