@@ -776,17 +776,29 @@ impl NotifySocket {
     /// be too long).
     pub fn bind(dir: &Path, name: &str, generation: u64) -> std::io::Result<NotifySocket> {
         let (sock, env_value, path) = bind_notify(dir, name, &generation.to_string())?;
-        let (tx, rx) = watch::channel(false);
-        Ok(NotifySocket {
+        Ok(NotifySocket::unstarted(sock, env_value, path, false, None))
+    }
+
+    /// A socket not read yet ([`NotifySocket::start`] reads it), `ready`
+    /// already or not, with the last `STATUS=` line `status`.
+    fn unstarted(
+        sock: std::os::unix::net::UnixDatagram,
+        env_value: std::ffi::OsString,
+        path: Option<PathBuf>,
+        ready: bool,
+        status: Option<String>,
+    ) -> NotifySocket {
+        let (tx, rx) = watch::channel(ready);
+        NotifySocket {
             env_value,
             path,
             sock: Some(sock),
             ready: rx,
             ready_tx: Some(tx),
-            status: Arc::new(Mutex::new(None)),
+            status: Arc::new(Mutex::new(status)),
             live: None,
             task: None,
-        })
+        }
     }
 
     /// What `baton upgrade --self` carries of a started socket: the
@@ -825,17 +837,7 @@ impl NotifySocket {
     ) -> std::io::Result<NotifySocket> {
         let sock = std::os::unix::net::UnixDatagram::from(fd);
         sock.set_nonblocking(true)?;
-        let (tx, rx) = watch::channel(true);
-        let mut ns = NotifySocket {
-            env_value,
-            path,
-            sock: Some(sock),
-            ready: rx,
-            ready_tx: Some(tx),
-            status: Arc::new(Mutex::new(status)),
-            live: None,
-            task: None,
-        };
+        let mut ns = NotifySocket::unstarted(sock, env_value, path, true, status);
         ns.start(generation, pid)?;
         Ok(ns)
     }
