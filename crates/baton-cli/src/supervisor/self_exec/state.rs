@@ -122,22 +122,8 @@ pub struct CarriedUpstream {
 impl Extensions {
     fn to_list(&self) -> Result<Vec<Extension>, String> {
         let mut out = Vec::new();
-        if let Some(n) = &self.serving_notify {
-            out.push(Extension {
-                tag: TAG_NOTIFY.into(),
-                critical: false,
-                bytes: postcard::to_allocvec(n)
-                    .map_err(|e| format!("encoding {TAG_NOTIFY}: {e}"))?,
-            });
-        }
-        if let Some(u) = &self.upstream {
-            out.push(Extension {
-                tag: TAG_UPSTREAM.into(),
-                critical: true,
-                bytes: postcard::to_allocvec(u)
-                    .map_err(|e| format!("encoding {TAG_UPSTREAM}: {e}"))?,
-            });
-        }
+        push(&mut out, TAG_NOTIFY, false, self.serving_notify.as_ref())?;
+        push(&mut out, TAG_UPSTREAM, true, self.upstream.as_ref())?;
         Ok(out)
     }
 
@@ -145,16 +131,8 @@ impl Extensions {
         let mut ext = Extensions::default();
         for e in list {
             match e.tag.as_str() {
-                TAG_NOTIFY => {
-                    ext.serving_notify = Some(postcard::from_bytes(&e.bytes).map_err(|err| {
-                        Unreadable::Corrupt(format!("extension {TAG_NOTIFY}: {err}"))
-                    })?);
-                }
-                TAG_UPSTREAM => {
-                    ext.upstream = Some(postcard::from_bytes(&e.bytes).map_err(|err| {
-                        Unreadable::Corrupt(format!("extension {TAG_UPSTREAM}: {err}"))
-                    })?);
-                }
+                TAG_NOTIFY => ext.serving_notify = Some(read(&e)?),
+                TAG_UPSTREAM => ext.upstream = Some(read(&e)?),
                 _ if e.critical => return Err(Unreadable::Extension(e.tag)),
                 _ => {
                     tracing::info!(tag = %e.tag, "baton upgrade --self: the previous image carried something this baton does not know; skipped")
@@ -163,6 +141,29 @@ impl Extensions {
         }
         Ok(ext)
     }
+}
+
+/// Add `value`, if any, to `out` as the extension `tag`.
+fn push<T: Serialize>(
+    out: &mut Vec<Extension>,
+    tag: &str,
+    critical: bool,
+    value: Option<&T>,
+) -> Result<(), String> {
+    if let Some(v) = value {
+        out.push(Extension {
+            tag: tag.into(),
+            critical,
+            bytes: postcard::to_allocvec(v).map_err(|e| format!("encoding {tag}: {e}"))?,
+        });
+    }
+    Ok(())
+}
+
+/// The value of the extension `e`.
+fn read<T: serde::de::DeserializeOwned>(e: &Extension) -> Result<T, Unreadable> {
+    postcard::from_bytes(&e.bytes)
+        .map_err(|err| Unreadable::Corrupt(format!("extension {}: {err}", e.tag)))
 }
 
 /// A generation's `NOTIFY_SOCKET` (its app was ready).
